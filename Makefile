@@ -1,0 +1,90 @@
+# The commands the README names. Everything they need is installed here:
+# host packages with apt, Python tools into .venv from requirements/constraints.txt.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# molecule and ansible-lint call ansible-* by name: the venv comes first.
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+HOST_PACKAGES := podman runc netavark aardvark-dns debootstrap haproxy nftables python3-venv
+# torch's CPU wheel (see shared/LAB.md); pip also looks here through its config.
+TORCH_WHEELS ?= /opt/wheels
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+PIP_FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
+LAB_INVENTORY := inventories/lab
+PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml)
+
+.PHONY: help deps host-deps lab lab-down test lint syntax pytest molecule constraints clean
+
+help:
+	@echo "make lab       build the podman lab and provision it end to end"
+	@echo "make lab-down  remove the lab's nodes and network"
+	@echo "make test      lint, pytest and every molecule scenario"
+	@echo "make lint | syntax | pytest | molecule   one stage of make test"
+
+## Installation ###############################################################
+
+host-deps:
+	@missing=$$(for p in $(HOST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing host packages: $$missing"; \
+	  $(SUDO) apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Rebuilt whenever a pin or the serving package's metadata changes.
+$(VENV)/.installed: requirements/constraints.txt requirements/dev.in requirements/serving.in files/serving/pyproject.toml
+	@test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q $(PIP_FIND_LINKS) -c requirements/constraints.txt \
+	  -r requirements/dev.in -r requirements/serving.in
+	$(BIN)/pip install -q --no-deps -e files/serving
+	@touch $@
+
+deps: host-deps $(VENV)/.installed
+
+# Re-resolve every pin from the .in files in a scratch venv.
+constraints:
+	rm -rf .cache/constraints-venv && python3 -m venv .cache/constraints-venv
+	.cache/constraints-venv/bin/pip install -q $(PIP_FIND_LINKS) -r requirements/dev.in -r requirements/serving.in
+	{ sed -n '1,2p' requirements/constraints.txt; .cache/constraints-venv/bin/pip freeze; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+
+## The lab #####################################################################
+
+lab: deps
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
+
+lab-down: deps
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/destroy.yml
+
+## Tests #######################################################################
+
+test: deps lint syntax pytest molecule
+
+lint: deps
+	yamllint --strict .
+	ansible-lint
+	ruff check files/serving
+	ruff format --check files/serving
+	mypy --config-file files/serving/pyproject.toml files/serving/src
+
+syntax: deps
+	@for pb in $(PLAYBOOKS); do \
+	  ansible-playbook -i $(LAB_INVENTORY) --syntax-check "$$pb" >/dev/null || exit 1; \
+	  echo "syntax ok: $$pb"; done
+
+pytest: deps
+	pytest
+
+molecule: deps
+	molecule test --all
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,98 @@
+"""playbooks/preflight.yml stops a broken inventory with a message naming the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_playbook
+
+GOOD_VARS = {
+    "metalserve_model_name": "tiny-llama",
+    "metalserve_store_export": "/srv/models",
+    "metalserve_store_mount": "/mnt/models",
+}
+
+
+def write_inventory(tmp_path: Path, groups: dict[str, list[str]], all_vars: dict[str, str]) -> Path:
+    children = {name: {"hosts": {host: None for host in hosts} or None} for name, hosts in groups.items()}
+    inventory = {"all": {"children": children, "vars": all_vars}}
+    path = tmp_path / "hosts.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def good_groups() -> dict[str, list[str]]:
+    return {"gpu_nodes": ["gpu-a", "gpu-b"], "loadbalancers": ["lb-a"], "model_store": ["nfs-a"]}
+
+
+@pytest.mark.parametrize("inventory", ["inventories/lab", "inventories/example"])
+def test_shipped_inventories_pass(inventory: str) -> None:
+    result = run_playbook("playbooks/preflight.yml", REPO / inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_minimal_inventory_passes(tmp_path: Path) -> None:
+    result = run_playbook("playbooks/preflight.yml", write_inventory(tmp_path, good_groups(), GOOD_VARS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_missing_group_is_named(tmp_path: Path) -> None:
+    groups = good_groups()
+    del groups["gpu_nodes"]
+    result = run_playbook("playbooks/preflight.yml", write_inventory(tmp_path, groups, GOOD_VARS))
+    assert result.returncode != 0
+    assert "Inventory group 'gpu_nodes' is missing" in result.stdout
+
+
+def test_empty_group_is_named(tmp_path: Path) -> None:
+    groups = good_groups()
+    groups["loadbalancers"] = []
+    result = run_playbook("playbooks/preflight.yml", write_inventory(tmp_path, groups, GOOD_VARS))
+    assert result.returncode != 0
+    assert "Inventory group 'loadbalancers' is empty" in result.stdout
+
+
+def test_missing_variable_names_variable_and_hosts(tmp_path: Path) -> None:
+    all_vars = {k: v for k, v in GOOD_VARS.items() if k != "metalserve_store_mount"}
+    result = run_playbook("playbooks/preflight.yml", write_inventory(tmp_path, good_groups(), all_vars))
+    assert result.returncode != 0
+    assert "Variable 'metalserve_store_mount' is not set for host(s) " in result.stdout
+    for host in ("gpu-a", "gpu-b", "lb-a", "nfs-a"):
+        assert host in result.stdout
+
+
+def test_empty_variable_counts_as_missing(tmp_path: Path) -> None:
+    result = run_playbook(
+        "playbooks/preflight.yml",
+        write_inventory(tmp_path, good_groups(), {**GOOD_VARS, "metalserve_model_name": ""}),
+    )
+    assert result.returncode != 0
+    assert "Variable 'metalserve_model_name' is not set" in result.stdout
+
+
+def test_store_without_server_is_named(tmp_path: Path) -> None:
+    groups = good_groups()
+    del groups["model_store"]
+    result = run_playbook("playbooks/preflight.yml", write_inventory(tmp_path, groups, GOOD_VARS))
+    assert result.returncode != 0
+    assert "'model_store' is empty and metalserve_store_server is not set" in result.stdout
+    # An external NFS appliance instead of a model_store host is fine.
+    ok = run_playbook(
+        "playbooks/preflight.yml",
+        write_inventory(tmp_path, groups, {**GOOD_VARS, "metalserve_store_server": "nfs.example.net"}),
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_entry_playbooks_import_preflight_first() -> None:
+    for playbook in sorted((REPO / "playbooks").glob("*.yml")):
+        if playbook.name == "preflight.yml":
+            continue
+        plays = yaml.safe_load(playbook.read_text())
+        first = plays[0]
+        assert first.get("ansible.builtin.import_playbook") == "preflight.yml", (
+            f"{playbook.name} must import preflight.yml first"
+        )
