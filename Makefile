@@ -17,6 +17,9 @@ TORCH_WHEELS ?= /opt/wheels
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PIP_FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
 LAB_INVENTORY := inventories/lab
+# One lab per machine (one 198.18.0.0/24 network): whatever builds or tears
+# down lab nodes (make lab, molecule) holds this lock.
+LAB_LOCK := /tmp/metalserve-lab.lock
 PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml)
 
 .PHONY: help deps host-deps lab lab-down test lint syntax pytest molecule constraints clean
@@ -57,12 +60,20 @@ constraints:
 
 ## The lab #####################################################################
 
+# The tiny model the lab serves; its version id is pinned in inventories/lab.
+TINY_MODEL := /var/lib/metalserve-lab/tiny-model-seed1
+
 lab: deps
-	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml
-	ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml
+	metalserve make-tiny-model $(TINY_MODEL) --seed 1
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/publish_model.yml -e model_dir=$(TINY_MODEL)
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/verify.yml
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/usage.yml
+	@cat /var/lib/metalserve-lab/USAGE.txt
 
 lab-down: deps
-	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/destroy.yml
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/destroy.yml
 
 ## Tests #######################################################################
 
@@ -84,7 +95,7 @@ pytest: deps
 	pytest
 
 molecule: deps
-	molecule test --all
+	flock $(LAB_LOCK) molecule test --all
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ GOOD_VARS = {
     "metalserve_model_name": "tiny-llama",
     "metalserve_store_export": "/srv/models",
     "metalserve_store_mount": "/mnt/models",
+    "model_replica_version": "8386b9ac7214",
 }
 
 
@@ -87,12 +88,18 @@ def test_store_without_server_is_named(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
+def first_import(playbook: Path) -> str | None:
+    plays = yaml.safe_load(playbook.read_text())
+    return plays[0].get("ansible.builtin.import_playbook")
+
+
 def test_entry_playbooks_import_preflight_first() -> None:
+    """Every entry playbook's first play is the preflight, directly or through its first import."""
     for playbook in sorted((REPO / "playbooks").glob("*.yml")):
         if playbook.name == "preflight.yml":
             continue
-        plays = yaml.safe_load(playbook.read_text())
-        first = plays[0]
-        assert first.get("ansible.builtin.import_playbook") == "preflight.yml", (
-            f"{playbook.name} must import preflight.yml first"
-        )
+        chain, current = [playbook.name], playbook
+        while (target := first_import(current)) not in (None, "preflight.yml"):
+            current = current.parent / target
+            chain.append(target)
+        assert target == "preflight.yml", f"{' -> '.join(chain)} does not start with preflight.yml"
