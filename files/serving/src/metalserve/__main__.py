@@ -1,0 +1,3 @@
+from metalserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The ``metalserve`` command. Heavy imports (torch, transformers) happen only where needed, so
+``publish``, ``verify``, ``resolve`` and ``consistency`` start in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metalserve import __version__, store
+from metalserve.exitcodes import ExitCode
+
+log = logging.getLogger("metalserve")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = args.handler
+    try:
+        return int(handler(args))
+    except store.VerificationError as exc:
+        _error(str(exc))
+        return ExitCode.VERIFICATION_FAILED
+    except (store.VersionNotFoundError, store.AmbiguousVersionError) as exc:
+        _error(str(exc))
+        return ExitCode.VERSION_NOT_FOUND
+    except store.StoreError as exc:
+        _error(str(exc))
+        return ExitCode.FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metalserve", description="Model store tools and the model-replica server."
+    )
+    parser.add_argument("--version", action="version", version=f"metalserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random Llama model (HF layout)")
+    tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    tiny.set_defaults(handler=cmd_make_tiny_model)
+
+    publish = sub.add_parser("publish", help="publish a model directory as an immutable version")
+    publish.add_argument("src_dir", type=Path, metavar="SRC_DIR")
+    _store_arguments(publish)
+    publish.set_defaults(handler=cmd_publish)
+
+    verify = sub.add_parser("verify", help="re-hash a version against its manifest")
+    _store_arguments(verify)
+    verify.add_argument(
+        "--version",
+        dest="version_ref",
+        required=True,
+        metavar="ID",
+        help="version id or unique prefix (>= 12 hex digits)",
+    )
+    verify.set_defaults(handler=cmd_verify)
+
+    resolve = sub.add_parser("resolve", help="print the full id of a version (prefix allowed)")
+    _store_arguments(resolve)
+    resolve.add_argument("--version", dest="version_ref", required=True, metavar="ID")
+    resolve.set_defaults(handler=cmd_resolve)
+
+    from metalserve.settings import add_serve_arguments
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a model replica (OpenAI-compatible HTTP API)",
+        description="Every flag can also be set as METALSERVE_<FLAG> in the environment.",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    consistency = sub.add_parser(
+        "consistency", help="check that replicas give identical greedy outputs"
+    )
+    consistency.add_argument("urls", nargs="+", metavar="URL", help="replica base URL")
+    consistency.add_argument("--prompt", default=None, help="prompt to send")
+    consistency.add_argument("--model", default=None, help="model id (default: from /version)")
+    consistency.add_argument("--max-tokens", type=int, default=None)
+    consistency.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    consistency.set_defaults(handler=cmd_consistency)
+    return parser
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    store_default = os.environ.get("METALSERVE_STORE")
+    model_default = os.environ.get("METALSERVE_MODEL")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=store_default,
+        required=not store_default,
+        help="model store root [METALSERVE_STORE]",
+    )
+    parser.add_argument(
+        "--model",
+        default=model_default,
+        required=not model_default,
+        help="model name [METALSERVE_MODEL]",
+    )
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from metalserve.tiny_model import make_tiny_model
+
+    _quiet_transformers()
+    for path in make_tiny_model(args.out_dir, seed=args.seed):
+        print(path)
+    return ExitCode.OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    existing = set(store.list_versions(args.store, args.model))
+    version_id = store.publish(args.src_dir, args.store, args.model)
+    # stderr tells people (and Ansible's changed_when) whether anything changed.
+    state = "already published" if version_id in existing else "published"
+    print(f"{state}: {args.model} {version_id}", file=sys.stderr)
+    print(version_id)  # last line of stdout: scripts and Ansible take it from there
+    return ExitCode.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    version_id = store.resolve_version(args.store, args.model, args.version_ref)
+    problems = store.verify_version(args.store, args.model, version_id)
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        _error(
+            f"version {version_id} of {args.model} failed verification ({len(problems)} problems)"
+        )
+        return ExitCode.VERIFICATION_FAILED
+    print(version_id)
+    return ExitCode.OK
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    print(store.resolve_version(args.store, args.model, args.version_ref))
+    return ExitCode.OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from metalserve.settings import settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        _error(f"invalid settings:\n{exc}")
+        return ExitCode.USAGE
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # A replica never downloads anything: it serves verified files from the store only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Set through the environment: importing transformers here would delay opening the port.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    version_id = store.resolve_version(settings.store, settings.model, settings.version)
+    from metalserve import server
+    from metalserve.api import read_token
+
+    try:
+        read_token(settings.admin_token_file)
+    except (OSError, ValueError) as exc:
+        _error(f"cannot use the admin token file: {exc}")
+        return ExitCode.USAGE
+
+    return server.run(settings, version_id)
+
+
+def cmd_consistency(args: argparse.Namespace) -> int:
+    from metalserve import consistency
+
+    consistent, answers = consistency.check(
+        args.urls,
+        args.prompt or consistency.DEFAULT_PROMPT,
+        model=args.model,
+        max_tokens=args.max_tokens or consistency.DEFAULT_MAX_TOKENS,
+        timeout=args.timeout,
+    )
+    print(consistency.render_table(answers))
+    if consistent:
+        print(f"OK: {len(answers)} replicas gave identical output")
+        return ExitCode.OK
+    failed = sum(not a.ok for a in answers)
+    print(
+        f"INCONSISTENT: {len({a.text for a in answers if a.ok})} distinct outputs, "
+        f"{failed} failed replicas"
+    )
+    return ExitCode.FAILURE
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _error(message: str) -> None:
+    print(f"metalserve: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""Load one verified model version from the store onto a device.
+
+Every file of the version is read eagerly in large sequential chunks (no mmap: over NFS that means
+page faults at first use), hashed while read and compared with the manifest before anything uses
+it. Weight shards are turned into tensors from those verified bytes and copied onto the device one
+shard at a time, so host memory peaks at about three times one shard, not the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from metalserve import store
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class LoadError(Exception):
+    """The version cannot be served (unusable files, unknown architecture, missing device)."""
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model version ready for inference; the engine runs one (two during a reload)."""
+
+    name: str
+    version_id: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    max_context: int
+    vocab_size: int
+    files: tuple[str, ...]
+    load_seconds: float
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def short_id(self) -> str:
+        return self.version_id[: store.SHORT_ID_LEN]
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Tokenize with the Rust backend directly: it is thread-safe and needs no lock."""
+        ids: list[int] = self.tokenizer.backend_tokenizer.encode(
+            text, add_special_tokens=add_special_tokens
+        ).ids
+        return ids
+
+
+def validate_device(device: str) -> str:
+    if not _DEVICE_RE.match(device):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, not {device!r}")
+    return device
+
+
+def load_version(
+    store_path: Path,
+    model_name: str,
+    version_id: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    chunk_size: int = store.CHUNK_SIZE,
+) -> LoadedModel:
+    """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file."""
+    from safetensors.torch import load as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    started = time.monotonic()
+    torch_device = _torch_device(device)
+    root = store.version_dir(store_path, model_name, version_id)
+    if not root.is_dir():
+        raise store.VersionNotFoundError(f"{root} does not exist")
+    manifest = store.read_manifest(store_path, model_name, version_id)
+    _check_file_set(root, manifest, version_id)
+
+    shards = [e for e in manifest.files if e.path.endswith(".safetensors")]
+    if not shards:
+        raise LoadError(f"version {version_id[:12]} has no *.safetensors weights")
+    others = [e for e in manifest.files if not e.path.endswith(".safetensors")]
+
+    with tempfile.TemporaryDirectory(prefix="metalserve-") as tmp:
+        # Small files (config, tokenizer) are verified, then materialized from the verified
+        # bytes, so transformers never reads an unverified copy.
+        for entry in others:
+            data = _read_verified(root, entry, version_id, chunk_size)
+            target = Path(tmp) / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        try:
+            config = AutoConfig.from_pretrained(tmp, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
+        generation_config = None
+        if (Path(tmp) / "generation_config.json").is_file():
+            generation_config = GenerationConfig.from_pretrained(tmp, local_files_only=True)
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoadError("only fast (tokenizer.json) tokenizers are supported")
+    torch_dtype = _resolve_dtype(dtype, config, torch_device)
+
+    # Build the module directly on the device, skipping the random init the weights replace.
+    with no_init_weights(), torch_device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+
+    expected = set(model.state_dict().keys())
+    loaded: set[str] = set()
+    for entry in shards:
+        data = _read_verified(root, entry, version_id, chunk_size)
+        tensors = load_safetensors(data)
+        del data
+        result = model.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise LoadError(
+                f"{entry.path}: unexpected tensors {sorted(result.unexpected_keys)[:5]}"
+            )
+        loaded.update(tensors)
+        del tensors
+    # Checkpoints store tied weights (lm_head = embeddings) once; from_config does not tie.
+    model.tie_weights()
+    missing = _untied(expected - loaded, loaded, model)
+    if missing:
+        raise LoadError(f"weights missing from the safetensors files: {sorted(missing)[:5]}")
+
+    eos = _eos_token_ids(config, generation_config, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos) if eos else 0
+    loaded_model = LoadedModel(
+        name=model_name,
+        version_id=version_id,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+        eos_token_ids=frozenset(eos),
+        pad_token_id=int(pad),
+        max_context=int(getattr(config, "max_position_embeddings", 0) or 2048),
+        vocab_size=int(model.get_input_embeddings().num_embeddings),
+        files=tuple(e.path for e in manifest.files),
+        load_seconds=time.monotonic() - started,
+    )
+    log.info(
+        "loaded %s version %s on %s (%s) in %.1fs",
+        model_name,
+        loaded_model.short_id,
+        torch_device,
+        str(torch_dtype).removeprefix("torch."),
+        loaded_model.load_seconds,
+    )
+    return loaded_model
+
+
+def _torch_device(device: str) -> torch.device:
+    import torch
+
+    validate_device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadError(f"device {device} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LoadError(f"device {device} does not exist ({torch.cuda.device_count()} GPUs)")
+    return dev
+
+
+def _resolve_dtype(dtype: str, config: Any, device: torch.device) -> torch.dtype:
+    import torch
+
+    if dtype not in DTYPES:
+        raise LoadError(f"dtype must be one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        resolved: torch.dtype = getattr(torch, dtype)
+        return resolved
+    if device.type == "cpu":
+        # Half precision matmuls on CPU are slow and numerically fragile.
+        return torch.float32
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    # Keep a float16 checkpoint in float16; everything else runs in bfloat16 on GPUs.
+    half: torch.dtype = torch.float16 if configured == torch.float16 else torch.bfloat16
+    return half
+
+
+def _check_file_set(root: Path, manifest: store.Manifest, version_id: str) -> None:
+    listed = {e.path for e in manifest.files}
+    present = {p for p in store.iter_files(root) if p != store.MANIFEST_NAME}
+    problems = [f"{p}: missing" for p in sorted(listed - present)]
+    problems += [f"{p}: extra file, not in the manifest" for p in sorted(present - listed)]
+    if problems:
+        raise store.VerificationError(version_id, problems)
+
+
+def _read_verified(root: Path, entry: store.FileEntry, version_id: str, chunk_size: int) -> bytes:
+    data, digest = store.read_hashed(root / entry.path, chunk_size)
+    problem = store.check_entry(entry, len(data), digest)
+    if problem:
+        raise store.VerificationError(version_id, [problem])
+    return data
+
+
+def _untied(missing: set[str], loaded: set[str], model: PreTrainedModel) -> set[str]:
+    """The missing names that do not share storage with a loaded tensor."""
+    names_by_storage: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_by_storage.setdefault(tensor.data_ptr(), set()).add(name)
+    return {
+        name
+        for name in missing
+        if not any(
+            names_by_storage[ptr] & loaded
+            for ptr, names in names_by_storage.items()
+            if name in names
+        )
+    }
+
+
+def _eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

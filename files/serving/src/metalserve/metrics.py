@@ -1,0 +1,98 @@
+"""Prometheus metrics of one replica, in a registry of its own (one per app instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """All metrics of a replica; also the engine's observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "metalserve_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "metalserve_request_duration_seconds",
+            "Time from request to last response byte",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "metalserve_time_to_first_token_seconds",
+            "Time from submission to first token",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "metalserve_prompt_tokens", "Prompt tokens of finished sequences", registry=r
+        )
+        self.generated_tokens = Counter(
+            "metalserve_generated_tokens", "Tokens generated", registry=r
+        )
+        self.sequences_finished = Counter(
+            "metalserve_sequences_finished", "Sequences by how they ended", ["reason"], registry=r
+        )
+        self.batch_size = Histogram(
+            "metalserve_batch_size",
+            "Sequences per forward pass",
+            ["phase"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.forward_passes = Counter(
+            "metalserve_forward_passes", "Model forward passes", ["phase"], registry=r
+        )
+        self.queue_depth_gauge = Gauge(
+            "metalserve_queue_depth", "Sequences waiting for a batch slot", registry=r
+        )
+        self.in_flight = Gauge(
+            "metalserve_in_flight_requests", "Inference requests being served", registry=r
+        )
+        self.ready = Gauge("metalserve_ready", "1 when /readyz answers 200", registry=r)
+        self.draining = Gauge("metalserve_draining", "1 after SIGTERM", registry=r)
+        self.model_info = Gauge(
+            "metalserve_model_info",
+            "The model version being served (always 1)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "metalserve_reloads", "Hot reloads by result", ["result"], registry=r
+        )
+
+    def set_model(self, model: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model=model, version=version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # EngineObserver -------------------------------------------------------------------------
+
+    def forward_pass(self, phase: str, batch_size: int) -> None:
+        self.forward_passes.labels(phase=phase).inc()
+        self.batch_size.labels(phase=phase).observe(batch_size)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue_depth_gauge.set(depth)
+
+    def first_token(self, endpoint: str, seconds: float) -> None:
+        self.time_to_first_token.labels(endpoint=endpoint).observe(seconds)
+
+    def sequence_finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.sequences_finished.labels(reason=reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generated_tokens.inc(completion_tokens)

@@ -1,0 +1,390 @@
+"""End-to-end API tests against a real ``metalserve serve`` process (see conftest.servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any, ClassVar
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODEL, TEST_DEVICE, Server, Store
+
+pytestmark = pytest.mark.e2e
+
+GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_tokens": 12, "ignore_eos": True}
+
+
+def complete(client: httpx.Client, prompt: str | list[Any], **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/completions", json={**GREEDY, "prompt": prompt, **extra})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def forward_passes(client: httpx.Client) -> float:
+    samples = metric_samples(client)
+    return sum(v for (name, _), v in samples.items() if name == "metalserve_forward_passes_total")
+
+
+class TestProbes:
+    def test_health_ready_version(self, client: httpx.Client, model_store: Store) -> None:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["version_id"] == model_store.v1
+        version = client.get("/version").json()
+        assert version["model"] == MODEL
+        assert version["version_id"] == model_store.v1
+        assert version["verified"] is True
+        assert version["device"] == TEST_DEVICE
+        assert version["loaded_at"]
+        assert version["server_version"]
+        assert "model.safetensors" in version["files"]
+
+    def test_models(self, client: httpx.Client, model_store: Store) -> None:
+        body = client.get("/v1/models").json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == [MODEL]
+        assert body["data"][0]["version_id"] == model_store.v1
+
+    def test_unknown_route_has_openai_error_shape(self, client: httpx.Client) -> None:
+        assert_openai_error(client.get("/v2/nothing"), 404)
+        assert_openai_error(client.get("/v1/completions"), 405)
+
+
+class TestCompletions:
+    def test_greedy_is_deterministic(self, client: httpx.Client, api_server: Server) -> None:
+        first = complete(client, "The quick brown fox")
+        second = complete(client, "The quick brown fox")
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]
+        assert first["choices"][0]["text"]
+        assert first["choices"][0]["finish_reason"] == "length"
+        assert first["object"] == "text_completion"
+        assert first["system_fingerprint"].startswith(f"{MODEL}@")
+        usage = first["usage"]
+        assert usage["completion_tokens"] == 12
+        assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+
+    def test_token_prompts_and_several_prompts(self, client: httpx.Client) -> None:
+        text = complete(client, "Hi")["choices"][0]["text"]
+        both = complete(client, ["Hi", "Once upon a time"])
+        assert [c["index"] for c in both["choices"]] == [0, 1]
+        assert both["choices"][0]["text"] == text
+        assert both["usage"]["completion_tokens"] == 24
+        # The tiny tokenizer puts BOS (id 1) first: same ids, same output.
+        ids = complete(client, [1, 45, 74])["choices"][0]["text"]
+        assert ids == complete(client, [[1, 45, 74]])["choices"][0]["text"]
+
+    def test_stop_and_seed(self, client: httpx.Client) -> None:
+        full = complete(client, "Hi", max_tokens=20)["choices"][0]["text"]
+        stop = full[4:7]
+        cut = complete(client, "Hi", max_tokens=20, stop=[stop])["choices"][0]
+        assert cut["text"] == full[: full.index(stop)]
+        assert cut["finish_reason"] == "stop"
+
+        sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 16}
+        a = complete(client, "Hi", **sampled)["choices"][0]["text"]
+        b = complete(client, "Hi", **sampled)["choices"][0]["text"]
+        assert a == b
+
+    def test_streaming_matches_non_streaming(self, client: httpx.Client) -> None:
+        expected = complete(client, "The quick brown fox")["choices"][0]["text"]
+        body = {
+            **GREEDY,
+            "prompt": "The quick brown fox",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert text == expected
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+class TestChat:
+    messages: ClassVar[list[dict[str, str]]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+    def test_chat_and_streaming(self, client: httpx.Client) -> None:
+        response = client.post("/v1/chat/completions", json={**GREEDY, "messages": self.messages})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion"
+        message = body["choices"][0]["message"]
+        assert message["role"] == "assistant"
+        assert message["content"]
+
+        stream = {**GREEDY, "messages": self.messages, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=stream) as r:
+            lines = [line for line in r.iter_lines() if line]
+        chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        assert lines[-1] == "data: [DONE]"
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == message["content"]
+
+    def test_content_parts(self, client: httpx.Client) -> None:
+        parts = [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}],
+            }
+        ]
+        plain = [{"role": "user", "content": "Hi"}]
+        a = client.post("/v1/chat/completions", json={**GREEDY, "messages": parts}).json()
+        b = client.post("/v1/chat/completions", json={**GREEDY, "messages": plain}).json()
+        assert a["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+class TestOpenAIClient:
+    @pytest.fixture
+    def oai(self, api_server: Server) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{api_server.url}/v1", api_key="x", max_retries=0)
+
+    def test_models_and_completions(self, oai: openai.OpenAI, client: httpx.Client) -> None:
+        assert [m.id for m in oai.models.list()] == [MODEL]
+        result = oai.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0)
+        assert (
+            result.choices[0].text
+            == complete(client, "Hi", max_tokens=8, ignore_eos=False)["choices"][0]["text"]
+        )
+        assert result.usage is not None
+        assert result.usage.completion_tokens <= 8
+
+        stream = oai.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=8, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream if c.choices) == result.choices[0].text
+
+    def test_chat(self, oai: openai.OpenAI) -> None:
+        messages: list[Any] = [{"role": "user", "content": "What is two plus two?"}]
+        result = oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, seed=1
+        )
+        content = result.choices[0].message.content
+        assert content is not None
+        assert result.choices[0].finish_reason in {"stop", "length"}
+
+        stream = oai.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert usage.completion_tokens == result.usage.completion_tokens  # type: ignore[union-attr]
+
+    def test_errors_map_to_openai_exceptions(self, oai: openai.OpenAI) -> None:
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="gpt-4", prompt="Hi", max_tokens=4)
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            oai.completions.create(model=MODEL, prompt="Hi", max_tokens=10_000)
+        assert "max_tokens" in str(excinfo.value)
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("body", "param"),
+        [
+            ({"model": MODEL}, "prompt"),
+            ({"model": MODEL, "prompt": ""}, "prompt"),
+            ({"model": MODEL, "prompt": []}, None),
+            ({"model": MODEL, "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+            ({"model": MODEL, "prompt": "Hi", "max_tokens": 65}, "max_tokens"),
+            ({"model": MODEL, "prompt": "Hi", "max_tokens": "5"}, "max_tokens"),
+            ({"model": MODEL, "prompt": "Hi", "temperature": 2.5}, "temperature"),
+            ({"model": MODEL, "prompt": "Hi", "temperature": -1}, "temperature"),
+            ({"model": MODEL, "prompt": "Hi", "top_p": 0}, "top_p"),
+            ({"model": MODEL, "prompt": "Hi", "top_p": 1.5}, "top_p"),
+            ({"model": MODEL, "prompt": "Hi", "stream": "yes"}, "stream"),
+            ({"model": MODEL, "prompt": "Hi", "stop": [""]}, None),
+            ({"model": MODEL, "prompt": "Hi", "n": 2}, None),
+            ({"model": MODEL, "prompt": [10**9]}, "prompt"),
+            ({"model": MODEL, "prompt": "word " * 300}, "prompt"),
+            ({"model": MODEL, "prompt": "x" * 100_000}, "prompt"),
+            ({"model": 5, "prompt": "Hi"}, "model"),
+        ],
+    )
+    def test_completions_rejects(
+        self, client: httpx.Client, body: dict[str, Any], param: str | None
+    ) -> None:
+        assert_openai_error(client.post("/v1/completions", json=body), 400, param)
+
+    def test_unknown_model_is_404(self, client: httpx.Client) -> None:
+        response = client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
+        assert_openai_error(response, 404, "model")
+        assert response.json()["error"]["code"] == "model_not_found"
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"{bad json",
+            b"",
+            b"[]",
+            b"null",
+            b'"text"',
+            b'{"model": "tiny", "prompt": "\\ud800"}',
+            b'{"model": "tiny", "prompt": "Hi", "temperature": NaN}',
+        ],
+    )
+    def test_malformed_bodies(self, client: httpx.Client, raw: bytes) -> None:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            response = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert_openai_error(response, 400)
+
+    @pytest.mark.parametrize(
+        "messages",
+        [
+            [],
+            [{"role": "robot", "content": "Hi"}],
+            [{"role": "user", "content": 5}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            [{"role": "user", "content": ""}],
+            "Hi",
+        ],
+    )
+    def test_chat_rejects(self, client: httpx.Client, messages: Any) -> None:
+        response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+        assert_openai_error(response, 400)
+
+    def test_oversized_body(self, client: httpx.Client) -> None:
+        response = client.post(
+            "/v1/completions",
+            content=b"x" * (9 * 1024 * 1024),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 413
+
+    def test_server_still_healthy(self, client: httpx.Client) -> None:
+        assert client.get("/readyz").status_code == 200
+        complete(client, "Hi")
+
+
+def test_concurrent_requests_are_batched(client: httpx.Client, api_server: Server) -> None:
+    prompts = ["The quick brown fox", "Hi", "What is two plus two?", "Once upon", "Paris", "Sea"]
+    solo = {p: complete(client, p, max_tokens=16)["choices"][0]["text"] for p in prompts}
+
+    before = forward_passes(client)
+    for p in prompts:
+        complete(client, p, max_tokens=16)
+    sequential = forward_passes(client) - before
+
+    results: dict[str, str] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def send(prompt: str) -> None:
+        with httpx.Client(base_url=api_server.url, timeout=30) as own:
+            barrier.wait(timeout=10)
+            results[prompt] = complete(own, prompt, max_tokens=16)["choices"][0]["text"]
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in prompts]
+    before = forward_passes(client)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    concurrent = forward_passes(client) - before
+
+    assert results == solo, "batching must not change greedy outputs"
+    assert sequential == len(prompts) * 16
+    assert concurrent < sequential * 0.6, (concurrent, sequential)
+    samples = metric_samples(client)
+    batched = sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "metalserve_batch_size_bucket" and ("le", "1.0") in labels
+    )
+    total = sum(v for (name, _), v in samples.items() if name == "metalserve_batch_size_count")
+    assert total > batched, "some forward passes ran more than one sequence"
+
+
+def test_metrics(client: httpx.Client, model_store: Store) -> None:
+    complete(client, "Hi")
+    client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
+    response = client.get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    for name in [
+        "metalserve_requests",
+        "metalserve_request_duration_seconds",
+        "metalserve_time_to_first_token_seconds",
+        "metalserve_prompt_tokens",
+        "metalserve_generated_tokens",
+        "metalserve_batch_size",
+        "metalserve_queue_depth",
+        "metalserve_in_flight_requests",
+        "metalserve_forward_passes",
+        "metalserve_model_info",
+    ]:
+        assert name in families, name
+    samples = metric_samples(client)
+    key = ("metalserve_model_info", (("model", MODEL), ("version", model_store.v1)))
+    assert samples[key] == 1.0
+    ok = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    not_found = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "404")))
+    assert samples[ok] >= 1
+    assert samples[not_found] >= 1
+    assert samples[("metalserve_generated_tokens_total", ())] >= 12
+    assert samples[("metalserve_in_flight_requests", ())] == 0
+
+
+def test_liveness_follows_the_engine_thread(model_store: Store) -> None:
+    """Without a running engine (here: lifespan not started) the replica is neither alive nor
+    ready, and inference is refused with 503. In-process on purpose: a real process cannot be
+    made to lose its engine thread from outside."""
+    from metalserve.api import Replica, create_app
+    from metalserve.settings import ServeSettings
+
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    app = create_app(settings, Replica(settings, model_store.v1))
+
+    async def probe() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as http:
+            health = await http.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["status"] == "engine-dead"
+            assert (await http.get("/readyz")).status_code == 503
+            refused = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+            assert_openai_error(refused, 503)
+            version = (await http.get("/version")).json()
+            assert version["verified"] is False
+            assert version["loaded_at"] is None
+
+    asyncio.run(probe())

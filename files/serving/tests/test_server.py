@@ -1,0 +1,191 @@
+"""Process-level behaviour: readiness while loading, client disconnects, SIGTERM drain.
+
+These servers run with --debug-step-delay so that a generation lasts long enough to observe.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODEL, Server, Store, wait_all_ready
+
+pytestmark = pytest.mark.e2e
+
+STEP_DELAY = 0.05
+LONG = {"model": MODEL, "prompt": "Hi", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def slow_servers(
+    model_store: Store, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Server]]:
+    logs = tmp_path_factory.mktemp("slow-logs")
+    common = [
+        "--store",
+        str(model_store.root),
+        "--model",
+        MODEL,
+        "--version",
+        model_store.v1,
+        "--debug-step-delay",
+        str(STEP_DELAY),
+        "--max-new-tokens",
+        "100",
+    ]
+    started = {
+        "patient": Server([*common, "--drain-timeout", "30"], logs / "patient.log").start(),
+        "impatient": Server([*common, "--drain-timeout", "1"], logs / "impatient.log").start(),
+    }
+    try:
+        wait_all_ready(*started.values())
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def sample(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def test_readiness_is_503_until_loaded_and_warmed_up(slow_servers: dict[str, Server]) -> None:
+    for server in slow_servers.values():
+        seen = [status for _, status in server.readiness if status is not None]
+        assert seen[0] == 503, server.readiness[:5]
+        assert seen[-1] == 200
+        # Once ready it stays ready: no flapping during start-up.
+        assert seen == [503] * seen.index(200) + [200] * (len(seen) - seen.index(200))
+
+
+def test_client_disconnect_mid_stream_drops_the_sequence(slow_servers: dict[str, Server]) -> None:
+    url = slow_servers["patient"].url
+    cancelled = sample(url, "metalserve_sequences_finished_total", reason="cancelled")
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+    # The client is gone after ~1 of 60 tokens: the engine must stop generating for it.
+    wait_for(
+        lambda: sample(url, "metalserve_sequences_finished_total", reason="cancelled") > cancelled
+    )
+    wait_for(lambda: sample(url, "metalserve_in_flight_requests") == 0)
+    passes = sample(url, "metalserve_forward_passes_total", phase="decode")
+    time.sleep(5 * STEP_DELAY)
+    assert sample(url, "metalserve_forward_passes_total", phase="decode") == passes
+
+
+def _long_request(url: str, result: dict[str, Any]) -> None:
+    with httpx.Client(timeout=60) as client:
+        response = client.post(f"{url}/v1/completions", json=LONG)
+    result["status"] = response.status_code
+    result["body"] = response.json()
+
+
+def test_sigterm_drains_in_flight_requests(slow_servers: dict[str, Server]) -> None:
+    server = slow_servers["patient"]
+    assert server.proc is not None
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=_long_request, args=(server.url, result))
+    worker.start()
+    wait_for(lambda: sample(server.url, "metalserve_in_flight_requests") == 1)
+    time.sleep(0.3)
+
+    server.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 503, timeout=1.0)
+        assert time.monotonic() - signalled < 1.0
+        assert client.get("/readyz").json()["status"] == "draining"
+        assert client.get("/healthz").status_code == 200, "still alive while draining"
+        refused = client.post("/v1/completions", json={**LONG, "max_tokens": 2})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "draining"
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        )
+        assert chat.status_code == 503
+    assert server.proc.poll() is None, "must not exit while a request is in flight"
+
+    worker.join(timeout=30)
+    assert result["status"] == 200
+    assert result["body"]["usage"]["completion_tokens"] == 60
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < 30
+
+
+def test_drain_timeout_aborts_and_exits_zero(slow_servers: dict[str, Server]) -> None:
+    server = slow_servers["impatient"]
+    assert server.proc is not None
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=_long_request, args=(server.url, result))
+    worker.start()
+    wait_for(lambda: sample(server.url, "metalserve_in_flight_requests") == 1)
+
+    server.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    worker.join(timeout=30)
+    assert result["status"] == 503
+    assert "shut down" in result["body"]["error"]["message"]
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < 1 + 5
+
+
+def test_sigterm_while_loading_exits_at_once(model_store: Store, tmp_path: Path) -> None:
+    """A replica stopped before it is ready must not wait for its model load to finish."""
+    server = Server(
+        [
+            "--store",
+            str(model_store.root),
+            "--model",
+            MODEL,
+            "--version",
+            model_store.v1,
+            "--debug-step-delay",
+            "2",
+        ],  # warm-up alone takes 4 x 2 s
+        tmp_path / "loading.log",
+    ).start()
+    assert server.proc is not None
+    try:
+        with httpx.Client(timeout=2) as client:
+            wait_for(
+                lambda: (
+                    server.poll(client, time.monotonic()) is False
+                    and server.readiness[-1][1] == 503
+                ),
+                timeout=60,
+                interval=0.05,
+            )
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert server.proc.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < 5
+    finally:
+        server.stop()
