@@ -60,8 +60,10 @@ constraints:
 
 ## The lab #####################################################################
 
-# The tiny model the lab serves; its version id is pinned in inventories/lab.
-TINY_MODEL := /var/lib/metalserve-lab/tiny-model-seed1
+# lab_root of inventories/lab; the tiny model the lab serves lives there (its
+# version id is pinned in inventories/lab/group_vars/gpu_nodes/replica.yml).
+LAB_ROOT := /var/lib/metalserve-lab
+TINY_MODEL := $(LAB_ROOT)/tiny-model-seed1
 
 lab: deps
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml
@@ -70,7 +72,7 @@ lab: deps
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/verify.yml
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/usage.yml
-	@cat /var/lib/metalserve-lab/USAGE.txt
+	@cat $(LAB_ROOT)/USAGE.txt
 
 lab-down: deps
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/destroy.yml
@@ -82,8 +84,8 @@ test: deps lint syntax pytest molecule
 lint: deps
 	yamllint --strict .
 	ansible-lint
-	ruff check files/serving
-	ruff format --check files/serving
+	ruff check .
+	ruff format --check .
 	mypy --config-file files/serving/pyproject.toml files/serving/src
 
 syntax: deps

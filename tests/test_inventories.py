@@ -16,7 +16,12 @@ def inventory_dump(name: str) -> dict:
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
     out = subprocess.run(
         [str(BIN / "ansible-inventory"), "-i", str(REPO / "inventories" / name), "--list"],
-        cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return json.loads(out.stdout)
 
@@ -32,8 +37,11 @@ def group_names(dump: dict) -> set[str]:
 def test_lab_nodes_have_unique_addresses_on_the_lab_network() -> None:
     dump = inventory_dump("lab")
     hostvars = dump["_meta"]["hostvars"]
-    nodes = [h for group in ("loadbalancers", "model_store", "gpu_nodes", "monitoring")
-             for h in dump.get(group, {}).get("hosts", [])]
+    nodes = [
+        h
+        for group in ("loadbalancers", "model_store", "gpu_nodes", "monitoring")
+        for h in dump.get(group, {}).get("hosts", [])
+    ]
     assert {"lb1", "store1", "gpu1", "gpu2"} <= set(nodes)
     addresses = [ipaddress.ip_address(hostvars[h]["lab_ip"]) for h in nodes]
     assert len(set(addresses)) == len(addresses), "two lab nodes share an address"
@@ -44,9 +52,22 @@ def test_lab_nodes_have_unique_addresses_on_the_lab_network() -> None:
 
 def test_lab_subnet_is_the_benchmarking_range() -> None:
     lab_vars = subprocess.run(
-        [str(BIN / "ansible"), "-i", str(REPO / "inventories/lab"), "localhost", "-m",
-         "ansible.builtin.debug", "-a", "var=lab_subnet", "-o"],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+        [
+            str(BIN / "ansible"),
+            "-i",
+            str(REPO / "inventories/lab"),
+            "localhost",
+            "-m",
+            "ansible.builtin.debug",
+            "-a",
+            "var=lab_subnet",
+            "-o",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     assert "198.18.0.0/24" in lab_vars
 
