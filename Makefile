@@ -15,7 +15,7 @@ HOST_PACKAGES := podman runc netavark aardvark-dns debootstrap haproxy nftables 
 # torch's CPU wheel (see shared/LAB.md); pip also looks here through its config.
 TORCH_WHEELS ?= /opt/wheels
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-PIP_FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
+TORCH_FIND_LINKS_ARG := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
 LAB_INVENTORY := inventories/lab
 # One lab per machine (one 198.18.0.0/24 network): whatever builds or tears
 # down lab nodes (make lab, molecule) holds this lock.
@@ -44,7 +44,7 @@ host-deps:
 # Rebuilt whenever a pin or the serving package's metadata changes.
 $(VENV)/.installed: requirements/constraints.txt requirements/dev.in requirements/serving.in files/serving/pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install -q $(PIP_FIND_LINKS) -c requirements/constraints.txt \
+	$(BIN)/pip install -q $(TORCH_FIND_LINKS_ARG) -c requirements/constraints.txt \
 	  -r requirements/dev.in -r requirements/serving.in
 	$(BIN)/pip install -q --no-deps -e files/serving
 	@touch $@
@@ -54,7 +54,7 @@ deps: host-deps $(VENV)/.installed
 # Re-resolve every pin from the .in files in a scratch venv.
 constraints:
 	rm -rf .cache/constraints-venv && python3 -m venv .cache/constraints-venv
-	.cache/constraints-venv/bin/pip install -q $(PIP_FIND_LINKS) -r requirements/dev.in -r requirements/serving.in
+	.cache/constraints-venv/bin/pip install -q $(TORCH_FIND_LINKS_ARG) -r requirements/dev.in -r requirements/serving.in
 	{ sed -n '1,2p' requirements/constraints.txt; .cache/constraints-venv/bin/pip freeze; } > requirements/constraints.txt.new
 	mv requirements/constraints.txt.new requirements/constraints.txt
 
