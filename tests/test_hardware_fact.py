@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO
+from repo_helpers import REPO
 
 SCRIPT = REPO / "roles" / "common" / "files" / "metalserve_hardware.fact"
 FIXTURES = REPO / "tests" / "fixtures" / "verify_gpu"

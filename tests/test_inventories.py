@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from conftest import BIN, REPO
+from repo_helpers import BIN, REPO
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/24")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import BIN, REPO
+from repo_helpers import BIN, REPO
 
 
 def test_pinned_lab_version_is_the_seed_1_tiny_model(tmp_path: Path) -> None:

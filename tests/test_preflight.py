@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_playbook
+from repo_helpers import REPO, run_playbook
 
 GOOD_VARS = {
     "metalserve_model_name": "tiny-llama",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, REPO
+from repo_helpers import BIN, REPO
 
 sys.path.insert(0, str(REPO / "playbooks" / "filter_plugins"))
 import metalserve_gpu as mg

@@ -1,4 +1,7 @@
-"""Shared helpers for the repository-level tests."""
+"""Shared helpers for the repository-level tests.
+
+A plain module, not conftest.py: files/serving/tests has the conftest module of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,8 +27,3 @@ def run_playbook(playbook: str, inventory: Path | str, *extra: str) -> subproces
         timeout=300,
         check=False,
     )
-
-
-@pytest.fixture
-def repo() -> Path:
-    return REPO
