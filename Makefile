@@ -71,8 +71,9 @@ lab: deps
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/publish_model.yml -e model_dir=$(TINY_MODEL)
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/verify.yml
+	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/rollout_demo.yml
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/usage.yml
-	@cat $(LAB_ROOT)/USAGE.txt
+	@cat $(LAB_ROOT)/ROLLOUT.txt $(LAB_ROOT)/USAGE.txt
 
 lab-down: deps
 	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/destroy.yml

@@ -85,6 +85,44 @@ def build_parser() -> argparse.ArgumentParser:
     consistency.add_argument("--max-tokens", type=int, default=None)
     consistency.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     consistency.set_defaults(handler=cmd_consistency)
+
+    load = sub.add_parser(
+        "load",
+        help="bounded load against an OpenAI-compatible endpoint; exit 1 if any request failed",
+        description="Sends /v1/completions requests until --duration or --max-requests is "
+        "reached (or SIGTERM/SIGINT, or --stop-file exists) and prints a JSON summary.",
+    )
+    load.add_argument("url", metavar="URL", help="base URL, e.g. https://198.18.0.10")
+    load.add_argument("--api-key", default=None, help="bearer token [METALSERVE_LOAD_API_KEY]")
+    tls = load.add_mutually_exclusive_group()
+    tls.add_argument("--cacert", type=Path, default=None, help="CA bundle to verify TLS with")
+    tls.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    load.add_argument("--model", default=None, help="model id (default: from /v1/models)")
+    load.add_argument("--concurrency", type=int, default=4, help="parallel workers (default: 4)")
+    load.add_argument("--duration", type=float, default=180.0, help="seconds (default: 180)")
+    load.add_argument("--max-requests", type=int, default=20000, help="(default: 20000)")
+    load.add_argument("--max-tokens", type=int, default=8, help="per request (default: 8)")
+    load.add_argument(
+        "--stream-ratio", type=float, default=0.5, help="fraction streamed (default: 0.5)"
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second over all clients (default: 0, as fast as they can)",
+    )
+    load.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        default=None,
+        metavar="TEXT",
+        help="prompt to send, repeatable (default: four built-in prompts of different lengths)",
+    )
+    load.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    load.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
+    load.add_argument("--stop-file", type=Path, default=None, help="stop once this file exists")
+    load.set_defaults(handler=cmd_load)
     return parser
 
 
@@ -197,6 +235,51 @@ def cmd_consistency(args: argparse.Namespace) -> int:
         f"{failed} failed replicas"
     )
     return ExitCode.FAILURE
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from metalserve import loadgen
+
+    settings = loadgen.LoadSettings(
+        url=args.url,
+        api_key=args.api_key or os.environ.get("METALSERVE_LOAD_API_KEY") or None,
+        cacert=args.cacert,
+        insecure=args.insecure,
+        model=args.model,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        max_requests=args.max_requests,
+        max_tokens=args.max_tokens,
+        stream_ratio=args.stream_ratio,
+        rate=args.rate,
+        prompts=tuple(args.prompts) if args.prompts else loadgen.DEFAULT_PROMPTS,
+        timeout=args.timeout,
+        stop_file=args.stop_file,
+    )
+    problems = settings.problems()
+    if problems:
+        for problem in problems:
+            _error(problem)
+        return ExitCode.USAGE
+    try:
+        summary = asyncio.run(loadgen.run_load(settings))
+    except loadgen.LoadError as exc:
+        _error(str(exc))
+        return ExitCode.FAILURE
+    except KeyboardInterrupt:  # a second SIGINT: no summary
+        return 128 + 2
+    text = json.dumps(summary, indent=2)
+    print(text, flush=True)
+    if args.out is not None:
+        try:
+            args.out.write_text(text + "\n")
+        except OSError as exc:
+            _error(f"cannot write --out: {exc}")
+            return ExitCode.FAILURE
+    return loadgen.exit_code(summary)
 
 
 def _quiet_transformers() -> None:

@@ -1,0 +1,119 @@
+"""Filters for the rolling update: read HAProxy's runtime API and judge a canary.
+
+Pure functions over text, typed, importable without Ansible (tests/test_haproxy_filters.py
+imports this file directly). Ansible finds it because it lies in filter_plugins/ next to
+the playbooks.
+
+    metalserve_haproxy_stat(text) -> rows of ``show stat`` (CSV) as dicts, numbers as ints
+    metalserve_canary_verdict(before, after, backend=..., canary=..., threshold=..., min_requests=...)
+        -> the canary's and the baseline's error rates between two ``show stat`` samples,
+           and whether the canary passes
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable
+from typing import Any
+
+# Answers a replica itself gave that count as errors: 4xx (the replica refused a request
+# the baseline accepts, e.g. a shorter context) and 5xx, plus responses that broke off.
+ERROR_FIELDS = ("hrsp_4xx", "hrsp_5xx", "eresp")
+RESPONSE_FIELDS = ("hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other")
+
+
+class HaproxyStatError(ValueError):
+    """Runtime API output that is not ``show stat`` CSV."""
+
+
+def metalserve_haproxy_stat(text: str) -> list[dict[str, Any]]:
+    """Parse ``show stat`` output (a ``# pxname,svname,...`` header, then CSV rows)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# pxname,svname,"):
+        raise HaproxyStatError(f"not 'show stat' output (expected a '# pxname,svname,...' header): {text[:200]!r}")
+    header = lines[0][2:].rstrip(",").split(",")
+    rows = []
+    for record in csv.reader(io.StringIO("\n".join(lines[1:]))):
+        row: dict[str, Any] = {}
+        for name, value in zip(header, record, strict=False):
+            row[name] = int(value) if value.isdigit() else value
+        rows.append(row)
+    return rows
+
+
+def _totals(rows: Iterable[dict[str, Any]], fields: Iterable[str]) -> int:
+    names = tuple(fields)
+    return sum(int(row.get(name) or 0) for row in rows for name in names)
+
+
+def _window(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], backend: str, servers: set[str]
+) -> dict[str, Any]:
+    def pick(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if r.get("pxname") == backend and r.get("svname") in servers]
+
+    first, last = pick(before), pick(after)
+    responses = _totals(last, RESPONSE_FIELDS) - _totals(first, RESPONSE_FIELDS)
+    errors = _totals(last, ERROR_FIELDS) - _totals(first, ERROR_FIELDS)
+    if responses < 0 or errors < 0:
+        # Counters only fall when HAProxy restarted between the samples.
+        raise HaproxyStatError("HAProxy's counters went back between the samples (a restart?)")
+    return {
+        "servers": sorted(servers),
+        "responses": responses,
+        "errors": errors,
+        "rate": round(errors / responses, 4) if responses else 0.0,
+    }
+
+
+def metalserve_canary_verdict(
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    backend: str,
+    canary: list[str],
+    threshold: float,
+    min_requests: int,
+) -> dict[str, Any]:
+    """Compare the canary servers' error rate with the rest of the backend's.
+
+    The canary fails when its rate exceeds the baseline's by more than ``threshold`` (errors
+    every server gets, such as clients' bad requests, cancel out), or when it answered fewer
+    than ``min_requests`` requests: too little traffic proves nothing.
+    """
+    wanted = set(canary)
+    every = {
+        r["svname"] for r in after if r.get("pxname") == backend and r.get("svname") not in ("FRONTEND", "BACKEND")
+    }
+    missing = wanted - every
+    if missing:
+        raise HaproxyStatError(f"backend {backend} has no server {sorted(missing)}")
+    canary_window = _window(before, after, backend, wanted)
+    baseline = _window(before, after, backend, every - wanted)
+    problems = []
+    if canary_window["responses"] < min_requests:
+        problems.append(
+            f"the canary answered {canary_window['responses']} requests, fewer than the "
+            f"{min_requests} needed to judge it"
+        )
+    excess = canary_window["rate"] - baseline["rate"]
+    if excess > threshold:
+        problems.append(
+            f"the canary's error rate {canary_window['rate']:.2%} ({canary_window['errors']}/"
+            f"{canary_window['responses']}) exceeds the baseline's {baseline['rate']:.2%} by "
+            f"more than {threshold:.2%}"
+        )
+    return {
+        "canary": canary_window,
+        "baseline": baseline,
+        "passed": not problems,
+        "problems": problems,
+    }
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "metalserve_haproxy_stat": metalserve_haproxy_stat,
+            "metalserve_canary_verdict": metalserve_canary_verdict,
+        }

@@ -1,0 +1,122 @@
+"""playbooks/filter_plugins/metalserve_haproxy.py: HAProxy's `show stat` and the canary verdict.
+
+The fixture tests/fixtures/haproxy/show_stat.csv is the real runtime API answer of the lab's
+lb1 (HAProxy 2.6, four replicas in metalserve_replicas) after a rolling update under load;
+the "after" samples add responses to its counters the way HAProxy would.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+import pytest
+
+from repo_helpers import REPO
+
+sys.path.insert(0, str(REPO / "playbooks" / "filter_plugins"))
+import metalserve_haproxy as mh
+
+STAT = (REPO / "tests" / "fixtures" / "haproxy" / "show_stat.csv").read_text()
+BACKEND = "metalserve_replicas"
+CANARY = ["gpu1-0", "gpu1-1"]
+
+
+def answered(rows: list[dict[str, Any]], **per_server: dict[str, int]) -> list[dict[str, Any]]:
+    """A later sample: each named server's counters grown by the given amounts."""
+    later = copy.deepcopy(rows)
+    for row in later:
+        for field, amount in per_server.get(row["svname"].replace("-", "_"), {}).items():
+            row[field] += amount
+    return later
+
+
+def verdict(before: list[dict[str, Any]], after: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"backend": BACKEND, "canary": CANARY, "threshold": 0.02, "min_requests": 20}
+    options.update(kw)
+    return mh.metalserve_canary_verdict(before, after, **options)
+
+
+@pytest.fixture
+def rows() -> list[dict[str, Any]]:
+    return mh.metalserve_haproxy_stat(STAT)
+
+
+def test_parse_reads_every_proxy_and_server_with_numbers(rows: list[dict[str, Any]]) -> None:
+    servers = [r["svname"] for r in rows if r["pxname"] == BACKEND]
+    assert servers == ["gpu1-0", "gpu1-1", "gpu2-0", "gpu2-1", "BACKEND"]
+    gpu = next(r for r in rows if r["svname"] == "gpu1-0")
+    assert gpu["status"] == "UP"
+    assert gpu["weight"] == 100
+    assert isinstance(gpu["hrsp_2xx"], int) and gpu["hrsp_2xx"] > 0
+    assert gpu["check_status"] == "L7OK"
+    assert {r["pxname"] for r in rows} == {"stats", "api", "per_key_rate", BACKEND}
+
+
+def test_parse_rejects_what_is_not_show_stat() -> None:
+    with pytest.raises(mh.HaproxyStatError, match="not 'show stat' output"):
+        mh.metalserve_haproxy_stat("Unknown command: 'show stats'\n")
+    with pytest.raises(mh.HaproxyStatError):
+        mh.metalserve_haproxy_stat("")
+
+
+def test_a_healthy_canary_passes(rows: list[dict[str, Any]]) -> None:
+    ok = {"hrsp_2xx": 100}
+    after = answered(rows, gpu1_0=ok, gpu1_1=ok, gpu2_0=ok, gpu2_1=ok)
+    result = verdict(rows, after)
+    assert result["passed"] is True
+    assert result["problems"] == []
+    assert result["canary"] == {"servers": CANARY, "responses": 200, "errors": 0, "rate": 0.0}
+    assert result["baseline"]["servers"] == ["gpu2-0", "gpu2-1"]
+    assert result["baseline"]["responses"] == 200
+
+
+def test_a_canary_refusing_requests_fails(rows: list[dict[str, Any]]) -> None:
+    bad = {"hrsp_2xx": 60, "hrsp_4xx": 40}
+    ok = {"hrsp_2xx": 100}
+    after = answered(rows, gpu1_0=bad, gpu1_1=bad, gpu2_0=ok, gpu2_1=ok)
+    result = verdict(rows, after)
+    assert result["passed"] is False
+    assert result["canary"]["rate"] == 0.4
+    assert result["problems"] == [
+        "the canary's error rate 40.00% (80/200) exceeds the baseline's 0.00% by more than 2.00%"
+    ]
+
+
+def test_server_errors_and_broken_responses_count(rows: list[dict[str, Any]]) -> None:
+    after = answered(rows, gpu1_0={"hrsp_2xx": 90, "hrsp_5xx": 10, "eresp": 5}, gpu2_0={"hrsp_2xx": 100})
+    result = verdict(rows, after, canary=["gpu1-0"])
+    assert result["canary"] == {"servers": ["gpu1-0"], "responses": 100, "errors": 15, "rate": 0.15}
+    assert result["passed"] is False
+
+
+def test_errors_every_server_gets_cancel_out(rows: list[dict[str, Any]]) -> None:
+    # Clients' own bad requests reach every replica alike: not the canary's fault.
+    same = {"hrsp_2xx": 90, "hrsp_4xx": 10}
+    after = answered(rows, gpu1_0=same, gpu1_1=same, gpu2_0=same, gpu2_1=same)
+    result = verdict(rows, after)
+    assert result["canary"]["rate"] == result["baseline"]["rate"] == 0.1
+    assert result["passed"] is True
+
+
+def test_too_little_traffic_proves_nothing(rows: list[dict[str, Any]]) -> None:
+    after = answered(rows, gpu1_0={"hrsp_2xx": 5}, gpu2_0={"hrsp_2xx": 100})
+    result = verdict(rows, after, min_requests=20)
+    assert result["passed"] is False
+    assert result["problems"] == ["the canary answered 5 requests, fewer than the 20 needed to judge it"]
+    assert verdict(rows, after, min_requests=0)["passed"] is True
+
+
+def test_unknown_canary_server_and_restarted_counters_are_errors(rows: list[dict[str, Any]]) -> None:
+    with pytest.raises(mh.HaproxyStatError, match=r"has no server \['gpu9-0'\]"):
+        verdict(rows, rows, canary=["gpu9-0"])
+    restarted = answered(rows, gpu1_0={"hrsp_2xx": -1000})
+    with pytest.raises(mh.HaproxyStatError, match="went back"):
+        verdict(rows, restarted)
+
+
+def test_ansible_finds_the_filters() -> None:
+    filters = mh.FilterModule().filters()
+    assert filters["metalserve_haproxy_stat"] is mh.metalserve_haproxy_stat
+    assert filters["metalserve_canary_verdict"] is mh.metalserve_canary_verdict
