@@ -511,6 +511,7 @@ def render(report: dict[str, Any]) -> str:
         + "; ".join(
             f"{name} {t['value']} ({t['target']}: {_verdict(t['met'])})"
             for name, t in report["targets"].items()
+            if t["value"] is not None
         ),
     ]
     return "\n".join(lines)

@@ -645,6 +645,7 @@ def render(report: dict[str, Any]) -> str:
             f"{name} {t['value']} ({t['target']}: "
             f"{'n/a' if t['met'] is None else ('met' if t['met'] else 'MISSED')})"
             for name, t in report["targets"].items()
+            if t["value"] is not None
         ),
     ]
     return "\n".join(lines)

@@ -114,10 +114,16 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         help="where the checkpoint is generated and kept; use a local disk, not tmpfs "
         "(default: %(default)s)",
     )
-    load.add_argument("--size-gib", type=bc.positive_float, default=8.0, help="checkpoint size")
-    load.add_argument("--shards", type=bc.positive_int, default=4, help="safetensors files")
+    load.add_argument(
+        "--size-gib", type=bc.positive_float, default=8.0, help="checkpoint size (default: 8)"
+    )
+    load.add_argument(
+        "--shards", type=bc.positive_int, default=4, help="safetensors files (default: 4)"
+    )
     load.add_argument("--device", type=_device, default="cuda", help="cuda, cuda:N or cpu")
-    load.add_argument("--repeats", type=bc.positive_int, default=3, help="runs per arm and cache")
+    load.add_argument(
+        "--repeats", type=bc.positive_int, default=3, help="runs per arm and cache (default: 3)"
+    )
     load.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     load.add_argument(
         "--arms",
@@ -125,9 +131,14 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         default=bc.LOAD_ARMS,
         help=f"comma-separated subset of {','.join(bc.LOAD_ARMS)} (default: all)",
     )
-    load.add_argument("--chunk-mib", type=bc.positive_int, default=16, help="read size")
     load.add_argument(
-        "--workers", type=bc.positive_int, default=None, help="shards streamed at once"
+        "--chunk-mib", type=bc.positive_int, default=16, help="read size in MiB (default: 16)"
+    )
+    load.add_argument(
+        "--workers",
+        type=bc.positive_int,
+        default=None,
+        help="shards streamed at once (default: min(shards, cores / 2, 8))",
     )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
     load.set_defaults(handler=cmd_bench_load)
