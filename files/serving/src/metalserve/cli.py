@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from metalserve import __version__, store
 from metalserve.exitcodes import ExitCode
@@ -123,7 +124,116 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     load.add_argument("--stop-file", type=Path, default=None, help="stop once this file exists")
     load.set_defaults(handler=cmd_load)
+    bench = sub.add_parser(
+        "bench", help="benchmark our loader and server against their baselines (BENCHMARKS.md)"
+    )
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _bench_load_arguments(benchmarks)
+    _bench_serve_arguments(benchmarks)
     return parser
+
+
+def _bench_load_arguments(benchmarks: Any) -> None:
+    from metalserve import bench_common as bc
+
+    load = benchmarks.add_parser(
+        "load",
+        help="weight loading: raw read, safetensors load_file, ours (cold and warm), H2D",
+        description="Generate (or reuse) a seeded bf16 checkpoint in a model store under --dir "
+        "and time, cold and warm, a raw sequential read, safetensors.torch.load_file and our "
+        "loader's weight path with and without hash verification; also pinned host-to-device "
+        "bandwidth and one core's SHA-256 speed. Prints a table and the JSON report.",
+    )
+    load.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp/metalserve-bench/load"),  # noqa: S108 - a disk, not tmpfs
+        help="where the checkpoint is generated and kept; use a local disk, not tmpfs "
+        "(default: %(default)s)",
+    )
+    load.add_argument(
+        "--size-gib", type=bc.positive_float, default=8.0, help="checkpoint size (default: 8)"
+    )
+    load.add_argument(
+        "--shards", type=bc.positive_int, default=4, help="safetensors files (default: 4)"
+    )
+    load.add_argument("--device", type=_device, default="cuda", help="cuda, cuda:N or cpu")
+    load.add_argument(
+        "--repeats", type=bc.positive_int, default=3, help="runs per arm and cache (default: 3)"
+    )
+    load.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    load.add_argument(
+        "--arms",
+        type=bc.arms_type(bc.LOAD_ARMS),
+        default=bc.LOAD_ARMS,
+        help=f"comma-separated subset of {','.join(bc.LOAD_ARMS)} (default: all)",
+    )
+    load.add_argument(
+        "--chunk-mib", type=bc.positive_int, default=16, help="read size in MiB (default: 16)"
+    )
+    load.add_argument(
+        "--workers",
+        type=bc.positive_int,
+        default=None,
+        help="shards streamed at once (default: min(shards, cores / 2, 8))",
+    )
+    load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
+    load.set_defaults(handler=cmd_bench_load)
+
+
+def _bench_serve_arguments(benchmarks: Any) -> None:
+    from metalserve import bench_common as bc
+
+    serve = benchmarks.add_parser(
+        "serve",
+        help="generation: naive generate, static-batch generate, our server over HTTP",
+        description="Generate (or reuse) a Llama-shaped model with seeded random weights, then "
+        "measure tokens/s, TTFT and request latency of transformers generate() one request at "
+        "a time, generate() on static batches of --clients, and our server with --clients "
+        "concurrent streaming HTTP clients. Prints a table and the JSON report.",
+    )
+    serve.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp/metalserve-bench/serve"),  # noqa: S108 - our own dir
+        help="where the model store is kept (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--preset", choices=("850m", "tiny"), default="850m", help="model size (tiny: tests)"
+    )
+    serve.add_argument("--prompt-tokens", type=bc.positive_int, default=64)
+    serve.add_argument("--new-tokens", type=bc.positive_int, default=128)
+    serve.add_argument(
+        "--clients",
+        type=bc.positive_int,
+        default=32,
+        help="concurrent HTTP clients, and the static batch size",
+    )
+    serve.add_argument(
+        "--requests",
+        type=bc.positive_int,
+        default=None,
+        help="requests per arm (default: naive 4, static 2 batches, server 4 x clients)",
+    )
+    serve.add_argument("--device", type=_device, default="cuda", help="cuda, cuda:N or cpu")
+    serve.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    serve.add_argument(
+        "--arms",
+        type=bc.arms_type(bc.SERVE_ARMS),
+        default=bc.SERVE_ARMS,
+        help=f"comma-separated subset of {','.join(bc.SERVE_ARMS)} (default: all)",
+    )
+    serve.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    serve.set_defaults(handler=cmd_bench_serve)
+
+
+def _device(value: str) -> str:
+    from metalserve.loader import validate_device
+
+    try:
+        return validate_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +390,70 @@ def cmd_load(args: argparse.Namespace) -> int:
             _error(f"cannot write --out: {exc}")
             return ExitCode.FAILURE
     return loadgen.exit_code(summary)
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    if not _device_usable(args.device):
+        return ExitCode.USAGE
+    from metalserve import bench_common, bench_load
+
+    _quiet_transformers()
+    options = bench_load.LoadOptions(
+        dir=args.dir,
+        size_gib=args.size_gib,
+        shards=args.shards,
+        device=args.device,
+        repeats=args.repeats,
+        out=args.out,
+        arms=args.arms,
+        chunk_mib=args.chunk_mib,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    report = bench_load.run(options)
+    return _print_report(bench_load.render(report), bench_common.write_report(report, args.out))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    if not _device_usable(args.device):
+        return ExitCode.USAGE
+    from metalserve import bench_common, bench_serve
+
+    _quiet_transformers()
+    options = bench_serve.ServeOptions(
+        dir=args.dir,
+        preset=args.preset,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        clients=args.clients,
+        requests=args.requests,
+        device=args.device,
+        out=args.out,
+        arms=args.arms,
+        seed=args.seed,
+    )
+    try:
+        report = bench_serve.run(options)
+    except bench_serve.BenchError as exc:
+        _error(str(exc))
+        return ExitCode.FAILURE
+    return _print_report(bench_serve.render(report), bench_common.write_report(report, args.out))
+
+
+def _device_usable(device: str) -> bool:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _error(f"argument --device: {device} requested but CUDA is not available")
+        return False
+    return True
+
+
+def _print_report(table: str, report_json: str) -> int:
+    """The table for people, then the JSON report (the last thing on stdout)."""
+    print(table)
+    print(report_json, end="")
+    return ExitCode.OK
 
 
 def _quiet_transformers() -> None:

@@ -1,9 +1,11 @@
 """Load one verified model version from the store onto a device.
 
 Every file of the version is read eagerly in large sequential chunks (no mmap: over NFS that means
-page faults at first use), hashed while read and compared with the manifest before anything uses
-it. Weight shards are turned into tensors from those verified bytes and copied onto the device one
-shard at a time, so host memory peaks at about three times one shard, not the whole model.
+page faults at first use) and hashed while read; nothing is used before its hash matched the
+manifest. Small files (config, tokenizer) are checked first and then materialized. Weight shards
+are streamed by ``metalserve.weights``: read into a few reused (on CUDA pinned) host buffers,
+hashed on a side thread and copied straight into the model's parameters, several shards at once,
+so host memory stays at a few buffers per shard in flight whatever the model's size.
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def load_version(
     chunk_size: int = store.CHUNK_SIZE,
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file."""
-    from safetensors.torch import load as load_safetensors
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.initialization import no_init_weights
+
+    from metalserve import weights
 
     started = time.monotonic()
     torch_device = _torch_device(device)
@@ -122,19 +125,21 @@ def load_version(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval().requires_grad_(False)
 
-    expected = set(model.state_dict().keys())
-    loaded: set[str] = set()
-    for entry in shards:
-        data = _read_verified(root, entry, version_id, chunk_size)
-        tensors = load_safetensors(data)
-        del data
-        result = model.load_state_dict(tensors, strict=False)
-        if result.unexpected_keys:
-            raise LoadError(
-                f"{entry.path}: unexpected tensors {sorted(result.unexpected_keys)[:5]}"
+    params = model.state_dict(keep_vars=True)
+    expected = set(params)
+    try:
+        loaded = set(
+            weights.load_weights(
+                root,
+                shards,
+                version_id,
+                lambda spec: params.get(spec.name),
+                device=torch_device,
+                chunk_size=chunk_size,
             )
-        loaded.update(tensors)
-        del tensors
+        )
+    except weights.WeightsError as exc:
+        raise LoadError(str(exc)) from exc
     # Checkpoints store tied weights (lm_head = embeddings) once; from_config does not tie.
     model.tie_weights()
     missing = _untied(expected - loaded, loaded, model)

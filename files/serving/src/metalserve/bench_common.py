@@ -1,0 +1,193 @@
+"""What ``metalserve bench load`` and ``bench serve`` share: flag types, environment facts,
+percentiles, the table and the JSON report. Standard library only at import time, so building
+the command-line parser stays cheap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "h2d", "sha256")
+SERVE_ARMS = ("naive", "static", "server")
+GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted
+
+
+def arms_type(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for a comma-separated subset of ``choices`` (kept in their order)."""
+
+    def parse(value: str) -> tuple[str, ...]:
+        wanted = [a.strip() for a in value.split(",") if a.strip()]
+        unknown = [a for a in wanted if a not in choices]
+        if unknown or not wanted:
+            raise argparse.ArgumentTypeError(
+                f"unknown arm {', '.join(map(repr, unknown)) or repr(value)}; "
+                f"choose from {', '.join(choices)}"
+            )
+        return tuple(a for a in choices if a in wanted)
+
+    return parse
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return number
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linearly interpolated between the closest ranks."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return float(values[0])
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    if q <= 0:
+        return float(min(values))
+    if q >= 100:
+        return float(max(values))
+    return float(cuts[round(q) - 1])
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned text columns; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and hardware of this run, for the JSON report."""
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "device_name": "cpu",
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    try:
+        from metalserve import __version__
+
+        info["metalserve"] = __version__
+        import safetensors
+
+        info["safetensors"] = safetensors.__version__
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        props = torch.cuda.get_device_properties(dev)
+        info["device_name"] = props.name
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda_driver"] = _nvidia_driver()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],  # noqa: S607 - git from PATH, informational only
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """The mount holding ``path`` (type and source), from /proc/mounts: tmpfs means no cold
+    reads are possible there."""
+    best: tuple[str, str, str] = ("", "?", "?")
+    resolved = str(path.resolve())
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return {"mount": "?", "type": "?", "source": "?"}
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        source, mount, fstype = fields[0], fields[1].replace("\\040", " "), fields[2]
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best[0]):
+            best = (mount, fstype, source)
+    return {"mount": best[0], "type": best[1], "source": best[2]}
+
+
+def write_report(doc: dict[str, Any], out: Path | None) -> str:
+    """The JSON text (also written to ``out`` when given)."""
+    text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def target(value: float | None, op: str, bound: float) -> dict[str, Any]:
+    """A target as the issue states it, with whether this run met it."""
+    met = None
+    if value is not None:
+        met = value >= bound if op == ">=" else value <= bound
+    return {"value": value, "target": f"{op} {bound:g}", "met": met}

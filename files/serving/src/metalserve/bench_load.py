@@ -1,0 +1,525 @@
+"""``metalserve bench load``: the weight path of our loader against its baselines, in one run.
+
+A seeded bf16 checkpoint of several safetensors shards is generated once and published into a
+model store under ``--dir`` (reused while its parameters match). Then, each cold (page cache
+dropped) and warm:
+
+* ``raw``: plain sequential ``readinto`` of every shard, one after another (the disk's speed);
+* ``load_file``: ``safetensors.torch.load_file(path, device=...)`` per shard;
+* ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
+* ``ours_nohash``: the same without hashing, to show what verification costs;
+
+and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``sha256``, one core's
+hashing speed (the ceiling of verifying one shard). Every timed run starts with the device
+allocator's cache emptied, so every arm pays for its device memory like a fresh process does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalserve import bench_common, store, weights
+from metalserve.bench_common import GB
+
+MODEL = "bench-load"
+# Bump when the generated layout changes, so an old checkpoint is not reused.
+CHECKPOINT_FORMAT = 1
+COLUMNS = 4096  # like a 4096-wide model: 32 MiB bf16 matrices plus small norm vectors
+BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut from
+H2D_BYTES = 1024**3
+SHA256_BYTES = 512 * 1024**2
+FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash")
+BASELINE = {
+    # arm -> (baseline arm at the same cache state) for the table's ratio column
+    "load_file": "raw",
+    "ours": "load_file",
+    "ours_nohash": "load_file",
+}
+COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    dir: Path
+    size_gib: float = 8.0
+    shards: int = 4
+    device: str = "cuda"
+    repeats: int = 3
+    out: Path | None = None
+    arms: tuple[str, ...] = bench_common.LOAD_ARMS
+    chunk_mib: int = store.CHUNK_SIZE // 2**20
+    workers: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    store_root: Path
+    version_id: str
+    entries: tuple[store.FileEntry, ...]
+    total_bytes: int
+    tensors: int
+    reused: bool
+    seconds: float
+
+    @property
+    def root(self) -> Path:
+        return store.version_dir(self.store_root, MODEL, self.version_id)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / e.path for e in self.entries]
+
+
+@dataclass
+class Measurement:
+    arm: str
+    cache: str  # "cold", "warm" or "-" (not a file read)
+    bytes: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.median / GB
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "arm": self.arm,
+            "cache": self.cache,
+            "bytes": self.bytes,
+            "seconds": [round(s, 6) for s in self.seconds],
+            "median_s": round(self.median, 6),
+            "best_s": round(min(self.seconds), 6),
+            "gb_per_s": round(self.gb_per_s, 3),
+            "gb_per_s_best": round(self.bytes / min(self.seconds) / GB, 3),
+        }
+
+
+def run(options: LoadOptions) -> dict[str, Any]:
+    """Generate or reuse the checkpoint, measure every chosen arm, return the report."""
+    device = torch.device(options.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        _warm_up_cuda(device)
+    environment = bench_common.environment(options.device)
+    checkpoint = prepare_checkpoint(options)
+    _log(
+        f"checkpoint {checkpoint.version_id[:12]}: {checkpoint.total_bytes / GB:.2f} GB in "
+        f"{len(checkpoint.entries)} shards, "
+        f"{'reused' if checkpoint.reused else f'generated in {checkpoint.seconds:.1f}s'}"
+    )
+    chunk = options.chunk_mib * 2**20
+    arms: dict[str, Callable[[], object]] = {
+        "raw": lambda: _read_raw(checkpoint.paths, chunk),
+        "load_file": lambda: _load_file(checkpoint.paths, device),
+        "ours": lambda: _ours(checkpoint, device, chunk, verify=True, workers=options.workers),
+        "ours_nohash": lambda: _ours(
+            checkpoint, device, chunk, verify=False, workers=options.workers
+        ),
+    }
+    file_arms = [a for a in FILE_ARMS if a in options.arms]
+    results: dict[tuple[str, str], Measurement] = {}
+    cache_drop: dict[str, Any] = {}
+    for cache in ("cold", "warm"):
+        if cache == "warm" and file_arms:
+            _read_raw(checkpoint.paths, chunk)  # every page cached, untimed
+        for _ in range(options.repeats):
+            for arm in file_arms:
+                if cache == "cold":
+                    cache_drop = drop_page_cache(checkpoint.paths)
+                key = (arm, cache)
+                results.setdefault(key, Measurement(arm, cache, checkpoint.total_bytes))
+                results[key].seconds.append(_timed(arms[arm], device))
+                _log(f"{arm:12s} {cache}: {results[key].seconds[-1]:.3f}s")
+    skipped: dict[str, str] = {}
+    if "h2d" in options.arms:
+        if cuda:
+            results[("h2d", "-")] = _h2d(device, min(H2D_BYTES, checkpoint.total_bytes), options)
+        else:
+            skipped["h2d"] = "pinned host-to-device copies need a CUDA device"
+    if "sha256" in options.arms:
+        results[("sha256", "-")] = _sha256(min(SHA256_BYTES, checkpoint.total_bytes), options)
+
+    return _report(options, environment, checkpoint, results, skipped, cache_drop)
+
+
+# --- the checkpoint ---------------------------------------------------------------------------
+
+
+def prepare_checkpoint(options: LoadOptions) -> Checkpoint:
+    """Reuse the published checkpoint under ``options.dir`` if it was made with the same
+    parameters (and its files have the manifest's sizes), else generate and publish it."""
+    started = time.monotonic()
+    base = options.dir
+    base.mkdir(parents=True, exist_ok=True)
+    store_root = base / "store"
+    marker = base / "checkpoint.json"
+    params = {
+        "format": CHECKPOINT_FORMAT,
+        "size_bytes": _size_bytes(options.size_gib),
+        "shards": options.shards,
+        "seed": options.seed,
+    }
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, store.StoreError):
+        doc = json.loads(marker.read_text())
+        if doc["params"] == params:
+            version_id = str(doc["version_id"])
+            manifest = store.read_manifest(store_root, MODEL, version_id)
+            root = store.version_dir(store_root, MODEL, version_id)
+            if all((root / e.path).stat().st_size == e.size for e in manifest.files):
+                return _checkpoint(store_root, version_id, manifest, True, started, doc)
+
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(store.model_dir(store_root, MODEL), ignore_errors=True)
+    src = base / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    try:
+        tensors = _write_shards(src, params["size_bytes"], options.shards, options.seed)
+        version_id = store.publish(src, store_root, MODEL)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)  # the store holds the only copy we need
+    doc = {"params": params, "version_id": version_id, "tensors": tensors}
+    marker.write_text(json.dumps(doc, indent=2) + "\n")
+    manifest = store.read_manifest(store_root, MODEL, version_id)
+    return _checkpoint(store_root, version_id, manifest, False, started, doc)
+
+
+def _checkpoint(
+    store_root: Path,
+    version_id: str,
+    manifest: store.Manifest,
+    reused: bool,
+    started: float,
+    doc: dict[str, Any],
+) -> Checkpoint:
+    entries = tuple(e for e in manifest.files if e.path.endswith(".safetensors"))
+    return Checkpoint(
+        store_root=store_root,
+        version_id=version_id,
+        entries=entries,
+        total_bytes=sum(e.size for e in entries),
+        tensors=int(doc.get("tensors", 0)),
+        reused=reused,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _size_bytes(size_gib: float) -> int:
+    return max(1, math.ceil(size_gib * 2**30))
+
+
+def _write_shards(src: Path, size_bytes: int, shards: int, seed: int) -> int:
+    """Write ``shards`` bf16 safetensors files of at least ``size_bytes`` together; each tensor
+    is cut from one seeded random block at its own offset (fast, and the same bytes on every
+    machine). Returns the number of tensors."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    block = torch.randn(BLOCK_ELEMENTS, generator=generator).to(torch.bfloat16)
+    row_bytes = COLUMNS * 2
+    per_shard = math.ceil(size_bytes / shards)
+    # About 8 matrices per shard at least, at most 4096 x 4096.
+    rows = max(1, min(COLUMNS, per_shard // (8 * row_bytes)))
+    count = 0
+    for shard in range(shards):
+        tensors: dict[str, torch.Tensor] = {}
+        remaining = per_shard
+        while remaining > 0:
+            layer_rows = max(1, min(rows, math.ceil((remaining - row_bytes) / row_bytes)))
+            tensors[f"layers.{count}.weight"] = _cut(block, (layer_rows, COLUMNS), count)
+            tensors[f"layers.{count}.norm"] = _cut(block, (COLUMNS,), count + 7)
+            remaining -= (layer_rows + 1) * row_bytes
+            count += 1
+        save_file(tensors, src / f"model-{shard + 1:05d}-of-{shards:05d}.safetensors")
+        del tensors
+    return 2 * count
+
+
+def _cut(block: torch.Tensor, shape: tuple[int, ...], index: int) -> torch.Tensor:
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=block.dtype)
+    source = (index * 1_000_003) % len(block)
+    position = 0
+    while position < numel:
+        take = min(numel - position, len(block) - source)
+        out[position : position + take] = block[source : source + take]
+        position += take
+        source = 0
+    return out.view(shape)
+
+
+# --- cold and warm ----------------------------------------------------------------------------
+
+
+def drop_page_cache(paths: list[Path]) -> dict[str, Any]:
+    """Evict ``paths`` from the page cache: posix_fadvise(DONTNEED) per file (no root needed for
+    clean pages), and as root also the whole cache through /proc/sys/vm/drop_caches."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    result: dict[str, Any] = {"methods": ["posix_fadvise"]}
+    if os.geteuid() == 0:
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+            result["methods"].append("drop_caches")
+        except OSError as exc:
+            result["drop_caches_error"] = str(exc)
+    else:
+        result["drop_caches_error"] = "not root"
+    return result
+
+
+# --- the arms ---------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one run, with an empty device allocator cache before and a full sync after."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    del result
+    return seconds
+
+
+def _read_raw(paths: list[Path], chunk: int) -> int:
+    buffer = memoryview(bytearray(chunk))
+    total = 0
+    for path in paths:
+        with path.open("rb", buffering=0) as fh:
+            while count := fh.readinto(buffer):
+                total += count
+    return total
+
+
+def _load_file(paths: list[Path], device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        loaded = load_file(path, device=str(device))
+        if device.type == "cpu":
+            # On CPU load_file only maps the file: clone so the bytes are really read.
+            loaded = {name: t.clone() for name, t in loaded.items()}
+        tensors.update(loaded)
+    return tensors
+
+
+def _ours(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    chunk: int,
+    *,
+    verify: bool,
+    workers: int | None,
+) -> dict[str, torch.Tensor]:
+    """Our weight path into fresh tensors on the device (like load_file's result)."""
+    manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
+    entries = [e for e in manifest.files if e.path.endswith(".safetensors")]
+    tensors: dict[str, torch.Tensor] = {}
+
+    def destination(spec: weights.TensorSpec) -> torch.Tensor:
+        tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+        tensors[spec.name] = tensor
+        return tensor
+
+    weights.load_weights(
+        checkpoint.root,
+        entries,
+        checkpoint.version_id,
+        destination,
+        device=device,
+        chunk_size=chunk,
+        verify=verify,
+        workers=workers,
+    )
+    return tensors
+
+
+def _warm_up_cuda(device: torch.device) -> None:
+    """Create the CUDA context and the pinned allocator before anything is timed."""
+    host = torch.ones(2**20, dtype=torch.uint8, pin_memory=True)
+    host.to(device, non_blocking=True)
+    torch.cuda.synchronize(device)
+
+
+def _h2d(device: torch.device, size: int, options: LoadOptions) -> Measurement:
+    host = torch.ones(size, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)  # untimed first copy
+    measurement = Measurement("h2d", "-", size)
+    for _ in range(max(3, options.repeats)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        measurement.seconds.append(start.elapsed_time(end) / 1000)
+    _log(f"h2d: {measurement.gb_per_s:.1f} GB/s")
+    return measurement
+
+
+def _sha256(size: int, options: LoadOptions) -> Measurement:
+    data = bytes(size)
+    measurement = Measurement("sha256", "-", size)
+    for _ in range(options.repeats):
+        started = time.perf_counter()
+        hashlib.sha256(data).digest()
+        measurement.seconds.append(time.perf_counter() - started)
+    _log(f"sha256: {measurement.gb_per_s:.2f} GB/s on one core")
+    return measurement
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _report(
+    options: LoadOptions,
+    environment: dict[str, Any],
+    checkpoint: Checkpoint,
+    results: dict[tuple[str, str], Measurement],
+    skipped: dict[str, str],
+    cache_drop: dict[str, Any],
+) -> dict[str, Any]:
+    def gbps(arm: str, cache: str) -> float | None:
+        m = results.get((arm, cache))
+        return m.gb_per_s if m else None
+
+    def overhead(cache: str) -> float | None:
+        hashed, bare = results.get(("ours", cache)), results.get(("ours_nohash", cache))
+        if hashed is None or bare is None:
+            return None
+        return round((hashed.median / bare.median - 1) * 100, 1)
+
+    ratios = {
+        "warm_ours_vs_load_file": bench_common.ratio(
+            gbps("ours", "warm"), gbps("load_file", "warm")
+        ),
+        "warm_ours_nohash_vs_load_file": bench_common.ratio(
+            gbps("ours_nohash", "warm"), gbps("load_file", "warm")
+        ),
+        "cold_ours_vs_raw": bench_common.ratio(gbps("ours", "cold"), gbps("raw", "cold")),
+        "cold_ours_nohash_vs_raw": bench_common.ratio(
+            gbps("ours_nohash", "cold"), gbps("raw", "cold")
+        ),
+        "cold_load_file_vs_raw": bench_common.ratio(gbps("load_file", "cold"), gbps("raw", "cold")),
+        "hash_overhead_pct_warm": overhead("warm"),
+        "hash_overhead_pct_cold": overhead("cold"),
+    }
+    return {
+        "benchmark": "load",
+        "environment": environment,
+        "options": {
+            "dir": str(options.dir),
+            "size_gib": options.size_gib,
+            "shards": options.shards,
+            "device": options.device,
+            "repeats": options.repeats,
+            "arms": list(options.arms),
+            "chunk_mib": options.chunk_mib,
+            "workers": options.workers or weights.default_workers(len(checkpoint.entries)),
+            "seed": options.seed,
+        },
+        "checkpoint": {
+            "version_id": checkpoint.version_id,
+            "bytes": checkpoint.total_bytes,
+            "gib": round(checkpoint.total_bytes / 2**30, 3),
+            "shards": len(checkpoint.entries),
+            "tensors": checkpoint.tensors,
+            "dtype": "bfloat16",
+            "reused": checkpoint.reused,
+            "prepare_seconds": round(checkpoint.seconds, 2),
+            "filesystem": bench_common.filesystem_of(checkpoint.root),
+        },
+        "cache_drop": cache_drop or None,
+        "statistic": "median of the repeats (every sample is kept under 'seconds')",
+        "measurements": [m.as_json() for m in results.values()],
+        "skipped": skipped,
+        "ratios": ratios,
+        "targets": {
+            "warm_ours_vs_load_file": bench_common.target(
+                ratios["warm_ours_vs_load_file"], ">=", 2.0
+            ),
+            "cold_ours_vs_raw": bench_common.target(ratios["cold_ours_vs_raw"], ">=", 0.9),
+            "hash_overhead_pct_warm": bench_common.target(
+                ratios["hash_overhead_pct_warm"], "<=", 10
+            ),
+            "hash_overhead_pct_cold": bench_common.target(
+                ratios["hash_overhead_pct_cold"], "<=", 10
+            ),
+        },
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable table of a report: one row per arm and cache state."""
+    by_key = {(m["arm"], m["cache"]): m for m in report["measurements"]}
+    rows = [["arm", "cache", "seconds", "GB/s", "ratio", "vs"]]
+    for (arm, cache), m in by_key.items():
+        baseline = (COLD_BASELINE if cache == "cold" else BASELINE).get(arm)
+        base = by_key.get((baseline, cache)) if baseline else None
+        rows.append(
+            [
+                arm,
+                cache,
+                f"{m['median_s']:.3f}",
+                f"{m['gb_per_s']:.2f}",
+                f"{m['gb_per_s'] / base['gb_per_s']:.2f}x" if base else "",
+                f"{baseline} {cache}" if base else "",
+            ]
+        )
+    for arm, reason in report["skipped"].items():
+        rows.append([arm, "-", "-", "-", "", f"skipped: {reason}"])
+    env = report["environment"]
+    checkpoint = report["checkpoint"]
+    lines = [
+        f"metalserve bench load on {env['device_name']} ({env['device']}), {env['date']}",
+        f"checkpoint: {checkpoint['gib']} GiB bf16, {checkpoint['shards']} shards, "
+        f"{checkpoint['filesystem']['type']} at {checkpoint['filesystem']['mount']}; "
+        f"cold = {', '.join((report['cache_drop'] or {}).get('methods', ['-']))}",
+        bench_common.render_table(rows),
+        "targets: "
+        + "; ".join(
+            f"{name} {t['value']} ({t['target']}: {_verdict(t['met'])})"
+            for name, t in report["targets"].items()
+            if t["value"] is not None
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("met" if met else "MISSED")
+
+
+def _log(message: str) -> None:
+    print(f"[bench load] {message}", file=sys.stderr, flush=True)

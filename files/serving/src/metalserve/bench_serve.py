@@ -1,0 +1,655 @@
+"""``metalserve bench serve``: our server against plain transformers generation, in one run.
+
+A Llama-shaped model with seeded random bf16 weights (preset ``850m``: hidden 2048, 16 layers,
+32 heads, 8 KV heads, vocab 32000, ~850M parameters; ``tiny`` for tests) and a word-level
+tokenizer with one word per id are generated once and published into a store under ``--dir``
+(reused while the parameters match). Prompts are random token ids. Every request asks for
+exactly ``--new-tokens`` greedy tokens (transformers: ``min_new_tokens = max_new_tokens``; our
+server: ``ignore_eos``), so every arm does the same work:
+
+* ``naive``: ``model.generate`` one request at a time;
+* ``static``: ``model.generate`` on static batches of ``--clients`` requests;
+* ``server``: ``metalserve serve`` as a subprocess on a free loopback port, ``--clients``
+  concurrent streaming HTTP clients (httpx) over ``/v1/completions``.
+
+Each arm gets an untimed warm-up first. Tokens/s is generated tokens over the arm's wall time;
+TTFT is the time to the first generated token (transformers: the streamer's first token; HTTP:
+the first streamed text); latency is the whole request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import torch
+
+import metalserve
+from metalserve import bench_common, store
+from metalserve.bench_common import percentile
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from metalserve.loader import LoadedModel
+
+MODEL = "bench-serve"
+MODEL_FORMAT = 1  # bump when the generated model or tokenizer changes
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+PRESETS: dict[str, dict[str, Any]] = {
+    "850m": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "max_position_embeddings": 512,
+    },
+}
+SERVER_READY_TIMEOUT = 600.0
+REQUEST_TIMEOUT = 600.0
+
+
+class BenchError(Exception):
+    """An arm could not run as specified (server failed, wrong token count, ...)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    dir: Path
+    preset: str = "850m"
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    clients: int = 32
+    requests: int | None = None
+    device: str = "cuda"
+    out: Path | None = None
+    arms: tuple[str, ...] = bench_common.SERVE_ARMS
+    seed: int = 0
+
+    def requests_for(self, arm: str) -> int:
+        """Requests per arm: few for the slow naive arm, whole batches for the static one."""
+        if arm == "naive":
+            return self.requests or 4
+        if arm == "static":
+            wanted = self.requests or 2 * self.clients
+            return math.ceil(wanted / self.clients) * self.clients
+        return self.requests or 4 * self.clients
+
+
+@dataclass
+class ArmResult:
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_s": round(percentile(self.ttft, 50), 4),
+            "ttft_p99_s": round(percentile(self.ttft, 99), 4),
+            "latency_p50_s": round(percentile(self.latency, 50), 4),
+            "latency_p99_s": round(percentile(self.latency, 99), 4),
+            "ttft_s": [round(t, 4) for t in self.ttft],
+            "latency_s": [round(t, 4) for t in self.latency],
+            **self.extra,
+        }
+
+
+def run(options: ServeOptions) -> dict[str, Any]:
+    """Prepare the model, run every chosen arm, return the report."""
+    environment = bench_common.environment(options.device)
+    model_info = prepare_model(options)
+    _log(
+        f"model {model_info['version_id'][:12]} ({model_info['parameters'] / 1e6:.1f}M "
+        f"parameters), {'reused' if model_info['reused'] else 'generated'} in "
+        f"{model_info['prepare_seconds']:.1f}s"
+    )
+    store_root = options.dir / "store"
+    version_id = str(model_info["version_id"])
+    prompts = make_prompts(options, int(PRESETS[options.preset]["vocab_size"]))
+    arms: dict[str, ArmResult] = {}
+    if "naive" in options.arms or "static" in options.arms:
+        from metalserve.loader import load_version
+
+        bundle = load_version(store_root, MODEL, version_id, device=options.device)
+        try:
+            if "naive" in options.arms:
+                arms["naive"] = _generate_arm(bundle, prompts, options, batch=1, arm="naive")
+            if "static" in options.arms:
+                arms["static"] = _generate_arm(
+                    bundle, prompts, options, batch=options.clients, arm="static"
+                )
+        finally:
+            del bundle
+            _free_device_memory(options.device)
+    if "server" in options.arms:
+        arms["server"] = _server_arm(store_root, version_id, prompts, options)
+    return _report(options, environment, model_info, arms)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def build_tokenizer(vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with one word (``w<id>``) per id: every id the model can produce
+    decodes to visible text, so the server streams one chunk per token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def prepare_model(options: ServeOptions) -> dict[str, Any]:
+    """Reuse the published bench model under ``options.dir`` if it was made with the same
+    parameters, else generate it (on the GPU when the bench runs there: seconds, not minutes)
+    and publish it. Returns what the report says about the model."""
+    started = time.monotonic()
+    base = options.dir
+    base.mkdir(parents=True, exist_ok=True)
+    store_root = base / "store"
+    marker = base / "model.json"
+    init_device = "cuda" if options.device.startswith("cuda") else "cpu"
+    params = {
+        "format": MODEL_FORMAT,
+        "preset": options.preset,
+        "config": PRESETS[options.preset],
+        "seed": options.seed,
+        "init_device": init_device,  # CPU and CUDA random streams differ
+    }
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, store.StoreError):
+        doc = json.loads(marker.read_text())
+        if doc["params"] == params:
+            store.read_manifest(store_root, MODEL, str(doc["version_id"]))
+            return _model_info(doc, reused=True, started=started)
+
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(store.model_dir(store_root, MODEL), ignore_errors=True)
+    src = base / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    try:
+        parameters = _write_model(src, options, init_device)
+        version_id = store.publish(src, store_root, MODEL)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    doc = {"params": params, "version_id": version_id, "parameters": parameters}
+    marker.write_text(json.dumps(doc, indent=2) + "\n")
+    return _model_info(doc, reused=False, started=started)
+
+
+def _model_info(doc: dict[str, Any], *, reused: bool, started: float) -> dict[str, Any]:
+    return {
+        "preset": doc["params"]["preset"],
+        "config": doc["params"]["config"],
+        "parameters": int(doc["parameters"]),
+        "checkpoint_dtype": "bfloat16",
+        "version_id": str(doc["version_id"]),
+        "reused": reused,
+        "prepare_seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _write_model(src: Path, options: ServeOptions, init_device: str) -> int:
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    preset = PRESETS[options.preset]
+    tokenizer = build_tokenizer(preset["vocab_size"], preset["max_position_embeddings"])
+    config = LlamaConfig(
+        **preset,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    device = torch.device(init_device)
+    rng_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    # fork_rng: seeding for reproducible weights must not disturb the caller's RNG.
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(options.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    del model
+    _free_device_memory(init_device)
+    return int(parameters)
+
+
+def make_prompts(options: ServeOptions, vocab_size: int) -> torch.Tensor:
+    """Seeded random prompts of ordinary (non-special) token ids, one row per request."""
+    count = max(options.requests_for(arm) for arm in bench_common.SERVE_ARMS)
+    generator = torch.Generator().manual_seed(options.seed + 1)
+    return torch.randint(
+        len(SPECIAL_TOKENS), vocab_size, (count, options.prompt_tokens), generator=generator
+    )
+
+
+def _free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# --- transformers arms ------------------------------------------------------------------------
+
+
+def _generate_arm(
+    bundle: LoadedModel, prompts: torch.Tensor, options: ServeOptions, *, batch: int, arm: str
+) -> ArmResult:
+    """``model.generate`` on batches of ``batch`` requests, one batch after another."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenTimer(BaseStreamer):
+        """generate() hands the prompt over first, then the new tokens of every step."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    # Any: mypy takes nn.Module attribute access for tensors, and generate() for one of them.
+    model: Any = bundle.model
+    device = bundle.device
+    new_tokens = options.new_tokens
+
+    def generate(ids: torch.Tensor, tokens: int, streamer: BaseStreamer | None) -> torch.Tensor:
+        ids = ids.to(device)
+        with torch.inference_mode():
+            output: torch.Tensor = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,  # no early EOS: every arm generates the same tokens
+                do_sample=False,
+                pad_token_id=bundle.pad_token_id,
+                eos_token_id=sorted(bundle.eos_token_ids),
+                streamer=streamer,
+            )
+        return output
+
+    generate(prompts[:batch], min(new_tokens, 8), None)  # warm-up, untimed
+    _sync(device)
+    result = ArmResult()
+    total = options.requests_for(arm)
+    started = time.perf_counter()
+    for first in range(0, total, batch):
+        rows = [(first + i) % len(prompts) for i in range(min(batch, total - first))]
+        timer = FirstTokenTimer()
+        sent = time.perf_counter()
+        output = generate(prompts[rows], new_tokens, timer)
+        _sync(device)
+        done = time.perf_counter()
+        generated = output.shape[1] - options.prompt_tokens
+        if generated != new_tokens or len(timer.times) < 2:
+            raise BenchError(f"{arm}: generate() made {generated} tokens, not {new_tokens}")
+        result.requests += len(rows)
+        result.tokens += generated * len(rows)
+        result.ttft += [timer.times[1] - sent] * len(rows)
+        result.latency += [done - sent] * len(rows)
+        _log(f"{arm}: {result.requests}/{total} requests, {done - sent:.2f}s for this batch")
+    result.seconds = time.perf_counter() - started
+    result.extra["batch_size"] = batch
+    result.extra["dtype"] = str(bundle.dtype).removeprefix("torch.")
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the server arm ---------------------------------------------------------------------------
+
+
+def _server_arm(
+    store_root: Path, version_id: str, prompts: torch.Tensor, options: ServeOptions
+) -> ArmResult:
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "metalserve",
+        "serve",
+        "--store",
+        str(store_root),
+        "--model",
+        MODEL,
+        "--version",
+        version_id,
+        "--device",
+        options.device,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        # Room for every client in one batch (the default, 16, would halve the batch).
+        "--max-batch-size",
+        str(options.clients),
+        "--max-new-tokens",
+        str(max(options.new_tokens, 16)),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALSERVE_")}
+    # The server must run this very code, installed or not.
+    package_root = str(Path(metalserve.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["HF_HUB_OFFLINE"] = "1"
+    log_path = options.dir / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    started = time.monotonic()
+    try:
+        _wait_ready(url, proc, log_path)
+        ready_seconds = time.monotonic() - started
+        served = httpx.get(f"{url}/version", timeout=10.0).json()
+        _log(f"server ready in {ready_seconds:.1f}s")
+        token_ids = [[int(t) for t in row] for row in prompts.tolist()]
+        warm_up = min(options.new_tokens, 16)
+        asyncio.run(_drive(url, token_ids, options.clients, options.clients, warm_up))
+        before = _scrape(url)
+        result = asyncio.run(
+            _drive(
+                url, token_ids, options.requests_for("server"), options.clients, options.new_tokens
+            )
+        )
+        after = _scrape(url)
+    finally:
+        exit_code = _stop(proc)
+    if exit_code not in (0, None):
+        raise BenchError(f"the server exited with {exit_code}:\n{_tail(log_path)}")
+    passes = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    decode_passes = passes.get("decode_passes", 0.0)
+    result.extra.update(
+        {
+            "clients": options.clients,
+            "dtype": served.get("dtype"),
+            "server_load_seconds": served.get("load_seconds"),
+            "server_command": command[1:],
+            "server_ready_seconds": round(ready_seconds, 2),
+            "forward_passes": {
+                "prefill": passes.get("prefill_passes", 0.0),
+                "decode": decode_passes,
+            },
+            "mean_decode_batch": (
+                round(passes.get("decode_rows", 0.0) / decode_passes, 2) if decode_passes else None
+            ),
+        }
+    )
+    return result
+
+
+@dataclass
+class _Request:
+    ttft: float
+    latency: float
+    tokens: int
+
+
+async def _drive(
+    url: str, prompts: list[list[int]], total: int, clients: int, new_tokens: int
+) -> ArmResult:
+    """``total`` streaming requests from ``clients`` concurrent clients (each sends its next
+    request when its last one finished)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    indices = iter(range(total))
+    done: list[_Request] = []
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+
+        async def one_client() -> None:
+            for index in indices:  # shared: each request is taken by exactly one client
+                done.append(await _request(client, prompts[index % len(prompts)], new_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        seconds = time.perf_counter() - started
+    return ArmResult(
+        requests=len(done),
+        tokens=sum(r.tokens for r in done),
+        seconds=seconds,
+        ttft=[r.ttft for r in done],
+        latency=[r.latency for r in done],
+    )
+
+
+async def _request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> _Request:
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    ttft: float | None = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise BenchError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                raise BenchError(f"the server failed a request: {chunk['error']}")
+            if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
+                ttft = time.perf_counter() - sent
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    latency = time.perf_counter() - sent
+    if tokens != new_tokens:
+        raise BenchError(f"a request generated {tokens} tokens, not {new_tokens}")
+    return _Request(ttft=latency if ttft is None else ttft, latency=latency, tokens=tokens)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"the server exited with {proc.returncode}:\n{_tail(log_path)}")
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(f"{url}/readyz").status_code == 200:
+                    return
+            time.sleep(0.2)
+    raise BenchError(f"the server was not ready after {SERVER_READY_TIMEOUT:.0f}s")
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Forward passes and decode batch rows so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            phase = sample.labels.get("phase")
+            if sample.name == "metalserve_forward_passes_total" and phase:
+                values[f"{phase}_passes"] = sample.value
+            elif sample.name == "metalserve_batch_size_sum" and phase == "decode":
+                values["decode_rows"] = sample.value
+    return values
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _report(
+    options: ServeOptions,
+    environment: dict[str, Any],
+    model_info: dict[str, Any],
+    arms: dict[str, ArmResult],
+) -> dict[str, Any]:
+    def rate(arm: str) -> float | None:
+        return arms[arm].tokens_per_s if arm in arms else None
+
+    server_vs_static = bench_common.ratio(rate("server"), rate("static"))
+    return {
+        "benchmark": "serve",
+        "environment": environment,
+        "options": {
+            "dir": str(options.dir),
+            "preset": options.preset,
+            "prompt_tokens": options.prompt_tokens,
+            "new_tokens": options.new_tokens,
+            "clients": options.clients,
+            "requests": {arm: options.requests_for(arm) for arm in options.arms},
+            "device": options.device,
+            "arms": list(options.arms),
+            "seed": options.seed,
+        },
+        "model": model_info,
+        "arms": {name: result.as_json() for name, result in arms.items()},
+        "ratios": {
+            "server_vs_static": server_vs_static,
+            "static_vs_naive": bench_common.ratio(rate("static"), rate("naive")),
+            "server_vs_naive": bench_common.ratio(rate("server"), rate("naive")),
+        },
+        "targets": {
+            "server_vs_static_1x": bench_common.target(server_vs_static, ">=", 1.0),
+            "server_vs_static_2x": bench_common.target(server_vs_static, ">=", 2.0),
+        },
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = [
+        [
+            "arm",
+            "requests",
+            "tokens",
+            "seconds",
+            "tokens/s",
+            "TTFT p50",
+            "TTFT p99",
+            "latency p50",
+            "latency p99",
+            "vs static",
+        ]
+    ]
+    static = report["arms"].get("static")
+    for name, arm in report["arms"].items():
+        rows.append(
+            [
+                name,
+                str(arm["requests"]),
+                str(arm["tokens"]),
+                f"{arm['seconds']:.2f}",
+                f"{arm['tokens_per_s']:.1f}",
+                f"{arm['ttft_p50_s'] * 1000:.0f} ms",
+                f"{arm['ttft_p99_s'] * 1000:.0f} ms",
+                f"{arm['latency_p50_s']:.2f} s",
+                f"{arm['latency_p99_s']:.2f} s",
+                f"{arm['tokens_per_s'] / static['tokens_per_s']:.2f}x" if static else "",
+            ]
+        )
+    env, model, opts = report["environment"], report["model"], report["options"]
+    lines = [
+        f"metalserve bench serve on {env['device_name']} ({env['device']}), {env['date']}",
+        f"model: {model['preset']} ({model['parameters'] / 1e6:.1f}M parameters, bf16 checkpoint, "
+        f"run in {', '.join(sorted({a.get('dtype', '?') for a in report['arms'].values()}))}), "
+        f"{opts['prompt_tokens']}-token prompts, {opts['new_tokens']} new tokens, "
+        f"{opts['clients']} clients / batch",
+        bench_common.render_table(rows),
+        "targets: "
+        + "; ".join(
+            f"{name} {t['value']} ({t['target']}: "
+            f"{'n/a' if t['met'] is None else ('met' if t['met'] else 'MISSED')})"
+            for name, t in report["targets"].items()
+            if t["value"] is not None
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _log(message: str) -> None:
+    print(f"[bench serve] {message}", file=sys.stderr, flush=True)

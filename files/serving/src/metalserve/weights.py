@@ -1,0 +1,512 @@
+"""Stream safetensors shards from the store straight into device tensors.
+
+Each shard is read sequentially in large chunks into a few reused host buffers (pinned on CUDA);
+every chunk is hashed on a separate thread (hashlib releases the GIL for large buffers) while its
+bytes are copied, ``non_blocking`` on a side CUDA stream, into the destination tensors the
+caller names. The tensor layout comes from the safetensors header, parsed here (8-byte
+little-endian length + JSON), so no host copy of a tensor is ever materialized. Several shards
+are streamed at once, one reader and one hasher thread each: a single SHA-256 runs at one core's
+speed (~1.5-2 GB/s), so hashing several files in parallel is what keeps verification off the
+critical path.
+
+Verification semantics are those of ``store.read_hashed`` + ``store.check_entry``: the bytes land
+in the destinations before their file's hash is known, but ``load_weights`` returns only after
+every shard matched its manifest entry and raises ``VerificationError`` otherwise, so nothing can
+use unverified weights. A shard whose header cannot be used is hashed in full first: a tampered
+file is reported as a verification failure, not as a format problem.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import functools
+import hashlib
+import io
+import itertools
+import json
+import os
+import queue
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metalserve import store
+
+# The safetensors library refuses larger headers too.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Host buffers per streaming worker: one being read, the others being hashed or copied.
+BUFFERS_PER_WORKER = 4
+# Shards streamed at once; each needs a reader and a hasher thread.
+MAX_WORKERS = 8
+
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+# Only the dtypes this torch build has (older builds lack the float8 and unsigned ones).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
+}
+
+
+class WeightsError(Exception):
+    """The shards are intact but cannot be loaded (bad header, unexpected or misshapen tensors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One tensor of a shard, as its header describes it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def parse_header(head: bytes, file_size: int) -> list[TensorSpec]:
+    """The tensors described by ``head`` (the file's first 8 + N bytes), sorted by offset."""
+    if len(head) < 8:
+        raise WeightsError("shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size or len(head) < 8 + length:
+        raise WeightsError(f"header length {length} does not fit the file")
+    try:
+        doc = json.loads(head[8 : 8 + length])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WeightsError(f"header is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise WeightsError("header is not a JSON object")
+    data_start = 8 + length
+    specs = []
+    for name, info in doc.items():
+        if name == "__metadata__":
+            continue
+        specs.append(_spec(name, info, data_start))
+    specs.sort(key=lambda s: s.begin)
+    previous_end = data_start
+    for spec in specs:
+        if spec.begin < previous_end:
+            raise WeightsError(f"tensor {spec.name!r} overlaps the one before it")
+        previous_end = spec.end
+    if previous_end > file_size:
+        raise WeightsError(f"tensors end at byte {previous_end}, past the end of the file")
+    return specs
+
+
+def _spec(name: str, info: object, data_start: int) -> TensorSpec:
+    try:
+        assert isinstance(info, dict)
+        dtype = DTYPES[info["dtype"]]
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (AssertionError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"tensor {name!r}: unusable header entry {info!r}") from exc
+    numel = 1
+    for dim in shape:
+        if dim < 0:
+            raise WeightsError(f"tensor {name!r}: negative dimension in {shape}")
+        numel *= dim
+    if begin < 0 or end - begin != numel * dtype.itemsize:
+        raise WeightsError(
+            f"tensor {name!r}: offsets {begin}..{end} do not hold {shape} of {dtype}"
+        )
+    return TensorSpec(name, dtype, shape, data_start + begin, data_start + end)
+
+
+def read_header(path: Path) -> list[TensorSpec]:
+    with path.open("rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise WeightsError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise WeightsError(f"header length {length} does not fit the file")
+        return parse_header(prefix + fh.read(length), size)
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+class _SerialExecutor:
+    """Runs submitted calls in order on one daemon thread.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a SIGTERM during a
+    long load would wait for the load to finish (see api.in_daemon_thread).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        self._calls.put((future, fn))
+        return future
+
+    def shutdown(self) -> None:
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+
+@dataclass(eq=False)
+class _Target:
+    """Where one tensor's bytes go: straight into the destination, or via a staging buffer when
+    the destination needs a dtype conversion or is not contiguous."""
+
+    spec: TensorSpec
+    dest: torch.Tensor
+    direct: bool
+    staging: torch.Tensor | None = None
+    filled: int = 0
+
+    def byte_view(self) -> torch.Tensor:
+        if self.direct:
+            return self.dest.view(-1).view(torch.uint8)
+        if self.staging is None:
+            # Allocated on first use (inside the copy stream's context), freed once converted.
+            self.staging = torch.empty(self.spec.nbytes, dtype=torch.uint8, device=self.dest.device)
+        return self.staging
+
+    def written(self, count: int) -> None:
+        self.filled += count
+        if self.filled == self.spec.nbytes and not self.direct:
+            assert self.staging is not None
+            self.dest.copy_(self.staging.view(self.spec.dtype).view(self.spec.shape))
+            self.staging = None
+
+
+@dataclass(eq=False)
+class _Job:
+    index: int
+    path: Path
+    targets: list[_Target]
+    ends: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ends = [t.spec.end for t in self.targets]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    size: int
+    sha256: str | None  # None when hashing was off
+
+
+class _Slot:
+    """One reusable host buffer and what must finish before it may be overwritten."""
+
+    def __init__(self, size: int, *, pinned: bool) -> None:
+        self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        # The tensor's memory as a writable buffer for readinto() and hashlib (no numpy needed).
+        raw = (ctypes.c_ubyte * size).from_address(self.buffer.data_ptr())
+        self.view = memoryview(raw).cast("B")
+        self.hashed: Future[None] | None = None
+        self.copied = torch.cuda.Event() if pinned else None
+        self.copy_pending = False
+
+    def wait(self) -> None:
+        if self.hashed is not None:
+            hashed, self.hashed = self.hashed, None
+            hashed.result()
+        if self.copy_pending and self.copied is not None:
+            self.copy_pending = False
+            self.copied.synchronize()
+
+
+class _Worker:
+    """Streams whole shards, one after another: reads on its own thread, hashes on another,
+    copies on its own CUDA stream, so the three overlap."""
+
+    def __init__(self, device: torch.device, chunk_size: int, *, verify: bool) -> None:
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots = [_Slot(chunk_size, pinned=self.cuda) for _ in range(BUFFERS_PER_WORKER)]
+        self.hasher = _SerialExecutor("metalserve-hash") if verify else None
+
+    def run(self, jobs: queue.SimpleQueue[_Job], results: list[StreamResult | None]) -> None:
+        with torch.no_grad():  # grad mode is per thread, and destinations may be parameters
+            while True:
+                try:
+                    job = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                results[job.index] = self.stream_file(job)
+
+    def close(self) -> None:
+        """Wait for whatever is still in flight (after a failure), then stop the hasher."""
+        for slot in self.slots:
+            with contextlib.suppress(Exception):
+                slot.wait()
+        if self.hasher is not None:
+            self.hasher.shutdown()
+
+    def stream_file(self, job: _Job) -> StreamResult:
+        digest = hashlib.sha256() if self.hasher is not None else None
+        offset = 0
+        with job.path.open("rb", buffering=0) as fh:
+            if hasattr(os, "posix_fadvise"):
+                # Doubles the kernel's read-ahead window on Linux: matters on cold reads.
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for index in itertools.count():
+                slot = self.slots[index % len(self.slots)]
+                slot.wait()
+                count = _fill(fh, slot.view)
+                if not count:
+                    break
+                if digest is not None and self.hasher is not None:
+                    slot.hashed = self.hasher.submit(
+                        functools.partial(digest.update, slot.view[:count])
+                    )
+                self._scatter(job, slot, count, offset)
+                offset += count
+        for slot in self.slots:
+            slot.wait()
+        return StreamResult(offset, digest.hexdigest() if digest is not None else None)
+
+    def _scatter(self, job: _Job, slot: _Slot, count: int, offset: int) -> None:
+        """Copy the parts of every tensor that lie in file bytes [offset, offset + count)."""
+        first = bisect.bisect_right(job.ends, offset)
+        end = offset + count
+        if first >= len(job.targets) or job.targets[first].spec.begin >= end:
+            return
+        context = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with context:
+            chunk = slot.buffer[:count]
+            for target in job.targets[first:]:
+                spec = target.spec
+                if spec.begin >= end:
+                    break
+                lo, hi = max(spec.begin, offset), min(spec.end, end)
+                target.byte_view()[lo - spec.begin : hi - spec.begin].copy_(
+                    chunk[lo - offset : hi - offset], non_blocking=self.cuda
+                )
+                target.written(hi - lo)
+            if slot.copied is not None and self.stream is not None:
+                slot.copied.record(self.stream)
+                slot.copy_pending = True
+
+
+def _fill(fh: io.FileIO, view: memoryview) -> int:
+    """Read until ``view`` is full or the file ends (short reads happen, e.g. on NFS)."""
+    got = 0
+    while got < len(view):
+        count = fh.readinto(view[got:])
+        if not count:
+            break
+        got += count
+    return got
+
+
+def default_workers(shards: int) -> int:
+    """Shards streamed at once: each takes about two cores (reading, hashing)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use, not the host's count
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(shards, cores // 2, MAX_WORKERS))
+
+
+def stream_shards(
+    jobs: Sequence[tuple[Path, Sequence[tuple[TensorSpec, torch.Tensor]]]],
+    *,
+    device: torch.device,
+    chunk_size: int = store.CHUNK_SIZE,
+    verify: bool = True,
+    workers: int | None = None,
+) -> list[StreamResult]:
+    """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hash.
+
+    Destinations must be on ``device`` and have the spec's shape. Returns once every copy has
+    completed, so the destinations are ready for any stream.
+    """
+    if device.type == "cuda" and device.index is None:
+        # "cuda" means the current device; tensors report theirs with its index.
+        device = torch.device("cuda", torch.cuda.current_device())
+    built = [
+        _Job(i, path, [_target(spec, dest, device) for spec, dest in targets])
+        for i, (path, targets) in enumerate(jobs)
+    ]
+    pending: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+    # Largest first: the shards then finish together instead of one long one trailing.
+    for job in sorted(built, key=lambda j: -j.path.stat().st_size):
+        pending.put(job)
+    results: list[StreamResult | None] = [None] * len(built)
+    count = workers if workers is not None else default_workers(len(built))
+    count = max(1, min(count, len(built)))
+    if device.type == "cuda":
+        # The side streams must not overtake work queued so far (the destinations' creation).
+        torch.cuda.current_stream(device).synchronize()
+    stream_workers = [_Worker(device, chunk_size, verify=verify) for _ in range(count)]
+    done: list[Future[None]] = []
+    for number, worker in enumerate(stream_workers):
+        future: Future[None] = Future()
+        done.append(future)
+        threading.Thread(
+            target=_run_worker,
+            args=(worker, pending, results, future),
+            name=f"metalserve-read-{number}",
+            daemon=True,  # see _SerialExecutor
+        ).start()
+    for future in done:
+        future.exception()  # wait for every worker before raising: none may still write
+    for future in done:
+        future.result()  # the first failure (I/O or CUDA error), if any
+    finished = [r for r in results if r is not None]
+    assert len(finished) == len(built)
+    return finished
+
+
+def _run_worker(
+    worker: _Worker,
+    jobs: queue.SimpleQueue[_Job],
+    results: list[StreamResult | None],
+    future: Future[None],
+) -> None:
+    try:
+        worker.run(jobs, results)
+    except BaseException as exc:  # noqa: BLE001 - handed to stream_shards through the future
+        # Empty the queue so that the other workers stop after their current shard.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                jobs.get_nowait()
+        worker.close()  # before reporting: no copy may still be in flight then
+        future.set_exception(exc)
+    else:
+        worker.close()
+        future.set_result(None)
+
+
+def _target(spec: TensorSpec, dest: torch.Tensor, device: torch.device) -> _Target:
+    if tuple(dest.shape) != spec.shape:
+        raise WeightsError(
+            f"tensor {spec.name!r} has shape {list(spec.shape)}, "
+            f"the model expects {list(dest.shape)}"
+        )
+    dest = dest.detach()
+    direct = dest.dtype == spec.dtype and dest.is_contiguous() and dest.device == device
+    return _Target(spec, dest, direct)
+
+
+# --- verified loading from the store -----------------------------------------------------------
+
+Destination = Callable[[TensorSpec], "torch.Tensor | None"]
+
+
+def load_weights(
+    root: Path,
+    entries: Sequence[store.FileEntry],
+    version_id: str,
+    destination: Destination,
+    *,
+    device: torch.device,
+    chunk_size: int = store.CHUNK_SIZE,
+    verify: bool = True,
+    workers: int | None = None,
+) -> list[str]:
+    """Stream the shards ``entries`` of a version into the tensors ``destination`` names.
+
+    ``destination(spec)`` returns the tensor to fill (new on ``device``, or a parameter) or None
+    for a tensor the caller does not know. Returns the names loaded. Raises ``VerificationError``
+    naming every shard that does not match the manifest, and ``WeightsError`` for intact shards
+    that cannot be used. ``verify=False`` (benchmarks only) skips hashing.
+    """
+    jobs: list[tuple[Path, list[tuple[TensorSpec, torch.Tensor]]]] = []
+    names: list[str] = []
+    for entry in entries:
+        path = root / entry.path
+        if verify:
+            problem = store.check_entry(entry, path.stat().st_size, entry.sha256)
+            if problem:  # a size mismatch: no need to read anything
+                raise store.VerificationError(version_id, [problem])
+        try:
+            jobs.append((path, _plan(path, destination)))
+        except WeightsError as exc:
+            _raise_if_tampered(root, entry, version_id, chunk_size, verify)
+            raise WeightsError(f"{entry.path}: {exc}") from exc
+        names.extend(spec.name for spec, _ in jobs[-1][1])
+
+    results = stream_shards(
+        jobs, device=device, chunk_size=chunk_size, verify=verify, workers=workers
+    )
+    if verify:
+        problems = [
+            problem
+            for entry, result in zip(entries, results, strict=True)
+            if (problem := store.check_entry(entry, result.size, result.sha256 or ""))
+        ]
+        if problems:
+            raise store.VerificationError(version_id, problems)
+    return names
+
+
+def _plan(path: Path, destination: Destination) -> list[tuple[TensorSpec, torch.Tensor]]:
+    targets = []
+    unexpected = []
+    for spec in read_header(path):
+        dest = destination(spec)
+        if dest is None:
+            unexpected.append(spec.name)
+        elif tuple(dest.shape) != spec.shape:
+            raise WeightsError(
+                f"tensor {spec.name!r} has shape {list(spec.shape)}, "
+                f"the model expects {list(dest.shape)}"
+            )
+        else:
+            targets.append((spec, dest))
+    if unexpected:
+        raise WeightsError(f"unexpected tensors {sorted(unexpected)[:5]}")
+    return targets
+
+
+def _raise_if_tampered(
+    root: Path, entry: store.FileEntry, version_id: str, chunk_size: int, verify: bool
+) -> None:
+    """A shard that cannot be used may have been tampered with: if so, that is the error."""
+    if not verify:
+        return
+    problem = store.check_entry(entry, *store.hash_file(root / entry.path, chunk_size))
+    if problem:
+        raise store.VerificationError(version_id, [problem])
