@@ -109,7 +109,7 @@ def test_rate_paces_the_requests(api_server: Server) -> None:
     assert result.returncode == ExitCode.OK, result.stderr
     assert summary["sent"] == summary["ok"] == 10
     assert summary["duration_s"] >= 0.45
-    assert summary["requests_per_s"] <= 21
+    assert summary["requests_per_s"] <= 10 / 0.45  # the fastest 10 paced requests can be
 
 
 def test_unreachable_endpoint_fails_every_request() -> None:
