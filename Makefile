@@ -22,7 +22,7 @@ LAB_INVENTORY := inventories/lab
 LAB_LOCK := /tmp/metalserve-lab.lock
 PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml)
 
-.PHONY: help deps host-deps lab lab-down test lint syntax pytest molecule constraints clean
+.PHONY: help deps host-deps lab lab-down test checks lint syntax pytest molecule constraints clean
 
 help:
 	@echo "make lab       build the podman lab and provision it end to end"
@@ -80,7 +80,12 @@ lab-down: deps
 
 ## Tests #######################################################################
 
-test: deps lint syntax pytest molecule
+# The molecule scenarios take most of the time and have the lab to themselves;
+# lint, syntax and pytest need no lab, so they run beside them (two jobs).
+test: deps
+	$(MAKE) --no-print-directory -j2 --output-sync=line checks molecule
+
+checks: lint syntax pytest
 
 lint: deps
 	yamllint --strict .
