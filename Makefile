@@ -83,7 +83,7 @@ lab-down: deps
 # The molecule scenarios take most of the time and have the lab to themselves;
 # lint, syntax and pytest need no lab, so they run beside them (two jobs).
 test: deps
-	$(MAKE) --no-print-directory -j2 --output-sync=line checks molecule
+	$(MAKE) --no-print-directory -j2 checks molecule
 
 checks: lint syntax pytest
 
