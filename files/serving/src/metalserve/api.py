@@ -84,11 +84,14 @@ class Replica:
         self.settings = settings
         self.version_id = version_id
         self.metrics = Metrics()
+        self.relay = EventRelay()
         self.engine = Engine(
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.batch_limit,
             max_queue=settings.max_queue,
             observer=self.metrics,
             step_delay=settings.debug_step_delay,
+            decode_mode=settings.decode_mode,
+            flush_events=self.relay.flush,
         )
         self.admin_token = read_token(settings.admin_token_file)
         self.phase = Phase.LOADING
@@ -207,6 +210,42 @@ class Replica:
         return bundle
 
 
+class EventRelay:
+    """Hands the engine's events to the event loop: one ``call_soon_threadsafe`` per engine step
+    for all sequences, not one per token (each wakes the loop and contends for the GIL).
+
+    The engine thread pushes while it steps and flushes once per iteration (``Engine``'s
+    ``flush_events``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
+
+    def push(
+        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: object
+    ) -> None:
+        with self._lock:
+            self._pending.append((loop, queue, item))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for loop, queue, item in pending:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, items in by_loop.items():
+            # RuntimeError: the event loop is gone, nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 def in_daemon_thread(fn: Callable[[str], LoadedModel], arg: str) -> asyncio.Future[LoadedModel]:
     """Run a model load in a daemon thread. asyncio.to_thread would use the default executor,
     whose threads the interpreter joins at exit: SIGTERM during a long load would then hang."""
@@ -288,6 +327,7 @@ class _Generation:
         endpoint: str,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._relay = replica.relay
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.bundle = bundle
         self.seqs = [
@@ -315,9 +355,7 @@ class _Generation:
 
     def _sink(self, index: int) -> Callable[[Event], None]:
         def push(event: Event) -> None:
-            # RuntimeError: the event loop is gone, nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            self._relay.push(self._loop, self.queue, (index, event))
 
         return push
 
@@ -447,6 +485,8 @@ def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
             "dtype": str(current.dtype).removeprefix("torch.") if current else settings.dtype,
             "loaded_at": current.loaded_at.isoformat() if current else None,
             "load_seconds": round(current.load_seconds, 3) if current else None,
+            "decode_path": replica.engine.decode_path,
+            "max_batch_size": replica.engine.max_batch_size,
             "server_version": __version__,
             "state": replica.state(),
         }

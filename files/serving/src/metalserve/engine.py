@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from metalserve.detokenize import IncrementalDetokenizer, StopMatcher
-from metalserve.sampling import SamplingParams, choose_tokens, make_generator
+from metalserve.sampling import (
+    SamplingParams,
+    choose_tokens,
+    choose_tokens_tensor,
+    make_generator,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +41,11 @@ if TYPE_CHECKING:
     from transformers.cache_utils import Cache
 
     from metalserve.loader import LoadedModel
+    from metalserve.staticdecode import StaticDecoder
 
 log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
 
 # After this many consecutive failed steps the engine thread gives up, so /healthz reports the
 # replica dead and the supervisor restarts it instead of failing every request forever.
@@ -310,6 +318,100 @@ class Batch:
         return logits
 
 
+class StaticBatch:
+    """The active sequences of one model on the static path (``metalserve.staticdecode``).
+
+    Same interface as ``Batch``. Sequence ``i`` of ``seqs`` lives in slot ``i`` of the decoder's
+    static KV cache; a step is one (on CUDA graph-replayed) forward over slots ``0..n-1``, one
+    batched token choice and one host sync.
+    """
+
+    def __init__(
+        self, bundle: LoadedModel, decoder: StaticDecoder, observer: EngineObserver | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.decoder = decoder
+        self.observer = observer
+        self.seqs: list[Sequence] = []
+        self.forward_passes = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, new: list[Sequence]) -> None:
+        """Prefill ``new`` into the next free slots, emit their first tokens, join the batch."""
+        import torch
+
+        with torch.inference_mode():
+            first = len(self.seqs)
+            longest = max(len(s.prompt_ids) for s in new)
+            ids = torch.full((len(new), longest), self.bundle.pad_token_id, dtype=torch.long)
+            for row, seq in enumerate(new):
+                seq.start()
+                ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+            lengths = torch.tensor([len(s.prompt_ids) for s in new], dtype=torch.long)
+            logits = self.decoder.prefill(ids, lengths, first)
+            self._count("prefill", len(new))
+            chosen = choose_tokens_tensor(
+                logits, [s.params for s in new], [_generator(s) for s in new]
+            )
+            self.decoder.admit(first, chosen, lengths)
+            tokens = self.decoder.to_host(chosen)
+            self.seqs.extend(new)
+            for seq, token in zip(new, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def step(self) -> None:
+        """One decode step over every active sequence."""
+        import torch
+
+        seqs = self.seqs
+        if not seqs:
+            return
+        with torch.inference_mode():
+            # The position each row feeds now: its prompt and all but its newest token are cached.
+            last = max(len(s.prompt_ids) + len(s.generated) for s in seqs) - 1
+            logits = self.decoder.decode(len(seqs), last)
+            self._count("decode", len(seqs))
+            chosen = choose_tokens_tensor(
+                logits, [s.params for s in seqs], [_generator(s) for s in seqs]
+            )
+            self.decoder.advance(len(seqs), chosen)
+            tokens = self.decoder.to_host(chosen)
+            for seq, token in zip(seqs, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def evict_done(self) -> None:
+        """Drop finished and cancelled sequences; the last ones move into the freed slots."""
+        import torch
+
+        for seq in self.seqs:
+            if seq.cancelled and not seq.done:
+                seq.fail(499, "client went away", self.observer)
+        kept = sum(not s.done for s in self.seqs)
+        if kept == len(self.seqs):
+            return
+        holes = [i for i in range(kept) if self.seqs[i].done]
+        movers = [j for j in range(kept, len(self.seqs)) if not self.seqs[j].done]
+        if movers:
+            length = max(len(self.seqs[j].prompt_ids) + len(self.seqs[j].generated) for j in movers)
+            with torch.inference_mode():
+                self.decoder.move(movers, holes, length)
+            for hole, mover in zip(holes, movers, strict=True):
+                self.seqs[hole] = self.seqs[mover]
+        self.seqs = self.seqs[:kept]
+
+    def clear(self) -> None:
+        self.seqs = []
+
+    def _count(self, phase: str, rows: int) -> None:
+        self.forward_passes += 1
+        if self.observer is not None:
+            self.observer.forward_pass(phase, rows)
+
+
 @functools.cache
 def _attention_backends() -> list[SDPBackend]:
     """Every SDPA backend but cuDNN's: it builds a new execution plan for each new key length,
@@ -351,17 +453,26 @@ class Engine:
         max_queue: int = 1024,
         observer: EngineObserver | None = None,
         step_delay: float = 0.0,
+        decode_mode: str = "auto",
+        flush_events: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer
         self.step_delay = step_delay
+        self.decode_mode = decode_mode
+        # Called after every engine iteration: sinks may buffer events until then (one hand-off
+        # to the event loop per step instead of one per token).
+        self._flush_events = flush_events or (lambda: None)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._current: LoadedModel | None = None
-        self._batch: Batch | None = None
+        self._batch: Batch | StaticBatch | None = None
+        self._switching = False  # a swap is being prepared outside the lock
         self._pending: tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None = (
             None
         )
@@ -389,6 +500,14 @@ class Engine:
         return self._forward_passes + (batch.forward_passes if batch is not None else 0)
 
     @property
+    def decode_path(self) -> str | None:
+        """The decode path of the current model: cuda-graphs, static or dynamic."""
+        batch = self._batch
+        if isinstance(batch, StaticBatch):
+            return "cuda-graphs" if batch.decoder.cuda_graphs else "static"
+        return "dynamic" if batch is not None else None
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -411,7 +530,9 @@ class Engine:
                 raise RuntimeError("the engine is not running")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
-            if seq.bundle is not self._current and seq.bundle is not self.target_model:
+            if seq.bundle is not self.target_model and (
+                seq.bundle is not self._current or self._switching
+            ):
                 raise StaleModelError(seq.bundle.short_id)
             self._waiting.append(seq)
             self._report_queue()
@@ -445,34 +566,41 @@ class Engine:
                 if self._pending is not None:
                     self._pending[1].set_exception(RuntimeError("the engine stopped"))
                     self._pending = None
+            self._flush_events()
 
     def _loop(self) -> None:
         failures = 0
         while True:
-            with self._cond:
-                if self._stopping:
-                    break
-                if self._abort is not None:
-                    self._fail_everything(503, self._abort)
-                    self._abort = None
-                self._maybe_swap()
-                admitted = self._admit()
-                if not admitted and not self._batch:
-                    self._cond.wait(timeout=1.0)
-                    continue
             try:
-                self._step(admitted)
-                failures = 0
-            except Exception:
-                failures += 1
-                log.exception("engine step failed (%d in a row)", failures)
                 with self._cond:
-                    for seq in admitted:
-                        seq.fail(500, "internal error during generation", self.observer)
-                    self._fail_batch(500, "internal error during generation")
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    log.critical("engine stops after %d failed steps", failures)
-                    return
+                    if self._stopping:
+                        break
+                    if self._abort is not None:
+                        self._fail_everything(503, self._abort)
+                        self._abort = None
+                    incoming = self._swap_due()
+                    admitted = [] if incoming is not None else self._admit()
+                    if incoming is None and not admitted and not self._batch:
+                        self._cond.wait(timeout=1.0)
+                        continue
+                if incoming is not None:
+                    self._switch(*incoming)
+                    continue
+                try:
+                    self._step(admitted)
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
+                    with self._cond:
+                        for seq in admitted:
+                            seq.fail(500, "internal error during generation", self.observer)
+                        self._fail_batch(500, "internal error during generation")
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        log.critical("engine stops after %d failed steps", failures)
+                        return
+            finally:
+                self._flush_events()
             if self.step_delay:
                 time.sleep(self.step_delay)
 
@@ -480,6 +608,7 @@ class Engine:
         assert self._batch is not None
         if admitted:
             self._batch.add(admitted)
+            self._flush_events()  # first tokens go out before the decode step
         self._batch.step()
 
     def _admit(self) -> list[Sequence]:
@@ -505,18 +634,65 @@ class Engine:
         self._report_queue()
         return admitted
 
-    def _maybe_swap(self) -> None:
+    def _swap_due(self) -> tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None:
+        """Under the lock: the pending swap, once the old model's work is done (else None).
+
+        The old batch (and its static cache) is released here; ``_switch`` prepares the new one
+        outside the lock, since capturing graphs takes a while."""
         if self._pending is None:
-            return
+            return None
         if self._batch or any(s.bundle is self._current for s in self._waiting):
-            return  # finish the old model's work first
-        bundle, future = self._pending
-        old = self._current
+            return None  # finish the old model's work first
         if self._batch is not None:
             self._forward_passes += self._batch.forward_passes
-        self._current, self._batch, self._pending = bundle, Batch(bundle, self.observer), None
-        log.info("now serving version %s", bundle.short_id)
-        future.set_result(old)
+        self._batch = None
+        self._switching = True
+        return self._pending
+
+    def _switch(
+        self, bundle: LoadedModel, future: concurrent.futures.Future[LoadedModel | None]
+    ) -> None:
+        batch = self._new_batch(bundle)
+        with self._cond:
+            old = self._current
+            self._current, self._batch, self._pending = bundle, batch, None
+            self._switching = False
+            log.info("now serving version %s", bundle.short_id)
+            future.set_result(old)
+            self._cond.notify_all()
+
+    def _new_batch(self, bundle: LoadedModel) -> Batch | StaticBatch:
+        """The batch of a model on the decode path ``decode_mode`` asks for and the model and
+        device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
+        mode = self.decode_mode
+        on_cuda = bundle.device.type == "cuda"
+        if mode == "auto":
+            mode = "cuda-graphs" if on_cuda else "dynamic"
+        if mode == "dynamic":
+            return Batch(bundle, self.observer)
+        if mode == "cuda-graphs" and not on_cuda:
+            log.warning("decode mode cuda-graphs needs a CUDA device; using the static path")
+            mode = "static"
+        from metalserve import staticdecode
+
+        try:
+            decoder = staticdecode.StaticDecoder(
+                bundle.model,
+                slots=self.max_batch_size,
+                max_length=bundle.max_context,
+                device=bundle.device,
+                dtype=bundle.dtype,
+                cuda_graphs=mode == "cuda-graphs",
+            )
+            decoder.capture_all()
+        except staticdecode.StaticDecodeUnavailable as exc:
+            log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
+            return Batch(bundle, self.observer)
+        except Exception:
+            log.exception("preparing decode mode %s failed; using the dynamic path", mode)
+            return Batch(bundle, self.observer)
+        log.info("decode path: %s", mode)
+        return StaticBatch(bundle, decoder, self.observer)
 
     def _fail_batch(self, status: int, message: str) -> None:
         if self._batch is not None:

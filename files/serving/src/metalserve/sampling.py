@@ -47,18 +47,31 @@ def choose_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
 ) -> list[int]:
-    """Pick the next token of every row of ``logits`` ([batch, vocab]).
+    """Pick the next token of every row of ``logits`` ([batch, vocab]); one host sync."""
+    tokens: list[int] = choose_tokens_tensor(logits, params, generators).tolist()
+    return tokens
+
+
+def choose_tokens_tensor(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """The next token of every row of ``logits`` ([batch, vocab]), as a tensor on its device.
 
     Greedy rows take the argmax (batched, on the device); sampled rows apply temperature and
-    top-p with transformers' logits warpers and draw from their own generator. One host sync.
+    top-p with transformers' logits warpers and draw from their own generator. No host sync.
     """
     import torch
+
+    chosen = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return chosen
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopPLogitsWarper,
     )
 
-    chosen = logits.argmax(dim=-1)
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
@@ -73,5 +86,4 @@ def choose_tokens(
         greedy_only = torch.nn.functional.one_hot(chosen[row : row + 1], probs.shape[-1])
         probs = torch.where(valid, torch.nan_to_num(probs, nan=0.0), greedy_only.to(probs.dtype))
         chosen[row] = torch.multinomial(probs, num_samples=1, generator=generator)[0, 0]
-    tokens: list[int] = chosen.tolist()
-    return tokens
+    return chosen

@@ -18,6 +18,9 @@ from metalserve.loader import validate_device
 
 ENV_PREFIX = "METALSERVE_"
 DEFAULT_PORT = 8000
+# Default --max-batch-size: a GPU step costs about the same for 1 or 64 rows (weights dominate).
+CUDA_MAX_BATCH_SIZE = 64
+CPU_MAX_BATCH_SIZE = 16
 
 
 class ServeSettings(BaseSettings):
@@ -35,7 +38,19 @@ class ServeSettings(BaseSettings):
         "auto",
         description="weights dtype (auto: float32 on CPU, the checkpoint's half type on GPU)",
     )
-    max_batch_size: int = Field(16, ge=1, le=4096, description="most sequences per forward pass")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description=f"most sequences per forward pass (default: {CUDA_MAX_BATCH_SIZE} on CUDA, "
+        f"{CPU_MAX_BATCH_SIZE} on CPU)",
+    )
+    decode_mode: Literal["auto", "dynamic", "static", "cuda-graphs"] = Field(
+        "auto",
+        description="decode path: cuda-graphs (static KV cache, graph-replayed steps), static "
+        "(static KV cache, eager), dynamic (transformers forward, growable cache); auto: "
+        "cuda-graphs on CUDA, dynamic on CPU",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"
@@ -57,6 +72,13 @@ class ServeSettings(BaseSettings):
     debug_step_delay: float = Field(
         0.0, ge=0, le=10, description="sleep per engine step: simulates a slow device (tests)"
     )
+
+    @property
+    def batch_limit(self) -> int:
+        """``max_batch_size``, or the device's default when it is not set."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return CUDA_MAX_BATCH_SIZE if self.device.startswith("cuda") else CPU_MAX_BATCH_SIZE
 
     @field_validator("device")
     @classmethod

@@ -1,0 +1,266 @@
+"""The static-cache decode path on the CPU (the CUDA-graph variant replays this very code)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from metalserve import api, staticdecode
+from metalserve.api import EventRelay
+from metalserve.engine import Engine, Finished, StaticBatch, generate_once
+from metalserve.loader import LoadedModel
+from metalserve.sampling import SamplingParams
+from test_engine import GREEDY, PROMPTS, alone, submit
+
+
+def test_buckets() -> None:
+    assert staticdecode.batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert staticdecode.batch_buckets(4) == [1, 2, 4]
+    assert staticdecode.batch_buckets(5) == [1, 2, 4, 5]
+    assert staticdecode.batch_buckets(1) == [1]
+    assert staticdecode.batch_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100]
+    assert staticdecode.length_buckets(2048) == [128, 256, 512, 1024, 2048]
+    assert staticdecode.length_buckets(100) == [100]
+    assert staticdecode.length_buckets(300) == [128, 256, 300]
+    assert staticdecode.bucket(1, [1, 2, 4]) == 1
+    assert staticdecode.bucket(3, [1, 2, 4]) == 4
+    assert staticdecode.bucket(129, [128, 256]) == 256
+    with pytest.raises(ValueError, match="exceeds"):
+        staticdecode.bucket(5, [1, 2, 4])
+
+
+def test_cache_bytes(v1: LoadedModel) -> None:
+    config = v1.model.config
+    # tiny model: 2 layers, 2 KV heads of 16 dims; keys and values; float32
+    assert staticdecode.cache_bytes(config, 4, 512, torch.float32) == 2 * 2 * 2 * 16 * 4 * 512 * 4
+    assert staticdecode.cache_bytes(config, 4, 512, torch.bfloat16) == 2 * 2 * 2 * 16 * 4 * 512 * 2
+
+
+def test_unsupported_models_are_named() -> None:
+    class Config:
+        model_type = "gpt2"
+
+    class Model:
+        config = Config()
+
+    assert "gpt2" in (staticdecode.unsupported_reason(Model()) or "")
+    with pytest.raises(staticdecode.StaticDecodeUnavailable):
+        staticdecode.StaticDecoder(
+            Model(),
+            slots=2,
+            max_length=16,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            cuda_graphs=False,
+        )
+
+
+def _decoder(bundle: LoadedModel, slots: int = 4) -> staticdecode.StaticDecoder:
+    return staticdecode.StaticDecoder(
+        bundle.model,
+        slots=slots,
+        max_length=bundle.max_context,
+        device=bundle.device,
+        dtype=bundle.dtype,
+        cuda_graphs=False,
+    )
+
+
+@torch.inference_mode()
+def test_logits_match_the_transformers_forward(v1: LoadedModel) -> None:
+    """Prefill of right-padded prompts of different lengths, then decode steps with every row at
+    its own position, give the logits of a full transformers forward over each sequence alone."""
+    decoder = _decoder(v1)
+    prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(p) for p in prompts])
+    # Slot 0 stays free: the group starts at slot 1.
+    logits = decoder.prefill(ids, lengths, 1)
+    sequences = [list(p) for p in prompts]
+    for step in range(6):
+        for row, seq in enumerate(sequences):
+            reference = v1.model(input_ids=torch.tensor([seq])).logits[0, -1]
+            torch.testing.assert_close(logits[row], reference, rtol=1e-4, atol=1e-4)
+        chosen = logits.argmax(-1)
+        if step == 0:
+            decoder.admit(1, chosen, lengths)
+        else:
+            decoder.advance(4, torch.cat([decoder.tokens[:1], chosen]))
+        for seq, token in zip(sequences, chosen.tolist(), strict=True):
+            seq.append(token)
+        last = max(len(s) for s in sequences) - 1
+        logits = decoder.decode(4, last)[1:]
+
+
+@torch.inference_mode()
+def test_move_keeps_a_sequence_intact(v1: LoadedModel) -> None:
+    decoder = _decoder(v1)
+    prompt = v1.encode(PROMPTS[2], add_special_tokens=True)
+    ids = torch.tensor([prompt, prompt])
+    lengths = torch.tensor([len(prompt)] * 2)
+    first = decoder.prefill(ids, lengths, 0)
+    decoder.admit(0, first.argmax(-1), lengths)
+    decoder.move([1], [3], len(prompt) + 1)
+    decoder.keys[:, 1].fill_(float("nan"))  # slot 1 is free now: nothing may read it
+    decoder.values[:, 1].fill_(float("nan"))
+    decoder.tokens[2] = decoder.tokens[3]
+    decoder.positions[2] = decoder.positions[3]
+    decoder.keys[:, 2] = decoder.keys[:, 3]
+    decoder.values[:, 2] = decoder.values[:, 3]
+    logits = decoder.decode(4, len(prompt))
+    torch.testing.assert_close(logits[0], logits[2])
+    torch.testing.assert_close(logits[0], logits[3])
+
+
+@pytest.fixture
+def static_engine(v1: LoadedModel) -> Iterator[Engine]:
+    eng = Engine(max_batch_size=4, decode_mode="static")
+    eng.start()
+    eng.swap(v1).result(timeout=10)
+    assert eng.decode_path == "static"
+    assert isinstance(eng._batch, StaticBatch)
+    yield eng
+    eng.stop()
+
+
+def test_static_engine_matches_solo_outputs(static_engine: Engine, v1: LoadedModel) -> None:
+    """Continuous batching on the static path: staggered arrivals, a queue (4 slots for 6
+    prompts), different lengths, sequences leaving mid-batch (slots move) and a stop string."""
+    limits = [12, 3, 20, 7, 1, 15]
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in limits]
+    expected = [alone(v1, p, q) for p, q in zip(PROMPTS, params, strict=True)]
+    first = [submit(static_engine, v1, p, q) for p, q in zip(PROMPTS[:3], params[:3], strict=True)]
+    first[0][1].first.wait(10)
+    later = [submit(static_engine, v1, p, q) for p, q in zip(PROMPTS[3:], params[3:], strict=True)]
+    sinks = [s for _, s in first + later]
+    for sink, limit in zip(sinks, limits, strict=True):
+        finished = sink.wait()
+        assert isinstance(finished, Finished)
+        assert finished.completion_tokens == limit
+    assert [s.text for s in sinks] == expected
+
+    full = alone(v1, "Hi", SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    stop = full[5:8]
+    _, sink = submit(
+        static_engine,
+        v1,
+        "Hi",
+        SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,), ignore_eos=True),
+    )
+    finished = sink.wait()
+    assert isinstance(finished, Finished)
+    assert finished.reason == "stop"
+    assert sink.text == full[: full.index(stop)]
+
+
+def test_static_engine_seeded_sampling_is_batch_invariant(
+    static_engine: Engine, v1: LoadedModel
+) -> None:
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    expected = alone(v1, PROMPTS[0], sampled)
+    others = [
+        submit(static_engine, v1, p, dataclasses.replace(sampled, seed=i, max_tokens=4 + i))
+        for i, p in enumerate(PROMPTS[1:4])
+    ]
+    _, target = submit(static_engine, v1, PROMPTS[0], sampled)
+    target.wait()
+    for _, sink in others:
+        sink.wait()
+    assert target.text == expected
+
+
+def test_static_engine_drops_cancelled_sequences(v1: LoadedModel) -> None:
+    eng = Engine(max_batch_size=4, decode_mode="static", step_delay=0.01)
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        seq, sink = submit(eng, v1, "Hi", long)
+        _, short = submit(eng, v1, PROMPTS[2], dataclasses.replace(GREEDY, max_tokens=30))
+        sink.first.wait(10)
+        seq.cancel()
+        event = sink.wait(10)
+        assert not isinstance(event, Finished)
+        assert len(seq.generated) < 100
+        # The short one moved into the cancelled one's slot and still completes correctly.
+        assert isinstance(short.wait(), Finished)
+        assert short.text == alone(v1, PROMPTS[2], dataclasses.replace(GREEDY, max_tokens=30))
+    finally:
+        eng.stop()
+
+
+def test_swap_between_static_models(v1: LoadedModel, v2: LoadedModel) -> None:
+    eng = Engine(max_batch_size=2, decode_mode="static")
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        _, sink = submit(eng, v1, PROMPTS[0])
+        sink.wait()
+        assert eng.swap(v2).result(timeout=30) is v1
+        _, sink2 = submit(eng, v2, PROMPTS[0])
+        sink2.wait()
+        assert sink.text == alone(v1, PROMPTS[0])
+        assert sink2.text == alone(v2, PROMPTS[0])
+        assert eng.decode_path == "static"
+    finally:
+        eng.stop()
+
+
+def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
+    assert Engine()._new_batch(v1).__class__.__name__ == "Batch"  # auto on CPU: dynamic
+    with caplog.at_level(logging.WARNING):
+        batch = Engine(decode_mode="cuda-graphs")._new_batch(v1)
+    assert isinstance(batch, StaticBatch)
+    assert not batch.decoder.cuda_graphs
+    assert "needs a CUDA device" in caplog.text
+
+    class Config:
+        model_type = "gpt2"
+
+    odd = dataclasses.replace(v1, model=type("Odd", (), {"config": Config()})())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        batch = Engine(decode_mode="static")._new_batch(odd)
+    assert batch.__class__.__name__ == "Batch"
+    assert "gpt2" in caplog.text
+    with pytest.raises(ValueError, match="decode_mode"):
+        Engine(decode_mode="fast")
+
+
+def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:
+    ids = v1.encode(PROMPTS[0], add_special_tokens=True)
+    assert generate_once(v1, ids, GREEDY) == alone(v1, PROMPTS[0])
+
+
+def test_event_relay_hands_over_once_per_flush() -> None:
+    async def main() -> list[tuple[int, str]]:
+        loop = asyncio.get_running_loop()
+        relay = EventRelay()
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: object) -> object:
+            nonlocal calls
+            calls += args[0] is api._deliver  # to_thread hands its result over this way too
+            return original(*args)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        queues: list[asyncio.Queue[tuple[int, str]]] = [asyncio.Queue() for _ in range(3)]
+        for step in range(2):
+            for index, queue in enumerate(queues):
+                relay.push(loop, queue, (index, f"token{step}"))
+            await asyncio.to_thread(relay.flush)  # the engine thread flushes
+        relay.flush()  # nothing pending: no hand-off
+        await asyncio.sleep(0)
+        assert calls == 2
+        return [queues[1].get_nowait(), queues[1].get_nowait()]
+
+    assert asyncio.run(main()) == [(1, "token0"), (1, "token1")]
