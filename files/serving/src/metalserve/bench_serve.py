@@ -90,6 +90,7 @@ class ServeOptions:
     out: Path | None = None
     arms: tuple[str, ...] = bench_common.SERVE_ARMS
     seed: int = 0
+    server_args: tuple[str, ...] = ()  # extra `metalserve serve` flags (A/B runs)
 
     def requests_for(self, arm: str) -> int:
         """Requests per arm: few for the slow naive arm, whole batches for the static one."""
@@ -381,14 +382,13 @@ def _server_arm(
         "127.0.0.1",
         "--port",
         str(port),
-        # Room for every client in one batch (the default, 16, would halve the batch).
-        "--max-batch-size",
-        str(options.clients),
         "--max-new-tokens",
         str(max(options.new_tokens, 16)),
         "--no-access-log",
         "--log-level",
         "warning",
+        # Otherwise the server's defaults (batch limit, decode path): those are what is measured.
+        *options.server_args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALSERVE_")}
     # The server must run this very code, installed or not.
@@ -428,6 +428,8 @@ def _server_arm(
             "server_load_seconds": served.get("load_seconds"),
             "server_command": command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
+            "decode_path": served.get("decode_path"),
+            "max_batch_size": served.get("max_batch_size"),
             "forward_passes": {
                 "prefill": passes.get("prefill_passes", 0.0),
                 "decode": decode_passes,
@@ -588,6 +590,7 @@ def _report(
             "device": options.device,
             "arms": list(options.arms),
             "seed": options.seed,
+            "server_args": list(options.server_args),
         },
         "model": model_info,
         "arms": {name: result.as_json() for name, result in arms.items()},
@@ -642,6 +645,15 @@ def render(report: dict[str, Any]) -> str:
         f"{opts['prompt_tokens']}-token prompts, {opts['new_tokens']} new tokens, "
         f"{opts['clients']} clients / batch",
         bench_common.render_table(rows),
+        *(
+            [
+                f"server: decode path {server.get('decode_path')}, max batch "
+                f"{server.get('max_batch_size')}, ready in {server.get('server_ready_seconds')}s, "
+                f"mean decode batch {server.get('mean_decode_batch')}"
+            ]
+            if (server := report["arms"].get("server"))
+            else []
+        ),
         "targets: "
         + "; ".join(
             f"{name} {t['value']} ({t['target']}: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -224,6 +225,12 @@ def _bench_serve_arguments(benchmarks: Any) -> None:
         help=f"comma-separated subset of {','.join(bc.SERVE_ARMS)} (default: all)",
     )
     serve.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    serve.add_argument(
+        "--server-args",
+        default="",
+        help="extra 'metalserve serve' flags for the server arm, e.g. '--decode-mode dynamic' "
+        "(default: none, the server's defaults)",
+    )
     serve.set_defaults(handler=cmd_bench_serve)
 
 
@@ -431,6 +438,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         out=args.out,
         arms=args.arms,
         seed=args.seed,
+        server_args=tuple(shlex.split(args.server_args)),
     )
     try:
         report = bench_serve.run(options)
