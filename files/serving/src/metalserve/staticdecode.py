@@ -74,6 +74,15 @@ def unsupported_reason(model: Any) -> str | None:
         norms = ("mlp", "input_layernorm", "post_attention_layernorm")
         if not all(hasattr(layer, name) for name in norms):
             return "unexpected decoder layer layout"
+        mlp = layer.mlp
+        if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+            return "unexpected MLP layout"
+        activation = str(getattr(config, "hidden_act", "")).lower()
+        if activation != "silu":
+            return f"activation {activation!r} is not silu"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not (hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")):
+                return "unexpected norm layout"
     return None
 
 
@@ -129,9 +138,38 @@ def _attention_backends() -> list[SDPBackend]:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x * cos + rotate_half(x) * sin``, bit for bit, in four kernels: rolling
+    by half a head gives ``cat(x2, x1)``, and ``signed_sin`` is ``cat(-sin1, sin2)``."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm (normalize in float32, cast back, scale) with torch's fused kernel."""
+    normed = torch.nn.functional.rms_norm(
+        x.float(), (x.shape[-1],), eps=float(module.variance_epsilon)
+    )
+    weighted: torch.Tensor = module.weight * normed.to(x.dtype)
+    return weighted
+
+
+def _fuse_linears(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several ``nn.Linear`` of the same input: the modules' own
+    parameters become views into it, so the model keeps working and no memory is duplicated.
+    One GEMM then replaces several small ones in the decode step."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    if bias is None and any(b is not None for b in biases):
+        raise StaticDecodeUnavailable("some projections have a bias and some have none")
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
 
 
 class StaticDecoder:
@@ -173,6 +211,17 @@ class StaticDecoder:
         self.scaling = float(self.layers[0].self_attn.scaling)
         self.batch_sizes = batch_buckets(slots)
         self.lengths = length_buckets(max_length)
+        # Per layer: q, k and v in one GEMM; gate and up in one GEMM.
+        with torch.no_grad():
+            self.fused = [
+                (
+                    _fuse_linears(
+                        [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+                    ),
+                    _fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                )
+                for layer in self.layers
+            ]
 
         needed = cache_bytes(config, slots, max_length, dtype)
         self._check_memory(needed)
@@ -188,7 +237,9 @@ class StaticDecoder:
             # The same angles transformers computes per forward, once for every position.
             anchor = torch.zeros((), dtype=dtype, device=device)
             cos, sin = inner.rotary_emb(anchor, self.key_index[None])
-            self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+            self.cos = cos[0]  # [max_length, head_dim]
+            half = self.head_dim // 2
+            self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self._host = torch.empty(
             slots, dtype=torch.long, pin_memory=device.type == "cuda" and torch.cuda.is_available()
         )
@@ -270,36 +321,49 @@ class StaticDecoder:
         return logits[:batch]
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
+        """One decode step as plain tensor operations (what a graph captures): per layer two
+        fused norms, three GEMMs fewer than transformers (fused q/k/v and gate/up), RoPE on q
+        and k together, the new keys and values written at each row's position, and grouped-
+        query attention over the first ``length`` cache entries of each row's own slot."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         tokens = self.tokens[:batch]
         positions = self.positions[:batch]
         rows = self.rows[:batch]
         x = self.embed(tokens)  # [batch, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [batch, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
+        signed_sin = self.signed_sin[positions].unsqueeze(1)
+        # 0 where a row may look, -inf elsewhere (beyond its own position).
         visible = self.key_index[:length].unsqueeze(0) <= positions.unsqueeze(1)
-        hidden = ~visible[:, None, None, :]  # [batch, 1, 1, length]
-        for index, layer in enumerate(self.layers):
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
+        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        for index, (layer, ((qkv_w, qkv_b), (up_w, up_b))) in enumerate(
+            zip(self.layers, self.fused, strict=True)
+        ):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, self.heads, self.head_dim)
-            k = attn.k_proj(h).view(batch, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(batch, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = _rms_norm(layer.input_layernorm, x)
+            qkv = torch.nn.functional.linear(h, qkv_w, qkv_b).view(
+                batch, heads + 2 * kv_heads, head_dim
+            )
+            qk = _rope(qkv[:, : heads + kv_heads], cos, signed_sin)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             layer_keys, layer_values = self.keys[index], self.values[index]
             layer_keys[rows, :, positions] = k
             layer_values[rows, :, positions] = v
             keys = layer_keys[:batch, :, :length]  # [batch, kv_heads, length, head_dim]
             values = layer_values[:batch, :, :length]
             # Grouped-query attention without repeating the keys: [b, kv, groups, length].
-            grouped = q.view(batch, self.kv_heads, self.groups, self.head_dim)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.scaling
-            scores = scores.masked_fill(hidden, float("-inf"))
+            grouped = q.reshape(batch, kv_heads, self.groups, head_dim)
+            scores = torch.matmul(grouped, keys.transpose(-1, -2))
+            # bias + scaling * scores, in float32, in one kernel.
+            scores = torch.add(bias, scores, alpha=self.scaling)
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
             out = torch.matmul(probs, values)  # [batch, kv_heads, groups, head_dim]
-            x = x + attn.o_proj(out.reshape(batch, self.heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits: torch.Tensor = self.lm_head(self.norm(x))
+            x = x + attn.o_proj(out.reshape(batch, heads * head_dim))
+            gate, up = torch.nn.functional.linear(
+                _rms_norm(layer.post_attention_layernorm, x), up_w, up_b
+            ).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(torch.nn.functional.silu(gate) * up)
+        logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, x))
         return logits
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
@@ -316,7 +380,7 @@ class StaticDecoder:
         last = (lengths - 1).to(self.device)
         slots = slice(first_slot, first_slot + count)
         x = self.embed(ids)  # [n, longest, hidden]
-        cos, sin = self.cos[:longest], self.sin[:longest]  # broadcast over [n, heads, longest, d]
+        cos, signed_sin = self.cos[:longest], self.signed_sin[:longest]  # over [n, h, longest, d]
         with sdpa_kernel(_attention_backends()):
             for index, layer in enumerate(self.layers):
                 attn = layer.self_attn
@@ -325,8 +389,8 @@ class StaticDecoder:
                 k = attn.k_proj(h).view(count, longest, self.kv_heads, self.head_dim)
                 v = attn.v_proj(h).view(count, longest, self.kv_heads, self.head_dim)
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
+                q = _rope(q, cos, signed_sin)
+                k = _rope(k, cos, signed_sin)
                 self.keys[index, slots, :, :longest] = k
                 self.values[index, slots, :, :longest] = v
                 # Right padding: a real token's causal window holds real tokens only.
