@@ -121,7 +121,7 @@ def bucket(value: int, buckets: list[int]) -> int:
 def cache_bytes(config: Any, slots: int, max_length: int, dtype: torch.dtype) -> int:
     """Bytes of the static keys and values of ``slots`` sequences of ``max_length`` tokens."""
     head_dim = _head_dim(config)
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    per_token = 2 * int(config.num_hidden_layers) * int(config.num_key_value_heads) * head_dim
     return per_token * slots * max_length * torch.empty((), dtype=dtype).element_size()
 
 
