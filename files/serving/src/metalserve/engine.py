@@ -9,10 +9,18 @@ Batch invariance: each row has its own positions, its own attention mask and its
 sequence's tokens do not depend on its batch mates (bit-for-bit up to floating-point reduction
 order, which in practice does not change greedy choices).
 
+Decode paths (``decode_mode``): ``Batch`` above is the dynamic one (transformers forward, growable
+cache; the default on CPU). ``StaticBatch`` runs ``metalserve.staticdecode``: a static KV cache
+with one slot per sequence and, on CUDA (the default there), decode steps replayed as CUDA graphs.
+The engine picks the path when a model goes live and falls back to the dynamic one (with a
+warning) when the model or the device memory does not allow the static one. Events go to the
+sinks as they happen; ``flush_events`` runs after every iteration, so a sink may batch them.
+
 Hot reload (double buffer): ``swap()`` hands over a fully loaded model. Sequences prepared for
 the current model (everything queued before the swap was requested) still run on it; once the
-batch is empty the engine switches, and sequences prepared for the new model start. So no request
-fails or mixes models; new requests wait at most as long as the longest in-flight generation.
+batch is empty the engine switches (building the new model's batch, graphs included, outside the
+lock), and sequences prepared for the new model start. So no request fails or mixes models; new
+requests wait at most as long as the longest in-flight generation (plus the new batch's set-up).
 """
 
 from __future__ import annotations
