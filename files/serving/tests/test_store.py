@@ -178,7 +178,7 @@ class TestVerify:
         version_id = store.publish(src, root, MODEL)
         manifest = store.version_dir(root, MODEL, version_id) / "manifest.json"
         manifest.chmod(0o644)
-        manifest.write_bytes(manifest.read_bytes().replace(b'"format":1', b'"format":1 '))
+        manifest.write_bytes(manifest.read_bytes().replace(b'"format":2', b'"format":2 '))
         problems = store.verify_version(root, MODEL, version_id)
         assert problems
         assert problems[0].startswith("manifest.json")
