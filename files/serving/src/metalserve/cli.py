@@ -142,7 +142,8 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         description="Generate (or reuse) a seeded bf16 checkpoint in a model store under --dir "
         "and time, cold and warm, a raw sequential read, safetensors.torch.load_file and our "
         "loader's weight path with and without hash verification; also pinned host-to-device "
-        "bandwidth and one core's SHA-256 speed. Prints a table and the JSON report.",
+        "bandwidth and SHA-256 speed on one core and on all cores. Prints a table and the JSON "
+        "report.",
     )
     load.add_argument(
         "--dir",
@@ -177,7 +178,19 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         default=None,
         help="shards streamed at once (default: min(shards, cores / 2, 8))",
     )
+    load.add_argument(
+        "--hash-threads",
+        type=bc.positive_int,
+        default=None,
+        help="threads hashing blocks while loading (default: one per core)",
+    )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
+    load.add_argument(
+        "--caches",
+        type=bc.arms_type(("cold", "warm")),
+        default=("cold", "warm"),
+        help="comma-separated subset of cold,warm (default: both)",
+    )
     load.set_defaults(handler=cmd_bench_load)
 
 
@@ -408,7 +421,9 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         arms=args.arms,
         chunk_mib=args.chunk_mib,
         workers=args.workers,
+        hash_threads=args.hash_threads,
         seed=args.seed,
+        caches=args.caches,
     )
     report = bench_load.run(options)
     return _print_report(bench_load.render(report), bench_common.write_report(report, args.out))

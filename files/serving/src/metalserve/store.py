@@ -175,7 +175,9 @@ class Manifest:
         files = doc.get("files")
         if not isinstance(files, list):
             raise StoreError("malformed manifest: 'files' is not a list")
-        return cls(files=tuple(_parse_entry(number, f) for number, f in enumerate(files)), format=fmt)
+        return cls(
+            files=tuple(_parse_entry(number, f) for number, f in enumerate(files)), format=fmt
+        )
 
 
 def _parse_entry(number: int, doc: object) -> FileEntry:
@@ -414,15 +416,16 @@ def verify_files(
                 # A size mismatch needs no hashing (the block layout would not even match).
                 checks.append(functools.partial(check_entry, entry, size, entry.sha256))
             elif entry.blocks is None:
-                checks.append(functools.partial(_whole_problem, entry, pool.submit(hash_file, path)))
+                checks.append(
+                    functools.partial(_whole_problem, entry, pool.submit(hash_file, path))
+                )
             else:
                 spans = [
                     pool.submit(hash_span, path, *entry.blocks.span(i, entry.size))
                     for i in range(len(entry.blocks.sha256))
                 ]
                 checks.append(functools.partial(_block_problem, entry, spans))
-        problems = [problem for check in checks if (problem := check())]
-    return problems
+        return [problem for check in checks if (problem := check())]
 
 
 def _given(problem: str | None) -> str | None:
