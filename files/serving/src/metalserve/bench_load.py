@@ -473,7 +473,11 @@ def _report(
             "arms": list(options.arms),
             "chunk_mib": options.chunk_mib,
             "workers": options.workers or weights.default_workers(len(checkpoint.entries)),
-            "hash_threads": options.hash_threads or store.default_threads(),
+            "hash_threads": options.hash_threads
+            or weights.default_hash_threads(
+                options.workers or weights.default_workers(len(checkpoint.entries))
+            ),
+            "sha256_parallel_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
             "caches": list(options.caches),
         },

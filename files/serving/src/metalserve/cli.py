@@ -182,7 +182,8 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         "--hash-threads",
         type=bc.positive_int,
         default=None,
-        help="threads hashing blocks while loading (default: one per core)",
+        help="threads hashing blocks while loading (default: cores - workers; "
+        "also sha256_parallel's threads, default: cores)",
     )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
     load.add_argument(
