@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish a model directory as an immutable version")
     publish.add_argument("src_dir", type=Path, metavar="SRC_DIR")
     _store_arguments(publish)
+    publish.add_argument(
+        "--manifest-format",
+        type=int,
+        choices=store.MANIFEST_FORMATS,
+        default=store.MANIFEST_FORMAT,
+        help="2 (default): per-file and per-block sha256, verified on every core; 1: per-file "
+        "sha256 only, readable by metalserve releases before format 2 (and the ids they gave)",
+    )
     publish.set_defaults(handler=cmd_publish)
 
     verify = sub.add_parser("verify", help="re-hash a version against its manifest")
@@ -279,7 +287,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     existing = set(store.list_versions(args.store, args.model))
-    version_id = store.publish(args.src_dir, args.store, args.model)
+    version_id = store.publish(
+        args.src_dir, args.store, args.model, manifest_format=args.manifest_format
+    )
     # stderr tells people (and Ansible's changed_when) whether anything changed.
     state = "already published" if version_id in existing else "published"
     print(f"{state}: {args.model} {version_id}", file=sys.stderr)
