@@ -52,6 +52,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Host buffers per streaming worker: one being read, the others being hashed or copied. With block
 # digests each worker gets enough more to keep its share of the hashing threads busy.
 BUFFERS_PER_WORKER = 4
+MAX_BUFFERS_PER_WORKER = 16
 # Shards streamed at once, one reader thread each.
 MAX_WORKERS = 8
 
@@ -458,8 +459,9 @@ def stream_shards(
     if verify and any(job.blocks is not None for job in built):
         threads = hash_threads or default_hash_threads(count)
         pool = _Executor("metalserve-hash-block", threads)
-        # Enough buffers that the readers together keep every hashing thread busy.
-        slots = max(BUFFERS_PER_WORKER, -(-threads // count) + 2)
+        # Enough buffers that the readers together keep every hashing thread busy (capped: each
+        # is a pinned block-sized buffer).
+        slots = max(BUFFERS_PER_WORKER, min(-(-threads // count) + 2, MAX_BUFFERS_PER_WORKER))
     slot_size = max(job.read_size for job in built)
     if device.type == "cuda":
         # The side streams must not overtake work queued so far (the destinations' creation).
