@@ -20,7 +20,7 @@ LAB_INVENTORY := inventories/lab
 # One lab per machine (one 198.18.0.0/24 network): whatever builds or tears
 # down lab nodes (make lab, molecule) holds this lock.
 LAB_LOCK := /tmp/metalserve-lab.lock
-PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml)
+PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml) awx/configure.yml
 
 .PHONY: help deps host-deps lab lab-down test checks lint syntax pytest molecule constraints clean
 
@@ -49,7 +49,18 @@ $(VENV)/.installed: requirements/constraints.txt requirements/dev.in requirement
 	$(BIN)/pip install -q --no-deps -e files/serving
 	@touch $@
 
-deps: host-deps $(VENV)/.installed
+# promtool (checks and unit-tests the alert rules) from Debian's prometheus
+# package, unpacked here: no Prometheus server runs on this machine.
+PROMTOOL := .cache/promtool/usr/bin/promtool
+$(PROMTOOL):
+	rm -rf .cache/promtool && mkdir -p .cache/promtool
+	cd .cache/promtool && { apt-get download prometheus 2>/dev/null \
+	  || { $(SUDO) apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x .cache/promtool/prometheus_*.deb .cache/promtool
+	rm -f .cache/promtool/prometheus_*.deb
+	@touch $@
+
+deps: host-deps $(VENV)/.installed $(PROMTOOL)
 
 # Re-resolve every pin from the .in files in a scratch venv.
 constraints:

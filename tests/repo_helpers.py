@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -27,3 +29,26 @@ def run_playbook(playbook: str, inventory: Path | str, *extra: str) -> subproces
         timeout=300,
         check=False,
     )
+
+
+# The variables preflight.yml requires, and the groups it requires, for inventories the tests write.
+GOOD_VARS = {
+    "metalserve_model_name": "tiny-llama",
+    "metalserve_store_export": "/srv/models",
+    "metalserve_store_mount": "/mnt/models",
+    "model_replica_version": "8386b9ac7214",
+}
+GOOD_GROUPS = {"gpu_nodes": ["gpu-a", "gpu-b"], "loadbalancers": ["lb-a"], "model_store": ["nfs-a"]}
+
+
+def write_inventory(directory: Path, groups: dict[str, list[str]], all_vars: dict[str, str]) -> Path:
+    children = {name: {"hosts": dict.fromkeys(hosts) or None} for name, hosts in groups.items()}
+    path = directory / "hosts.yml"
+    path.write_text(yaml.safe_dump({"all": {"children": children, "vars": all_vars}}))
+    return path
+
+
+def unreachable_inventory(directory: Path) -> Path:
+    """A good inventory whose hosts cannot be reached: a run fails at the first host contact, so
+    a refusal that names a setting proves the check came before any host was touched."""
+    return write_inventory(directory, GOOD_GROUPS, {**GOOD_VARS, "ansible_host": "metalserve-test-host.invalid"})

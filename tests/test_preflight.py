@@ -7,26 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo_helpers import REPO, run_playbook
-
-GOOD_VARS = {
-    "metalserve_model_name": "tiny-llama",
-    "metalserve_store_export": "/srv/models",
-    "metalserve_store_mount": "/mnt/models",
-    "model_replica_version": "8386b9ac7214",
-}
-
-
-def write_inventory(tmp_path: Path, groups: dict[str, list[str]], all_vars: dict[str, str]) -> Path:
-    children = {name: {"hosts": {host: None for host in hosts} or None} for name, hosts in groups.items()}
-    inventory = {"all": {"children": children, "vars": all_vars}}
-    path = tmp_path / "hosts.yml"
-    path.write_text(yaml.safe_dump(inventory))
-    return path
+from repo_helpers import GOOD_GROUPS, GOOD_VARS, REPO, run_playbook, write_inventory
 
 
 def good_groups() -> dict[str, list[str]]:
-    return {"gpu_nodes": ["gpu-a", "gpu-b"], "loadbalancers": ["lb-a"], "model_store": ["nfs-a"]}
+    return {name: list(hosts) for name, hosts in GOOD_GROUPS.items()}
 
 
 @pytest.mark.parametrize("inventory", ["inventories/lab", "inventories/example"])

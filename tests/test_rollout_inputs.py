@@ -10,27 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from repo_helpers import run_playbook
-
-GOOD_VARS = {
-    "metalserve_model_name": "tiny-llama",
-    "metalserve_store_export": "/srv/models",
-    "metalserve_store_mount": "/mnt/models",
-    "model_replica_version": "8386b9ac7214",
-    # Unresolvable on purpose: any connection attempt fails the run differently.
-    "ansible_host": "metalserve-test-host.invalid",
-}
+from repo_helpers import run_playbook, unreachable_inventory
 
 
 @pytest.fixture
 def inventory(tmp_path: Path) -> Path:
-    groups = {"gpu_nodes": ["gpu-a", "gpu-b"], "loadbalancers": ["lb-a"], "model_store": ["nfs-a"]}
-    children = {name: {"hosts": dict.fromkeys(hosts)} for name, hosts in groups.items()}
-    path = tmp_path / "hosts.yml"
-    path.write_text(yaml.safe_dump({"all": {"children": children, "vars": GOOD_VARS}}))
-    return path
+    return unreachable_inventory(tmp_path)
 
 
 def rollout(inventory: Path, extra_vars: dict[str, object]) -> tuple[int, str]:
@@ -44,7 +30,6 @@ def rollout(inventory: Path, extra_vars: dict[str, object]) -> tuple[int, str]:
         ({}, "version_id must be a version id or a unique prefix of 12+"),
         ({"version_id": "latest"}, "(got 'latest'; publish_model.yml prints it)"),
         ({"version_id": "8386b9ac"}, "(got '8386b9ac';"),
-        ({"version_id": "8386b9ac7214", "rolling_update_strategy": "blue-green"}, "(got 'blue-green')"),
         ({"version_id": "8386b9ac7214", "rolling_update_serial": "0"}, "a host count or a percentage (got '0')"),
         ({"version_id": "8386b9ac7214", "rolling_update_serial": "150%"}, "(got '150%')"),
         ({"version_id": "8386b9ac7214", "rolling_update_canary_weight": 0}, "the canary weight 1-100"),
@@ -57,6 +42,27 @@ def test_bad_settings_are_named_before_any_host_is_contacted(
     code, output = rollout(inventory, extra_vars)
     assert code != 0
     assert "Rollout settings are wrong" in output
+    assert named in output
+    assert "UNREACHABLE" not in output
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "named"),
+    [
+        (
+            {"rolling_update_strategy": "blue-green"},
+            "rolling_update_strategy must be one of: restart, reload, got: blue-green",
+        ),
+        ({"rolling_update_canary": "perhaps"}, "rolling_update_canary"),
+        ({"rolling_update_canary_seconds": "soon"}, "rolling_update_canary_seconds"),
+    ],
+)
+def test_wrong_types_and_choices_are_named_before_any_host_is_contacted(
+    inventory: Path, extra_vars: dict[str, object], named: str
+) -> None:
+    code, output = rollout(inventory, {"version_id": "8386b9ac7214", **extra_vars})
+    assert code != 0
+    assert "Validation of arguments failed" in output
     assert named in output
     assert "UNREACHABLE" not in output
 

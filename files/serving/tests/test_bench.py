@@ -53,7 +53,10 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
 def test_bench_load_measures_every_arm(load_run: tuple[dict[str, Any], str]) -> None:
     report, stdout = load_run
     expected = {(arm, cache) for arm in bench_load.FILE_ARMS for cache in ("cold", "warm")}
-    assert {(m["arm"], m["cache"]) for m in report["measurements"]} == expected | {("sha256", "-")}
+    assert {(m["arm"], m["cache"]) for m in report["measurements"]} == expected | {
+        ("sha256", "-"),
+        ("sha256_parallel", "-"),
+    }
     for m in report["measurements"]:
         assert m["gb_per_s"] > 0, m
         assert len(m["seconds"]) == 2
@@ -290,3 +293,150 @@ def test_parse_header_rejects_bad_headers() -> None:
         weights.parse_header(len(bad_size).to_bytes(8, "little") + bad_size, 1000)
     with pytest.raises(weights.WeightsError, match="does not fit"):
         weights.parse_header((2**40).to_bytes(8, "little") + good, 1000)
+
+
+# --- block digests (manifest format 2) and format 1 versions of the same shards ----------------
+
+# Not a divisor of anything: reads of ODD_CHUNK round to 4 blocks, blocks straddle tensors.
+ODD_BLOCK = 262_147
+
+
+@pytest.fixture(scope="module")
+def versions(
+    tmp_path_factory: pytest.TempPathFactory, checkpoint: bench_load.Checkpoint
+) -> dict[str, tuple[Path, str]]:
+    """The checkpoint's shards published again: in blocks of ODD_BLOCK, and in format 1."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("versions")
+    src = base / "src"
+    src.mkdir()
+    for path in checkpoint.paths:
+        shutil.copyfile(path, src / path.name)
+    root = base / "store"
+    blocks = store.publish(src, root, bench_load.MODEL, block_size=ODD_BLOCK)
+    format_1 = store.publish(src, root, bench_load.MODEL, manifest_format=1)
+    return {"blocks": (root, blocks), "format1": (root, format_1)}
+
+
+def _load_version(
+    root: Path, version_id: str, dtype: torch.dtype | None = None, **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def destination(spec: weights.TensorSpec) -> torch.Tensor:
+        tensors[spec.name] = torch.empty(spec.shape, dtype=dtype or spec.dtype)
+        return tensors[spec.name]
+
+    manifest = store.read_manifest(root, bench_load.MODEL, version_id)
+    weights.load_weights(
+        store.version_dir(root, bench_load.MODEL, version_id),
+        manifest.files,
+        version_id,
+        destination,
+        device=CPU,
+        chunk_size=ODD_CHUNK,
+        **kwargs,
+    )
+    return tensors
+
+
+@pytest.mark.parametrize(("workers", "hash_threads"), [(1, 1), (2, 3)])
+def test_block_verified_stream_equals_load_file(
+    checkpoint: bench_load.Checkpoint,
+    versions: dict[str, tuple[Path, str]],
+    workers: int,
+    hash_threads: int,
+) -> None:
+    root, version_id = versions["blocks"]
+    entries = store.read_manifest(root, bench_load.MODEL, version_id).files
+    assert all(e.blocks is not None and len(e.blocks.sha256) > 8 for e in entries)
+    assert weights.read_size(entries[0].blocks, ODD_CHUNK) == 4 * ODD_BLOCK
+    reference = _reference(checkpoint)
+    loaded = _load_version(root, version_id, workers=workers, hash_threads=hash_threads)
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(loaded[name], tensor), name
+    converted = _load_version(root, version_id, dtype=torch.float32, verify=False)
+    for name, tensor in reference.items():
+        assert torch.equal(converted[name], tensor.float()), name
+
+
+def test_stream_results_carry_every_block_digest(versions: dict[str, tuple[Path, str]]) -> None:
+    root, version_id = versions["blocks"]
+    vdir = store.version_dir(root, bench_load.MODEL, version_id)
+    entries = store.read_manifest(root, bench_load.MODEL, version_id).files
+    jobs = [(vdir / e.path, []) for e in entries]  # no tensors wanted: hashing only
+    results = weights.stream_shards(
+        jobs, device=CPU, chunk_size=ODD_CHUNK, blocks=[e.blocks for e in entries], hash_threads=4
+    )
+    for entry, result in zip(entries, results, strict=True):
+        assert entry.blocks is not None
+        assert result.size == entry.size
+        assert result.blocks == entry.blocks.sha256
+        assert result.sha256 is None
+
+
+def test_format_1_version_still_loads(
+    checkpoint: bench_load.Checkpoint, versions: dict[str, tuple[Path, str]], tmp_path: Path
+) -> None:
+    import shutil
+
+    root, version_id = versions["format1"]
+    entries = store.read_manifest(root, bench_load.MODEL, version_id).files
+    assert all(e.blocks is None for e in entries)
+    reference = _reference(checkpoint)
+    loaded = _load_version(root, version_id, workers=2)
+    for name, tensor in reference.items():
+        assert torch.equal(loaded[name], tensor), name
+
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    shard = store.version_dir(copy, bench_load.MODEL, version_id) / entries[0].path
+    shard.chmod(0o644)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    name = entries[0].path.replace(".", r"\.")
+    with pytest.raises(store.VerificationError, match=rf"{name}: sha256 [0-9a-f]{{16}}…[^;]*$"):
+        _load_version(copy, version_id)
+
+
+# -1: the middle of the file (tensor bytes); 8: the header's opening brace (no longer JSON).
+@pytest.mark.parametrize("at", [-1, 8], ids=["tensor-bytes", "header"])
+def test_one_tampered_block_is_refused(
+    tmp_path: Path, versions: dict[str, tuple[Path, str]], at: int
+) -> None:
+    import shutil
+
+    root, version_id = versions["blocks"]
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    entry = store.read_manifest(copy, bench_load.MODEL, version_id).files[-1]
+    shard = store.version_dir(copy, bench_load.MODEL, version_id) / entry.path
+    shard.chmod(0o644)
+    data = bytearray(shard.read_bytes())
+    offset = at if at >= 0 else len(data) // 2
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    block = offset // ODD_BLOCK
+    name = entry.path.replace(".", r"\.")
+    filled: dict[str, torch.Tensor] = {}
+
+    def destination(spec: weights.TensorSpec) -> torch.Tensor:
+        filled[spec.name] = torch.empty(spec.shape, dtype=spec.dtype)
+        return filled[spec.name]
+
+    with pytest.raises(
+        store.VerificationError,
+        match=rf"{name}: sha256 [0-9a-f]{{16}}… != manifest [0-9a-f]{{16}}… in block {block} "
+        rf"\(bytes {block * ODD_BLOCK}\.\.{(block + 1) * ODD_BLOCK - 1}\)$",
+    ):
+        weights.load_weights(
+            store.version_dir(copy, bench_load.MODEL, version_id),
+            store.read_manifest(copy, bench_load.MODEL, version_id).files,
+            version_id,
+            destination,
+            device=CPU,
+            hash_threads=3,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,6 +47,34 @@ def test_publish_prints_the_version_id_last(tmp_path: Path, model_dirs: dict[int
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines()[-1] == version_id
     assert f"already published: {MODEL} {version_id}" in again.stderr
+
+    # Format 1 (no block digests): what releases before format 2 wrote, with their ids.
+    old = run_cli(
+        "publish",
+        str(model_dirs[1]),
+        "--store",
+        str(store_dir),
+        "--model",
+        MODEL,
+        "--manifest-format",
+        "1",
+    )
+    assert old.returncode == 0, old.stderr
+    old_id = old.stdout.strip().splitlines()[-1]
+    assert old_id != version_id
+    manifest = json.loads((store_dir / MODEL / "versions" / old_id / "manifest.json").read_text())
+    assert manifest["format"] == 1
+    assert (
+        run_cli(
+            "verify", "--store", str(store_dir), "--model", MODEL, "--version", old_id
+        ).returncode
+        == 0
+    )
+    bad = run_cli(
+        "publish", str(model_dirs[1]), "--store", str(store_dir), "--manifest-format", "3"
+    )
+    assert bad.returncode == 2
+    assert "--manifest-format" in bad.stderr
 
 
 def test_verify_and_resolve(model_store: Store) -> None:

@@ -3,11 +3,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,7 +181,7 @@ class TestVerify:
         version_id = store.publish(src, root, MODEL)
         manifest = store.version_dir(root, MODEL, version_id) / "manifest.json"
         manifest.chmod(0o644)
-        manifest.write_bytes(manifest.read_bytes().replace(b'"format":1', b'"format":1 '))
+        manifest.write_bytes(manifest.read_bytes().replace(b'"format":2', b'"format":2 '))
         problems = store.verify_version(root, MODEL, version_id)
         assert problems
         assert problems[0].startswith("manifest.json")
@@ -221,3 +224,201 @@ def test_manifest_rejects_escaping_paths() -> None:
     doc = {"format": 1, "files": [{"path": "../etc/passwd", "size": 1, "sha256": "0" * 64}]}
     with pytest.raises(store.StoreError, match="relative"):
         store.Manifest.parse(json.dumps(doc).encode())
+
+
+# --- manifest format 2: per-block digests ----------------------------------------------------
+
+BLOCK = 1024 * 1024  # the src fixture's weights are 3 MiB + 17 bytes: 4 blocks, the last short
+
+
+def _manifest_doc(root: Path, version_id: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(
+        (store.version_dir(root, MODEL, version_id) / "manifest.json").read_bytes()
+    )
+    return doc
+
+
+def _flip(path: Path, offset: int) -> None:
+    path.chmod(0o644)
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_publish_records_block_digests(src: Path, root: Path) -> None:
+    (src / "empty.bin").write_bytes(b"")
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+
+    doc = _manifest_doc(root, version_id)
+    assert doc["format"] == 2
+    listed = {f["path"]: f for f in doc["files"]}
+    weights = (src / "model.safetensors").read_bytes()
+    entry = listed["model.safetensors"]
+    # The whole-file digest stays, for tooling that knows only format 1's fields.
+    assert entry["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert entry["blocks"]["size"] == BLOCK
+    assert entry["blocks"]["sha256"] == [
+        hashlib.sha256(weights[i : i + BLOCK]).hexdigest() for i in range(0, len(weights), BLOCK)
+    ]
+    assert len(entry["blocks"]["sha256"]) == 4
+    assert listed["config.json"]["blocks"]["sha256"] == [hashlib.sha256(b'{"a": 1}').hexdigest()]
+    assert listed["empty.bin"]["blocks"] == {"sha256": [], "size": BLOCK}
+    assert store.verify_version(root, MODEL, version_id) == []
+    manifest = store.read_manifest(root, MODEL, version_id)
+    # Re-reading and re-serializing gives the same bytes, so the same id.
+    assert manifest.version_id == version_id
+    # The default block size is part of the content: another size is another version.
+    assert store.publish(src, root, MODEL) != version_id
+
+
+def test_verification_hashes_blocks_in_parallel(
+    src: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+    # Two block hashes must be in progress at once, or the barrier breaks (after 10 s).
+    barrier = threading.Barrier(2, timeout=10)
+    threads: set[str] = set()
+    hash_span = store.hash_span
+
+    def in_parallel(path: Path, begin: int, end: int) -> tuple[int, str]:
+        threads.add(threading.current_thread().name)
+        if path.name == "model.safetensors" and begin < 2 * BLOCK:
+            barrier.wait()  # blocks 0 and 1 of the same file meet here
+        return hash_span(path, begin, end)
+
+    monkeypatch.setattr(store, "hash_span", in_parallel)
+    assert store.verify_version(root, MODEL, version_id, threads=4) == []
+    assert len(threads) >= 2
+
+
+def test_verify_names_the_tampered_block(src: Path, root: Path) -> None:
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+    weights = store.version_dir(root, MODEL, version_id) / "model.safetensors"
+    expected = _manifest_doc(root, version_id)["files"][1]["blocks"]["sha256"]
+    _flip(weights, 2 * BLOCK + 5)
+
+    (problem,) = store.verify_version(root, MODEL, version_id, threads=3)
+    actual = hashlib.sha256(weights.read_bytes()[2 * BLOCK : 3 * BLOCK]).hexdigest()
+    assert problem == (
+        f"model.safetensors: sha256 {actual[:16]}… != manifest {expected[2][:16]}… "
+        f"in block 2 (bytes {2 * BLOCK}..{3 * BLOCK - 1})"
+    )
+    # The rollout test (molecule/cluster) greps `FAIL <file>: sha256 <hex>` from verify.
+    assert re.search(r"model[.]safetensors: sha256 [0-9a-f]+", problem)
+
+    _flip(weights, 3 * BLOCK + 1)  # the last, short block too
+    (problem,) = store.verify_version(root, MODEL, version_id)
+    assert "in block 2 " in problem
+    assert problem.endswith("; 1 more of its 4 blocks differ")
+
+
+def test_verify_reports_size_before_blocks(src: Path, root: Path) -> None:
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+    weights = store.version_dir(root, MODEL, version_id) / "model.safetensors"
+    weights.chmod(0o644)
+    with weights.open("ab") as fh:
+        fh.write(b"\0")
+    assert store.verify_version(root, MODEL, version_id) == [
+        f"model.safetensors: size {3 * BLOCK + 18} != manifest {3 * BLOCK + 17}"
+    ]
+
+
+# A format 1 manifest as publish wrote it before block digests existed: it must keep its id.
+FORMAT_1 = (
+    b'{"files":[{"path":"a.bin","sha256":'
+    b'"ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb","size":1}],"format":1}'
+)
+
+
+def test_format_1_manifests_keep_their_id_and_still_verify(src: Path, root: Path) -> None:
+    manifest = store.Manifest.parse(FORMAT_1)
+    assert manifest.format == 1
+    assert manifest.files[0].blocks is None
+    assert manifest.canonical_bytes() == FORMAT_1
+    assert manifest.version_id == hashlib.sha256(FORMAT_1).hexdigest()
+
+    version_id = store.publish(src, root, MODEL, manifest_format=1)
+    doc = _manifest_doc(root, version_id)
+    assert doc["format"] == 1
+    assert all(set(f) == {"path", "sha256", "size"} for f in doc["files"])
+    old_style = {
+        "files": [
+            {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for rel in ("config.json", "model.safetensors", "sub/tokenizer.json")
+            for data in [(src / rel).read_bytes()]
+        ],
+        "format": 1,
+    }
+    canonical = json.dumps(old_style, sort_keys=True, separators=(",", ":")).encode()
+    assert version_id == hashlib.sha256(canonical).hexdigest()
+    assert store.read_manifest(root, MODEL, version_id).version_id == version_id
+    assert store.verify_version(root, MODEL, version_id) == []
+    _flip(store.version_dir(root, MODEL, version_id) / "model.safetensors", 10)
+    (problem,) = store.verify_version(root, MODEL, version_id)
+    assert re.fullmatch(
+        r"model\.safetensors: sha256 [0-9a-f]{16}… != manifest [0-9a-f]{16}…", problem
+    )
+
+
+def _doc_with(**changes: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "path": "w.bin",
+        "sha256": "a" * 64,
+        "size": 10,
+        "blocks": {"size": 4096, "sha256": ["b" * 64]},
+    }
+    fmt = changes.pop("format", 2)
+    for key, value in changes.items():
+        if key.startswith("blocks_"):
+            entry["blocks"][key.removeprefix("blocks_")] = value
+        elif value is None:
+            entry.pop(key)
+        else:
+            entry[key] = value
+    return {"format": fmt, "files": [entry]}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (_doc_with(size=5000), r"w\.bin: 1 block digests, but 5000 bytes in blocks of 4096 make 2"),
+        (_doc_with(blocks_sha256=["b" * 64, "c" * 64]), r"w\.bin: 2 block digests, .* make 1"),
+        (_doc_with(size=0), r"w\.bin: 1 block digests, but 0 bytes .* make 0"),
+        (
+            _doc_with(blocks_sha256=["B" * 64]),
+            r"w\.bin: block 0 digest 'BBB.*' is not 64 lowercase",
+        ),
+        (_doc_with(blocks_sha256=["b" * 63]), r"w\.bin: block 0 digest .* is not 64 lowercase"),
+        (_doc_with(blocks_sha256=[7]), r"w\.bin: block 0 digest 7 is not 64 lowercase"),
+        (_doc_with(blocks_sha256="b" * 64), r"w\.bin: 'blocks' must be"),
+        (_doc_with(blocks_size="4096"), r"w\.bin: 'blocks' must be"),
+        (_doc_with(blocks_size=True), r"w\.bin: 'blocks' must be"),
+        (_doc_with(blocks_size=512), r"w\.bin: block size 512 is not an integer in 4096\.\."),
+        (_doc_with(blocks_size=2**31), r"w\.bin: block size 2147483648 is not an integer in"),
+        (_doc_with(blocks=None), r"w\.bin: no 'blocks' \(format 2 lists block digests"),
+        (_doc_with(format=1), r"w\.bin: format 1 manifests have no 'blocks'"),
+        (
+            _doc_with(format=3),
+            r"unsupported manifest format 3 \(this metalserve reads formats 1, 2\)",
+        ),
+        (_doc_with(sha256="xyz"), r"w\.bin: sha256 'xyz' is not 64 lowercase hex digits"),
+        (_doc_with(size=-1), r"w\.bin: size -1 is not a non-negative integer"),
+        (_doc_with(size="10"), r"w\.bin: size '10' is not a non-negative integer"),
+        (_doc_with(size=None), r"w\.bin: no 'size'"),
+        ({"format": 2, "files": {"w.bin": {}}}, r"'files' is not a list"),
+        ({"format": 2, "files": [_doc_with()["files"][0]] * 2}, r"'w\.bin' is listed twice"),
+        ([], r"not a JSON object"),
+    ],
+)
+def test_malformed_manifests_name_the_problem(doc: Any, message: str) -> None:
+    with pytest.raises(store.StoreError, match=message):
+        store.Manifest.parse(json.dumps(doc).encode())
+
+
+def test_a_valid_block_list_parses() -> None:
+    manifest = store.Manifest.parse(json.dumps(_doc_with()).encode())
+    (entry,) = manifest.files
+    assert entry.blocks == store.Blocks(4096, ("b" * 64,))
+    assert entry.blocks.span(0, entry.size) == (0, 10)

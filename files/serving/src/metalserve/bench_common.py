@@ -136,6 +136,9 @@ def _nvidia_driver() -> str | None:
 
 
 def _git_commit() -> str | None:
+    # Set where the sources run from a copy outside their checkout (the GPU machine).
+    if given := os.environ.get("METALSERVE_GIT_COMMIT"):
+        return given
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"],  # noqa: S607 - git from PATH, informational only

@@ -9,9 +9,11 @@ dropped) and warm:
 * ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
 * ``ours_nohash``: the same without hashing, to show what verification costs;
 
-and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``sha256``, one core's
-hashing speed (the ceiling of verifying one shard). Every timed run starts with the device
-allocator's cache emptied, so every arm pays for its device memory like a fresh process does.
+and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``sha256``: one core's
+hashing speed (the ceiling of verifying one whole file) and, as ``sha256_parallel``, that of
+hashing 16 MiB blocks on one thread per core (the ceiling of block verification). Every timed
+run starts with the device allocator's cache emptied, so every arm pays for its device memory like
+a fresh process does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,13 @@ from metalserve import bench_common, store, weights
 from metalserve.bench_common import GB
 
 MODEL = "bench-load"
-# Bump when the generated layout changes, so an old checkpoint is not reused.
-CHECKPOINT_FORMAT = 1
+# Bump when the generated layout changes, so an old checkpoint is not reused (2: manifest format 2).
+CHECKPOINT_FORMAT = 2
 COLUMNS = 4096  # like a 4096-wide model: 32 MiB bf16 matrices plus small norm vectors
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut from
 H2D_BYTES = 1024**3
 SHA256_BYTES = 512 * 1024**2
+SHA256_PARALLEL_ROUNDS = 4  # sha256_parallel hashes SHA256_BYTES this many times per sample
 FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
@@ -51,6 +55,7 @@ BASELINE = {
     "ours_nohash": "load_file",
 }
 COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw"}
+CACHES = ("cold", "warm")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,9 @@ class LoadOptions:
     arms: tuple[str, ...] = bench_common.LOAD_ARMS
     chunk_mib: int = store.CHUNK_SIZE // 2**20
     workers: int | None = None
+    hash_threads: int | None = None
     seed: int = 0
+    caches: tuple[str, ...] = CACHES
 
 
 @dataclass(frozen=True)
@@ -131,15 +138,13 @@ def run(options: LoadOptions) -> dict[str, Any]:
     arms: dict[str, Callable[[], object]] = {
         "raw": lambda: _read_raw(checkpoint.paths, chunk),
         "load_file": lambda: _load_file(checkpoint.paths, device),
-        "ours": lambda: _ours(checkpoint, device, chunk, verify=True, workers=options.workers),
-        "ours_nohash": lambda: _ours(
-            checkpoint, device, chunk, verify=False, workers=options.workers
-        ),
+        "ours": lambda: _ours(checkpoint, device, chunk, verify=True, options=options),
+        "ours_nohash": lambda: _ours(checkpoint, device, chunk, verify=False, options=options),
     }
     file_arms = [a for a in FILE_ARMS if a in options.arms]
     results: dict[tuple[str, str], Measurement] = {}
     cache_drop: dict[str, Any] = {}
-    for cache in ("cold", "warm"):
+    for cache in options.caches:
         if cache == "warm" and file_arms:
             _read_raw(checkpoint.paths, chunk)  # every page cached, untimed
         for _ in range(options.repeats):
@@ -157,7 +162,9 @@ def run(options: LoadOptions) -> dict[str, Any]:
         else:
             skipped["h2d"] = "pinned host-to-device copies need a CUDA device"
     if "sha256" in options.arms:
-        results[("sha256", "-")] = _sha256(min(SHA256_BYTES, checkpoint.total_bytes), options)
+        size = min(SHA256_BYTES, checkpoint.total_bytes)
+        results[("sha256", "-")] = _sha256(size, options)
+        results[("sha256_parallel", "-")] = _sha256_parallel(size, options)
 
     return _report(options, environment, checkpoint, results, skipped, cache_drop)
 
@@ -340,7 +347,7 @@ def _ours(
     chunk: int,
     *,
     verify: bool,
-    workers: int | None,
+    options: LoadOptions,
 ) -> dict[str, torch.Tensor]:
     """Our weight path into fresh tensors on the device (like load_file's result)."""
     manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
@@ -360,7 +367,8 @@ def _ours(
         device=device,
         chunk_size=chunk,
         verify=verify,
-        workers=workers,
+        workers=options.workers,
+        hash_threads=options.hash_threads,
     )
     return tensors
 
@@ -396,6 +404,23 @@ def _sha256(size: int, options: LoadOptions) -> Measurement:
         hashlib.sha256(data).digest()
         measurement.seconds.append(time.perf_counter() - started)
     _log(f"sha256: {measurement.gb_per_s:.2f} GB/s on one core")
+    return measurement
+
+
+def _sha256_parallel(size: int, options: LoadOptions) -> Measurement:
+    """Blocks of store.BLOCK_SIZE hashed on one thread per core, like the loader's pool."""
+    data = memoryview(bytes(size))
+    blocks = [data[i : i + store.BLOCK_SIZE] for i in range(0, size, store.BLOCK_SIZE)]
+    threads = options.hash_threads or store.default_threads()
+    measurement = Measurement("sha256_parallel", "-", size * SHA256_PARALLEL_ROUNDS)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(store.sha256_hex, blocks))  # untimed: starts the threads
+        for _ in range(options.repeats):
+            started = time.perf_counter()
+            for _ in range(SHA256_PARALLEL_ROUNDS):
+                list(pool.map(store.sha256_hex, blocks))
+            measurement.seconds.append(time.perf_counter() - started)
+    _log(f"sha256_parallel: {measurement.gb_per_s:.2f} GB/s on {threads} threads")
     return measurement
 
 
@@ -435,6 +460,7 @@ def _report(
         "hash_overhead_pct_warm": overhead("warm"),
         "hash_overhead_pct_cold": overhead("cold"),
     }
+    block_sizes = {e.blocks.size for e in checkpoint.entries if e.blocks is not None}
     return {
         "benchmark": "load",
         "environment": environment,
@@ -447,7 +473,13 @@ def _report(
             "arms": list(options.arms),
             "chunk_mib": options.chunk_mib,
             "workers": options.workers or weights.default_workers(len(checkpoint.entries)),
+            "hash_threads": options.hash_threads
+            or weights.default_hash_threads(
+                options.workers or weights.default_workers(len(checkpoint.entries))
+            ),
+            "sha256_parallel_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
+            "caches": list(options.caches),
         },
         "checkpoint": {
             "version_id": checkpoint.version_id,
@@ -456,6 +488,8 @@ def _report(
             "shards": len(checkpoint.entries),
             "tensors": checkpoint.tensors,
             "dtype": "bfloat16",
+            "manifest_format": 2 if block_sizes else 1,
+            "block_bytes": sorted(block_sizes),
             "reused": checkpoint.reused,
             "prepare_seconds": round(checkpoint.seconds, 2),
             "filesystem": bench_common.filesystem_of(checkpoint.root),

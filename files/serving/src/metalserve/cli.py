@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish a model directory as an immutable version")
     publish.add_argument("src_dir", type=Path, metavar="SRC_DIR")
     _store_arguments(publish)
+    publish.add_argument(
+        "--manifest-format",
+        type=int,
+        choices=store.MANIFEST_FORMATS,
+        default=store.MANIFEST_FORMAT,
+        help="2 (default): per-file and per-block sha256, verified on every core; 1: per-file "
+        "sha256 only, readable by metalserve releases before format 2 (and the ids they gave)",
+    )
     publish.set_defaults(handler=cmd_publish)
 
     verify = sub.add_parser("verify", help="re-hash a version against its manifest")
@@ -143,7 +151,8 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         description="Generate (or reuse) a seeded bf16 checkpoint in a model store under --dir "
         "and time, cold and warm, a raw sequential read, safetensors.torch.load_file and our "
         "loader's weight path with and without hash verification; also pinned host-to-device "
-        "bandwidth and one core's SHA-256 speed. Prints a table and the JSON report.",
+        "bandwidth and SHA-256 speed on one core and on all cores. Prints a table and the JSON "
+        "report.",
     )
     load.add_argument(
         "--dir",
@@ -178,7 +187,20 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         default=None,
         help="shards streamed at once (default: min(shards, cores / 2, 8))",
     )
+    load.add_argument(
+        "--hash-threads",
+        type=bc.positive_int,
+        default=None,
+        help="threads hashing blocks while loading (default: cores - workers; "
+        "also sha256_parallel's threads, default: cores)",
+    )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
+    load.add_argument(
+        "--caches",
+        type=bc.arms_type(("cold", "warm")),
+        default=("cold", "warm"),
+        help="comma-separated subset of cold,warm (default: both)",
+    )
     load.set_defaults(handler=cmd_bench_load)
 
 
@@ -272,7 +294,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     existing = set(store.list_versions(args.store, args.model))
-    version_id = store.publish(args.src_dir, args.store, args.model)
+    version_id = store.publish(
+        args.src_dir, args.store, args.model, manifest_format=args.manifest_format
+    )
     # stderr tells people (and Ansible's changed_when) whether anything changed.
     state = "already published" if version_id in existing else "published"
     print(f"{state}: {args.model} {version_id}", file=sys.stderr)
@@ -415,7 +439,9 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         arms=args.arms,
         chunk_mib=args.chunk_mib,
         workers=args.workers,
+        hash_threads=args.hash_threads,
         seed=args.seed,
+        caches=args.caches,
     )
     report = bench_load.run(options)
     return _print_report(bench_load.render(report), bench_common.write_report(report, args.out))

@@ -51,10 +51,16 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Cuts the text at the first stop string; never releases text that may begin one."""
+    """Cuts the text at the first stop string; never releases text that may begin one.
+
+    A stop that completes is final only once no stop starting earlier can still complete: with
+    stops "a" and "baa", the text "bba" waits, since "baa" may begin at its "b" (OpenAI cuts at
+    the earliest occurrence in the whole text).
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = tuple(s for s in stops if s)
+        self._longest = max((len(s) for s in self._stops), default=0)
         self.text = ""
         self._sent = 0
 
@@ -62,28 +68,25 @@ class StopMatcher:
         """Add text; return (text that is safe to send now, whether a stop string matched)."""
         self.text += delta
         hit = self._first_stop()
-        if hit is not None:
+        pending = None if final else self._first_partial(len(self.text) if hit is None else hit)
+        if hit is not None and pending is None:
             self.text = self.text[:hit]
-            return self._release(len(self.text)), True
-        if final:
-            return self._release(len(self.text)), False
-        return self._release(len(self.text) - self._held_back()), False
+            return self._release(hit), True
+        return self._release(len(self.text) if pending is None else pending), False
 
     def _first_stop(self) -> int | None:
         # A match cannot start inside sent text: any prefix of it would have been held back.
         positions = [i for s in self._stops if (i := self.text.find(s, self._sent)) >= 0]
         return min(positions) if positions else None
 
-    def _held_back(self) -> int:
-        """Length of the longest unsent suffix that is a proper prefix of a stop string."""
-        unsent = self.text[self._sent :]
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(unsent)), best, -1):
-                if unsent.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+    def _first_partial(self, before: int) -> int | None:
+        """The first unsent position before ``before`` where a stop may begin but has not ended."""
+        start = max(self._sent, len(self.text) - self._longest + 1)
+        for position in range(start, before):
+            rest = self.text[position:]
+            if any(len(rest) < len(stop) and stop.startswith(rest) for stop in self._stops):
+                return position
+        return None
 
     def _release(self, upto: int) -> str:
         out = self.text[self._sent : upto]

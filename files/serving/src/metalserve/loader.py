@@ -2,10 +2,12 @@
 
 Every file of the version is read eagerly in large sequential chunks (no mmap: over NFS that means
 page faults at first use) and hashed while read; nothing is used before its hash matched the
-manifest. Small files (config, tokenizer) are checked first and then materialized. Weight shards
-are streamed by ``metalserve.weights``: read into a few reused (on CUDA pinned) host buffers,
-hashed on a side thread and copied straight into the model's parameters, several shards at once,
-so host memory stays at a few buffers per shard in flight whatever the model's size.
+manifest. Small files (config, tokenizer) are checked first (whole-file sha256, which format 2
+manifests keep) and then materialized. Weight shards are streamed by ``metalserve.weights``: read
+into a few reused (on CUDA pinned) host buffers, hashed block by block on a pool of threads
+(format 2; format 1: whole files, one thread each) and copied straight into the model's
+parameters, several shards at once, so host memory stays at a few buffers per shard in flight
+whatever the model's size.
 """
 
 from __future__ import annotations

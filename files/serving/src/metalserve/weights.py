@@ -1,19 +1,26 @@
 """Stream safetensors shards from the store straight into device tensors.
 
-Each shard is read sequentially in large chunks into a few reused host buffers (pinned on CUDA);
-every chunk is hashed on a separate thread (hashlib releases the GIL for large buffers) while its
-bytes are copied, ``non_blocking`` on a side CUDA stream, into the destination tensors the
-caller names. The tensor layout comes from the safetensors header, parsed here (8-byte
-little-endian length + JSON), so no host copy of a tensor is ever materialized. Several shards
-are streamed at once, one reader and one hasher thread each: a single SHA-256 runs at one core's
-speed (~1.5-2 GB/s), so hashing several files in parallel is what keeps verification off the
-critical path.
+Each shard is read sequentially in large chunks into a few reused host buffers (pinned on CUDA)
+whose bytes are copied, ``non_blocking`` on a side CUDA stream, into the destination tensors the
+caller names, while the same buffer is hashed on other threads (hashlib releases the GIL for large
+buffers). The tensor layout comes from the safetensors header, parsed here (8-byte little-endian
+length + JSON), so no host copy of a tensor is ever materialized. Several shards are streamed at
+once, one reader thread each.
 
-Verification semantics are those of ``store.read_hashed`` + ``store.check_entry``: the bytes land
-in the destinations before their file's hash is known, but ``load_weights`` returns only after
-every shard matched its manifest entry and raises ``VerificationError`` otherwise, so nothing can
-use unverified weights. A shard whose header cannot be used is hashed in full first: a tampered
-file is reported as a verification failure, not as a format problem.
+Hashing follows the manifest. With block digests (manifest format 2) every read is a whole number
+of blocks and every block is hashed as its own task on one pool of threads shared by all shards
+(the cores the readers leave): one SHA-256 runs at one core's speed (~1.5 GB/s, ~1 GB/s with every
+core busy), so only hashing many blocks at once keeps up with the copies. Format 1 entries (one
+sha256 per file) are hashed in order on one hasher thread per reader, as before: at most one core
+per shard.
+
+Verification semantics are those of ``store.verify_files``: the bytes land in the destinations
+before their hashes are known, but ``load_weights`` returns only after every shard matched its
+manifest entry (size and every block, or the whole-file hash) and raises ``VerificationError``
+otherwise, so nothing can use unverified weights. The hashes are computed over the very host
+buffers the copies read from, so what reaches the device is what was verified. A shard whose
+header cannot be used is hashed in full first: a tampered file is reported as a verification
+failure, not as a format problem.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ from metalserve import store
 
 # The safetensors library refuses larger headers too.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Host buffers per streaming worker: one being read, the others being hashed or copied.
+# Host buffers per streaming worker: one being read, the others being hashed or copied. With block
+# digests each worker gets enough more to keep its share of the hashing threads busy.
 BUFFERS_PER_WORKER = 4
-# Shards streamed at once; each needs a reader and a hasher thread.
+MAX_BUFFERS_PER_WORKER = 16
+# Shards streamed at once, one reader thread each.
 MAX_WORKERS = 8
 
 _DTYPE_NAMES = {
@@ -157,18 +166,21 @@ def read_header(path: Path) -> list[TensorSpec]:
 # --- streaming --------------------------------------------------------------------------------
 
 
-class _SerialExecutor:
-    """Runs submitted calls in order on one daemon thread.
+class _Executor:
+    """Runs submitted calls on ``threads`` daemon threads (in submission order when it is 1).
 
     Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a SIGTERM during a
     long load would wait for the load to finish (see api.in_daemon_thread).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, threads: int = 1) -> None:
         self._calls: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
             queue.SimpleQueue()
         )
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._threads = threads
+        for number in range(threads):
+            thread_name = name if threads == 1 else f"{name}-{number}"
+            threading.Thread(target=self._run, name=thread_name, daemon=True).start()
 
     def submit(self, fn: Callable[[], None]) -> Future[None]:
         future: Future[None] = Future()
@@ -176,7 +188,8 @@ class _SerialExecutor:
         return future
 
     def shutdown(self) -> None:
-        self._calls.put(None)
+        for _ in range(self._threads):
+            self._calls.put(None)
 
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -223,7 +236,10 @@ class _Job:
     index: int
     path: Path
     targets: list[_Target]
+    blocks: store.Blocks | None  # the manifest's block digests: reads are whole blocks
+    read_size: int
     ends: list[int] = field(init=False)
+    digests: dict[int, str] = field(default_factory=dict)  # block index -> sha256, as hashed
 
     def __post_init__(self) -> None:
         self.ends = [t.spec.end for t in self.targets]
@@ -232,7 +248,8 @@ class _Job:
 @dataclass(frozen=True, slots=True)
 class StreamResult:
     size: int
-    sha256: str | None  # None when hashing was off
+    sha256: str | None  # the whole file's, when it was hashed whole
+    blocks: tuple[str, ...] | None = None  # each block's, when it was hashed block by block
 
 
 class _Slot:
@@ -243,28 +260,43 @@ class _Slot:
         # The tensor's memory as a writable buffer for readinto() and hashlib (no numpy needed).
         raw = (ctypes.c_ubyte * size).from_address(self.buffer.data_ptr())
         self.view = memoryview(raw).cast("B")
-        self.hashed: Future[None] | None = None
+        self.hashed: list[Future[None]] = []
         self.copied = torch.cuda.Event() if pinned else None
         self.copy_pending = False
 
     def wait(self) -> None:
-        if self.hashed is not None:
-            hashed, self.hashed = self.hashed, None
-            hashed.result()
+        hashed, self.hashed = self.hashed, []
+        for future in hashed:
+            future.result()
         if self.copy_pending and self.copied is not None:
             self.copy_pending = False
             self.copied.synchronize()
 
 
-class _Worker:
-    """Streams whole shards, one after another: reads on its own thread, hashes on another,
-    copies on its own CUDA stream, so the three overlap."""
+def _hash_block(digests: dict[int, str], index: int, data: memoryview) -> None:
+    digests[index] = hashlib.sha256(data).hexdigest()
 
-    def __init__(self, device: torch.device, chunk_size: int, *, verify: bool) -> None:
+
+class _Worker:
+    """Streams whole shards, one after another: reads on its own thread, hashes on others
+    (the shared block pool, or its own serial hasher for whole-file digests), copies on its own
+    CUDA stream, so the three overlap."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        slot_size: int,
+        slots: int,
+        *,
+        verify: bool,
+        pool: _Executor | None,
+    ) -> None:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.slots = [_Slot(chunk_size, pinned=self.cuda) for _ in range(BUFFERS_PER_WORKER)]
-        self.hasher = _SerialExecutor("metalserve-hash") if verify else None
+        self.slots = [_Slot(slot_size, pinned=self.cuda) for _ in range(slots)]
+        self.verify = verify
+        self.pool = pool
+        self.hasher: _Executor | None = None  # for whole-file digests, started when needed
 
     def run(self, jobs: queue.SimpleQueue[_Job], results: list[StreamResult | None]) -> None:
         with torch.no_grad():  # grad mode is per thread, and destinations may be parameters
@@ -284,7 +316,12 @@ class _Worker:
             self.hasher.shutdown()
 
     def stream_file(self, job: _Job) -> StreamResult:
-        digest = hashlib.sha256() if self.hasher is not None else None
+        blocks = job.blocks if self.verify else None
+        digest = None
+        if self.verify and blocks is None:
+            digest = hashlib.sha256()
+            if self.hasher is None:
+                self.hasher = _Executor("metalserve-hash")
         offset = 0
         with job.path.open("rb", buffering=0) as fh:
             if hasattr(os, "posix_fadvise"):
@@ -293,17 +330,32 @@ class _Worker:
             for index in itertools.count():
                 slot = self.slots[index % len(self.slots)]
                 slot.wait()
-                count = _fill(fh, slot.view)
+                count = _fill(fh, slot.view[: job.read_size])
                 if not count:
                     break
-                if digest is not None and self.hasher is not None:
-                    slot.hashed = self.hasher.submit(
-                        functools.partial(digest.update, slot.view[:count])
-                    )
+                if blocks is not None:
+                    # offset is a multiple of the block size: every read is whole blocks.
+                    assert self.pool is not None
+                    first = offset // blocks.size
+                    slot.hashed = [
+                        self.pool.submit(
+                            functools.partial(
+                                _hash_block, job.digests, first + number, slot.view[lo:hi]
+                            )
+                        )
+                        for number, lo in enumerate(range(0, count, blocks.size))
+                        for hi in (min(lo + blocks.size, count),)
+                    ]
+                elif digest is not None and self.hasher is not None:
+                    slot.hashed = [
+                        self.hasher.submit(functools.partial(digest.update, slot.view[:count]))
+                    ]
                 self._scatter(job, slot, count, offset)
                 offset += count
         for slot in self.slots:
             slot.wait()
+        if blocks is not None:
+            return StreamResult(offset, None, tuple(job.digests[i] for i in sorted(job.digests)))
         return StreamResult(offset, digest.hexdigest() if digest is not None else None)
 
     def _scatter(self, job: _Job, slot: _Slot, count: int, offset: int) -> None:
@@ -341,12 +393,22 @@ def _fill(fh: io.FileIO, view: memoryview) -> int:
 
 
 def default_workers(shards: int) -> int:
-    """Shards streamed at once: each takes about two cores (reading, hashing)."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # what this process may use, not the host's count
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(shards, cores // 2, MAX_WORKERS))
+    """Shards streamed at once: one reader each, leaving most cores to hashing."""
+    return max(1, min(shards, store.default_threads() // 2, MAX_WORKERS))
+
+
+def default_hash_threads(workers: int) -> int:
+    """Block-hashing threads: the cores the readers leave. Measured on a 16-core H200 host
+    (2026-11-22), 4 readers + 12 hashers loaded warm shards faster than + 16 or + 24: more
+    runnable threads than cores delay the readers, and the pipeline stalls."""
+    return max(1, store.default_threads() - workers)
+
+
+def read_size(blocks: store.Blocks | None, chunk_size: int) -> int:
+    """Bytes per read: ``chunk_size``, or with block digests the whole blocks nearest to it."""
+    if blocks is None:
+        return chunk_size
+    return blocks.size * max(1, round(chunk_size / blocks.size))
 
 
 def stream_shards(
@@ -356,19 +418,35 @@ def stream_shards(
     chunk_size: int = store.CHUNK_SIZE,
     verify: bool = True,
     workers: int | None = None,
+    blocks: Sequence[store.Blocks | None] | None = None,
+    hash_threads: int | None = None,
 ) -> list[StreamResult]:
-    """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hash.
+    """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hashes.
 
-    Destinations must be on ``device`` and have the spec's shape. Returns once every copy has
-    completed, so the destinations are ready for any stream.
+    ``blocks`` (one per job, None for a file without block digests) makes the reads whole blocks
+    and, with ``verify``, hashes each block on a pool of ``hash_threads`` threads (default:
+    ``default_hash_threads``); other files are hashed whole. Destinations must be on ``device``
+    and have the spec's shape. Returns once every copy and hash has completed, so the
+    destinations are ready for any stream.
     """
     if device.type == "cuda" and device.index is None:
         # "cuda" means the current device; tensors report theirs with its index.
         device = torch.device("cuda", torch.cuda.current_device())
+    layouts = list(blocks) if blocks is not None else [None] * len(jobs)
+    if len(layouts) != len(jobs):
+        raise ValueError(f"{len(layouts)} block layouts for {len(jobs)} files")
     built = [
-        _Job(i, path, [_target(spec, dest, device) for spec, dest in targets])
-        for i, (path, targets) in enumerate(jobs)
+        _Job(
+            i,
+            path,
+            [_target(spec, dest, device) for spec, dest in targets],
+            layout,
+            read_size(layout, chunk_size),
+        )
+        for i, ((path, targets), layout) in enumerate(zip(jobs, layouts, strict=True))
     ]
+    if not built:
+        return []
     pending: queue.SimpleQueue[_Job] = queue.SimpleQueue()
     # Largest first: the shards then finish together instead of one long one trailing.
     for job in sorted(built, key=lambda j: -j.path.stat().st_size):
@@ -376,24 +454,39 @@ def stream_shards(
     results: list[StreamResult | None] = [None] * len(built)
     count = workers if workers is not None else default_workers(len(built))
     count = max(1, min(count, len(built)))
+    pool = None
+    slots = BUFFERS_PER_WORKER
+    if verify and any(job.blocks is not None for job in built):
+        threads = hash_threads or default_hash_threads(count)
+        pool = _Executor("metalserve-hash-block", threads)
+        # Enough buffers that the readers together keep every hashing thread busy (capped: each
+        # is a pinned block-sized buffer).
+        slots = max(BUFFERS_PER_WORKER, min(-(-threads // count) + 2, MAX_BUFFERS_PER_WORKER))
+    slot_size = max(job.read_size for job in built)
     if device.type == "cuda":
         # The side streams must not overtake work queued so far (the destinations' creation).
         torch.cuda.current_stream(device).synchronize()
-    stream_workers = [_Worker(device, chunk_size, verify=verify) for _ in range(count)]
-    done: list[Future[None]] = []
-    for number, worker in enumerate(stream_workers):
-        future: Future[None] = Future()
-        done.append(future)
-        threading.Thread(
-            target=_run_worker,
-            args=(worker, pending, results, future),
-            name=f"metalserve-read-{number}",
-            daemon=True,  # see _SerialExecutor
-        ).start()
-    for future in done:
-        future.exception()  # wait for every worker before raising: none may still write
-    for future in done:
-        future.result()  # the first failure (I/O or CUDA error), if any
+    try:
+        stream_workers = [
+            _Worker(device, slot_size, slots, verify=verify, pool=pool) for _ in range(count)
+        ]
+        done: list[Future[None]] = []
+        for number, worker in enumerate(stream_workers):
+            future: Future[None] = Future()
+            done.append(future)
+            threading.Thread(
+                target=_run_worker,
+                args=(worker, pending, results, future),
+                name=f"metalserve-read-{number}",
+                daemon=True,  # see _Executor
+            ).start()
+        for future in done:
+            future.exception()  # wait for every worker before raising: none may still write
+        for future in done:
+            future.result()  # the first failure (I/O or CUDA error), if any
+    finally:
+        if pool is not None:
+            pool.shutdown()
     finished = [r for r in results if r is not None]
     assert len(finished) == len(built)
     return finished
@@ -445,13 +538,16 @@ def load_weights(
     chunk_size: int = store.CHUNK_SIZE,
     verify: bool = True,
     workers: int | None = None,
+    hash_threads: int | None = None,
 ) -> list[str]:
     """Stream the shards ``entries`` of a version into the tensors ``destination`` names.
 
     ``destination(spec)`` returns the tensor to fill (new on ``device``, or a parameter) or None
     for a tensor the caller does not know. Returns the names loaded. Raises ``VerificationError``
     naming every shard that does not match the manifest, and ``WeightsError`` for intact shards
-    that cannot be used. ``verify=False`` (benchmarks only) skips hashing.
+    that cannot be used. ``verify=False`` (benchmarks only) skips hashing. Entries with block
+    digests are verified block by block on ``hash_threads`` threads (default: the cores the
+    readers leave).
     """
     jobs: list[tuple[Path, list[tuple[TensorSpec, torch.Tensor]]]] = []
     names: list[str] = []
@@ -464,22 +560,34 @@ def load_weights(
         try:
             jobs.append((path, _plan(path, destination)))
         except WeightsError as exc:
-            _raise_if_tampered(root, entry, version_id, chunk_size, verify)
+            _raise_if_tampered(root, entry, version_id, verify, hash_threads)
             raise WeightsError(f"{entry.path}: {exc}") from exc
         names.extend(spec.name for spec, _ in jobs[-1][1])
 
     results = stream_shards(
-        jobs, device=device, chunk_size=chunk_size, verify=verify, workers=workers
+        jobs,
+        device=device,
+        chunk_size=chunk_size,
+        verify=verify,
+        workers=workers,
+        blocks=[entry.blocks for entry in entries],
+        hash_threads=hash_threads,
     )
     if verify:
         problems = [
             problem
             for entry, result in zip(entries, results, strict=True)
-            if (problem := store.check_entry(entry, result.size, result.sha256 or ""))
+            if (problem := _problem(entry, result))
         ]
         if problems:
             raise store.VerificationError(version_id, problems)
     return names
+
+
+def _problem(entry: store.FileEntry, result: StreamResult) -> str | None:
+    if entry.blocks is not None:
+        return store.check_blocks(entry, result.size, result.blocks or ())
+    return store.check_entry(entry, result.size, result.sha256 or "")
 
 
 def _plan(path: Path, destination: Destination) -> list[tuple[TensorSpec, torch.Tensor]]:
@@ -502,11 +610,15 @@ def _plan(path: Path, destination: Destination) -> list[tuple[TensorSpec, torch.
 
 
 def _raise_if_tampered(
-    root: Path, entry: store.FileEntry, version_id: str, chunk_size: int, verify: bool
+    root: Path,
+    entry: store.FileEntry,
+    version_id: str,
+    verify: bool,
+    hash_threads: int | None,
 ) -> None:
     """A shard that cannot be used may have been tampered with: if so, that is the error."""
     if not verify:
         return
-    problem = store.check_entry(entry, *store.hash_file(root / entry.path, chunk_size))
-    if problem:
-        raise store.VerificationError(version_id, [problem])
+    problems = store.verify_files(root, [entry], threads=hash_threads)
+    if problems:
+        raise store.VerificationError(version_id, problems)
