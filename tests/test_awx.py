@@ -218,3 +218,38 @@ def test_bad_answers_are_refused_before_any_host(
     assert result.returncode != 0
     assert named in output, output
     assert "UNREACHABLE" not in output, output
+
+
+# --- awx/configure.yml against the awx.awx modules' documented options ---------------------
+
+
+def module_options(module: str) -> set[str]:
+    """The options (and aliases) awx.awx documents for a module, read from its DOCUMENTATION."""
+    import ast
+
+    path = BIN.parent / "lib"
+    [source] = list(path.glob(f"python3*/site-packages/ansible_collections/awx/awx/plugins/modules/{module}.py"))
+    tree = ast.parse(source.read_text())
+    doc = next(
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "DOCUMENTATION" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+    )
+    options = yaml.safe_load(doc)["options"]
+    return set(options) | {alias for option in options.values() for alias in option.get("aliases", [])}
+
+
+def test_configure_uses_only_options_the_awx_modules_document() -> None:
+    tasks = yaml.safe_load((AWX / "configure.yml").read_text())[0]["tasks"]
+    used = [
+        (key.removeprefix("awx.awx."), args)
+        for task in tasks
+        for key, args in task.items()
+        if key.startswith("awx.awx.")
+    ]
+    assert {module for module, _ in used} >= {"project", "inventory", "inventory_source", "job_template"}
+    for module, args in used:
+        unknown = set(args) - module_options(module)
+        assert not unknown, f"awx.awx.{module} does not take {sorted(unknown)}"
