@@ -56,6 +56,8 @@ def test_bench_load_measures_every_arm(load_run: tuple[dict[str, Any], str]) -> 
     assert {(m["arm"], m["cache"]) for m in report["measurements"]} == expected | {
         ("sha256", "-"),
         ("sha256_parallel", "-"),
+        ("blake3", "-"),
+        ("blake3_parallel", "-"),
     }
     for m in report["measurements"]:
         assert m["gb_per_s"] > 0, m
@@ -255,7 +257,8 @@ def test_tampered_shard_is_refused(
 ) -> None:
     root = _tampered_copy(tmp_path, checkpoint, at)
     name = checkpoint.entries[-1].path.replace(".", r"\.")
-    with pytest.raises(store.VerificationError, match=rf"{name}: sha256"):
+    expected = rf"{name}: blake3 [0-9a-f]{{16}}… != manifest"
+    with pytest.raises(store.VerificationError, match=expected):
         _load(root, checkpoint)
 
 
@@ -295,7 +298,7 @@ def test_parse_header_rejects_bad_headers() -> None:
         weights.parse_header((2**40).to_bytes(8, "little") + good, 1000)
 
 
-# --- block digests (manifest format 2) and format 1 versions of the same shards ----------------
+# --- block digests (manifest formats 3 and 2) and format 1 versions of the same shards --------
 
 # Not a divisor of anything: reads of ODD_CHUNK round to 4 blocks, blocks straddle tensors.
 ODD_BLOCK = 262_147
@@ -305,7 +308,8 @@ ODD_BLOCK = 262_147
 def versions(
     tmp_path_factory: pytest.TempPathFactory, checkpoint: bench_load.Checkpoint
 ) -> dict[str, tuple[Path, str]]:
-    """The checkpoint's shards published again: in blocks of ODD_BLOCK, and in format 1."""
+    """The checkpoint's shards published again: in blocks of ODD_BLOCK (format 3: blake3, format
+    2: sha256), and in format 1."""
     import shutil
 
     base = tmp_path_factory.mktemp("versions")
@@ -315,8 +319,21 @@ def versions(
         shutil.copyfile(path, src / path.name)
     root = base / "store"
     blocks = store.publish(src, root, bench_load.MODEL, block_size=ODD_BLOCK)
+    sha256_blocks = store.publish(
+        src, root, bench_load.MODEL, block_size=ODD_BLOCK, manifest_format=2
+    )
     format_1 = store.publish(src, root, bench_load.MODEL, manifest_format=1)
-    return {"blocks": (root, blocks), "format1": (root, format_1)}
+    return {
+        "blocks": (root, blocks),
+        "format2": (root, sha256_blocks),
+        "format1": (root, format_1),
+    }
+
+
+# Each block-digest version, with its algorithm.
+BLOCK_VERSIONS = pytest.mark.parametrize(
+    ("kind", "algorithm"), [("blocks", "blake3"), ("format2", "sha256")]
+)
 
 
 def _load_version(
@@ -341,16 +358,22 @@ def _load_version(
     return tensors
 
 
+@BLOCK_VERSIONS
 @pytest.mark.parametrize(("workers", "hash_threads"), [(1, 1), (2, 3)])
 def test_block_verified_stream_equals_load_file(
     checkpoint: bench_load.Checkpoint,
     versions: dict[str, tuple[Path, str]],
     workers: int,
     hash_threads: int,
+    kind: str,
+    algorithm: str,
 ) -> None:
-    root, version_id = versions["blocks"]
+    root, version_id = versions[kind]
     entries = store.read_manifest(root, bench_load.MODEL, version_id).files
-    assert all(e.blocks is not None and len(e.blocks.sha256) > 8 for e in entries)
+    assert all(
+        e.blocks is not None and e.blocks.algorithm == algorithm and len(e.blocks.digests) > 8
+        for e in entries
+    )
     assert weights.read_size(entries[0].blocks, ODD_CHUNK) == 4 * ODD_BLOCK
     reference = _reference(checkpoint)
     loaded = _load_version(root, version_id, workers=workers, hash_threads=hash_threads)
@@ -362,8 +385,11 @@ def test_block_verified_stream_equals_load_file(
         assert torch.equal(converted[name], tensor.float()), name
 
 
-def test_stream_results_carry_every_block_digest(versions: dict[str, tuple[Path, str]]) -> None:
-    root, version_id = versions["blocks"]
+@BLOCK_VERSIONS
+def test_stream_results_carry_every_block_digest(
+    versions: dict[str, tuple[Path, str]], kind: str, algorithm: str
+) -> None:
+    root, version_id = versions[kind]
     vdir = store.version_dir(root, bench_load.MODEL, version_id)
     entries = store.read_manifest(root, bench_load.MODEL, version_id).files
     jobs = [(vdir / e.path, []) for e in entries]  # no tensors wanted: hashing only
@@ -373,7 +399,8 @@ def test_stream_results_carry_every_block_digest(versions: dict[str, tuple[Path,
     for entry, result in zip(entries, results, strict=True):
         assert entry.blocks is not None
         assert result.size == entry.size
-        assert result.blocks == entry.blocks.sha256
+        assert entry.blocks.algorithm == algorithm
+        assert result.blocks == entry.blocks.digests
         assert result.sha256 is None
 
 
@@ -403,13 +430,14 @@ def test_format_1_version_still_loads(
 
 
 # -1: the middle of the file (tensor bytes); 8: the header's opening brace (no longer JSON).
+@BLOCK_VERSIONS
 @pytest.mark.parametrize("at", [-1, 8], ids=["tensor-bytes", "header"])
 def test_one_tampered_block_is_refused(
-    tmp_path: Path, versions: dict[str, tuple[Path, str]], at: int
+    tmp_path: Path, versions: dict[str, tuple[Path, str]], at: int, kind: str, algorithm: str
 ) -> None:
     import shutil
 
-    root, version_id = versions["blocks"]
+    root, version_id = versions[kind]
     copy = tmp_path / "store"
     shutil.copytree(root, copy)
     entry = store.read_manifest(copy, bench_load.MODEL, version_id).files[-1]
@@ -429,7 +457,7 @@ def test_one_tampered_block_is_refused(
 
     with pytest.raises(
         store.VerificationError,
-        match=rf"{name}: sha256 [0-9a-f]{{16}}… != manifest [0-9a-f]{{16}}… in block {block} "
+        match=rf"{name}: {algorithm} [0-9a-f]{{16}}… != manifest [0-9a-f]{{16}}… in block {block} "
         rf"\(bytes {block * ODD_BLOCK}\.\.{(block + 1) * ODD_BLOCK - 1}\)$",
     ):
         weights.load_weights(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from metalserve import store
@@ -163,7 +164,7 @@ class TestVerify:
         problems = store.verify_version(root, MODEL, version_id)
 
         assert len(problems) == 3
-        assert any(p.startswith("config.json: sha256") for p in problems)
+        assert any(p.startswith("config.json: blake3 ") for p in problems)
         assert "sub/tokenizer.json: missing" in problems
         assert any(p.startswith("stray.bin: extra") for p in problems)
 
@@ -181,7 +182,8 @@ class TestVerify:
         version_id = store.publish(src, root, MODEL)
         manifest = store.version_dir(root, MODEL, version_id) / "manifest.json"
         manifest.chmod(0o644)
-        manifest.write_bytes(manifest.read_bytes().replace(b'"format":2', b'"format":2 '))
+        # Still the same JSON, but no longer the canonical bytes the version id hashes.
+        manifest.write_bytes(manifest.read_bytes().replace(b'"files":', b'"files": ', 1))
         problems = store.verify_version(root, MODEL, version_id)
         assert problems
         assert problems[0].startswith("manifest.json")
@@ -247,30 +249,47 @@ def _flip(path: Path, offset: int) -> None:
         fh.write(bytes([byte[0] ^ 0x01]))
 
 
-def test_publish_records_block_digests(src: Path, root: Path) -> None:
+# Reference implementations of each format's block digests (not the store's own helpers).
+BLOCK_DIGESTS = {
+    2: ("sha256", lambda data: hashlib.sha256(data).hexdigest()),
+    3: ("blake3", lambda data: blake3.blake3(data).hexdigest()),
+}
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_publish_records_block_digests(src: Path, root: Path, fmt: int) -> None:
     (src / "empty.bin").write_bytes(b"")
-    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK, manifest_format=fmt)
+    algorithm, digest = BLOCK_DIGESTS[fmt]
 
     doc = _manifest_doc(root, version_id)
-    assert doc["format"] == 2
+    assert doc["format"] == fmt
     listed = {f["path"]: f for f in doc["files"]}
     weights = (src / "model.safetensors").read_bytes()
     entry = listed["model.safetensors"]
-    # The whole-file digest stays, for tooling that knows only format 1's fields.
+    # The whole-file sha256 stays (DESIGN.md's contract), for tooling that knows only format 1.
     assert entry["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert set(entry["blocks"]) == {"size", algorithm}
     assert entry["blocks"]["size"] == BLOCK
-    assert entry["blocks"]["sha256"] == [
-        hashlib.sha256(weights[i : i + BLOCK]).hexdigest() for i in range(0, len(weights), BLOCK)
+    assert entry["blocks"][algorithm] == [
+        digest(weights[i : i + BLOCK]) for i in range(0, len(weights), BLOCK)
     ]
-    assert len(entry["blocks"]["sha256"]) == 4
-    assert listed["config.json"]["blocks"]["sha256"] == [hashlib.sha256(b'{"a": 1}').hexdigest()]
-    assert listed["empty.bin"]["blocks"] == {"sha256": [], "size": BLOCK}
+    assert len(entry["blocks"][algorithm]) == 4
+    assert listed["config.json"]["blocks"][algorithm] == [digest(b'{"a": 1}')]
+    assert listed["empty.bin"]["blocks"] == {algorithm: [], "size": BLOCK}
     assert store.verify_version(root, MODEL, version_id) == []
     manifest = store.read_manifest(root, MODEL, version_id)
     # Re-reading and re-serializing gives the same bytes, so the same id.
     assert manifest.version_id == version_id
     # The default block size is part of the content: another size is another version.
-    assert store.publish(src, root, MODEL) != version_id
+    assert store.publish(src, root, MODEL, manifest_format=fmt) != version_id
+
+
+def test_publish_defaults_to_blake3_blocks(src: Path, root: Path) -> None:
+    doc = _manifest_doc(root, store.publish(src, root, MODEL))
+    assert doc["format"] == store.MANIFEST_FORMAT == 3
+    assert all(set(f["blocks"]) == {"size", "blake3"} for f in doc["files"])
+    assert {f["blocks"]["size"] for f in doc["files"]} == {store.BLOCK_SIZE}
 
 
 def test_verification_hashes_blocks_in_parallel(
@@ -282,31 +301,33 @@ def test_verification_hashes_blocks_in_parallel(
     threads: set[str] = set()
     hash_span = store.hash_span
 
-    def in_parallel(path: Path, begin: int, end: int) -> tuple[int, str]:
+    def in_parallel(path: Path, begin: int, end: int, algorithm: str) -> tuple[int, str]:
         threads.add(threading.current_thread().name)
         if path.name == "model.safetensors" and begin < 2 * BLOCK:
             barrier.wait()  # blocks 0 and 1 of the same file meet here
-        return hash_span(path, begin, end)
+        return hash_span(path, begin, end, algorithm)
 
     monkeypatch.setattr(store, "hash_span", in_parallel)
     assert store.verify_version(root, MODEL, version_id, threads=4) == []
     assert len(threads) >= 2
 
 
-def test_verify_names_the_tampered_block(src: Path, root: Path) -> None:
-    version_id = store.publish(src, root, MODEL, block_size=BLOCK)
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_verify_names_the_tampered_block(src: Path, root: Path, fmt: int) -> None:
+    version_id = store.publish(src, root, MODEL, block_size=BLOCK, manifest_format=fmt)
+    algorithm, digest = BLOCK_DIGESTS[fmt]
     weights = store.version_dir(root, MODEL, version_id) / "model.safetensors"
-    expected = _manifest_doc(root, version_id)["files"][1]["blocks"]["sha256"]
+    expected = _manifest_doc(root, version_id)["files"][1]["blocks"][algorithm]
     _flip(weights, 2 * BLOCK + 5)
 
     (problem,) = store.verify_version(root, MODEL, version_id, threads=3)
-    actual = hashlib.sha256(weights.read_bytes()[2 * BLOCK : 3 * BLOCK]).hexdigest()
+    actual = digest(weights.read_bytes()[2 * BLOCK : 3 * BLOCK])
     assert problem == (
-        f"model.safetensors: sha256 {actual[:16]}… != manifest {expected[2][:16]}… "
+        f"model.safetensors: {algorithm} {actual[:16]}… != manifest {expected[2][:16]}… "
         f"in block 2 (bytes {2 * BLOCK}..{3 * BLOCK - 1})"
     )
-    # The rollout test (molecule/cluster) greps `FAIL <file>: sha256 <hex>` from verify.
-    assert re.search(r"model[.]safetensors: sha256 [0-9a-f]+", problem)
+    # The rollout test (molecule/cluster) greps `FAIL <file>: blake3 <hex>` from verify.
+    assert re.search(rf"model[.]safetensors: {algorithm} [0-9a-f]+… != manifest", problem)
 
     _flip(weights, 3 * BLOCK + 1)  # the last, short block too
     (problem,) = store.verify_version(root, MODEL, version_id)
@@ -363,13 +384,14 @@ def test_format_1_manifests_keep_their_id_and_still_verify(src: Path, root: Path
 
 
 def _doc_with(**changes: Any) -> dict[str, Any]:
+    """A one-file format 3 manifest, changed: ``blocks_<key>=`` changes a key of 'blocks'."""
     entry: dict[str, Any] = {
         "path": "w.bin",
         "sha256": "a" * 64,
         "size": 10,
-        "blocks": {"size": 4096, "sha256": ["b" * 64]},
+        "blocks": {"size": 4096, "blake3": ["b" * 64]},
     }
-    fmt = changes.pop("format", 2)
+    fmt = changes.pop("format", 3)
     for key, value in changes.items():
         if key.startswith("blocks_"):
             entry["blocks"][key.removeprefix("blocks_")] = value
@@ -384,31 +406,33 @@ def _doc_with(**changes: Any) -> dict[str, Any]:
     ("doc", "message"),
     [
         (_doc_with(size=5000), r"w\.bin: 1 block digests, but 5000 bytes in blocks of 4096 make 2"),
-        (_doc_with(blocks_sha256=["b" * 64, "c" * 64]), r"w\.bin: 2 block digests, .* make 1"),
+        (_doc_with(blocks_blake3=["b" * 64, "c" * 64]), r"w\.bin: 2 block digests, .* make 1"),
         (_doc_with(size=0), r"w\.bin: 1 block digests, but 0 bytes .* make 0"),
         (
-            _doc_with(blocks_sha256=["B" * 64]),
+            _doc_with(blocks_blake3=["B" * 64]),
             r"w\.bin: block 0 digest 'BBB.*' is not 64 lowercase",
         ),
-        (_doc_with(blocks_sha256=["b" * 63]), r"w\.bin: block 0 digest .* is not 64 lowercase"),
-        (_doc_with(blocks_sha256=[7]), r"w\.bin: block 0 digest 7 is not 64 lowercase"),
-        (_doc_with(blocks_sha256="b" * 64), r"w\.bin: 'blocks' must be"),
+        (_doc_with(blocks_blake3=["b" * 63]), r"w\.bin: block 0 digest .* is not 64 lowercase"),
+        (_doc_with(blocks_blake3=[7]), r"w\.bin: block 0 digest 7 is not 64 lowercase"),
+        (_doc_with(blocks_blake3="b" * 64), r"w\.bin: 'blocks' must be"),
         (_doc_with(blocks_size="4096"), r"w\.bin: 'blocks' must be"),
         (_doc_with(blocks_size=True), r"w\.bin: 'blocks' must be"),
         (_doc_with(blocks_size=512), r"w\.bin: block size 512 is not an integer in 4096\.\."),
         (_doc_with(blocks_size=2**31), r"w\.bin: block size 2147483648 is not an integer in"),
-        (_doc_with(blocks=None), r"w\.bin: no 'blocks' \(format 2 lists block digests"),
-        (_doc_with(format=1), r"w\.bin: format 1 manifests have no 'blocks'"),
+        (_doc_with(blocks=None), r"w\.bin: no 'blocks' \(format 3 lists block digests"),
+        (_doc_with(format=1), r"w\.bin: 'blocks' must be absent \(format 1 has no block"),
+        # A format 2 manifest lists sha256 blocks: blake3 ones under format 2 are not read as such.
+        (_doc_with(format=2), r"w\.bin: 'blocks' must be \{\"size\": <int>, \"sha256\": "),
         (
-            _doc_with(format=3),
-            r"unsupported manifest format 3 \(this metalserve reads formats 1, 2\)",
+            _doc_with(format=4),
+            r"unsupported manifest format 4 \(this metalserve reads formats 1, 2, 3\)",
         ),
         (_doc_with(sha256="xyz"), r"w\.bin: sha256 'xyz' is not 64 lowercase hex digits"),
         (_doc_with(size=-1), r"w\.bin: size -1 is not a non-negative integer"),
         (_doc_with(size="10"), r"w\.bin: size '10' is not a non-negative integer"),
         (_doc_with(size=None), r"w\.bin: no 'size'"),
-        ({"format": 2, "files": {"w.bin": {}}}, r"'files' is not a list"),
-        ({"format": 2, "files": [_doc_with()["files"][0]] * 2}, r"'w\.bin' is listed twice"),
+        ({"format": 3, "files": {"w.bin": {}}}, r"'files' is not a list"),
+        ({"format": 3, "files": [_doc_with()["files"][0]] * 2}, r"'w\.bin' is listed twice"),
         ([], r"not a JSON object"),
     ],
 )
@@ -417,8 +441,17 @@ def test_malformed_manifests_name_the_problem(doc: Any, message: str) -> None:
         store.Manifest.parse(json.dumps(doc).encode())
 
 
+def test_manifests_built_in_code_get_the_same_checks() -> None:
+    entry = store.FileEntry("w.bin", 10, "a" * 64, store.Blocks(4096, ("b" * 64,), "sha256"))
+    with pytest.raises(store.StoreError, match=r"'sha256' block digests in a format 3 manifest"):
+        store.Manifest(files=(entry,), format=3)
+    assert store.Manifest(files=(entry,), format=2).files == (entry,)
+    with pytest.raises(store.StoreError, match=r"format 1 manifests have no 'blocks'"):
+        store.Manifest(files=(entry,), format=1)
+
+
 def test_a_valid_block_list_parses() -> None:
     manifest = store.Manifest.parse(json.dumps(_doc_with()).encode())
     (entry,) = manifest.files
-    assert entry.blocks == store.Blocks(4096, ("b" * 64,))
+    assert entry.blocks == store.Blocks(4096, ("b" * 64,), "blake3")
     assert entry.blocks.span(0, entry.size) == (0, 10)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "h2d", "sha256")
+LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "h2d", "hash")
 SERVE_ARMS = ("naive", "static", "server")
 GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted
 

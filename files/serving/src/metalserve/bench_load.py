@@ -9,9 +9,10 @@ dropped) and warm:
 * ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
 * ``ours_nohash``: the same without hashing, to show what verification costs;
 
-and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``sha256``: one core's
-hashing speed (the ceiling of verifying one whole file) and, as ``sha256_parallel``, that of
-hashing 16 MiB blocks on one thread per core (the ceiling of block verification). Every timed
+and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``hash``: for each block
+digest algorithm (``sha256``, ``blake3``) one core's hashing speed and, as ``<algorithm>_parallel``,
+that of hashing 16 MiB blocks on one thread per core (the ceiling of block verification; for
+sha256 also of format 1's whole-file hash, which one core computes). Every timed
 run starts with the device allocator's cache emptied, so every arm pays for its device memory like
 a fresh process does.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import math
 import os
@@ -40,13 +40,13 @@ from metalserve import bench_common, store, weights
 from metalserve.bench_common import GB
 
 MODEL = "bench-load"
-# Bump when the generated layout changes, so an old checkpoint is not reused (2: manifest format 2).
-CHECKPOINT_FORMAT = 2
+# Bump when the generated layout changes, so an old checkpoint is not reused (3: manifest format 3).
+CHECKPOINT_FORMAT = 3
 COLUMNS = 4096  # like a 4096-wide model: 32 MiB bf16 matrices plus small norm vectors
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut from
 H2D_BYTES = 1024**3
-SHA256_BYTES = 512 * 1024**2
-SHA256_PARALLEL_ROUNDS = 4  # sha256_parallel hashes SHA256_BYTES this many times per sample
+HASH_BYTES = 512 * 1024**2
+PARALLEL_ROUNDS = 4  # <algorithm>_parallel hashes HASH_BYTES this many times per sample
 FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
@@ -79,6 +79,7 @@ class Checkpoint:
     store_root: Path
     version_id: str
     entries: tuple[store.FileEntry, ...]
+    manifest_format: int
     total_bytes: int
     tensors: int
     reused: bool
@@ -161,10 +162,11 @@ def run(options: LoadOptions) -> dict[str, Any]:
             results[("h2d", "-")] = _h2d(device, min(H2D_BYTES, checkpoint.total_bytes), options)
         else:
             skipped["h2d"] = "pinned host-to-device copies need a CUDA device"
-    if "sha256" in options.arms:
-        size = min(SHA256_BYTES, checkpoint.total_bytes)
-        results[("sha256", "-")] = _sha256(size, options)
-        results[("sha256_parallel", "-")] = _sha256_parallel(size, options)
+    if "hash" in options.arms:
+        size = min(HASH_BYTES, checkpoint.total_bytes)
+        for algorithm in store.BLOCK_HASHERS:
+            results[(algorithm, "-")] = _hash_one_core(algorithm, size, options)
+            results[(f"{algorithm}_parallel", "-")] = _hash_parallel(algorithm, size, options)
 
     return _report(options, environment, checkpoint, results, skipped, cache_drop)
 
@@ -224,6 +226,7 @@ def _checkpoint(
         store_root=store_root,
         version_id=version_id,
         entries=entries,
+        manifest_format=manifest.format,
         total_bytes=sum(e.size for e in entries),
         tensors=int(doc.get("tensors", 0)),
         reused=reused,
@@ -396,31 +399,34 @@ def _h2d(device: torch.device, size: int, options: LoadOptions) -> Measurement:
     return measurement
 
 
-def _sha256(size: int, options: LoadOptions) -> Measurement:
+def _hash_one_core(algorithm: str, size: int, options: LoadOptions) -> Measurement:
+    """One digest over ``size`` bytes on the calling thread."""
     data = bytes(size)
-    measurement = Measurement("sha256", "-", size)
+    hasher = store.BLOCK_HASHERS[algorithm]
+    measurement = Measurement(algorithm, "-", size)
     for _ in range(options.repeats):
         started = time.perf_counter()
-        hashlib.sha256(data).digest()
+        hasher(data)
         measurement.seconds.append(time.perf_counter() - started)
-    _log(f"sha256: {measurement.gb_per_s:.2f} GB/s on one core")
+    _log(f"{algorithm}: {measurement.gb_per_s:.2f} GB/s on one core")
     return measurement
 
 
-def _sha256_parallel(size: int, options: LoadOptions) -> Measurement:
+def _hash_parallel(algorithm: str, size: int, options: LoadOptions) -> Measurement:
     """Blocks of store.BLOCK_SIZE hashed on one thread per core, like the loader's pool."""
     data = memoryview(bytes(size))
     blocks = [data[i : i + store.BLOCK_SIZE] for i in range(0, size, store.BLOCK_SIZE)]
+    hasher = store.BLOCK_HASHERS[algorithm]
     threads = options.hash_threads or store.default_threads()
-    measurement = Measurement("sha256_parallel", "-", size * SHA256_PARALLEL_ROUNDS)
+    measurement = Measurement(f"{algorithm}_parallel", "-", size * PARALLEL_ROUNDS)
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(store.sha256_hex, blocks))  # untimed: starts the threads
+        list(pool.map(hasher, blocks))  # untimed: starts the threads
         for _ in range(options.repeats):
             started = time.perf_counter()
-            for _ in range(SHA256_PARALLEL_ROUNDS):
-                list(pool.map(store.sha256_hex, blocks))
+            for _ in range(PARALLEL_ROUNDS):
+                list(pool.map(hasher, blocks))
             measurement.seconds.append(time.perf_counter() - started)
-    _log(f"sha256_parallel: {measurement.gb_per_s:.2f} GB/s on {threads} threads")
+    _log(f"{algorithm}_parallel: {measurement.gb_per_s:.2f} GB/s on {threads} threads")
     return measurement
 
 
@@ -461,6 +467,7 @@ def _report(
         "hash_overhead_pct_cold": overhead("cold"),
     }
     block_sizes = {e.blocks.size for e in checkpoint.entries if e.blocks is not None}
+    algorithms = {e.blocks.algorithm for e in checkpoint.entries if e.blocks is not None}
     return {
         "benchmark": "load",
         "environment": environment,
@@ -477,7 +484,7 @@ def _report(
             or weights.default_hash_threads(
                 options.workers or weights.default_workers(len(checkpoint.entries))
             ),
-            "sha256_parallel_threads": options.hash_threads or store.default_threads(),
+            "parallel_hash_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
             "caches": list(options.caches),
         },
@@ -488,8 +495,9 @@ def _report(
             "shards": len(checkpoint.entries),
             "tensors": checkpoint.tensors,
             "dtype": "bfloat16",
-            "manifest_format": 2 if block_sizes else 1,
+            "manifest_format": checkpoint.manifest_format,
             "block_bytes": sorted(block_sizes),
+            "block_algorithms": sorted(algorithms),
             "reused": checkpoint.reused,
             "prepare_seconds": round(checkpoint.seconds, 2),
             "filesystem": bench_common.filesystem_of(checkpoint.root),

@@ -151,8 +151,8 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         description="Generate (or reuse) a seeded bf16 checkpoint in a model store under --dir "
         "and time, cold and warm, a raw sequential read, safetensors.torch.load_file and our "
         "loader's weight path with and without hash verification; also pinned host-to-device "
-        "bandwidth and SHA-256 speed on one core and on all cores. Prints a table and the JSON "
-        "report.",
+        "bandwidth and SHA-256 and BLAKE3 speed on one core and on all cores. Prints a table "
+        "and the JSON report.",
     )
     load.add_argument(
         "--dir",
@@ -192,7 +192,7 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         type=bc.positive_int,
         default=None,
         help="threads hashing blocks while loading (default: cores - workers; "
-        "also sha256_parallel's threads, default: cores)",
+        "also the <algorithm>_parallel arms' threads, default: cores)",
     )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
     load.add_argument(

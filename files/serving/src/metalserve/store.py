@@ -6,19 +6,29 @@ Layout (see DESIGN.md, "Model store contract")::
     <store>/<model>/versions/<version_id>/<model files>
     <store>/<model>/.incoming-<random>/          (a publish in progress; never read)
 
-``manifest.json`` holds the canonical JSON (sorted keys, no spaces) of ``{"format": 2, "files":
-[{"path", "size", "sha256", "blocks": {"size", "sha256": [...]}}, ...]}`` with files sorted by
-path: besides the whole file's sha256, every file lists the sha256 of each of its fixed-size
-blocks (``BLOCK_SIZE`` bytes, the last one shorter), so that one file can be verified on many cores
-at once. The block digests are inside the manifest, so the version id covers them: a file whose
-size and every block match is proven as strongly as by its whole-file hash. Format 1 manifests
-(``{"format": 1, "files": [{"path", "sha256", "size"}, ...]}``, written before blocks existed)
-are still read, verified (whole-file hashes) and loaded; their version ids do not change. Only
-content goes in: no model name, no mtimes, no publish time, so identical content always gets the
-same ``version_id`` (the sha256 of those bytes) wherever and whenever it is published in the same
+``manifest.json`` holds the canonical JSON (sorted keys, no spaces) of ``{"format": 3, "files":
+[{"path", "size", "sha256", "blocks": {"size", "blake3": [...]}}, ...]}`` with files sorted by
+path: besides the whole file's sha256, every file lists a digest of each of its fixed-size blocks
+(``BLOCK_SIZE`` bytes, the last one shorter), so that one file can be verified on many cores at
+once. The block digests are inside the manifest, so the version id covers them: a file whose size
+and every block match is proven as strongly as by its whole-file hash.
+
+The formats differ only in the block digests' algorithm (the key that lists them):
+
+- 3 (what ``publish`` writes): BLAKE3 (256-bit, the ``blake3`` package). It costs about a quarter
+  of SHA-256's CPU time per byte, and verifying warm weights is CPU-bound: with SHA-256 blocks
+  hashing alone used the whole loading budget of a 16-core GPU host (BENCHMARKS.md).
+- 2: SHA-256 blocks.
+- 1 (``{"format": 1, "files": [{"path", "sha256", "size"}, ...]}``): no blocks; whole-file
+  hashes only.
+
+Older formats are still read, verified and loaded; their version ids do not change. Only content
+goes in: no model name, no mtimes, no publish time, so identical content always gets the same
+``version_id`` (the sha256 of those bytes) wherever and whenever it is published in the same
 format.
 
-This module only uses the standard library, so ``publish`` and ``verify`` stay fast to start.
+This module needs only the standard library and ``blake3`` (a small native extension), so
+``publish`` and ``verify`` stay fast to start.
 """
 
 from __future__ import annotations
@@ -40,11 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import blake3
+
 MANIFEST_NAME = "manifest.json"
-# What publish writes; read_manifest also reads format 1 (no block digests).
-MANIFEST_FORMAT = 2
-MANIFEST_FORMATS = (1, 2)
-# Block size of the per-block digests publish records. 16 MiB: one block hashes in about 11 ms on
+# What publish writes; read_manifest also reads the older formats.
+MANIFEST_FORMAT = 3
+MANIFEST_FORMATS = (1, 2, 3)
+# The algorithm of each format's block digests (format 1 has no blocks).
+BLOCK_ALGORITHMS = {2: "sha256", 3: "blake3"}
+# Block size of the per-block digests publish records. 16 MiB: one block hashes in a few ms on
 # one core (so scheduling costs nothing), a 2 GiB shard gives 128 blocks to spread over the cores,
 # the loader needs one 16 MiB host buffer per block being hashed, and the manifest grows by about
 # 4.3 kB per GiB of files (about 0.6 MB for 140 GB of weights).
@@ -91,10 +105,12 @@ class VerificationError(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class Blocks:
-    """The per-block digests of one file: block ``i`` is bytes ``[i * size, (i + 1) * size)``."""
+    """The per-block digests of one file: block ``i`` is bytes ``[i * size, (i + 1) * size)``,
+    hashed with ``algorithm`` (one of ``BLOCK_ALGORITHMS``' values)."""
 
     size: int
-    sha256: tuple[str, ...]
+    digests: tuple[str, ...]
+    algorithm: str
 
     def span(self, index: int, file_size: int) -> tuple[int, int]:
         """Byte range ``[begin, end)`` of block ``index`` in a file of ``file_size`` bytes."""
@@ -102,7 +118,7 @@ class Blocks:
         return begin, min(begin + self.size, file_size)
 
     def as_json(self) -> dict[str, Any]:
-        return {"sha256": list(self.sha256), "size": self.size}
+        return {self.algorithm: list(self.digests), "size": self.size}
 
 
 def block_count(file_size: int, block_size: int) -> int:
@@ -128,7 +144,7 @@ class FileEntry:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A version's file list. Format 2 lists block digests for every file; format 1 for none."""
+    """A version's file list. Formats 2 and 3 list block digests for every file; 1 for none."""
 
     files: tuple[FileEntry, ...]
     format: int = MANIFEST_FORMAT
@@ -175,12 +191,14 @@ class Manifest:
         files = doc.get("files")
         if not isinstance(files, list):
             raise StoreError("malformed manifest: 'files' is not a list")
+        algorithm = BLOCK_ALGORITHMS.get(fmt, "")
         return cls(
-            files=tuple(_parse_entry(number, f) for number, f in enumerate(files)), format=fmt
+            files=tuple(_parse_entry(number, f, algorithm) for number, f in enumerate(files)),
+            format=fmt,
         )
 
 
-def _parse_entry(number: int, doc: object) -> FileEntry:
+def _parse_entry(number: int, doc: object, algorithm: str) -> FileEntry:
     if not isinstance(doc, dict):
         raise StoreError(f"malformed manifest: files[{number}] is not an object")
     path = doc.get("path")
@@ -193,15 +211,17 @@ def _parse_entry(number: int, doc: object) -> FileEntry:
     if "blocks" in doc:
         raw = doc["blocks"]
         if (
-            not isinstance(raw, dict)
+            not algorithm
+            or not isinstance(raw, dict)
             or not _is_int(raw.get("size"))
-            or not isinstance(raw.get("sha256"), list)
+            or not isinstance(raw.get(algorithm), list)
         ):
+            shape = f'{{"size": <int>, "{algorithm}": [<hex digest>, ...]}}'
             raise StoreError(
                 f"malformed manifest: {path}: 'blocks' must be "
-                '{"size": <int>, "sha256": [<hex digest>, ...]}'
+                + (shape if algorithm else "absent (format 1 has no block digests)")
             )
-        blocks = Blocks(size=raw["size"], sha256=tuple(raw["sha256"]))
+        blocks = Blocks(size=raw["size"], digests=tuple(raw[algorithm]), algorithm=algorithm)
     # Checked by Manifest.__post_init__ (types too: a manifest built in code gets the same checks).
     return FileEntry(path=path, size=doc["size"], sha256=doc["sha256"], blocks=blocks)
 
@@ -221,22 +241,27 @@ def _check_entry_fields(entry: FileEntry, fmt: int) -> None:
     blocks = entry.blocks
     if fmt == 1:
         if blocks is not None:
-            raise StoreError(f"{where}: format 1 manifests have no 'blocks' (format 2 does)")
+            raise StoreError(f"{where}: format 1 manifests have no 'blocks' (formats 2-3 do)")
         return
     if blocks is None:
-        raise StoreError(f"{where}: no 'blocks' (format 2 lists block digests for every file)")
+        raise StoreError(f"{where}: no 'blocks' (format {fmt} lists block digests for every file)")
+    if blocks.algorithm != BLOCK_ALGORITHMS[fmt]:
+        raise StoreError(
+            f"{where}: {blocks.algorithm!r} block digests in a format {fmt} manifest "
+            f"(format {fmt} blocks are {BLOCK_ALGORITHMS[fmt]})"
+        )
     if not _is_int(blocks.size) or not MIN_BLOCK_SIZE <= blocks.size <= MAX_BLOCK_SIZE:
         raise StoreError(
             f"{where}: block size {blocks.size!r} is not an integer in "
             f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}"
         )
     expected = block_count(entry.size, blocks.size)
-    if len(blocks.sha256) != expected:
+    if len(blocks.digests) != expected:
         raise StoreError(
-            f"{where}: {len(blocks.sha256)} block digests, but {entry.size} bytes in blocks of "
+            f"{where}: {len(blocks.digests)} block digests, but {entry.size} bytes in blocks of "
             f"{blocks.size} make {expected}"
         )
-    for index, digest in enumerate(blocks.sha256):
+    for index, digest in enumerate(blocks.digests):
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise StoreError(
                 f"{where}: block {index} digest {digest!r} is not 64 lowercase hex digits"
@@ -352,13 +377,13 @@ def check_entry(entry: FileEntry, size: int, sha256: str) -> str | None:
 def check_blocks(entry: FileEntry, size: int, digests: Sequence[str]) -> str | None:
     """Like ``check_entry`` for a file verified block by block (``digests`` in block order).
 
-    The message starts like check_entry's (``<path>: sha256 <hex>… != manifest <hex>…``) and
-    names the first bad block, its byte range and how many others differ.
+    The message starts like check_entry's (``<path>: <algorithm> <hex>… != manifest <hex>…``)
+    and names the first bad block, its byte range and how many others differ.
     """
     assert entry.blocks is not None
     if size != entry.size:
         return f"{entry.path}: size {size} != manifest {entry.size}"
-    expected = entry.blocks.sha256
+    expected = entry.blocks.digests
     if len(digests) != len(expected):
         return f"{entry.path}: {len(digests)} blocks read, manifest lists {len(expected)}"
     bad = [i for i, (got, want) in enumerate(zip(digests, expected, strict=True)) if got != want]
@@ -368,7 +393,8 @@ def check_blocks(entry: FileEntry, size: int, digests: Sequence[str]) -> str | N
     begin, end = entry.blocks.span(first, entry.size)
     others = f"; {len(bad) - 1} more of its {len(expected)} blocks differ" if len(bad) > 1 else ""
     return (
-        f"{entry.path}: sha256 {digests[first][:16]}… != manifest {expected[first][:16]}… "
+        f"{entry.path}: {entry.blocks.algorithm} {digests[first][:16]}… "
+        f"!= manifest {expected[first][:16]}… "
         f"in block {first} (bytes {begin}..{end - 1}){others}"
     )
 
@@ -385,14 +411,26 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_span(path: Path, begin: int, end: int) -> tuple[int, str]:
-    """Bytes read and sha256 of ``path[begin:end]`` (fewer bytes if the file is shorter)."""
+def blake3_hex(data: bytes | memoryview) -> str:
+    # One thread per block (blake3's default): the callers hash many blocks at once, and blake3
+    # releases the GIL for large inputs as hashlib does.
+    return blake3.blake3(data).hexdigest()
+
+
+BLOCK_HASHERS: dict[str, Callable[[bytes | memoryview], str]] = {
+    "sha256": sha256_hex,
+    "blake3": blake3_hex,
+}
+
+
+def hash_span(path: Path, begin: int, end: int, algorithm: str = "sha256") -> tuple[int, str]:
+    """Bytes read and digest of ``path[begin:end]`` (fewer bytes if the file is shorter)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         data = _pread_full(fd, end - begin, begin)
     finally:
         os.close(fd)
-    return len(data), sha256_hex(data)
+    return len(data), BLOCK_HASHERS[algorithm](data)
 
 
 def verify_files(
@@ -420,9 +458,10 @@ def verify_files(
                     functools.partial(_whole_problem, entry, pool.submit(hash_file, path))
                 )
             else:
+                blocks = entry.blocks
                 spans = [
-                    pool.submit(hash_span, path, *entry.blocks.span(i, entry.size))
-                    for i in range(len(entry.blocks.sha256))
+                    pool.submit(hash_span, path, *blocks.span(i, entry.size), blocks.algorithm)
+                    for i in range(len(blocks.digests))
                 ]
                 checks.append(functools.partial(_block_problem, entry, spans))
         return [problem for check in checks if (problem := check())]
@@ -448,7 +487,7 @@ def verify_version(
     """Re-hash every file of a version; return the problems (empty when the version is intact).
 
     Each problem names its file: missing, extra (not in the manifest) or mismatched. Files with
-    block digests (format 2) are hashed block by block on ``threads`` threads (default: one per
+    block digests (formats 2-3) are hashed block by block on ``threads`` threads (default: one per
     core); format 1 files whole, several files at once.
     """
     root = version_dir(store, model, version_id)
@@ -484,8 +523,8 @@ def publish(
     Crash-safe: everything is written and fsynced under ``.incoming-<random>`` and only then
     renamed into ``versions/``, so readers never see a half-written version.
     ``on_file_copied`` is called after each file is copied (progress reporting, tests).
-    Format 2 (the default) records block digests of ``block_size`` bytes, hashed on ``threads``
-    threads beside the copy; ``manifest_format=1`` writes the old format (tests, comparisons).
+    Formats 2 and 3 (the default) record block digests of ``block_size`` bytes, hashed on
+    ``threads`` threads beside the copy; older formats are for tests and comparisons.
     """
     if manifest_format not in MANIFEST_FORMATS:
         raise StoreError(f"unsupported manifest format {manifest_format!r}")
@@ -508,7 +547,8 @@ def publish(
     try:
         entries = []
         for rel in files:
-            blocks = None if manifest_format == 1 else block_size
+            algorithm = BLOCK_ALGORITHMS.get(manifest_format)
+            blocks = (block_size, algorithm) if algorithm else None
             entries.append(_copy_hashed(src, incoming, rel, blocks, pool, 2 * workers))
             if on_file_copied is not None:
                 on_file_copied(rel)
@@ -566,16 +606,18 @@ def _copy_hashed(
     src_root: Path,
     dst_root: Path,
     rel: str,
-    block_size: int | None,
+    blocks_as: tuple[int, str] | None,
     pool: ThreadPoolExecutor,
     window: int,
 ) -> FileEntry:
-    """Copy one file and fsync it, hashing the whole file on the way and, with ``block_size``,
-    every block of it on ``pool`` (a few blocks in flight, so memory stays bounded)."""
+    """Copy one file and fsync it, hashing the whole file on the way and, with ``blocks_as``
+    (block size, algorithm), every block of it on ``pool`` (a few blocks in flight, so memory
+    stays bounded)."""
     dst = dst_root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
+    block_size, algorithm = blocks_as or (None, "")
     read_size = block_size or CHUNK_SIZE
     blocks: list[Future[str]] = []
     with (src_root / rel).open("rb", buffering=0) as fin, dst.open("xb", buffering=0) as fout:
@@ -585,11 +627,13 @@ def _copy_hashed(
             size += len(chunk)
             fout.write(chunk)
             if block_size is not None:
-                blocks.append(pool.submit(sha256_hex, chunk))
+                blocks.append(pool.submit(BLOCK_HASHERS[algorithm], chunk))
                 if len(blocks) > window:
                     blocks[-window - 1].result()  # bounds the chunks held by queued tasks
         os.fsync(fout.fileno())
-    hashed = Blocks(block_size, tuple(f.result() for f in blocks)) if block_size else None
+    hashed = (
+        Blocks(block_size, tuple(f.result() for f in blocks), algorithm) if block_size else None
+    )
     return FileEntry(path=rel, size=size, sha256=digest.hexdigest(), blocks=hashed)
 
 

@@ -2,17 +2,17 @@
 
 Each shard is read sequentially in large chunks into a few reused host buffers (pinned on CUDA)
 whose bytes are copied, ``non_blocking`` on a side CUDA stream, into the destination tensors the
-caller names, while the same buffer is hashed on other threads (hashlib releases the GIL for large
-buffers). The tensor layout comes from the safetensors header, parsed here (8-byte little-endian
-length + JSON), so no host copy of a tensor is ever materialized. Several shards are streamed at
-once, one reader thread each.
+caller names, while the same buffer is hashed on other threads (hashlib and blake3 release the
+GIL for large buffers). The tensor layout comes from the safetensors header, parsed here (8-byte
+little-endian length + JSON), so no host copy of a tensor is ever materialized. Several shards
+are streamed at once, one reader thread each.
 
-Hashing follows the manifest. With block digests (manifest format 2) every read is a whole number
-of blocks and every block is hashed as its own task on one pool of threads shared by all shards
-(the cores the readers leave): one SHA-256 runs at one core's speed (~1.5 GB/s, ~1 GB/s with every
-core busy), so only hashing many blocks at once keeps up with the copies. Format 1 entries (one
-sha256 per file) are hashed in order on one hasher thread per reader, as before: at most one core
-per shard.
+Hashing follows the manifest. With block digests (manifest formats 2 and 3) every read is a whole
+number of blocks and every block is hashed as its own task on one pool of threads shared by all
+shards (the cores the readers leave): one hash runs at one core's speed (SHA-256 ~1.5 GB/s, BLAKE3
+several times that), so only hashing many blocks at once keeps up with the copies. Format 1
+entries (one sha256 per file) are hashed in order on one hasher thread per reader, as before: at
+most one core per shard.
 
 Verification semantics are those of ``store.verify_files``: the bytes land in the destinations
 before their hashes are known, but ``load_weights`` returns only after every shard matched its
@@ -239,7 +239,7 @@ class _Job:
     blocks: store.Blocks | None  # the manifest's block digests: reads are whole blocks
     read_size: int
     ends: list[int] = field(init=False)
-    digests: dict[int, str] = field(default_factory=dict)  # block index -> sha256, as hashed
+    digests: dict[int, str] = field(default_factory=dict)  # block index -> digest, as hashed
 
     def __post_init__(self) -> None:
         self.ends = [t.spec.end for t in self.targets]
@@ -273,8 +273,10 @@ class _Slot:
             self.copied.synchronize()
 
 
-def _hash_block(digests: dict[int, str], index: int, data: memoryview) -> None:
-    digests[index] = hashlib.sha256(data).hexdigest()
+def _hash_block(
+    digests: dict[int, str], index: int, data: memoryview, hasher: Callable[[memoryview], str]
+) -> None:
+    digests[index] = hasher(data)
 
 
 class _Worker:
@@ -337,10 +339,11 @@ class _Worker:
                     # offset is a multiple of the block size: every read is whole blocks.
                     assert self.pool is not None
                     first = offset // blocks.size
+                    hasher = store.BLOCK_HASHERS[blocks.algorithm]
                     slot.hashed = [
                         self.pool.submit(
                             functools.partial(
-                                _hash_block, job.digests, first + number, slot.view[lo:hi]
+                                _hash_block, job.digests, first + number, slot.view[lo:hi], hasher
                             )
                         )
                         for number, lo in enumerate(range(0, count, blocks.size))
