@@ -3,6 +3,7 @@ path they measure (the GPU numbers live in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ def test_bench_load_measures_every_arm(load_run: tuple[dict[str, Any], str]) -> 
         assert len(m["seconds"]) == 2
     assert "CUDA" in report["skipped"]["h2d"]
     assert report["checkpoint"]["shards"] == 3
+    assert report["checkpoint"]["manifest_format"] == 3
+    assert report["checkpoint"]["block_algorithms"] == ["blake3"]
     assert report["checkpoint"]["bytes"] >= 0.02 * 2**30
     assert "posix_fadvise" in report["cache_drop"]["methods"]
     assert report["environment"]["device"] == "cpu"
@@ -182,6 +185,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bench_load.Checkpoin
     assert not first.reused
     assert again.version_id == first.version_id
     return again
+
+
+def test_another_manifest_format_regenerates_the_checkpoint(tmp_path: Path) -> None:
+    options = bench_load.LoadOptions(dir=tmp_path, size_gib=0.002, shards=1, device="cpu")
+    first = bench_load.prepare_checkpoint(options)
+    older = bench_load.prepare_checkpoint(dataclasses.replace(options, manifest_format=2))
+    assert (first.manifest_format, older.manifest_format) == (3, 2)
+    assert not older.reused
+    assert older.version_id != first.version_id
+    assert {e.blocks.algorithm for e in older.entries if e.blocks is not None} == {"sha256"}
+    assert store.list_versions(first.store_root, bench_load.MODEL) == [older.version_id]
 
 
 def _reference(checkpoint: bench_load.Checkpoint) -> dict[str, torch.Tensor]:

@@ -72,6 +72,7 @@ class LoadOptions:
     hash_threads: int | None = None
     seed: int = 0
     caches: tuple[str, ...] = CACHES
+    manifest_format: int = store.MANIFEST_FORMAT
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ def prepare_checkpoint(options: LoadOptions) -> Checkpoint:
         "size_bytes": _size_bytes(options.size_gib),
         "shards": options.shards,
         "seed": options.seed,
+        "manifest_format": options.manifest_format,
     }
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, store.StoreError):
         doc = json.loads(marker.read_text())
@@ -204,7 +206,7 @@ def prepare_checkpoint(options: LoadOptions) -> Checkpoint:
     src.mkdir()
     try:
         tensors = _write_shards(src, params["size_bytes"], options.shards, options.seed)
-        version_id = store.publish(src, store_root, MODEL)
+        version_id = store.publish(src, store_root, MODEL, manifest_format=options.manifest_format)
     finally:
         shutil.rmtree(src, ignore_errors=True)  # the store holds the only copy we need
     doc = {"params": params, "version_id": version_id, "tensors": tensors}

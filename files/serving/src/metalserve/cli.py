@@ -196,6 +196,14 @@ def _bench_load_arguments(benchmarks: Any) -> None:
     )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
     load.add_argument(
+        "--manifest-format",
+        type=int,
+        choices=store.MANIFEST_FORMATS,
+        default=store.MANIFEST_FORMAT,
+        help="the checkpoint's manifest format: 3 blake3 blocks (default), 2 sha256 blocks, "
+        "1 whole-file sha256 (another format than the one under --dir regenerates it)",
+    )
+    load.add_argument(
         "--caches",
         type=bc.arms_type(("cold", "warm")),
         default=("cold", "warm"),
@@ -442,6 +450,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         hash_threads=args.hash_threads,
         seed=args.seed,
         caches=args.caches,
+        manifest_format=args.manifest_format,
     )
     report = bench_load.run(options)
     return _print_report(bench_load.render(report), bench_common.write_report(report, args.out))
