@@ -326,7 +326,7 @@ def test_verify_names_the_tampered_block(src: Path, root: Path, fmt: int) -> Non
         f"model.safetensors: {algorithm} {actual[:16]}… != manifest {expected[2][:16]}… "
         f"in block 2 (bytes {2 * BLOCK}..{3 * BLOCK - 1})"
     )
-    # The rollout test (molecule/cluster) greps `FAIL <file>: blake3 <hex>` from verify.
+    # The rollout test (molecule/cluster) greps `FAIL <file>: blake3 <16 hex>` from verify.
     assert re.search(rf"model[.]safetensors: {algorithm} [0-9a-f]+… != manifest", problem)
 
     _flip(weights, 3 * BLOCK + 1)  # the last, short block too
