@@ -50,13 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish a model directory as an immutable version")
     publish.add_argument("src_dir", type=Path, metavar="SRC_DIR")
     _store_arguments(publish)
-    publish.add_argument(
-        "--manifest-format",
-        type=int,
-        choices=store.MANIFEST_FORMATS,
-        default=store.MANIFEST_FORMAT,
-        help="2 (default): per-file and per-block sha256, verified on every core; 1: per-file "
-        "sha256 only, readable by metalserve releases before format 2 (and the ids they gave)",
+    _manifest_format_argument(
+        publish, "older formats are readable by older metalserve releases (and keep their ids)"
     )
     publish.set_defaults(handler=cmd_publish)
 
@@ -195,13 +190,8 @@ def _bench_load_arguments(benchmarks: Any) -> None:
         "also the <algorithm>_parallel arms' threads, default: cores)",
     )
     load.add_argument("--seed", type=int, default=0, help="checkpoint contents")
-    load.add_argument(
-        "--manifest-format",
-        type=int,
-        choices=store.MANIFEST_FORMATS,
-        default=store.MANIFEST_FORMAT,
-        help="the checkpoint's manifest format: 3 blake3 blocks (default), 2 sha256 blocks, "
-        "1 whole-file sha256 (another format than the one under --dir regenerates it)",
+    _manifest_format_argument(
+        load, "another format than the checkpoint's under --dir regenerates it"
     )
     load.add_argument(
         "--caches",
@@ -288,6 +278,17 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
         default=model_default,
         required=not model_default,
         help="model name [METALSERVE_MODEL]",
+    )
+
+
+def _manifest_format_argument(parser: argparse.ArgumentParser, note: str) -> None:
+    parser.add_argument(
+        "--manifest-format",
+        type=int,
+        choices=store.MANIFEST_FORMATS,
+        default=store.MANIFEST_FORMAT,
+        help="3 (default): per-file sha256 and per-block blake3, verified on every core; "
+        f"2: per-block sha256 instead; 1: per-file sha256 only; {note}",
     )
 
 
