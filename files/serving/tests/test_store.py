@@ -256,6 +256,18 @@ BLOCK_DIGESTS = {
 }
 
 
+def test_block_hashers_give_the_standard_digests() -> None:
+    # Known answers from the SHA-256 and BLAKE3 specifications (empty input), so the manifests
+    # stay checkable by any implementation, not only by the library the store calls.
+    assert store.BLOCK_HASHERS["sha256"](b"") == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    assert store.BLOCK_HASHERS["blake3"](b"") == (
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    )
+    assert set(store.BLOCK_HASHERS) == set(store.BLOCK_ALGORITHMS.values())
+
+
 @pytest.mark.parametrize("fmt", [2, 3])
 def test_publish_records_block_digests(src: Path, root: Path, fmt: int) -> None:
     (src / "empty.bin").write_bytes(b"")

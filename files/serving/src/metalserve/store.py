@@ -76,6 +76,7 @@ STALE_INCOMING_SECONDS = 3600.0
 
 _VERSION_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHA256_RE = _VERSION_ID_RE
+_BLOCK_DIGEST_RE = _VERSION_ID_RE  # both block algorithms give 256-bit digests
 _PREFIX_RE = re.compile(r"^[0-9a-f]+$")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -262,7 +263,7 @@ def _check_entry_fields(entry: FileEntry, fmt: int) -> None:
             f"{blocks.size} make {expected}"
         )
     for index, digest in enumerate(blocks.digests):
-        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+        if not isinstance(digest, str) or not _BLOCK_DIGEST_RE.match(digest):
             raise StoreError(
                 f"{where}: block {index} digest {digest!r} is not 64 lowercase hex digits"
             )
@@ -423,8 +424,9 @@ BLOCK_HASHERS: dict[str, Callable[[bytes | memoryview], str]] = {
 }
 
 
-def hash_span(path: Path, begin: int, end: int, algorithm: str = "sha256") -> tuple[int, str]:
-    """Bytes read and digest of ``path[begin:end]`` (fewer bytes if the file is shorter)."""
+def hash_span(path: Path, begin: int, end: int, algorithm: str) -> tuple[int, str]:
+    """Bytes read and ``algorithm`` digest of ``path[begin:end]`` (fewer bytes if the file is
+    shorter)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         data = _pread_full(fd, end - begin, begin)
@@ -544,12 +546,13 @@ def publish(
     incoming.mkdir()
     workers = threads or default_threads()
     pool = ThreadPoolExecutor(workers, "metalserve-publish")
+    algorithm = BLOCK_ALGORITHMS.get(manifest_format)  # None: format 1, no blocks
     try:
         entries = []
         for rel in files:
-            algorithm = BLOCK_ALGORITHMS.get(manifest_format)
-            blocks = (block_size, algorithm) if algorithm else None
-            entries.append(_copy_hashed(src, incoming, rel, blocks, pool, 2 * workers))
+            entries.append(
+                _copy_hashed(src, incoming, rel, pool, 2 * workers, block_size, algorithm)
+            )
             if on_file_copied is not None:
                 on_file_copied(rel)
         manifest = Manifest(files=tuple(entries), format=manifest_format)
@@ -606,19 +609,19 @@ def _copy_hashed(
     src_root: Path,
     dst_root: Path,
     rel: str,
-    blocks_as: tuple[int, str] | None,
     pool: ThreadPoolExecutor,
     window: int,
+    block_size: int,
+    algorithm: str | None,
 ) -> FileEntry:
-    """Copy one file and fsync it, hashing the whole file on the way and, with ``blocks_as``
-    (block size, algorithm), every block of it on ``pool`` (a few blocks in flight, so memory
-    stays bounded)."""
+    """Copy one file and fsync it, hashing the whole file on the way and, with an
+    ``algorithm``, every ``block_size`` block of it on ``pool`` (a few blocks in flight, so
+    memory stays bounded)."""
     dst = dst_root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
-    block_size, algorithm = blocks_as or (None, "")
-    read_size = block_size or CHUNK_SIZE
+    read_size = block_size if algorithm else CHUNK_SIZE
     blocks: list[Future[str]] = []
     with (src_root / rel).open("rb", buffering=0) as fin, dst.open("xb", buffering=0) as fout:
         # Whole blocks (short reads are completed), so that the block boundaries are exact.
@@ -626,14 +629,12 @@ def _copy_hashed(
             digest.update(chunk)
             size += len(chunk)
             fout.write(chunk)
-            if block_size is not None:
+            if algorithm:
                 blocks.append(pool.submit(BLOCK_HASHERS[algorithm], chunk))
                 if len(blocks) > window:
                     blocks[-window - 1].result()  # bounds the chunks held by queued tasks
         os.fsync(fout.fileno())
-    hashed = (
-        Blocks(block_size, tuple(f.result() for f in blocks), algorithm) if block_size else None
-    )
+    hashed = Blocks(block_size, tuple(f.result() for f in blocks), algorithm) if algorithm else None
     return FileEntry(path=rel, size=size, sha256=digest.hexdigest(), blocks=hashed)
 
 
