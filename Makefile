@@ -11,7 +11,8 @@ export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-HOST_PACKAGES := podman runc netavark aardvark-dns debootstrap haproxy nftables python3-venv
+# What the host needs, the one list (README "The two commands").
+HOST_PACKAGES := podman runc netavark aardvark-dns iptables debootstrap haproxy python3-venv
 # torch's CPU wheel (see shared/LAB.md); pip also looks here through its config.
 TORCH_WHEELS ?= /opt/wheels
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
