@@ -77,13 +77,16 @@ constraints:
 LAB_ROOT := /var/lib/metalserve-lab
 TINY_MODEL := $(LAB_ROOT)/tiny-model-seed1
 
+# One lock for the whole build: a molecule run must not destroy the nodes
+# between two of its steps.
 lab: deps
-	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml
-	metalserve make-tiny-model $(TINY_MODEL) --seed 1
-	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/publish_model.yml -e model_dir=$(TINY_MODEL)
-	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
-	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/verify.yml
-	flock $(LAB_LOCK) ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/rollout_demo.yml
+	exec 9>$(LAB_LOCK); flock 9; \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml; \
+	metalserve make-tiny-model $(TINY_MODEL) --seed 1; \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/publish_model.yml -e model_dir=$(TINY_MODEL); \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml; \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/verify.yml; \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/rollout_demo.yml; \
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/usage.yml
 	@cat $(LAB_ROOT)/ROLLOUT.txt $(LAB_ROOT)/USAGE.txt
 

@@ -41,7 +41,7 @@ GOOD_VARS = {
 GOOD_GROUPS = {"gpu_nodes": ["gpu-a", "gpu-b"], "loadbalancers": ["lb-a"], "model_store": ["nfs-a"]}
 
 
-def write_inventory(directory: Path, groups: dict[str, list[str]], all_vars: dict[str, str]) -> Path:
+def write_inventory(directory: Path, groups: dict[str, list[str]], all_vars: dict[str, object]) -> Path:
     children = {name: {"hosts": dict.fromkeys(hosts) or None} for name, hosts in groups.items()}
     path = directory / "hosts.yml"
     path.write_text(yaml.safe_dump({"all": {"children": children, "vars": all_vars}}))

@@ -46,8 +46,16 @@ def _spec_value(value: Any, play: dict[str, Any], playbook: Path) -> dict[str, A
     raise AssertionError(f"{playbook.name}: {match.group(1)} is not defined in the play's vars or vars_files")
 
 
+def role_spec(role: str, entry_point: str) -> dict[str, Any]:
+    """The options of a role's entry point, which Ansible validates when the role is included."""
+    path = REPO / "roles" / role / "meta" / "argument_specs.yml"
+    entry = yaml.safe_load(path.read_text())["argument_specs"].get(entry_point) or {}
+    return dict(entry.get("options") or {})
+
+
 def declared_spec(playbook: Path) -> dict[str, Any]:
-    """Every option a playbook (and the playbooks it imports) validates with validate_argument_spec."""
+    """Every option a playbook (and the playbooks it imports) validates: its validate_argument_spec
+    tasks, and the argument specs of the role entry points it includes."""
     spec: dict[str, Any] = {}
     for play in yaml.safe_load(playbook.read_text()):
         if "ansible.builtin.import_playbook" in play:
@@ -59,6 +67,9 @@ def declared_spec(playbook: Path) -> dict[str, Any]:
             if "ansible.builtin.validate_argument_spec" in task:
                 args = task["ansible.builtin.validate_argument_spec"]
                 spec.update(_spec_value(args["argument_spec"], play, playbook))
+            included = task.get("ansible.builtin.include_role") or task.get("ansible.builtin.import_role")
+            if included:
+                spec.update(role_spec(included["name"], included.get("tasks_from", "main")))
     return spec
 
 
@@ -98,7 +109,16 @@ def test_every_template_playbook_exists(template: dict[str, Any]) -> None:
 
 def test_the_issue_s_templates_are_all_there() -> None:
     playbooks = {t["playbook"] for t in TEMPLATES}
-    for name in ("site", "deploy", "publish_model", "rolling_update", "rollback", "verify", "verify_gpu"):
+    for name in (
+        "site",
+        "deploy",
+        "publish_model",
+        "rolling_update",
+        "rollback",
+        "maintenance",
+        "verify",
+        "verify_gpu",
+    ):
         assert f"playbooks/{name}.yml" in playbooks
 
 
@@ -149,8 +169,8 @@ def test_survey_variables_are_declared_and_validated_by_the_playbook(template: d
 
 def test_a_wrong_type_is_refused_by_the_spec() -> None:
     spec = declared_spec(REPO / "playbooks" / "rolling_update.yml")
-    [errors] = spec_errors([(spec, {"rolling_update_canary": "perhaps"})])
-    assert errors and "rolling_update_canary" in errors[0]
+    [errors] = spec_errors([(spec, {"rollout_canary": "perhaps"})])
+    assert errors and "rollout_canary" in errors[0]
 
 
 # --- the playbooks themselves, fed AWX-shaped answers --------------------------------------
@@ -172,13 +192,14 @@ def survey_answers(name: str, **given: str) -> dict[str, Any]:
     [
         (
             "rolling_update.yml",
-            survey_answers("rolling_update", version_id="8386b9ac7214", rolling_update_canary="true"),
+            survey_answers("rolling_update", version_id="8386b9ac7214", rollout_canary="true"),
         ),
         (
             "rolling_update.yml",
-            survey_answers("rolling_update", version_id="8386b9ac7214", rolling_update_serial="50%"),
+            survey_answers("rolling_update", version_id="8386b9ac7214", rollout_serial="50%"),
         ),
-        ("rollback.yml", survey_answers("rollback", rolling_update_strategy="reload")),
+        ("rollback.yml", survey_answers("rollback", rollout_strategy="reload")),
+        ("maintenance.yml", survey_answers("maintenance", maintenance_reboot="true")),
         ("verify.yml", survey_answers("verify")),
         ("verify.yml", survey_answers("verify", verify_version="8386b9ac7214")),
         ("publish_model.yml", survey_answers("publish_model", model_dir="/srv/incoming/llama")),
@@ -198,16 +219,17 @@ def test_survey_answers_pass_the_playbook_checks(inventory: Path, playbook: str,
     [
         (
             "rolling_update.yml",
-            survey_answers("rolling_update", version_id="8386b9ac7214", rolling_update_serial="x"),
+            survey_answers("rolling_update", version_id="8386b9ac7214", rollout_serial="x"),
             "a host count or a percentage (got 'x')",
         ),
         (
             "rolling_update.yml",
-            survey_answers("rolling_update", version_id="8386b9ac7214", rolling_update_canary="maybe"),
-            "rolling_update_canary",
+            survey_answers("rolling_update", version_id="8386b9ac7214", rollout_canary="maybe"),
+            "rollout_canary",
         ),
         ("verify.yml", survey_answers("verify", verify_version="v2"), "verify_version must be a version id"),
         ("publish_model.yml", {}, "missing required arguments: model_dir"),
+        ("maintenance.yml", survey_answers("maintenance", maintenance_reboot="later"), "maintenance_reboot"),
     ],
 )
 def test_bad_answers_are_refused_before_any_host(

@@ -7,6 +7,9 @@ import json
 import os
 import subprocess
 
+import pytest
+import yaml
+
 from repo_helpers import BIN, REPO
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/24")
@@ -82,3 +85,18 @@ def test_example_inventory_has_the_same_groups_as_the_lab() -> None:
     assert not any(k.startswith("lab_") for hv in example_dump["_meta"]["hostvars"].values() for k in hv), (
         "lab_* settings belong to the lab inventory only"
     )
+
+
+@pytest.mark.parametrize("inventory", ["example", "lab"])
+def test_every_setting_is_one_a_role_or_the_preflight_reads(inventory: str) -> None:
+    """A knob renamed or removed in a role must not linger in an inventory, silently ignored."""
+    known = {"metalserve_model_name", "metalserve_store_export", "metalserve_store_mount", "metalserve_store_server"}
+    known |= {"metalserve_address"}  # the address other nodes use for a host, read by several roles
+    for spec in (REPO / "roles").glob("*/meta/argument_specs.yml"):
+        for entry in yaml.safe_load(spec.read_text())["argument_specs"].values():
+            known |= set((entry or {}).get("options") or {})
+    hostvars = inventory_dump(inventory)["_meta"]["hostvars"]
+    set_here = {name for variables in hostvars.values() for name in variables}
+    # ansible_* and vault_* are Ansible's and the vault's; lab_* build the lab (playbooks/lab/).
+    unknown = {name for name in set_here - known if not name.startswith(("ansible_", "vault_", "lab_"))}
+    assert not unknown, f"inventories/{inventory} sets variables no role or preflight reads: {sorted(unknown)}"

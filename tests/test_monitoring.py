@@ -29,7 +29,9 @@ RULES_TEST = ROLE / "tests" / "metalserve.rules.test.yml"
 DASHBOARD = REPO / "files" / "grafana" / "metalserve.json"
 DCGM_COUNTERS = REPO / "roles" / "nvidia_dcgm" / "files" / "metalserve-counters.csv"
 PROMTOOL = Path(os.environ.get("PROMTOOL", REPO / ".cache" / "promtool" / "usr" / "bin" / "promtool"))
-HAPROXY_BACKEND = yaml.safe_load((REPO / "roles" / "haproxy" / "vars" / "main.yml").read_text())["__haproxy_backend"]
+HAPROXY_BACKEND = yaml.safe_load((REPO / "roles" / "metalserve" / "defaults" / "main.yml").read_text())[
+    "metalserve_haproxy_backend"
+]
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -41,7 +43,9 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def render_rules(dest: Path, **overrides: object) -> Path:
     """Render the rules template with the role's defaults (and overrides), through Ansible."""
     extra = ["-e", json.dumps(overrides)] if overrides else []
-    variables = ["-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}", *extra]
+    shared = REPO / "roles" / "metalserve" / "defaults" / "main.yml"
+    variables = ["-e", f"@{shared}", "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}"]
+    variables += extra
     template = f"src={ROLE / 'templates' / 'metalserve.rules.yml.j2'} dest={dest / 'metalserve.rules.yml'}"
     local = ["localhost", "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={BIN / 'python'}"]
     result = subprocess.run(

@@ -73,6 +73,25 @@ def test_store_without_server_is_named(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({}, False),  # the defaults agree: the drain waits 10 s longer than HAProxy's server timeout
+        ({"lb_drain_timeout": 120}, True),  # a 300 s stream would outlive the drain
+        ({"lb_drain_timeout": 120, "lb_drain_cut_sessions": True}, False),  # cutting, on purpose
+        ({"lb_drain_timeout": 120, "metalserve_request_timeout": 100}, False),
+        ({"haproxy_timeout_server": "10m"}, True),  # HAProxy's own units: 600 s
+        ({"haproxy_timeout_server": "90000"}, False),  # no unit: milliseconds
+    ],
+)
+def test_drain_and_request_timeouts_must_agree(tmp_path: Path, settings: dict[str, object], refused: bool) -> None:
+    inventory = write_inventory(tmp_path, good_groups(), {**GOOD_VARS, **settings})
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    output = result.stdout + result.stderr
+    assert (result.returncode != 0) == refused, output
+    assert ("is shorter than the longest request HAProxy allows" in output) == refused, output
+
+
 def first_import(playbook: Path) -> str | None:
     plays = yaml.safe_load(playbook.read_text())
     return plays[0].get("ansible.builtin.import_playbook")
@@ -81,7 +100,7 @@ def first_import(playbook: Path) -> str | None:
 def test_entry_playbooks_import_preflight_first() -> None:
     """Every entry playbook's first play is the preflight, directly or through its first import."""
     for playbook in sorted((REPO / "playbooks").glob("*.yml")):
-        if playbook.name == "preflight.yml":
+        if playbook.name in ("preflight.yml", "wheel.yml"):  # imported parts, not entry points
             continue
         chain, current = [playbook.name], playbook
         while (target := first_import(current)) not in (None, "preflight.yml"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_helpers import run_playbook, unreachable_inventory
+from repo_helpers import GOOD_GROUPS, GOOD_VARS, run_playbook, unreachable_inventory, write_inventory
 
 
 @pytest.fixture
@@ -27,13 +27,11 @@ def rollout(inventory: Path, extra_vars: dict[str, object]) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("extra_vars", "named"),
     [
-        ({}, "version_id must be a version id or a unique prefix of 12+"),
-        ({"version_id": "latest"}, "(got 'latest'; publish_model.yml prints it)"),
-        ({"version_id": "8386b9ac"}, "(got '8386b9ac';"),
-        ({"version_id": "8386b9ac7214", "rolling_update_serial": "0"}, "a host count or a percentage (got '0')"),
-        ({"version_id": "8386b9ac7214", "rolling_update_serial": "150%"}, "(got '150%')"),
-        ({"version_id": "8386b9ac7214", "rolling_update_canary_weight": 0}, "the canary weight 1-100"),
-        ({"version_id": "8386b9ac7214", "rolling_update_canary_seconds": 1}, "its observation 5+ seconds"),
+        ({"version_id": "8386b9ac7214", "rollout_serial": "0"}, "a host count or a percentage (got '0')"),
+        ({"version_id": "8386b9ac7214", "rollout_serial": "150%"}, "(got '150%')"),
+        ({"version_id": "8386b9ac7214", "rollout_canary_weight": 0}, "the canary weight 1-100"),
+        ({"version_id": "8386b9ac7214", "rollout_canary_seconds": 1}, "its observation 5+ seconds"),
+        ({"rollout_rollback": True, "rollout_ready_timeout": 2}, "rollout_ready_timeout 10+ seconds"),
     ],
 )
 def test_bad_settings_are_named_before_any_host_is_contacted(
@@ -47,14 +45,46 @@ def test_bad_settings_are_named_before_any_host_is_contacted(
 
 
 @pytest.mark.parametrize(
+    ("version_id", "named"),
+    [
+        ("latest", "version_id on gpu-a must be a version id or a unique prefix of 12+"),
+        ("latest", "(got 'latest'; publish_model.yml prints it)"),
+        ("8386b9ac", "(got '8386b9ac';"),
+        ("8386B9AC7214", "lowercase hex"),
+    ],
+)
+def test_a_bad_version_is_named_before_any_host_is_contacted(inventory: Path, version_id: str, named: str) -> None:
+    code, output = rollout(inventory, {"version_id": version_id})
+    assert code != 0
+    assert named in output
+    assert "UNREACHABLE" not in output
+
+
+def test_the_target_defaults_to_the_inventory_pin(tmp_path: Path) -> None:
+    # No version_id: the pin is the target, checked like one given with -e.
+    bad_pin = write_inventory(
+        tmp_path, GOOD_GROUPS, {**GOOD_VARS, "model_replica_version": "latest", "ansible_host": "x.invalid"}
+    )
+    code, output = rollout(bad_pin, {})
+    assert code != 0
+    assert "model_replica_version (the inventory pin; -e version_id overrides it) on gpu-a must be" in output
+    assert "UNREACHABLE" not in output
+    # An empty answer (an AWX survey left blank) means the pin too.
+    code, output = rollout(unreachable_inventory(tmp_path), {"version_id": ""})
+    assert code != 0
+    assert "must be" not in output
+    assert "UNREACHABLE" in output
+
+
+@pytest.mark.parametrize(
     ("extra_vars", "named"),
     [
         (
-            {"rolling_update_strategy": "blue-green"},
-            "rolling_update_strategy must be one of: restart, reload, got: blue-green",
+            {"rollout_strategy": "blue-green"},
+            "rollout_strategy must be one of: restart, reload, got: blue-green",
         ),
-        ({"rolling_update_canary": "perhaps"}, "rolling_update_canary"),
-        ({"rolling_update_canary_seconds": "soon"}, "rolling_update_canary_seconds"),
+        ({"rollout_canary": "perhaps"}, "rollout_canary"),
+        ({"rollout_canary_seconds": "soon"}, "rollout_canary_seconds"),
     ],
 )
 def test_wrong_types_and_choices_are_named_before_any_host_is_contacted(
@@ -70,7 +100,7 @@ def test_wrong_types_and_choices_are_named_before_any_host_is_contacted(
 def test_good_settings_pass_the_check_and_only_then_reach_hosts(inventory: Path) -> None:
     # The same inventory with good settings gets past the check: the first host contact
     # (reading the version records) is what fails, so the refusals above came first.
-    code, output = rollout(inventory, {"version_id": "8386b9ac7214", "rolling_update_serial": "50%"})
+    code, output = rollout(inventory, {"version_id": "8386b9ac7214", "rollout_serial": "50%"})
     assert code != 0
     assert "Rollout settings are wrong" not in output
     assert "UNREACHABLE" in output

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metalserve import __version__, store
+from metalserve import __version__, faults, store
 from metalserve.engine import (
     Engine,
     Event,
@@ -666,6 +666,10 @@ def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
             raise ApiError(409, "another reload is in progress", code="reload_in_progress")
         async with replica.reload_lock:
             return await _reload(replica, body.version)
+
+    if settings.fault_injection:
+        log.warning("fault injection is on: POST /admin/fault/wedge-engine blocks the engine loop")
+        app.include_router(faults.router(replica, require_admin))
 
     return app
 

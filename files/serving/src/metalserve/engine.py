@@ -21,6 +21,15 @@ the current model (everything queued before the swap was requested) still run on
 batch is empty the engine switches (building the new model's batch, graphs included, outside the
 lock), and sequences prepared for the new model start. So no request fails or mixes models; new
 requests wait at most as long as the longest in-flight generation (plus the new batch's set-up).
+
+Liveness: the loop stamps a heartbeat (``heartbeat_age``) at the top of every iteration, between a
+prefill and its decode step, and around a model switch; an idle loop waits at most ``idle_wait``
+seconds, so the heartbeat advances while nothing happens too. The systemd watchdog pinger
+(``metalserve.sdnotify``) pings only while the heartbeat is fresh: a dead or wedged loop gets the
+process restarted. Model loads and warm-ups run on the loader's thread, never in this loop, so
+the longest gap between two beats is one forward pass (a prefill of up to ``max_batch_size``
+prompts) or one switch (building a static batch: its CUDA graphs, ~1-2 s). ``wedge`` (fault
+injection for lab proofs) blocks the loop on purpose.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
 # After this many consecutive failed steps the engine thread gives up, so /healthz reports the
 # replica dead and the supervisor restarts it instead of failing every request forever.
 MAX_CONSECUTIVE_FAILURES = 3
+# Longest wait of an idle engine loop: the heartbeat advances at least this often when idle.
+IDLE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,16 +474,20 @@ class Engine:
         step_delay: float = 0.0,
         decode_mode: str = "auto",
         flush_events: Callable[[], None] | None = None,
+        idle_wait: float = IDLE_WAIT_SECONDS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
+        if idle_wait <= 0:
+            raise ValueError("idle_wait must be > 0")
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.observer = observer
         self.step_delay = step_delay
         self.decode_mode = decode_mode
+        self.idle_wait = idle_wait
         # Called after every engine iteration: sinks may buffer events until then (one hand-off
         # to the event loop per step instead of one per token).
         self._flush_events = flush_events or (lambda: None)
@@ -487,6 +502,12 @@ class Engine:
         self._abort: str | None = None
         self._stopping = False
         self._forward_passes = 0
+        # Liveness: monotonic time of the loop's last sign of progress (engine thread writes).
+        self._heartbeat = time.monotonic()
+        # Fault injection: a pending wedge (seconds, and a future done once the loop is
+        # blocked), and the event that ends a wedge early (stop()).
+        self._wedge: tuple[float, concurrent.futures.Future[None]] | None = None
+        self._unwedge = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metalserve-engine", daemon=True)
 
     # --- API side (any thread) -------------------------------------------------------------
@@ -519,6 +540,13 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    def heartbeat_age(self) -> float:
+        """Seconds since the engine loop last made progress; infinite once its thread is gone
+        (or before it started)."""
+        if not self._thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self._heartbeat
+
     def start(self) -> None:
         self._thread.start()
 
@@ -529,6 +557,7 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._unwedge.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -562,6 +591,22 @@ class Engine:
             self._abort = message
             self._cond.notify_all()
 
+    def wedge(self, seconds: float) -> concurrent.futures.Future[None]:
+        """Fault injection: block the engine loop for ``seconds`` at its next iteration, without
+        heartbeat (the watchdog's proof). The future is done once the loop is blocked. Requests
+        wait meanwhile; ``stop()`` ends a wedge early."""
+        if seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise RuntimeError("the engine is not running")
+            if self._wedge is not None:
+                raise RuntimeError("a wedge is already pending")
+            self._wedge = (seconds, future)
+            self._cond.notify_all()
+        return future
+
     # --- engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -574,11 +619,18 @@ class Engine:
                 if self._pending is not None:
                     self._pending[1].set_exception(RuntimeError("the engine stopped"))
                     self._pending = None
+                if self._wedge is not None and self._wedge[1].set_running_or_notify_cancel():
+                    self._wedge[1].set_exception(RuntimeError("the engine stopped"))
+                self._wedge = None
             self._flush_events()
 
     def _loop(self) -> None:
         failures = 0
         while True:
+            self._beat()
+            if self._wedge is not None:
+                self._hold()
+                continue
             try:
                 with self._cond:
                     if self._stopping:
@@ -589,7 +641,8 @@ class Engine:
                     incoming = self._swap_due()
                     admitted = [] if incoming is not None else self._admit()
                     if incoming is None and not admitted and not self._batch:
-                        self._cond.wait(timeout=1.0)
+                        # Bounded: the heartbeat must advance while idle.
+                        self._cond.wait(timeout=self.idle_wait)
                         continue
                 if incoming is not None:
                     self._switch(*incoming)
@@ -612,11 +665,28 @@ class Engine:
             if self.step_delay:
                 time.sleep(self.step_delay)
 
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    def _hold(self) -> None:
+        """Fault injection: block this loop (no heartbeat) as a wedged step would."""
+        with self._cond:
+            wedge, self._wedge = self._wedge, None
+        if wedge is None:
+            return
+        seconds, blocked = wedge
+        log.warning("fault injection: the engine loop blocks for %.1fs", seconds)
+        if blocked.set_running_or_notify_cancel():  # else the caller stopped waiting for it
+            blocked.set_result(None)
+        self._unwedge.wait(seconds)
+        log.warning("fault injection: the engine loop resumes")
+
     def _step(self, admitted: list[Sequence]) -> None:
         assert self._batch is not None
         if admitted:
             self._batch.add(admitted)
             self._flush_events()  # first tokens go out before the decode step
+            self._beat()
         self._batch.step()
 
     def _admit(self) -> list[Sequence]:
@@ -660,7 +730,9 @@ class Engine:
     def _switch(
         self, bundle: LoadedModel, future: concurrent.futures.Future[LoadedModel | None]
     ) -> None:
+        self._beat()
         batch = self._new_batch(bundle)
+        self._beat()
         with self._cond:
             old = self._current
             self._current, self._batch, self._pending = bundle, batch, None

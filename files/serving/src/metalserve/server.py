@@ -3,6 +3,11 @@
 uvicorn's own handling stops listening at once. A replica behind HAProxy must instead keep
 answering: ``/readyz`` turns 503 immediately (so the health check takes it out of rotation), new
 inference requests get 503, requests in flight finish, and only then does uvicorn shut down.
+
+Under systemd (``$NOTIFY_SOCKET``, ``Type=notify``): ``READY=1`` once the port listens and the
+engine thread runs (weights load afterwards; ``/readyz`` tells when traffic may come),
+``STATUS=`` lines naming the phase, ``STOPPING=1`` when the drain begins, and ``WATCHDOG=1``
+only while the engine loop makes progress (``metalserve.sdnotify``).
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
+from metalserve import sdnotify
 from metalserve.api import Replica, create_app
 from metalserve.exitcodes import ExitCode
 from metalserve.settings import ServeSettings
@@ -32,11 +39,40 @@ class DrainingServer(uvicorn.Server):
     A second signal stops at once (a third SIGINT forces the exit, as in uvicorn).
     """
 
-    def __init__(self, config: uvicorn.Config, replica: Replica) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        replica: Replica,
+        notifier: sdnotify.Notifier | None = None,
+    ) -> None:
         super().__init__(config)
         self.replica = replica
+        self.notifier = notifier or sdnotify.Notifier(None)
+        self.watchdog: sdnotify.Watchdog | None = None
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started or self.should_exit or not self.notifier.enabled:
+            return
+        replica = self.replica
+        if not replica.engine.is_alive():
+            log.error("the engine thread is not running: not telling systemd we are ready")
+            return
+        self.watchdog = sdnotify.Watchdog(
+            self.notifier,
+            progress_age=replica.engine.heartbeat_age,
+            status=lambda: status_line(replica),
+        )
+        self.watchdog.ready()
+        self.watchdog.start()
+        if self.notifier.watchdog_interval is not None:
+            log.info(
+                "systemd watchdog: %.0fs; pinged while the engine loop beats within %.1fs",
+                self.notifier.watchdog_interval,
+                self.watchdog.stale_after,
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes: only flip flags here; on_tick (uvicorn's
@@ -58,6 +94,7 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         replica = self.replica
         timeout = replica.settings.drain_timeout
+        self.notifier.stopping(status_line(replica))
         log.info("waiting up to %.1fs for %d in-flight requests", timeout, replica.in_flight)
         if not await replica.wait_idle(timeout):
             log.warning("drain timeout: aborting %d in-flight requests", replica.in_flight)
@@ -67,9 +104,29 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def status_line(replica: Replica) -> str:
+    """The replica's phase in a few words, for systemd's STATUS= (``systemctl status``)."""
+    state = replica.state()
+    current = replica.engine.model
+    if state == "ready" and current is not None:
+        line = f"serving {current.name}@{current.short_id}"
+        return f"{line}; hot reload in progress" if replica.reload_lock.locked() else line
+    if state == "loading":
+        return f"loading {replica.settings.model}@{replica.version_id[:12]}"
+    if state == "failed":
+        return f"failed: {replica.failure}"
+    if state == "engine-dead":
+        return "the generation engine stopped"
+    return state  # draining
+
+
 def run(settings: ServeSettings, version_id: str) -> int:
     """Serve until drained or failed; return the process exit code."""
+    notifier = sdnotify.Notifier.from_environ()
     replica = Replica(settings, version_id)
+    if notifier.watchdog_interval is not None:
+        # The heartbeat must advance well within the pinger's freshness limit when idle.
+        replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)
     app = create_app(settings, replica)
     config = uvicorn.Config(
         app,
@@ -81,13 +138,18 @@ def run(settings: ServeSettings, version_id: str) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
-    server = DrainingServer(config, replica)
+    server = DrainingServer(config, replica, notifier)
 
     def stop_now() -> None:
         server.should_exit = True
 
     replica.on_fatal = stop_now
-    server.run()
+    try:
+        server.run()
+    finally:
+        if server.watchdog is not None:
+            server.watchdog.stop()
+        notifier.close()
     if replica.failure is not None:
         return int(replica.exit_code)
     return int(ExitCode.OK)

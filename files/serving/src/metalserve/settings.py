@@ -72,6 +72,11 @@ class ServeSettings(BaseSettings):
     debug_step_delay: float = Field(
         0.0, ge=0, le=10, description="sleep per engine step: simulates a slow device (tests)"
     )
+    fault_injection: bool = Field(
+        False,
+        description="enable POST /admin/fault/wedge-engine, which blocks the engine loop to prove "
+        "the systemd watchdog (lab proofs only; needs the admin token)",
+    )
 
     @property
     def batch_limit(self) -> int:

@@ -1,13 +1,15 @@
-"""Filters for the rolling update: read HAProxy's runtime API and judge a canary.
+"""Filters of the rollout role: HAProxy's runtime API, the canary verdict, the host record.
 
-Pure functions over text, typed, importable without Ansible (tests/test_haproxy_filters.py
-imports this file directly). Ansible finds it because it lies in filter_plugins/ next to
-the playbooks.
+Pure functions, typed, importable without Ansible (tests/test_rollout_filters.py imports this
+file directly). Ansible finds them in the role's filter_plugins/ while the role runs.
 
     metalserve_haproxy_stat(text) -> rows of ``show stat`` (CSV) as dicts, numbers as ints
     metalserve_canary_verdict(before, after, backend=..., canary=..., threshold=..., min_requests=...)
         -> the canary's and the baseline's error rates between two ``show stat`` samples,
            and whether the canary passes
+    metalserve_rollback_target(record) -> the version a rollback returns the host to ('' if none)
+    metalserve_record_done(record, version, rollback=..., reason=..., at=...)
+        -> the host record once ``version`` passed its gates there
 """
 
 from __future__ import annotations
@@ -111,9 +113,72 @@ def metalserve_canary_verdict(
     }
 
 
+# The host record (ansible_local.metalserve_rollout) says where a GPU node is:
+#   current_version   what its replicas were last switched to and passed the gates on
+#   previous_version  what they ran before that
+#   target_version    where a rollout is taking them; state: pending (not reached, or undone
+#                     by the canary) | switching (being switched, or a switch that failed) | done
+#   good_versions     every version that passed the gates there, oldest first
+#   rolled_back       versions a rollback moved the host away from: never a rollback's target
+#   last_rollback     {from, to, reason, at} of the latest rollback
+# Records written before good_versions existed are read as good_versions = [previous, current].
+
+
+def _good_versions(record: dict[str, Any]) -> list[str]:
+    if "good_versions" in record:
+        return [str(v) for v in record["good_versions"] if v]
+    return [str(v) for v in (record.get("previous_version"), record.get("current_version")) if v]
+
+
+def metalserve_rollback_target(record: dict[str, Any]) -> str:
+    """The version a rollback returns the host to, or '' when it has none.
+
+    A host the last rollout did not bring to its target (state pending: not reached, or undone
+    by the canary) or left half-switched (switching) goes back to (or stays on) its current
+    version, the last one that passed its gates there. A host whose last switch finished goes to
+    the newest other version that passed its gates there and was never rolled back from, so a
+    second rollback goes further back instead of flipping to the bad version.
+    """
+    current = str(record.get("current_version") or "")
+    if record.get("state", "done") != "done":
+        return current
+    excluded = {current, *map(str, record.get("rolled_back") or [])}
+    candidates = [v for v in _good_versions(record) if v not in excluded]
+    return candidates[-1] if candidates else ""
+
+
+def metalserve_record_done(
+    record: dict[str, Any], version: str, rollback: bool = False, reason: str = "", at: str = ""
+) -> dict[str, Any]:
+    """The host record once ``version`` passed its gates on the host.
+
+    A rollout that chose a version on purpose takes it off the rolled-back list; a rollback
+    puts the version it leaves on it, with the reason.
+    """
+    if not version:
+        raise ValueError("no version to record")
+    current = str(record.get("current_version") or "")
+    good = [v for v in _good_versions(record) if v != version] + [version]
+    rolled_back = [str(v) for v in record.get("rolled_back") or [] if v != version]
+    changes: dict[str, Any] = {
+        "current_version": version,
+        "previous_version": current if current and current != version else record.get("previous_version"),
+        "target_version": version,
+        "state": "done",
+        "good_versions": good,
+        "rolled_back": rolled_back,
+    }
+    if rollback and current and current != version:
+        changes["rolled_back"] = [*rolled_back, current]
+        changes["last_rollback"] = {"from": current, "to": version, "reason": reason, "at": at}
+    return {**record, **changes}
+
+
 class FilterModule:
     def filters(self) -> dict[str, Callable[..., Any]]:
         return {
             "metalserve_haproxy_stat": metalserve_haproxy_stat,
             "metalserve_canary_verdict": metalserve_canary_verdict,
+            "metalserve_rollback_target": metalserve_rollback_target,
+            "metalserve_record_done": metalserve_record_done,
         }

@@ -1,4 +1,4 @@
-"""playbooks/filter_plugins/metalserve_haproxy.py: HAProxy's `show stat` and the canary verdict.
+"""roles/rollout/filter_plugins/metalserve_rollout.py: `show stat`, the canary verdict, the record.
 
 The fixture tests/fixtures/haproxy/show_stat.csv is the real runtime API answer of the lab's
 lb1 (HAProxy 2.6, four replicas in metalserve_replicas) after a rolling update under load;
@@ -15,8 +15,8 @@ import pytest
 
 from repo_helpers import REPO
 
-sys.path.insert(0, str(REPO / "playbooks" / "filter_plugins"))
-import metalserve_haproxy as mh
+sys.path.insert(0, str(REPO / "roles" / "rollout" / "filter_plugins"))
+import metalserve_rollout as mh
 
 STAT = (REPO / "tests" / "fixtures" / "haproxy" / "show_stat.csv").read_text()
 BACKEND = "metalserve_replicas"
@@ -120,3 +120,68 @@ def test_ansible_finds_the_filters() -> None:
     filters = mh.FilterModule().filters()
     assert filters["metalserve_haproxy_stat"] is mh.metalserve_haproxy_stat
     assert filters["metalserve_canary_verdict"] is mh.metalserve_canary_verdict
+    assert filters["metalserve_rollback_target"] is mh.metalserve_rollback_target
+    assert filters["metalserve_record_done"] is mh.metalserve_record_done
+
+
+# --- the host record and rollback ------------------------------------------------------
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def rolled_out(*versions: str) -> dict[str, Any]:
+    """The record of a host deployed on the first version, then rolled out to each next one."""
+    record: dict[str, Any] = {}
+    for version in versions:
+        record = mh.metalserve_record_done(record, version)
+    return record
+
+
+def test_a_rollout_keeps_every_version_that_passed_its_gates() -> None:
+    record = rolled_out(A, B, C)
+    assert record["current_version"] == C
+    assert record["previous_version"] == B
+    assert record["good_versions"] == [A, B, C]
+    assert record["state"] == "done"
+    assert record["rolled_back"] == []
+
+
+def test_two_rollbacks_go_further_back_never_to_the_version_rolled_back() -> None:
+    record = rolled_out(A, B, C)
+    first = mh.metalserve_rollback_target(record)
+    assert first == B
+    record = mh.metalserve_record_done(record, first, rollback=True, reason="latency", at="t1")
+    assert record["rolled_back"] == [C]
+    assert record["last_rollback"] == {"from": C, "to": B, "reason": "latency", "at": "t1"}
+    second = mh.metalserve_rollback_target(record)
+    assert second == A  # not C: that one was rolled back
+    record = mh.metalserve_record_done(record, second, rollback=True)
+    assert record["rolled_back"] == [C, B]
+    assert mh.metalserve_rollback_target(record) == ""  # nothing older: the play says so
+
+
+def test_rolling_out_a_rolled_back_version_on_purpose_clears_it() -> None:
+    record = rolled_out(A, B)
+    record = mh.metalserve_record_done(record, A, rollback=True)
+    assert mh.metalserve_rollback_target(record) == ""
+    record = mh.metalserve_record_done(record, B)
+    assert record["rolled_back"] == []
+    assert mh.metalserve_rollback_target(record) == A
+
+
+def test_an_unfinished_switch_rolls_back_to_the_current_version() -> None:
+    record = {**rolled_out(A, B), "target_version": C, "state": "switching"}
+    assert mh.metalserve_rollback_target(record) == B
+    assert mh.metalserve_rollback_target({**record, "state": "pending"}) == B
+
+
+def test_records_from_before_good_versions_still_roll_back() -> None:
+    old = {"current_version": B, "previous_version": A, "state": "done"}
+    assert mh.metalserve_rollback_target(old) == A
+    assert mh.metalserve_rollback_target({"current_version": A, "state": "done"}) == ""
+    assert mh.metalserve_record_done(old, C)["good_versions"] == [A, B, C]
+
+
+def test_recording_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="no version"):
+        mh.metalserve_record_done({}, "")
