@@ -1,7 +1,8 @@
 """Shared fixtures: tiny models, a model store, and real ``metalserve serve`` processes.
 
 Server fixtures start the actual console script on a free loopback port and talk to it over HTTP;
-nothing end-to-end goes through an in-process test client.
+nothing end-to-end goes through an in-process test client. Every test that starts its own server
+builds the arguments with ``serve_args``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from hypothesis import configuration as hypothesis_configuration
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
+    from metalserve.engine import Engine
     from metalserve.loader import LoadedModel
 
 # Hypothesis keeps caches in ./.hypothesis by default: keep them out of the repository.
@@ -151,6 +154,22 @@ class Store:
     sources: dict[int, Path]
 
 
+def serve_args(
+    store: Store, *, version: str | None = None, **flags: str | float | Path | bool
+) -> list[str]:
+    """``metalserve serve`` arguments for a ``Server``: the store's model at ``version`` (default
+    v1), then one flag per keyword: ``drain_timeout=1`` is ``--drain-timeout 1``, True a bare
+    flag (``no_access_log=True``), False none."""
+    args = ["--store", str(store.root), "--model", MODEL, "--version", version or store.v1]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
+    return args
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     from metalserve.tiny_model import make_tiny_model
@@ -220,31 +239,21 @@ def servers(
     "reload": version 1, with an admin token (reload and consistency tests).
     """
     logs = tmp_path_factory.mktemp("server-logs")
-    common = ["--store", str(model_store.root), "--model", MODEL, "--no-access-log"]
     api = Server(
-        [
-            *common,
-            "--version",
-            model_store.v1[:12],
-            "--max-batch-size",
-            "8",
-            "--max-new-tokens",
-            "64",
-            "--max-prompt-tokens",
-            "256",
-        ],
+        serve_args(
+            model_store,
+            version=model_store.v1[:12],  # a prefix, resolved by the CLI
+            no_access_log=True,
+            max_batch_size=8,
+            max_new_tokens=64,
+            max_prompt_tokens=256,
+        ),
         logs / "api.log",
     )
     reload_server = Server(
-        [
-            *common,
-            "--version",
-            model_store.v1,
-            "--max-new-tokens",
-            "64",
-            "--admin-token-file",
-            str(admin_token_file),
-        ],
+        serve_args(
+            model_store, no_access_log=True, max_new_tokens=64, admin_token_file=admin_token_file
+        ),
         logs / "reload.log",
     )
     started = {"api": api.start(), "reload": reload_server.start()}
@@ -254,6 +263,18 @@ def servers(
     finally:
         for server in started.values():
             server.stop()
+
+
+@pytest.fixture
+def engine(v1: LoadedModel) -> Iterator[Engine]:
+    """A started engine serving v1, up to 4 sequences per batch."""
+    from metalserve.engine import Engine
+
+    eng = Engine(max_batch_size=4)
+    eng.start()
+    eng.swap(v1).result(timeout=10)
+    yield eng
+    eng.stop()
 
 
 @pytest.fixture(scope="session")
@@ -270,3 +291,34 @@ def reload_server(servers: dict[str, Server]) -> Server:
 def client(api_server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api_server.url, timeout=30.0) as http:
         yield http
+
+
+# --- talking to a server ----------------------------------------------------------------------
+
+GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_tokens": 12, "ignore_eos": True}
+
+
+def complete(client: httpx.Client, prompt: str | list[Any], **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/completions", json={**GREEDY, "prompt": prompt, **extra})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }

@@ -198,3 +198,50 @@ def test_store_commands_need_no_serving_stack(tmp_path: Path, model_dirs: dict[i
         assert "import of" not in result.stderr, result.stderr
     published = store.list_versions(Path(store_dir), MODEL)
     assert published, "publish without the serving stack published nothing"
+
+
+def test_product_commands_never_import_the_benchmarks(
+    tmp_path: Path, model_dirs: dict[int, Path]
+) -> None:
+    """metalserve.bench (load generator, benchmarks) is imported only by load and bench."""
+    program = (
+        "import sys\n"
+        "sys.modules['metalserve.bench'] = None  # any import of it now fails\n"
+        "from metalserve.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    store_dir = str(tmp_path / "store")
+    for command in (
+        ["--help"],
+        ["serve", "--help"],
+        ["publish", str(model_dirs[1]), "--store", store_dir, "--model", MODEL],
+        ["resolve", "--store", store_dir, "--model", MODEL, "--version", "0" * 12],
+        ["consistency", "--help"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", program, *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode in (0, ExitCode.VERSION_NOT_FOUND), (command, result.stderr)
+    assert store.list_versions(Path(store_dir), MODEL)
+    blocked = subprocess.run(
+        [sys.executable, "-c", program, "bench", "load", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "import of metalserve.bench halted" in blocked.stderr  # the block works
+
+
+def test_top_level_help_lists_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in (
+        "make-tiny-model", "publish", "verify", "resolve", "serve", "consistency", "load", "bench",
+    ):  # fmt: skip
+        assert command in result.stdout

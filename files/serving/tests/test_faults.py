@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, MODEL, Server, Store, wait_all_ready
+from conftest import ADMIN_TOKEN, MODEL, Server, Store, serve_args, wait_all_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -24,17 +24,7 @@ def faulty_server(
     model_store: Store, admin_token_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     server = Server(
-        [
-            "--store",
-            str(model_store.root),
-            "--model",
-            MODEL,
-            "--version",
-            model_store.v1,
-            "--admin-token-file",
-            str(admin_token_file),
-            "--fault-injection",
-        ],
+        serve_args(model_store, admin_token_file=admin_token_file, fault_injection=True),
         tmp_path_factory.mktemp("fault-logs") / "faulty.log",
     ).start()
     try:

@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 
 from conftest import METALSERVE, MODEL, Server, Store, free_port, run_cli
-from metalserve import loadgen
+from metalserve.bench import loadgen
+from metalserve.bench.loadgen import RequestResult
+from metalserve.bench.options import DEFAULT_PROMPTS, LoadSettings
 from metalserve.exitcodes import ExitCode
-from metalserve.loadgen import LoadSettings, RequestResult
 
 FINGERPRINT = re.compile(rf"^{re.escape(MODEL)}@[0-9a-f]{{12}}$")
 
@@ -392,22 +393,11 @@ def test_plan_covers_stream_and_greedy_combinations() -> None:
     bodies = [loadgen.request_body(i, settings, "m") for i in range(16)]
     combos = {(b["stream"], b["temperature"] == 0) for b in bodies[:4]}
     assert combos == {(True, True), (True, False), (False, True), (False, False)}
-    assert {b["prompt"] for b in bodies} == set(loadgen.DEFAULT_PROMPTS)
-    lengths = sorted(len(p.split()) for p in loadgen.DEFAULT_PROMPTS)
+    assert {b["prompt"] for b in bodies} == set(DEFAULT_PROMPTS)
+    lengths = sorted(len(p.split()) for p in DEFAULT_PROMPTS)
     assert lengths[0] < 10
     assert 40 <= lengths[-1] <= 70
     assert len(set(lengths)) == len(lengths)
-
-
-def test_nearest_rank_percentiles() -> None:
-    values = [float(v) for v in range(1, 101)]
-    assert loadgen.percentile(values, 50) == 50
-    assert loadgen.percentile(values, 99) == 99
-    assert loadgen.percentile(values, 100) == 100
-    assert loadgen.percentile([3.0], 99) == 3.0
-    assert loadgen.percentile([1.0, 2.0], 50) == 1.0
-    with pytest.raises(ValueError, match="no values"):
-        loadgen.percentile([], 50)
 
 
 def test_summary() -> None:

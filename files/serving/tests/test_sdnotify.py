@@ -21,7 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, MODEL, Server, Store, server_env, wait_all_ready
+from conftest import (
+    ADMIN_TOKEN,
+    MODEL,
+    Server,
+    Store,
+    serve_args,
+    server_env,
+    wait_all_ready,
+)
 from metalserve.engine import Engine, Event, Failed, Finished, Sequence
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
@@ -299,19 +307,12 @@ def test_server_notifies_ready_pings_and_stops(
     env = server_env()
     env.update(NOTIFY_SOCKET=receiver.address, WATCHDOG_USEC=str(int(SERVER_INTERVAL * 1e6)))
     server = Server(
-        [
-            "--store",
-            str(model_store.root),
-            "--model",
-            MODEL,
-            "--version",
-            model_store.v1,
-            "--admin-token-file",
-            str(admin_token_file),
-            "--fault-injection",
-            "--debug-step-delay",
-            "0.5",  # the warm-up takes > 2 s: READY=1 comes before /readyz turns 200
-        ],
+        serve_args(
+            model_store,
+            admin_token_file=admin_token_file,
+            fault_injection=True,
+            debug_step_delay=0.5,  # the warm-up takes > 2 s: READY=1 comes before /readyz turns 200
+        ),
         tmp_path / "notify.log",
         env=env,
     ).start()

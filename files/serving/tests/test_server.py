@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, Server, Store, wait_all_ready
+from conftest import MODEL, Server, Store, serve_args, wait_all_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -29,22 +29,17 @@ def slow_servers(
     model_store: Store, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Server]]:
     logs = tmp_path_factory.mktemp("slow-logs")
-    common = [
-        "--store",
-        str(model_store.root),
-        "--model",
-        MODEL,
-        "--version",
-        model_store.v1,
-        "--debug-step-delay",
-        str(STEP_DELAY),
-        "--max-new-tokens",
-        "100",
-    ]
-    started = {
-        "patient": Server([*common, "--drain-timeout", "30"], logs / "patient.log").start(),
-        "impatient": Server([*common, "--drain-timeout", "1"], logs / "impatient.log").start(),
-    }
+
+    def slow(drain_timeout: int, log: str) -> Server:
+        args = serve_args(
+            model_store,
+            debug_step_delay=STEP_DELAY,
+            max_new_tokens=100,
+            drain_timeout=drain_timeout,
+        )
+        return Server(args, logs / log).start()
+
+    started = {"patient": slow(30, "patient.log"), "impatient": slow(1, "impatient.log")}
     try:
         wait_all_ready(*started.values())
         yield started
@@ -160,16 +155,7 @@ def test_drain_timeout_aborts_and_exits_zero(slow_servers: dict[str, Server]) ->
 def test_sigterm_while_loading_exits_at_once(model_store: Store, tmp_path: Path) -> None:
     """A replica stopped before it is ready must not wait for its model load to finish."""
     server = Server(
-        [
-            "--store",
-            str(model_store.root),
-            "--model",
-            MODEL,
-            "--version",
-            model_store.v1,
-            "--debug-step-delay",
-            "2",
-        ],  # warm-up alone takes 4 x 2 s
+        serve_args(model_store, debug_step_delay=2),  # warm-up alone takes 4 x 2 s
         tmp_path / "loading.log",
     ).start()
     assert server.proc is not None

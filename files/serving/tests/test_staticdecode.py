@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -10,12 +9,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from metalserve import api, staticdecode
-from metalserve.api import EventRelay
-from metalserve.engine import Engine, Finished, StaticBatch, generate_once
+from engine_helpers import GREEDY, PROMPTS, alone, submit
+from metalserve import staticdecode
+from metalserve.engine import DynamicBatch, Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
-from test_engine import GREEDY, PROMPTS, alone, submit
 
 
 def test_buckets() -> None:
@@ -215,7 +213,7 @@ def test_swap_between_static_models(v1: LoadedModel, v2: LoadedModel) -> None:
 
 
 def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
-    assert Engine()._new_batch(v1).__class__.__name__ == "Batch"  # auto on CPU: dynamic
+    assert type(Engine()._new_batch(v1)) is DynamicBatch  # auto on CPU: dynamic
     with caplog.at_level(logging.WARNING):
         batch = Engine(decode_mode="cuda-graphs")._new_batch(v1)
     assert isinstance(batch, StaticBatch)
@@ -229,7 +227,7 @@ def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         batch = Engine(decode_mode="static")._new_batch(odd)
-    assert batch.__class__.__name__ == "Batch"
+    assert type(batch) is DynamicBatch
     assert "gpt2" in caplog.text
     with pytest.raises(ValueError, match="decode_mode"):
         Engine(decode_mode="fast")
@@ -238,29 +236,3 @@ def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture
 def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:
     ids = v1.encode(PROMPTS[0], add_special_tokens=True)
     assert generate_once(v1, ids, GREEDY) == alone(v1, PROMPTS[0])
-
-
-def test_event_relay_hands_over_once_per_flush() -> None:
-    async def main() -> list[tuple[int, str]]:
-        loop = asyncio.get_running_loop()
-        relay = EventRelay()
-        calls = 0
-        original = loop.call_soon_threadsafe
-
-        def counting(*args: object) -> object:
-            nonlocal calls
-            calls += args[0] is api._deliver  # to_thread hands its result over this way too
-            return original(*args)  # type: ignore[arg-type]
-
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        queues: list[asyncio.Queue[tuple[int, str]]] = [asyncio.Queue() for _ in range(3)]
-        for step in range(2):
-            for index, queue in enumerate(queues):
-                relay.push(loop, queue, (index, f"token{step}"))
-            await asyncio.to_thread(relay.flush)  # the engine thread flushes
-        relay.flush()  # nothing pending: no hand-off
-        await asyncio.sleep(0)
-        assert calls == 2
-        return [queues[1].get_nowait(), queues[1].get_nowait()]
-
-    assert asyncio.run(main()) == [(1, "token0"), (1, "token1")]

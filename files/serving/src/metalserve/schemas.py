@@ -135,6 +135,16 @@ class AdminReloadRequest(_Request):
     version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
+WEDGE_MAX_SECONDS = 3600.0
+
+
+# POST /admin/fault/wedge-engine, only with --fault-injection (see metalserve.api.admin).
+class WedgeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    seconds: float = Field(gt=0, le=WEDGE_MAX_SECONDS)
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 

@@ -21,8 +21,9 @@ from types import FrameType
 import uvicorn
 
 from metalserve import sdnotify
-from metalserve.api import Replica, create_app
+from metalserve.api import create_app
 from metalserve.exitcodes import ExitCode
+from metalserve.replica import Replica
 from metalserve.settings import ServeSettings
 
 log = logging.getLogger(__name__)

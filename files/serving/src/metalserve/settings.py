@@ -1,19 +1,19 @@
-"""Typed settings of ``metalserve serve``: command-line flags over METALSERVE_* environment.
+"""Typed settings of the ``metalserve`` commands (the benchmarks': ``metalserve.bench.options``).
 
-Every field is both a flag (``--max-batch-size``) and an environment variable
-(``METALSERVE_MAX_BATCH_SIZE``); a flag given on the command line wins. The argparse flags are
-generated from the fields, so the two can never drift apart.
+One pydantic-settings model per command; ``metalserve.flags`` makes their command-line flags.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from metalserve import store
+from metalserve.flags import Arg, CommandSettings
 from metalserve.loader import validate_device
 
 ENV_PREFIX = "METALSERVE_"
@@ -23,7 +23,44 @@ CUDA_MAX_BATCH_SIZE = 64
 CPU_MAX_BATCH_SIZE = 16
 
 
+def env_name(field: str) -> str:
+    """The environment variable of a ``ServeSettings`` field."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+# --- types shared by several commands -----------------------------------------------------
+
+
+def device_type(value: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``."""
+    try:
+        return validate_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def manifest_format_field(note: str) -> Any:
+    """The ``--manifest-format`` field (publish, bench load): the same help but its last note."""
+    return Field(
+        store.MANIFEST_FORMAT,
+        description="3 (default): per-file sha256 and per-block blake3, verified on every core; "
+        f"2: per-block sha256 instead; 1: per-file sha256 only; {note}",
+    )
+
+
+ManifestFormat = Annotated[int, Arg(choices=store.MANIFEST_FORMATS)]
+StoreRoot = Annotated[Path, Arg(env="METALSERVE_STORE")]
+ModelName = Annotated[str, Arg(env="METALSERVE_MODEL")]
+STORE_HELP = "model store root [METALSERVE_STORE]"
+MODEL_HELP = "model name [METALSERVE_MODEL]"
+
+
+# --- metalserve serve -----------------------------------------------------------------------
+
+
 class ServeSettings(BaseSettings):
+    """``metalserve serve``: every field a flag and a METALSERVE_<FIELD> environment variable."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, protected_namespaces=()
     )
@@ -96,23 +133,52 @@ class ServeSettings(BaseSettings):
         return value.strip().lower()
 
 
-def env_name(field: str) -> str:
-    return f"{ENV_PREFIX}{field.upper()}"
+# --- the store and client commands ----------------------------------------------------------
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per settings field; absent flags stay absent so the environment applies."""
-    for name, info in ServeSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = "required" if info.is_required() else f"default: {info.default}"
-        help_text = f"{info.description} [{env_name(name)}; {default}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if info.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, metavar=name.upper(), **kwargs)
+class MakeTinyModelSettings(CommandSettings):
+    """``metalserve make-tiny-model``."""
+
+    out_dir: Annotated[Path, Arg(positional=True, metavar="OUT_DIR")]
+    seed: int = Field(0, description="weights seed (default: 0)")
 
 
-def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields}
-    return ServeSettings(**given)
+class PublishSettings(CommandSettings):
+    """``metalserve publish``."""
+
+    src_dir: Annotated[Path, Arg(positional=True, metavar="SRC_DIR")]
+    store: StoreRoot = Field(description=STORE_HELP)
+    model: ModelName = Field(description=MODEL_HELP)
+    manifest_format: ManifestFormat = manifest_format_field(
+        "older formats are readable by older metalserve releases (and keep their ids)"
+    )
+
+
+class VerifySettings(CommandSettings):
+    """``metalserve verify``."""
+
+    store: StoreRoot = Field(description=STORE_HELP)
+    model: ModelName = Field(description=MODEL_HELP)
+    version_ref: Annotated[str, Arg(flag="--version", metavar="ID")] = Field(
+        description="version id or unique prefix (>= 12 hex digits)"
+    )
+
+
+class ResolveSettings(CommandSettings):
+    """``metalserve resolve``."""
+
+    store: StoreRoot = Field(description=STORE_HELP)
+    model: ModelName = Field(description=MODEL_HELP)
+    version_ref: Annotated[str, Arg(flag="--version", metavar="ID")]
+
+
+class ConsistencySettings(CommandSettings):
+    """``metalserve consistency``."""
+
+    urls: Annotated[list[str], Arg(positional=True, nargs="+", metavar="URL")] = Field(
+        description="replica base URL"
+    )
+    prompt: str | None = Field(None, description="prompt to send")
+    model: str | None = Field(None, description="model id (default: from /version)")
+    max_tokens: int | None = None
+    timeout: float = Field(60.0, description="seconds per request")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
-import functools
 import hashlib
 import io
 import itertools
@@ -36,7 +35,6 @@ import json
 import os
 import queue
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
@@ -46,6 +44,7 @@ from pathlib import Path
 import torch
 
 from metalserve import store
+from metalserve.threads import DaemonExecutor
 
 # The safetensors library refuses larger headers too.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -166,44 +165,6 @@ def read_header(path: Path) -> list[TensorSpec]:
 # --- streaming --------------------------------------------------------------------------------
 
 
-class _Executor:
-    """Runs submitted calls on ``threads`` daemon threads (in submission order when it is 1).
-
-    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a SIGTERM during a
-    long load would wait for the load to finish (see api.in_daemon_thread).
-    """
-
-    def __init__(self, name: str, threads: int = 1) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._threads = threads
-        for number in range(threads):
-            thread_name = name if threads == 1 else f"{name}-{number}"
-            threading.Thread(target=self._run, name=thread_name, daemon=True).start()
-
-    def submit(self, fn: Callable[[], None]) -> Future[None]:
-        future: Future[None] = Future()
-        self._calls.put((future, fn))
-        return future
-
-    def shutdown(self) -> None:
-        for _ in range(self._threads):
-            self._calls.put(None)
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
-
-
 @dataclass(eq=False)
 class _Target:
     """Where one tensor's bytes go: straight into the destination, or via a staging buffer when
@@ -291,14 +252,14 @@ class _Worker:
         slots: int,
         *,
         verify: bool,
-        pool: _Executor | None,
+        pool: DaemonExecutor | None,
     ) -> None:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots = [_Slot(slot_size, pinned=self.cuda) for _ in range(slots)]
         self.verify = verify
         self.pool = pool
-        self.hasher: _Executor | None = None  # for whole-file digests, started when needed
+        self.hasher: DaemonExecutor | None = None  # for whole-file digests, started when needed
 
     def run(self, jobs: queue.SimpleQueue[_Job], results: list[StreamResult | None]) -> None:
         with torch.no_grad():  # grad mode is per thread, and destinations may be parameters
@@ -323,7 +284,7 @@ class _Worker:
         if self.verify and blocks is None:
             digest = hashlib.sha256()
             if self.hasher is None:
-                self.hasher = _Executor("metalserve-hash")
+                self.hasher = DaemonExecutor("metalserve-hash")
         offset = 0
         with job.path.open("rb", buffering=0) as fh:
             if hasattr(os, "posix_fadvise"):
@@ -342,17 +303,13 @@ class _Worker:
                     hasher = store.BLOCK_HASHERS[blocks.algorithm]
                     slot.hashed = [
                         self.pool.submit(
-                            functools.partial(
-                                _hash_block, job.digests, first + number, slot.view[lo:hi], hasher
-                            )
+                            _hash_block, job.digests, first + number, slot.view[lo:hi], hasher
                         )
                         for number, lo in enumerate(range(0, count, blocks.size))
                         for hi in (min(lo + blocks.size, count),)
                     ]
                 elif digest is not None and self.hasher is not None:
-                    slot.hashed = [
-                        self.hasher.submit(functools.partial(digest.update, slot.view[:count]))
-                    ]
+                    slot.hashed = [self.hasher.submit(digest.update, slot.view[:count])]
                 self._scatter(job, slot, count, offset)
                 offset += count
         for slot in self.slots:
@@ -461,7 +418,7 @@ def stream_shards(
     slots = BUFFERS_PER_WORKER
     if verify and any(job.blocks is not None for job in built):
         threads = hash_threads or default_hash_threads(count)
-        pool = _Executor("metalserve-hash-block", threads)
+        pool = DaemonExecutor("metalserve-hash-block", threads)
         # Enough buffers that the readers together keep every hashing thread busy (capped: each
         # is a pinned block-sized buffer).
         slots = max(BUFFERS_PER_WORKER, min(-(-threads // count) + 2, MAX_BUFFERS_PER_WORKER))
@@ -473,16 +430,8 @@ def stream_shards(
         stream_workers = [
             _Worker(device, slot_size, slots, verify=verify, pool=pool) for _ in range(count)
         ]
-        done: list[Future[None]] = []
-        for number, worker in enumerate(stream_workers):
-            future: Future[None] = Future()
-            done.append(future)
-            threading.Thread(
-                target=_run_worker,
-                args=(worker, pending, results, future),
-                name=f"metalserve-read-{number}",
-                daemon=True,  # see _Executor
-            ).start()
+        with DaemonExecutor("metalserve-read", count) as readers:
+            done = [readers.submit(_run_worker, w, pending, results) for w in stream_workers]
         for future in done:
             future.exception()  # wait for every worker before raising: none may still write
         for future in done:
@@ -496,23 +445,18 @@ def stream_shards(
 
 
 def _run_worker(
-    worker: _Worker,
-    jobs: queue.SimpleQueue[_Job],
-    results: list[StreamResult | None],
-    future: Future[None],
+    worker: _Worker, jobs: queue.SimpleQueue[_Job], results: list[StreamResult | None]
 ) -> None:
     try:
         worker.run(jobs, results)
-    except BaseException as exc:  # noqa: BLE001 - handed to stream_shards through the future
+    except BaseException:
         # Empty the queue so that the other workers stop after their current shard.
         with contextlib.suppress(queue.Empty):
             while True:
                 jobs.get_nowait()
-        worker.close()  # before reporting: no copy may still be in flight then
-        future.set_exception(exc)
-    else:
+        raise  # once the finally closed the worker: no copy may still be in flight then
+    finally:
         worker.close()
-        future.set_result(None)
 
 
 def _target(spec: TensorSpec, dest: torch.Tensor, device: torch.device) -> _Target:

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,10 @@ from typing import Any
 
 import torch
 
-from metalserve import bench_common, store, weights
-from metalserve.bench_common import GB
+from metalserve import store, weights
+from metalserve.bench import common
+from metalserve.bench.common import GB
+from metalserve.bench.options import BenchLoadSettings
 
 MODEL = "bench-load"
 # Bump when the generated layout changes, so an old checkpoint is not reused (3: manifest format 3).
@@ -55,24 +56,6 @@ BASELINE = {
     "ours_nohash": "load_file",
 }
 COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw"}
-CACHES = ("cold", "warm")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    dir: Path
-    size_gib: float = 8.0
-    shards: int = 4
-    device: str = "cuda"
-    repeats: int = 3
-    out: Path | None = None
-    arms: tuple[str, ...] = bench_common.LOAD_ARMS
-    chunk_mib: int = store.CHUNK_SIZE // 2**20
-    workers: int | None = None
-    hash_threads: int | None = None
-    seed: int = 0
-    caches: tuple[str, ...] = CACHES
-    manifest_format: int = store.MANIFEST_FORMAT
 
 
 @dataclass(frozen=True)
@@ -123,13 +106,13 @@ class Measurement:
         }
 
 
-def run(options: LoadOptions) -> dict[str, Any]:
+def run(options: BenchLoadSettings) -> dict[str, Any]:
     """Generate or reuse the checkpoint, measure every chosen arm, return the report."""
     device = torch.device(options.device)
     cuda = device.type == "cuda"
     if cuda:
         _warm_up_cuda(device)
-    environment = bench_common.environment(options.device)
+    environment = common.environment(options.device)
     checkpoint = prepare_checkpoint(options)
     _log(
         f"checkpoint {checkpoint.version_id[:12]}: {checkpoint.total_bytes / GB:.2f} GB in "
@@ -175,7 +158,7 @@ def run(options: LoadOptions) -> dict[str, Any]:
 # --- the checkpoint ---------------------------------------------------------------------------
 
 
-def prepare_checkpoint(options: LoadOptions) -> Checkpoint:
+def prepare_checkpoint(options: BenchLoadSettings) -> Checkpoint:
     """Reuse the published checkpoint under ``options.dir`` if it was made with the same
     parameters (and its files have the manifest's sizes), else generate and publish it."""
     started = time.monotonic()
@@ -352,7 +335,7 @@ def _ours(
     chunk: int,
     *,
     verify: bool,
-    options: LoadOptions,
+    options: BenchLoadSettings,
 ) -> dict[str, torch.Tensor]:
     """Our weight path into fresh tensors on the device (like load_file's result)."""
     manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
@@ -385,7 +368,7 @@ def _warm_up_cuda(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _h2d(device: torch.device, size: int, options: LoadOptions) -> Measurement:
+def _h2d(device: torch.device, size: int, options: BenchLoadSettings) -> Measurement:
     host = torch.ones(size, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(size, dtype=torch.uint8, device=device)
     target.copy_(host, non_blocking=True)  # untimed first copy
@@ -401,7 +384,7 @@ def _h2d(device: torch.device, size: int, options: LoadOptions) -> Measurement:
     return measurement
 
 
-def _hash_one_core(algorithm: str, size: int, options: LoadOptions) -> Measurement:
+def _hash_one_core(algorithm: str, size: int, options: BenchLoadSettings) -> Measurement:
     """One digest over ``size`` bytes on the calling thread."""
     data = bytes(size)
     hasher = store.BLOCK_HASHERS[algorithm]
@@ -414,7 +397,7 @@ def _hash_one_core(algorithm: str, size: int, options: LoadOptions) -> Measureme
     return measurement
 
 
-def _hash_parallel(algorithm: str, size: int, options: LoadOptions) -> Measurement:
+def _hash_parallel(algorithm: str, size: int, options: BenchLoadSettings) -> Measurement:
     """Blocks of store.BLOCK_SIZE hashed on one thread per core, like the loader's pool."""
     data = memoryview(bytes(size))
     blocks = [data[i : i + store.BLOCK_SIZE] for i in range(0, size, store.BLOCK_SIZE)]
@@ -436,7 +419,7 @@ def _hash_parallel(algorithm: str, size: int, options: LoadOptions) -> Measureme
 
 
 def _report(
-    options: LoadOptions,
+    options: BenchLoadSettings,
     environment: dict[str, Any],
     checkpoint: Checkpoint,
     results: dict[tuple[str, str], Measurement],
@@ -454,17 +437,13 @@ def _report(
         return round((hashed.median / bare.median - 1) * 100, 1)
 
     ratios = {
-        "warm_ours_vs_load_file": bench_common.ratio(
-            gbps("ours", "warm"), gbps("load_file", "warm")
-        ),
-        "warm_ours_nohash_vs_load_file": bench_common.ratio(
+        "warm_ours_vs_load_file": common.ratio(gbps("ours", "warm"), gbps("load_file", "warm")),
+        "warm_ours_nohash_vs_load_file": common.ratio(
             gbps("ours_nohash", "warm"), gbps("load_file", "warm")
         ),
-        "cold_ours_vs_raw": bench_common.ratio(gbps("ours", "cold"), gbps("raw", "cold")),
-        "cold_ours_nohash_vs_raw": bench_common.ratio(
-            gbps("ours_nohash", "cold"), gbps("raw", "cold")
-        ),
-        "cold_load_file_vs_raw": bench_common.ratio(gbps("load_file", "cold"), gbps("raw", "cold")),
+        "cold_ours_vs_raw": common.ratio(gbps("ours", "cold"), gbps("raw", "cold")),
+        "cold_ours_nohash_vs_raw": common.ratio(gbps("ours_nohash", "cold"), gbps("raw", "cold")),
+        "cold_load_file_vs_raw": common.ratio(gbps("load_file", "cold"), gbps("raw", "cold")),
         "hash_overhead_pct_warm": overhead("warm"),
         "hash_overhead_pct_cold": overhead("cold"),
     }
@@ -502,7 +481,7 @@ def _report(
             "block_algorithms": sorted(algorithms),
             "reused": checkpoint.reused,
             "prepare_seconds": round(checkpoint.seconds, 2),
-            "filesystem": bench_common.filesystem_of(checkpoint.root),
+            "filesystem": common.filesystem_of(checkpoint.root),
         },
         "cache_drop": cache_drop or None,
         "statistic": "median of the repeats (every sample is kept under 'seconds')",
@@ -510,16 +489,10 @@ def _report(
         "skipped": skipped,
         "ratios": ratios,
         "targets": {
-            "warm_ours_vs_load_file": bench_common.target(
-                ratios["warm_ours_vs_load_file"], ">=", 2.0
-            ),
-            "cold_ours_vs_raw": bench_common.target(ratios["cold_ours_vs_raw"], ">=", 0.9),
-            "hash_overhead_pct_warm": bench_common.target(
-                ratios["hash_overhead_pct_warm"], "<=", 10
-            ),
-            "hash_overhead_pct_cold": bench_common.target(
-                ratios["hash_overhead_pct_cold"], "<=", 10
-            ),
+            "warm_ours_vs_load_file": common.target(ratios["warm_ours_vs_load_file"], ">=", 2.0),
+            "cold_ours_vs_raw": common.target(ratios["cold_ours_vs_raw"], ">=", 0.9),
+            "hash_overhead_pct_warm": common.target(ratios["hash_overhead_pct_warm"], "<=", 10),
+            "hash_overhead_pct_cold": common.target(ratios["hash_overhead_pct_cold"], "<=", 10),
         },
     }
 
@@ -550,7 +523,7 @@ def render(report: dict[str, Any]) -> str:
         f"checkpoint: {checkpoint['gib']} GiB bf16, {checkpoint['shards']} shards, "
         f"{checkpoint['filesystem']['type']} at {checkpoint['filesystem']['mount']}; "
         f"cold = {', '.join((report['cache_drop'] or {}).get('methods', ['-']))}",
-        bench_common.render_table(rows),
+        common.render_table(rows),
         "targets: "
         + "; ".join(
             f"{name} {t['value']} ({t['target']}: {_verdict(t['met'])})"
@@ -566,4 +539,4 @@ def _verdict(met: bool | None) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"[bench load] {message}", file=sys.stderr, flush=True)
+    common.log("bench load", message)

@@ -1,14 +1,14 @@
-"""What ``metalserve bench load`` and ``bench serve`` share: flag types, environment facts,
-percentiles, the table and the JSON report. Standard library only at import time, so building
-the command-line parser stays cheap."""
+"""What the benchmarks, the GPU checks and the load generator share: flag types, model presets,
+environment facts, the percentile, the table and the JSON report. Standard library only at
+import time, so building the command-line parser stays cheap."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +18,42 @@ from typing import Any
 
 LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "h2d", "hash")
 SERVE_ARMS = ("naive", "static", "server")
+CACHES = ("cold", "warm")
+DECODE_CHECKS = ("verify", "prof")
 GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted
+# Llama shapes of the generated models: bench serve (850m; tiny for tests) and the reload check
+# (160m: two versions of it must fit beside each other; tiny for tests).
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "850m": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+    "160m": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "max_position_embeddings": 512,
+    },
+}
+SERVE_PRESETS = ("850m", "tiny")
+RELOAD_CHECK_PRESETS = ("160m", "tiny")
 
 
 def arms_type(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
@@ -57,18 +92,19 @@ def positive_float(value: str) -> float:
     return number
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linearly interpolated between the closest ranks."""
+def percentile(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (0..100) by the **nearest-rank** method: the smallest of the values
+    with at least p% of them less than or equal to it (rank ``ceil(p / 100 * n)``, at least 1).
+
+    The one definition of the package (load generator, benchmark reports). Always one of the
+    observed values, so p50 <= p99 <= max holds; with n <= 100 values p99 is the largest.
+    Raises ValueError without values.
+    """
     if not values:
-        return float("nan")
-    if len(values) == 1:
-        return float(values[0])
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    if q <= 0:
-        return float(min(values))
-    if q >= 100:
-        return float(max(values))
-    return float(cuts[round(q) - 1])
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> str:
@@ -180,6 +216,11 @@ def write_report(doc: dict[str, Any], out: Path | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     return text
+
+
+def log(prefix: str, message: str) -> None:
+    """A progress line on stderr (stdout carries the table and the report)."""
+    print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -1,19 +1,23 @@
-"""GPU check of metalserve: hot reload and seeded sampling on the cuda-graphs decode path.
+"""``metalserve bench reload-check``: hot reload and seeded sampling on the server's default
+decode path (``cuda-graphs`` on CUDA), checked end to end.
 
-Builds two seeded Llama-shaped models (bench_serve helpers), publishes them into a temp store,
-runs `metalserve serve` on loopback and checks reload under load, determinism and sampling.
-Writes $OUT/summary.json (and the server logs). Every loop is bounded; loopback only.
+Two seeded Llama-shaped versions (``bench serve``'s model generator, preset ``160m``) are
+published into a temporary store and served by ``metalserve serve`` on loopback; the check
+reloads between them under streaming load (no request may fail, every response must come from
+one version, no client may go back from the new version to the old), compares greedy outputs
+across reloads and with a fresh server, and checks seeded sampling. Every assertion lands in
+``summary.json`` under ``--out-dir`` (with the servers' logs); the summary is also printed.
+Every loop is bounded (``--deadline``); loopback only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -23,118 +27,133 @@ from typing import Any
 import httpx
 import torch
 
-import metalserve
-from metalserve import bench_serve, store
+from metalserve import store
+from metalserve.bench import common, sse
+from metalserve.bench.common import LLAMA_PRESETS
+from metalserve.bench.options import ReloadCheckSettings
+from metalserve.bench.serve import ServerProcess, write_model
+from metalserve.exitcodes import ExitCode
 
-T0 = time.monotonic()
-OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpucheck-"))
-OUT.mkdir(parents=True, exist_ok=True)
 MODEL = "gpucheck"
 TOKEN = "gpucheck-admin-token-0123456789"  # noqa: S105 - a throwaway server on loopback
-PRESET = {
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "max_position_embeddings": 2048,
-}
-GLOBAL_DEADLINE = T0 + 330.0  # the whole script; the run's own limit is above this
-bench_serve.PRESETS["gpucheck"] = PRESET
-bench_serve.SERVER_READY_TIMEOUT = 150.0
+SEEDS = (11, 22)  # versions A and B
+PROBE_TOKENS = 48
+SAMPLED_TOKENS = 48
 
-summary: dict[str, Any] = {"assertions": {}, "info": {}, "timings": {}, "errors": []}
+Record = dict[str, Any]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+class Checker:
+    """The summary being written: assertions, information, timings, errors; and the clock."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + deadline_s
+        self.summary: dict[str, Any] = {"assertions": {}, "info": {}, "timings": {}, "errors": []}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = self.summary["info"]
+        return info
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        timings: dict[str, Any] = self.summary["timings"]
+        return timings
+
+    def log(self, message: str) -> None:
+        common.log(f"reload-check {time.monotonic() - self.t0:6.1f}s", message)
+
+    def check(self, name: str, ok: bool, detail: Any = None) -> bool:
+        self.summary["assertions"][name] = {
+            "ok": bool(ok),
+            **({"detail": detail} if detail is not None else {}),
+        }
+        failed = f": {detail}" if detail is not None and not ok else ""
+        self.log(f"{'PASS' if ok else 'FAIL'} {name}{failed}")
+        return ok
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def finish(self, code: int) -> int:
+        """Totals into the summary; 0 only if the run finished and every assertion held."""
+        assertions = self.summary["assertions"]
+        self.summary["passed"] = sum(v["ok"] for v in assertions.values())
+        self.summary["failed"] = [k for k, v in assertions.items() if not v["ok"]]
+        self.timings["total_s"] = round(time.monotonic() - self.t0, 1)
+        ok = code == 0 and not self.summary["failed"] and not self.summary["errors"]
+        return ExitCode.OK if ok else ExitCode.FAILURE
 
 
-def check(name: str, ok: bool, detail: Any = None) -> bool:
-    summary["assertions"][name] = {
-        "ok": bool(ok),
-        **({"detail": detail} if detail is not None else {}),
-    }
-    log(
-        f"{'PASS' if ok else 'FAIL'} {name}"
-        + (f": {detail}" if detail is not None and not ok else "")
-    )
-    return ok
+def fingerprint(version_id: str) -> str:
+    return f"{MODEL}@{version_id[:12]}"
 
 
-def remaining() -> float:
-    return GLOBAL_DEADLINE - time.monotonic()
+def default_decode_path(device: str) -> str:
+    """What ``metalserve serve`` runs on its defaults (``--decode-mode auto``)."""
+    return "cuda-graphs" if device.startswith("cuda") else "dynamic"
 
 
-# --- models ---------------------------------------------------------------------------------
+# --- models and servers ---------------------------------------------------------------------
 
 
-def build_versions(base: Path) -> tuple[Path, str, str]:
+def build_versions(
+    base: Path, settings: ReloadCheckSettings, checker: Checker
+) -> tuple[Path, str, str]:
+    """Versions A and B (seeds 11 and 22) published into ``base/store``."""
     store_root = base / "store"
+    init_device = "cuda" if settings.device.startswith("cuda") else "cpu"
     ids = []
-    for seed in (11, 22):
+    for seed in SEEDS:
         src = base / f"src{seed}"
-        opts = bench_serve.ServeOptions(dir=base, preset="gpucheck", seed=seed, device="cuda")
         started = time.monotonic()
-        params = bench_serve._write_model(src, opts, "cuda")
-        vid = store.publish(src, store_root, MODEL)
+        parameters = write_model(src, LLAMA_PRESETS[settings.preset], seed, init_device)
+        ids.append(store.publish(src, store_root, MODEL))
         shutil.rmtree(src, ignore_errors=True)
-        summary["timings"][f"build_publish_seed{seed}_s"] = round(time.monotonic() - started, 2)
-        summary["info"]["parameters"] = params
-        ids.append(vid)
+        checker.timings[f"build_publish_seed{seed}_s"] = round(time.monotonic() - started, 2)
+        checker.info["parameters"] = parameters
     return store_root, ids[0], ids[1]
 
 
-# --- server ---------------------------------------------------------------------------------
-
-
 class Server:
-    def __init__(self, store_root: Path, version: str, name: str, token_file: Path) -> None:
-        self.port = bench_serve._free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = OUT / f"{name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "metalserve",
-            "serve",
-            "--store",
-            str(store_root),
-            "--model",
+    """One ``metalserve serve`` of the check, with an admin token."""
+
+    def __init__(
+        self,
+        store_root: Path,
+        version: str,
+        name: str,
+        token_file: Path,
+        settings: ReloadCheckSettings,
+        out_dir: Path,
+    ) -> None:
+        self.process = ServerProcess.start(
+            store_root,
             MODEL,
-            "--version",
             version,
-            "--device",
-            "cuda",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--admin-token-file",
-            str(token_file),
-            "--max-new-tokens",
-            "256",
-            "--no-access-log",
-            "--log-level",
-            "info",
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METALSERVE_")}
-        package_root = str(Path(metalserve.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        env["HF_HUB_OFFLINE"] = "1"
-        self.started = time.monotonic()
-        with self.log_path.open("wb") as fh:
-            self.proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            device=settings.device,
+            log_path=out_dir / f"{name}.log",
+            extra_args=(
+                "--admin-token-file",
+                str(token_file),
+                "--max-new-tokens",
+                "256",
+                "--no-access-log",
+                "--log-level",
+                "info",
+            ),
+        )
+        self.url = self.process.url
         try:
-            bench_serve._wait_ready(self.url, self.proc, self.log_path)
+            self.ready_seconds = round(self.process.wait_ready(settings.ready_timeout), 2)
         except BaseException:
             self.stop()
             raise
-        self.ready_seconds = round(time.monotonic() - self.started, 2)
 
     def version(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/version", timeout=10).json()
+        answer: dict[str, Any] = httpx.get(f"{self.url}/version", timeout=10).json()
+        return answer
 
     def reload(self, version: str, token: str = TOKEN) -> httpx.Response:
         return httpx.post(
@@ -145,39 +164,37 @@ class Server:
         )
 
     def stop(self) -> int | None:
-        return bench_serve._stop(self.proc)
+        return self.process.stop()
 
     def log_lines(self, pattern: str) -> list[str]:
-        text = self.log_path.read_text(errors="replace")
+        text = self.process.log_path.read_text(errors="replace")
         return [line.strip()[-220:] for line in text.splitlines() if re.search(pattern, line)]
 
 
 def gpu_mem_used_mib() -> int | None:
+    """Memory in use on the first GPU (nvidia-smi); None without one."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return None
     try:
         out = subprocess.run(
-            [
-                shutil.which("nvidia-smi") or "/usr/bin/nvidia-smi",
-                "--query-gpu=memory.used",
-                "--format=csv,noheader,nounits",
-            ],
+            [nvidia_smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
             check=False,
         ).stdout
         return int(out.split()[0])
-    except Exception:  # noqa: BLE001
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
-
-
-def fp(vid: str) -> str:
-    return f"{MODEL}@{vid[:12]}"
 
 
 # --- requests -------------------------------------------------------------------------------
 
 
 def completion(url: str, prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """One non-streamed greedy (unless ``extra`` says otherwise) completion of exactly
+    ``max_tokens`` tokens."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -198,8 +215,8 @@ def completion(url: str, prompt: list[int], max_tokens: int, **extra: Any) -> di
     }
 
 
-async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    rec: dict[str, Any] = {
+def _record() -> Record:
+    return {
         "t_start": time.monotonic(),
         "ok": False,
         "fps": set(),
@@ -209,22 +226,14 @@ async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dic
         "done": False,
         "error": None,
     }
+
+
+async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Record:
+    """One streamed request: its fingerprints, text pieces, finish reason and token count."""
+    rec = _record()
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                rec["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return rec
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line.removeprefix("data: ")
-                if payload == "[DONE]":
-                    rec["done"] = True
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    rec["error"] = f"stream error: {chunk['error']}"
-                    return rec
+        async with contextlib.aclosing(sse.events(client, "/v1/completions", body)) as stream:
+            async for chunk in stream:
                 if chunk.get("system_fingerprint"):
                     rec["fps"].add(chunk["system_fingerprint"])
                 for c in chunk.get("choices", []):
@@ -234,26 +243,23 @@ async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dic
                         rec["finish"] = c["finish_reason"]
                 if chunk.get("usage"):
                     rec["tokens"] = chunk["usage"]["completion_tokens"]
-    except Exception as exc:  # noqa: BLE001
+        rec["done"] = True
+    except sse.HTTPStatusError as exc:
+        rec["error"] = f"HTTP {exc.status}: {exc.body[:200]!r}"
+    except sse.ErrorEvent as exc:
+        rec["error"] = f"stream error: {exc.error}"
+    except sse.StreamError as exc:
+        rec["error"] = exc.detail
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding of the check
         rec["error"] = f"{type(exc).__name__}: {exc}"
-        return rec
     finally:
         rec["t_end"] = time.monotonic()
     rec["ok"] = rec["done"] and rec["error"] is None
     return rec
 
 
-async def nonstream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "t_start": time.monotonic(),
-        "ok": False,
-        "fps": set(),
-        "text": [],
-        "finish": None,
-        "tokens": None,
-        "done": False,
-        "error": None,
-    }
+async def nonstream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Record:
+    rec = _record()
     try:
         r = await client.post("/v1/completions", json=body)
         if r.status_code != 200:
@@ -266,7 +272,7 @@ async def nonstream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> 
             rec["tokens"] = doc["usage"]["completion_tokens"]
             rec["done"] = True
             rec["ok"] = True
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding of the check
         rec["error"] = f"{type(exc).__name__}: {exc}"
     rec["t_end"] = time.monotonic()
     return rec
@@ -276,6 +282,7 @@ async def load_with_reload(
     server: Server,
     target: str,
     prompts: list[list[int]],
+    checker: Checker,
     *,
     clients: int,
     max_tokens: int,
@@ -288,8 +295,8 @@ async def load_with_reload(
     """`clients` concurrent clients send requests back to back; after `reload_after` completions
     the reload to `target` is posted; clients stop once each did `after_each` requests started
     after the reload returned (or at `cap` per client / the deadline)."""
-    deadline = time.monotonic() + min(deadline_s, max(remaining() - 60, 10))
-    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + min(deadline_s, max(checker.remaining() - 60, 10))
+    records: list[Record] = []
     reload_state: dict[str, Any] = {"sent": None, "done": None, "reply": None}
     reloaded = asyncio.Event()
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -302,7 +309,7 @@ async def load_with_reload(
                     return
                 prompt = prompts[(cid * 7 + i) % len(prompts)]
                 sampled = mixed and (cid + i) % 2 == 1
-                body = {
+                body: dict[str, Any] = {
                     "model": MODEL,
                     "prompt": prompt,
                     "max_tokens": max_tokens,
@@ -350,8 +357,12 @@ async def load_with_reload(
     return {"records": records, "reload": reload_state}
 
 
-def judge_load(phase: str, result: dict[str, Any], old: str, new: str, max_tokens: int) -> None:
-    recs = result["records"]
+def judge_load(
+    checker: Checker, phase: str, result: dict[str, Any], old: str, new: str, max_tokens: int
+) -> None:
+    """The assertions of one reload under load (see :func:`load_with_reload`)."""
+    check = checker.check
+    recs: list[Record] = result["records"]
     rl = result["reload"]
     failures = [r for r in recs if not r["ok"]]
     check(f"{phase}: reload HTTP 200", rl.get("status") == 200, rl.get("reply"))
@@ -382,11 +393,11 @@ def judge_load(phase: str, result: dict[str, Any], old: str, new: str, max_token
         not mixed_fp,
         [sorted(r["fps"]) for r in mixed_fp[:5]],
     )
-    fa, fb = fp(old), fp(new)
+    fa, fb = fingerprint(old), fingerprint(new)
     ok_recs = [r for r in recs if r["ok"] and len(r["fps"]) == 1]
 
-    def f(r: dict[str, Any]) -> str:
-        return next(iter(r["fps"]))
+    def f(r: Record) -> str:
+        return str(next(iter(r["fps"])))
 
     before = [r for r in ok_recs if r["t_end"] < rl["sent"]]
     after = [r for r in ok_recs if r["t_start"] > rl["done"]]
@@ -413,7 +424,7 @@ def judge_load(phase: str, result: dict[str, Any], old: str, new: str, max_token
         if fb in seq and fa in seq[seq.index(fb) :]:
             regress.append(cid)
     check(f"{phase}: per client, old then new (never back)", not regress, regress)
-    summary["info"][phase] = {
+    checker.info[phase] = {
         "requests": len(recs),
         "failed": len(failures),
         "sampled": sum(r["sampled"] for r in recs),
@@ -427,35 +438,67 @@ def judge_load(phase: str, result: dict[str, Any], old: str, new: str, max_token
     }
 
 
-# --- main -----------------------------------------------------------------------------------
+async def _one_stream(url: str, body: dict[str, Any]) -> Record:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await stream_request(client, body)
 
 
-def main() -> int:
-    summary["info"]["device"] = torch.cuda.get_device_name(0)
-    summary["info"]["torch"] = torch.__version__
+async def _concurrent(url: str, bodies: list[dict[str, Any]]) -> list[Record]:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=len(bodies))
+    ) as client:
+        return list(await asyncio.gather(*(nonstream_request(client, dict(b)) for b in bodies)))
+
+
+# --- the check ------------------------------------------------------------------------------
+
+
+def run(settings: ReloadCheckSettings) -> int:
+    """Run the whole check; write and print the summary; 0 when every assertion held."""
+    checker = Checker(settings.deadline)
+    out_dir = settings.out_dir or Path(tempfile.mkdtemp(prefix="metalserve-reload-check-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    code: int = ExitCode.FAILURE
+    try:
+        code = _check(settings, checker, out_dir)
+    except Exception:  # noqa: BLE001 - recorded: the summary says what broke
+        checker.summary["errors"].append(traceback.format_exc()[-3000:])
+        checker.log(traceback.format_exc())
+    code = checker.finish(code)
+    text = json.dumps(checker.summary, indent=1, default=str)
+    (out_dir / "summary.json").write_text(text + "\n")
+    print(text)
+    return code
+
+
+def _check(settings: ReloadCheckSettings, checker: Checker, out_dir: Path) -> int:
+    check, info, log = checker.check, checker.info, checker.log
+    graphs = default_decode_path(settings.device)
+    cuda = settings.device.startswith("cuda")
+    info["device"] = torch.cuda.get_device_name(torch.device(settings.device)) if cuda else "cpu"
+    info["torch"] = torch.__version__
     import transformers
 
-    summary["info"]["transformers"] = transformers.__version__
-    base = Path(tempfile.mkdtemp(prefix="gpucheck-", dir="/tmp"))
+    info["transformers"] = transformers.__version__
+    base = Path(tempfile.mkdtemp(prefix="metalserve-reload-check-"))
     token_file = base / "admin.token"
     token_file.write_text(TOKEN + "\n")
-    store_root, va, vb = build_versions(base)
-    summary["info"]["version_a"], summary["info"]["version_b"] = va, vb
+    store_root, va, vb = build_versions(base, settings, checker)
+    info["version_a"], info["version_b"] = va, vb
     log(f"versions A={va[:12]} B={vb[:12]}")
+    vocab = LLAMA_PRESETS[settings.preset]["vocab_size"]
     gen = torch.Generator().manual_seed(5)
-    prompts = torch.randint(4, PRESET["vocab_size"], (32, 24), generator=gen).tolist()
+    prompts: list[list[int]] = torch.randint(4, vocab, (32, 24), generator=gen).tolist()
     probes = prompts[:4]
-    probe_tokens = 48
 
     def probe(url: str) -> list[dict[str, Any]]:
-        return [completion(url, p, probe_tokens) for p in probes]
+        return [completion(url, p, PROBE_TOKENS) for p in probes]
 
-    s1 = Server(store_root, va, "server1", token_file)
-    s2 = None
+    s1 = Server(store_root, va, "server1", token_file, settings, out_dir)
     try:
-        summary["timings"]["server1_ready_s"] = s1.ready_seconds
+        checker.timings["server1_ready_s"] = s1.ready_seconds
         v = s1.version()
-        summary["info"]["version_at_start"] = {
+        info["version_at_start"] = {
             k: v.get(k)
             for k in (
                 "version_id",
@@ -467,11 +510,11 @@ def main() -> int:
             )
         }
         check(
-            "start: /version on A with decode_path cuda-graphs",
-            v.get("version_id") == va and v.get("decode_path") == "cuda-graphs",
-            summary["info"]["version_at_start"],
+            f"start: /version on A with decode_path {graphs}",
+            v.get("version_id") == va and v.get("decode_path") == graphs,
+            info["version_at_start"],
         )
-        summary["info"]["gpu_mem_mib_A_start"] = gpu_mem_used_mib()
+        info["gpu_mem_mib_A_start"] = gpu_mem_used_mib()
 
         # auth checks (cheap)
         r = s1.reload(vb, token="wrong")  # noqa: S106 - the refusal is the check
@@ -486,7 +529,7 @@ def main() -> int:
         probe_a1 = probe(s1.url)
         check(
             "A probes complete",
-            all(p["tokens"] == probe_tokens and p["fp"] == fp(va) for p in probe_a1),
+            all(p["tokens"] == PROBE_TOKENS and p["fp"] == fingerprint(va) for p in probe_a1),
             [(p["tokens"], p["fp"]) for p in probe_a1],
         )
 
@@ -497,6 +540,7 @@ def main() -> int:
                 s1,
                 vb,
                 prompts,
+                checker,
                 clients=16,
                 max_tokens=64,
                 reload_after=24,
@@ -506,22 +550,22 @@ def main() -> int:
                 mixed=False,
             )
         )
-        judge_load("reload_A_to_B", res, va, vb, 64)
+        judge_load(checker, "reload_A_to_B", res, va, vb, 64)
         v = s1.version()
-        summary["info"]["version_after_reload_B"] = {
+        info["version_after_reload_B"] = {
             k: v.get(k) for k in ("version_id", "decode_path", "load_seconds")
         }
         check(
-            "after reload: /version reports B and cuda-graphs",
-            v.get("version_id") == vb and v.get("decode_path") == "cuda-graphs",
-            summary["info"]["version_after_reload_B"],
+            f"after reload: /version reports B and {graphs}",
+            v.get("version_id") == vb and v.get("decode_path") == graphs,
+            info["version_after_reload_B"],
         )
-        summary["info"]["gpu_mem_mib_after_B"] = gpu_mem_used_mib()
+        info["gpu_mem_mib_after_B"] = gpu_mem_used_mib()
 
         probe_b1 = probe(s1.url)
         check(
             "B probes on reloaded server complete, fingerprint B",
-            all(p["tokens"] == probe_tokens and p["fp"] == fp(vb) for p in probe_b1),
+            all(p["tokens"] == PROBE_TOKENS and p["fp"] == fingerprint(vb) for p in probe_b1),
         )
         check(
             "A and B greedy outputs differ (the swap changed the model)",
@@ -531,31 +575,30 @@ def main() -> int:
         # --- sampling on B ------------------------------------------------------------------
         log("phase: sampling")
         sp = prompts[5]
-        samp = lambda **kw: completion(s1.url, sp, 48, temperature=0.8, **kw)  # noqa: E731
+
+        def samp(**kw: Any) -> dict[str, Any]:
+            return completion(s1.url, sp, SAMPLED_TOKENS, temperature=0.8, **kw)
+
         runs = [samp(seed=1234) for _ in range(3)]
         check(
             "sampled seed 1234 (T=0.8): identical text when repeated x3",
-            len({r["text"] for r in runs}) == 1 and all(r["tokens"] == 48 for r in runs),
+            len({r["text"] for r in runs}) == 1
+            and all(r["tokens"] == SAMPLED_TOKENS for r in runs),
             [r["text"][:60] for r in runs],
         )
         other = samp(seed=1235)
         check("sampled seed 1235 differs from seed 1234", other["text"] != runs[0]["text"])
-        greedy_sp = completion(s1.url, sp, 48)
+        greedy_sp = completion(s1.url, sp, SAMPLED_TOKENS)
         check("sampled (T=0.8) differs from greedy", runs[0]["text"] != greedy_sp["text"])
-        st = asyncio.run(
-            _one_stream(
-                s1.url,
-                {
-                    "model": MODEL,
-                    "prompt": sp,
-                    "max_tokens": 48,
-                    "ignore_eos": True,
-                    "temperature": 0.8,
-                    "seed": 1234,
-                    "stream": True,
-                },
-            )
-        )
+        sampled_body = {
+            "model": MODEL,
+            "prompt": sp,
+            "max_tokens": SAMPLED_TOKENS,
+            "ignore_eos": True,
+            "temperature": 0.8,
+            "seed": 1234,
+        }
+        st = asyncio.run(_one_stream(s1.url, {**sampled_body, "stream": True}))
         check(
             "sampled seed 1234 streamed == non-streamed",
             st["ok"] and "".join(st["text"]) == runs[0]["text"],
@@ -564,61 +607,32 @@ def main() -> int:
         tp = [samp(seed=77, top_p=0.9) for _ in range(2)]
         check("sampled seed 77 top_p 0.9: identical when repeated", tp[0]["text"] == tp[1]["text"])
         noseed = [samp() for _ in range(2)]
-        summary["info"]["unseeded_sampled_differ"] = noseed[0]["text"] != noseed[1]["text"]
+        info["unseeded_sampled_differ"] = noseed[0]["text"] != noseed[1]["text"]
         # batch mates (info): seed 1234 among 7 greedy concurrent requests / 8 identical seeded
-        conc = asyncio.run(
-            _concurrent(
-                s1.url,
-                [
-                    {
-                        "model": MODEL,
-                        "prompt": sp,
-                        "max_tokens": 48,
-                        "ignore_eos": True,
-                        "temperature": 0.8,
-                        "seed": 1234,
-                    }
-                ]
-                + [
-                    {
-                        "model": MODEL,
-                        "prompt": prompts[10 + k],
-                        "max_tokens": 48,
-                        "ignore_eos": True,
-                        "temperature": 0.0,
-                    }
-                    for k in range(7)
-                ],
-            )
-        )
-        same8 = asyncio.run(
-            _concurrent(
-                s1.url,
-                [
-                    {
-                        "model": MODEL,
-                        "prompt": sp,
-                        "max_tokens": 48,
-                        "ignore_eos": True,
-                        "temperature": 0.8,
-                        "seed": 1234,
-                    }
-                ]
-                * 8,
-            )
-        )
+        greedy_mates = [
+            {
+                "model": MODEL,
+                "prompt": prompts[10 + k],
+                "max_tokens": SAMPLED_TOKENS,
+                "ignore_eos": True,
+                "temperature": 0.0,
+            }
+            for k in range(7)
+        ]
+        conc = asyncio.run(_concurrent(s1.url, [sampled_body, *greedy_mates]))
+        same8 = asyncio.run(_concurrent(s1.url, [sampled_body] * 8))
         check(
             "concurrent requests (sampling with batch mates) all succeed",
             all(r["ok"] for r in conc + same8),
             [r["error"] for r in conc + same8 if not r["ok"]][:3],
         )
-        summary["info"]["sampled_with_7_greedy_mates_equals_alone"] = (
+        info["sampled_with_7_greedy_mates_equals_alone"] = (
             "".join(conc[0]["text"]) == runs[0]["text"]
         )
-        summary["info"]["sampled_8_identical_concurrent_distinct_texts"] = len(
+        info["sampled_8_identical_concurrent_distinct_texts"] = len(
             {"".join(r["text"]) for r in same8}
         )
-        summary["info"]["sampled_8_identical_concurrent_equal_alone"] = sum(
+        info["sampled_8_identical_concurrent_equal_alone"] = sum(
             "".join(r["text"]) == runs[0]["text"] for r in same8
         )
         samp_b_s1 = runs[0]["text"]
@@ -630,6 +644,7 @@ def main() -> int:
                 s1,
                 va,
                 prompts,
+                checker,
                 clients=8,
                 max_tokens=32,
                 reload_after=12,
@@ -639,11 +654,11 @@ def main() -> int:
                 mixed=True,
             )
         )
-        judge_load("reload_B_to_A", res, vb, va, 32)
+        judge_load(checker, "reload_B_to_A", res, vb, va, 32)
         v = s1.version()
         check(
-            "after reload back: /version reports A and cuda-graphs",
-            v.get("version_id") == va and v.get("decode_path") == "cuda-graphs",
+            f"after reload back: /version reports A and {graphs}",
+            v.get("version_id") == va and v.get("decode_path") == graphs,
             {k: v.get(k) for k in ("version_id", "decode_path")},
         )
         probe_a2 = probe(s1.url)
@@ -651,74 +666,45 @@ def main() -> int:
             "A greedy outputs after A->B->A equal those before",
             [p["text"] for p in probe_a2] == [p["text"] for p in probe_a1],
         )
-        summary["info"]["gpu_mem_mib_after_back_to_A"] = gpu_mem_used_mib()
+        info["gpu_mem_mib_after_back_to_A"] = gpu_mem_used_mib()
         try:
-            m = httpx.get(f"{s1.url}/metrics", timeout=10).text
-            summary["info"]["reloads_total"] = [
-                line for line in m.splitlines() if line.startswith("metalserve_reloads_total")
+            metrics = httpx.get(f"{s1.url}/metrics", timeout=10).text
+            info["reloads_total"] = [
+                line for line in metrics.splitlines() if line.startswith("metalserve_reloads_total")
             ]
-        except Exception as exc:  # noqa: BLE001
-            summary["errors"].append(f"metrics: {exc!r}")
-        summary["info"]["server1_log_graphs"] = s1.log_lines(
+        except httpx.HTTPError as exc:
+            checker.summary["errors"].append(f"metrics: {exc!r}")
+        info["server1_log_graphs"] = s1.log_lines(
             r"captured|decode path|reloaded|now serving|warning|WARNING|ERROR|Traceback"
         )[:20]
     finally:
         rc = s1.stop()
-        summary["info"]["server1_exit"] = rc
+        info["server1_exit"] = rc
     check("server 1 exits 0 on SIGTERM", rc == 0, rc)
 
     # --- fresh server on B: determinism across reload ---------------------------------------
     log("phase: fresh server on B")
-    s2 = Server(store_root, vb, "server2", token_file)
+    s2 = Server(store_root, vb, "server2", token_file, settings, out_dir)
     try:
-        summary["timings"]["server2_ready_s"] = s2.ready_seconds
+        checker.timings["server2_ready_s"] = s2.ready_seconds
         v = s2.version()
         check(
-            "fresh B server: decode_path cuda-graphs",
-            v.get("decode_path") == "cuda-graphs",
+            f"fresh B server: decode_path {graphs}",
+            v.get("decode_path") == graphs,
             v.get("decode_path"),
         )
         probe_b2 = probe(s2.url)
         same = [a["text"] == b["text"] for a, b in zip(probe_b1, probe_b2, strict=True)]
         check("greedy B outputs after reload == fresh B server", all(same), same)
-        samp2 = completion(s2.url, sp, 48, temperature=0.8, seed=1234)
+        samp2 = completion(s2.url, sp, SAMPLED_TOKENS, temperature=0.8, seed=1234)
         check(
             "sampled seed 1234 on fresh B server == on reloaded server", samp2["text"] == samp_b_s1
         )
-        summary["info"]["server2_log_graphs"] = s2.log_lines(
+        info["server2_log_graphs"] = s2.log_lines(
             r"captured|decode path|warning|WARNING|ERROR|Traceback"
         )[:10]
     finally:
         rc2 = s2.stop()
     check("server 2 exits 0 on SIGTERM", rc2 == 0, rc2)
     shutil.rmtree(base, ignore_errors=True)
-    return 0
-
-
-async def _one_stream(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        return await stream_request(client, body)
-
-
-async def _concurrent(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(
-        base_url=url, timeout=120, limits=httpx.Limits(max_connections=len(bodies))
-    ) as client:
-        return list(await asyncio.gather(*(nonstream_request(client, dict(b)) for b in bodies)))
-
-
-if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except Exception:  # noqa: BLE001
-        summary["errors"].append(traceback.format_exc()[-3000:])
-        log(traceback.format_exc())
-    a = summary["assertions"]
-    summary["passed"] = sum(v["ok"] for v in a.values())
-    summary["failed"] = [k for k, v in a.items() if not v["ok"]]
-    summary["timings"]["total_s"] = round(time.monotonic() - T0, 1)
-    text = json.dumps(summary, indent=1, default=str)
-    (OUT / "summary.json").write_text(text + "\n")
-    print(text)
-    sys.exit(0 if code == 0 and not summary["failed"] and not summary["errors"] else 1)
+    return ExitCode.OK

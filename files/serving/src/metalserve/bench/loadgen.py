@@ -5,8 +5,8 @@ bounded: it stops after ``duration`` seconds or ``max_requests`` requests, which
 and earlier on SIGTERM/SIGINT or once the stop file exists. Requests in flight at that moment
 are finished (each is bounded by ``timeout``) and counted.
 
-Only the standard library and httpx are imported here, so the command runs on hosts without
-torch, transformers or FastAPI.
+Only the standard library, pydantic-settings and httpx are imported here, so the command runs on
+hosts without torch, transformers or FastAPI. Its settings are ``options.LoadSettings``.
 """
 
 from __future__ import annotations
@@ -22,23 +22,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-# Clearly different lengths (about 3, 12, 30 and 60 words), so that prefill differs per request.
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "The quick brown fox",
-    "Write one sentence about the sea, the wind and a small boat leaving the harbour.",
-    "Summarise in plain words why a rolling update replaces the replicas of a service one at "
-    "a time, and what a load balancer has to do so that no client notices that a replica is "
-    "being drained, stopped and started again.",
-    "You are reviewing the operations log of a small inference cluster. Each node runs one "
-    "model replica per GPU behind a load balancer. During the night the model was updated to "
-    "a new version, node by node. Explain which checks should pass before the next node is "
-    "drained, which metrics would reveal failed client requests, and how to roll back safely.",
-)
+from metalserve.bench import sse
+from metalserve.bench.common import percentile
+from metalserve.bench.options import LoadSettings
+
 MODELS_PATH = "/v1/models"
 COMPLETIONS_PATH = "/v1/completions"
 SAMPLED_TEMPERATURE = 0.8
@@ -46,63 +37,12 @@ SAMPLED_TOP_P = 0.95
 FAILURE_PAUSE_S = 0.1  # after a failed request, so that an outage does not become a busy loop
 ERROR_CHARS = 120
 MAX_EXAMPLES = 5
-PROGRESS_INTERVAL_S = 10.0
 
 StopReason = Literal["duration", "max_requests", "signal", "stop_file"]
 
 
 class LoadError(Exception):
     """The run could not start (for example: the model id could not be read)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoadSettings:
-    url: str  # base URL, e.g. https://198.18.0.10; requests go to URL/v1/completions
-    api_key: str | None = None
-    cacert: Path | None = None
-    insecure: bool = False
-    model: str | None = None  # None: the first id of GET URL/v1/models
-    concurrency: int = 4
-    duration: float = 180.0
-    max_requests: int = 20000
-    max_tokens: int = 8
-    stream_ratio: float = 0.5
-    rate: float = 0.0  # requests per second over all workers; 0: as fast as they can
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    timeout: float = 30.0  # seconds per request, to the last byte
-    stop_file: Path | None = None
-    progress_interval: float = PROGRESS_INTERVAL_S
-
-    @property
-    def base_url(self) -> str:
-        return self.url.rstrip("/")
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, each message naming its flag; empty when all are valid."""
-        problems = []
-        if not self.url.startswith(("http://", "https://")):
-            problems.append(f"URL must start with http:// or https:// (got {self.url!r})")
-        if not 1 <= self.duration <= 3600:
-            problems.append(f"--duration must be 1..3600 seconds (got {self.duration:g})")
-        if not 1 <= self.concurrency <= 256:
-            problems.append(f"--concurrency must be 1..256 (got {self.concurrency})")
-        if not 0.0 <= self.stream_ratio <= 1.0:
-            problems.append(f"--stream-ratio must be 0..1 (got {self.stream_ratio:g})")
-        if not 0.0 <= self.rate <= 100_000:
-            problems.append(f"--rate must be 0..100000 requests/s (got {self.rate:g})")
-        if self.max_requests < 1:
-            problems.append(f"--max-requests must be >= 1 (got {self.max_requests})")
-        if self.max_tokens < 1:
-            problems.append(f"--max-tokens must be >= 1 (got {self.max_tokens})")
-        if not 0 < self.timeout <= 3600:
-            problems.append(f"--timeout must be > 0 and <= 3600 seconds (got {self.timeout:g})")
-        if not self.prompts or not all(self.prompts):
-            problems.append("--prompt must not be empty")
-        if self.cacert is not None and self.insecure:
-            problems.append("--cacert and --insecure exclude each other")
-        if self.cacert is not None and not self.cacert.is_file():
-            problems.append(f"--cacert {self.cacert}: no such file")
-        return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,32 +116,22 @@ def request_body(index: int, settings: LoadSettings, model: str) -> dict[str, An
     return body
 
 
-# --- one request ----------------------------------------------------------------------------
-
-
-class _Failed(Exception):
-    def __init__(self, reason: str, detail: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail or reason
+# --- one request (failures raise sse.StreamError: reason for counting, detail for examples) --
 
 
 def _error_message(payload: object) -> str | None:
-    """The ``error.message`` of an OpenAI-style error object, if there is one."""
-    if isinstance(payload, dict) and "error" in payload:
-        error = payload["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        return str(message)[:ERROR_CHARS]
-    return None
+    """The ``error.message`` of an OpenAI-style error object, if there is one (shortened)."""
+    message = sse.error_message(payload)
+    return None if message is None else message[:ERROR_CHARS]
 
 
-def _http_failure(status: int, body: bytes) -> _Failed:
+def _http_failure(status: int, body: bytes) -> sse.StreamError:
     try:
         message = _error_message(json.loads(body))
     except ValueError:
         message = None
     reason = f"http {status}" + (f": {message}" if message else "")
-    return _Failed(reason, reason if message else f"{reason}: {body[:ERROR_CHARS]!r}")
+    return sse.StreamError(reason, reason if message else f"{reason}: {body[:ERROR_CHARS]!r}")
 
 
 def _describe(exc: Exception) -> str:
@@ -221,9 +151,11 @@ async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -
         payload = response.json()
         text = payload["choices"][0]["text"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise _Failed("malformed body", f"malformed body: {response.content[:200]!r}") from exc
+        raise sse.StreamError(
+            "malformed body", f"malformed body: {response.content[:200]!r}"
+        ) from exc
     if not isinstance(text, str):
-        raise _Failed("malformed body", "malformed body: choices[0].text is not a string")
+        raise sse.StreamError("malformed body", "malformed body: choices[0].text is not a string")
     return _fingerprint(payload)
 
 
@@ -231,31 +163,16 @@ async def _complete_streaming(
     client: httpx.AsyncClient, url: str, body: dict[str, Any]
 ) -> str | None:
     fingerprint = None
-    done = False
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            raise _http_failure(response.status_code, await response.aread())
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, event:/id: fields
-            data = line[len("data:") :].strip()
-            if data == "[DONE]":
-                done = True
-                continue
-            if done:
-                raise _Failed("data after [DONE]", f"data after [DONE]: {data[:200]!r}")
-            try:
-                event = json.loads(data)
-            except ValueError as exc:
-                raise _Failed("malformed event", f"malformed event: {data[:200]!r}") from exc
-            if not isinstance(event, dict):
-                raise _Failed("malformed event", f"malformed event: {data[:200]!r}")
-            message = _error_message(event)
-            if message is not None:
-                raise _Failed(f"stream error: {message}")
-            fingerprint = fingerprint or _fingerprint(event)
-    if not done:
-        raise _Failed("stream ended before [DONE]")
+    try:
+        async with contextlib.aclosing(
+            sse.events(client, url, body, read_past_done=True)
+        ) as stream:
+            async for event in stream:
+                fingerprint = fingerprint or _fingerprint(event)
+    except sse.HTTPStatusError as exc:
+        raise _http_failure(exc.status, exc.body) from None
+    except sse.ErrorEvent as exc:
+        raise sse.StreamError(f"stream error: {exc.message[:ERROR_CHARS]}") from None
     return fingerprint
 
 
@@ -273,7 +190,7 @@ async def send_one(
                 fingerprint = await _complete_streaming(client, url, body)
             else:
                 fingerprint = await _complete(client, url, body)
-    except _Failed as exc:
+    except sse.StreamError as exc:
         reason, detail = exc.reason, exc.detail
     except httpx.HTTPError as exc:  # transport errors and httpx's own timeouts
         reason, detail = type(exc).__name__, _describe(exc)
@@ -403,17 +320,6 @@ async def run_load(settings: LoadSettings, *, handle_signals: bool = True) -> di
 
 
 # --- summary (pure) -------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least p% of the values <= it.
-
-    Always one of the observed values, so p50 <= p99 <= max holds.
-    """
-    if not sorted_values:
-        raise ValueError("no values")
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def summarize(

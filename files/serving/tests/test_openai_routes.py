@@ -1,8 +1,7 @@
-"""End-to-end API tests against a real ``metalserve serve`` process (see conftest.servers)."""
+"""The OpenAI-compatible routes (models, completions, chat), against a real server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from typing import Any, ClassVar
@@ -10,39 +9,10 @@ from typing import Any, ClassVar
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, TEST_DEVICE, Server, Store
+from conftest import GREEDY, MODEL, Server, Store, assert_openai_error, complete, metric_samples
 
 pytestmark = pytest.mark.e2e
-
-GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_tokens": 12, "ignore_eos": True}
-
-
-def complete(client: httpx.Client, prompt: str | list[Any], **extra: Any) -> dict[str, Any]:
-    response = client.post("/v1/completions", json={**GREEDY, "prompt": prompt, **extra})
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if param is not None:
-        assert error["param"] == param
-
-
-def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-    }
 
 
 def forward_passes(client: httpx.Client) -> float:
@@ -50,30 +20,16 @@ def forward_passes(client: httpx.Client) -> float:
     return sum(v for (name, _), v in samples.items() if name == "metalserve_forward_passes_total")
 
 
-class TestProbes:
-    def test_health_ready_version(self, client: httpx.Client, model_store: Store) -> None:
-        assert client.get("/healthz").status_code == 200
-        ready = client.get("/readyz")
-        assert ready.status_code == 200
-        assert ready.json()["version_id"] == model_store.v1
-        version = client.get("/version").json()
-        assert version["model"] == MODEL
-        assert version["version_id"] == model_store.v1
-        assert version["verified"] is True
-        assert version["device"] == TEST_DEVICE
-        assert version["loaded_at"]
-        assert version["server_version"]
-        assert "model.safetensors" in version["files"]
+def test_models(client: httpx.Client, model_store: Store) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["version_id"] == model_store.v1
 
-    def test_models(self, client: httpx.Client, model_store: Store) -> None:
-        body = client.get("/v1/models").json()
-        assert body["object"] == "list"
-        assert [m["id"] for m in body["data"]] == [MODEL]
-        assert body["data"][0]["version_id"] == model_store.v1
 
-    def test_unknown_route_has_openai_error_shape(self, client: httpx.Client) -> None:
-        assert_openai_error(client.get("/v2/nothing"), 404)
-        assert_openai_error(client.get("/v1/completions"), 405)
+def test_unknown_route_has_openai_error_shape(client: httpx.Client) -> None:
+    assert_openai_error(client.get("/v2/nothing"), 404)
+    assert_openai_error(client.get("/v1/completions"), 405)
 
 
 class TestCompletions:
@@ -333,58 +289,3 @@ def test_concurrent_requests_are_batched(client: httpx.Client, api_server: Serve
     )
     total = sum(v for (name, _), v in samples.items() if name == "metalserve_batch_size_count")
     assert total > batched, "some forward passes ran more than one sequence"
-
-
-def test_metrics(client: httpx.Client, model_store: Store) -> None:
-    complete(client, "Hi")
-    client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
-    response = client.get("/metrics")
-    families = {f.name: f for f in text_string_to_metric_families(response.text)}
-    for name in [
-        "metalserve_requests",
-        "metalserve_request_duration_seconds",
-        "metalserve_time_to_first_token_seconds",
-        "metalserve_prompt_tokens",
-        "metalserve_generated_tokens",
-        "metalserve_batch_size",
-        "metalserve_queue_depth",
-        "metalserve_in_flight_requests",
-        "metalserve_forward_passes",
-        "metalserve_model_info",
-    ]:
-        assert name in families, name
-    samples = metric_samples(client)
-    key = ("metalserve_model_info", (("model", MODEL), ("version", model_store.v1)))
-    assert samples[key] == 1.0
-    ok = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
-    not_found = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "404")))
-    assert samples[ok] >= 1
-    assert samples[not_found] >= 1
-    assert samples[("metalserve_generated_tokens_total", ())] >= 12
-    assert samples[("metalserve_in_flight_requests", ())] == 0
-
-
-def test_liveness_follows_the_engine_thread(model_store: Store) -> None:
-    """Without a running engine (here: lifespan not started) the replica is neither alive nor
-    ready, and inference is refused with 503. In-process on purpose: a real process cannot be
-    made to lose its engine thread from outside."""
-    from metalserve.api import Replica, create_app
-    from metalserve.settings import ServeSettings
-
-    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
-    app = create_app(settings, Replica(settings, model_store.v1))
-
-    async def probe() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as http:
-            health = await http.get("/healthz")
-            assert health.status_code == 503
-            assert health.json()["status"] == "engine-dead"
-            assert (await http.get("/readyz")).status_code == 503
-            refused = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
-            assert_openai_error(refused, 503)
-            version = (await http.get("/version")).json()
-            assert version["verified"] is False
-            assert version["loaded_at"] is None
-
-    asyncio.run(probe())

@@ -10,11 +10,15 @@ server: ``ignore_eos``), so every arm does the same work:
 * ``naive``: ``model.generate`` one request at a time;
 * ``static``: ``model.generate`` on static batches of ``--clients`` requests;
 * ``server``: ``metalserve serve`` as a subprocess on a free loopback port, ``--clients``
-  concurrent streaming HTTP clients (httpx) over ``/v1/completions``.
+  concurrent streaming HTTP clients (``metalserve.bench.sse``) over ``/v1/completions``.
 
 Each arm gets an untimed warm-up first. Tokens/s is generated tokens over the arm's wall time;
 TTFT is the time to the first generated token (transformers: the streamer's first token; HTTP:
-the first streamed text); latency is the whole request.
+the first streamed text); latency is the whole request. p50/p99 are nearest-rank
+(``common.percentile``).
+
+The model generator (:func:`write_model`) and the server subprocess (:class:`ServerProcess`) are
+also what the reload check uses.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import math
 import os
 import shutil
 import signal
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,8 +43,10 @@ import httpx
 import torch
 
 import metalserve
-from metalserve import bench_common, store
-from metalserve.bench_common import percentile
+from metalserve import store
+from metalserve.bench import common, sse
+from metalserve.bench.common import LLAMA_PRESETS, percentile
+from metalserve.bench.options import BenchServeSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -50,56 +56,12 @@ if TYPE_CHECKING:
 MODEL = "bench-serve"
 MODEL_FORMAT = 1  # bump when the generated model or tokenizer changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-PRESETS: dict[str, dict[str, Any]] = {
-    "850m": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 32000,
-        "max_position_embeddings": 2048,
-    },
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 1024,
-        "max_position_embeddings": 512,
-    },
-}
 SERVER_READY_TIMEOUT = 600.0
 REQUEST_TIMEOUT = 600.0
 
 
 class BenchError(Exception):
     """An arm could not run as specified (server failed, wrong token count, ...)."""
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    dir: Path
-    preset: str = "850m"
-    prompt_tokens: int = 64
-    new_tokens: int = 128
-    clients: int = 32
-    requests: int | None = None
-    device: str = "cuda"
-    out: Path | None = None
-    arms: tuple[str, ...] = bench_common.SERVE_ARMS
-    seed: int = 0
-    server_args: tuple[str, ...] = ()  # extra `metalserve serve` flags (A/B runs)
-
-    def requests_for(self, arm: str) -> int:
-        """Requests per arm: few for the slow naive arm, whole batches for the static one."""
-        if arm == "naive":
-            return self.requests or 4
-        if arm == "static":
-            wanted = self.requests or 2 * self.clients
-            return math.ceil(wanted / self.clients) * self.clients
-        return self.requests or 4 * self.clients
 
 
 @dataclass
@@ -131,9 +93,9 @@ class ArmResult:
         }
 
 
-def run(options: ServeOptions) -> dict[str, Any]:
+def run(options: BenchServeSettings) -> dict[str, Any]:
     """Prepare the model, run every chosen arm, return the report."""
-    environment = bench_common.environment(options.device)
+    environment = common.environment(options.device)
     model_info = prepare_model(options)
     _log(
         f"model {model_info['version_id'][:12]} ({model_info['parameters'] / 1e6:.1f}M "
@@ -142,7 +104,7 @@ def run(options: ServeOptions) -> dict[str, Any]:
     )
     store_root = options.dir / "store"
     version_id = str(model_info["version_id"])
-    prompts = make_prompts(options, int(PRESETS[options.preset]["vocab_size"]))
+    prompts = make_prompts(options, int(LLAMA_PRESETS[options.preset]["vocab_size"]))
     arms: dict[str, ArmResult] = {}
     if "naive" in options.arms or "static" in options.arms:
         from metalserve.loader import load_version
@@ -186,7 +148,7 @@ def build_tokenizer(vocab_size: int, max_length: int) -> PreTrainedTokenizerFast
     )
 
 
-def prepare_model(options: ServeOptions) -> dict[str, Any]:
+def prepare_model(options: BenchServeSettings) -> dict[str, Any]:
     """Reuse the published bench model under ``options.dir`` if it was made with the same
     parameters, else generate it (on the GPU when the bench runs there: seconds, not minutes)
     and publish it. Returns what the report says about the model."""
@@ -199,7 +161,7 @@ def prepare_model(options: ServeOptions) -> dict[str, Any]:
     params = {
         "format": MODEL_FORMAT,
         "preset": options.preset,
-        "config": PRESETS[options.preset],
+        "config": LLAMA_PRESETS[options.preset],
         "seed": options.seed,
         "init_device": init_device,  # CPU and CUDA random streams differ
     }
@@ -214,7 +176,7 @@ def prepare_model(options: ServeOptions) -> dict[str, Any]:
     src = base / "src"
     shutil.rmtree(src, ignore_errors=True)
     try:
-        parameters = _write_model(src, options, init_device)
+        parameters = write_model(src, LLAMA_PRESETS[options.preset], options.seed, init_device)
         version_id = store.publish(src, store_root, MODEL)
     finally:
         shutil.rmtree(src, ignore_errors=True)
@@ -235,10 +197,12 @@ def _model_info(doc: dict[str, Any], *, reused: bool, started: float) -> dict[st
     }
 
 
-def _write_model(src: Path, options: ServeOptions, init_device: str) -> int:
+def write_model(src: Path, preset: dict[str, Any], seed: int, init_device: str) -> int:
+    """Write a Llama model of shape ``preset`` with weights seeded by ``seed`` (made on
+    ``init_device``: CPU and CUDA random streams differ) and the word-level tokenizer into
+    ``src`` (HF layout); returns its parameter count."""
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-    preset = PRESETS[options.preset]
     tokenizer = build_tokenizer(preset["vocab_size"], preset["max_position_embeddings"])
     config = LlamaConfig(
         **preset,
@@ -253,7 +217,7 @@ def _write_model(src: Path, options: ServeOptions, init_device: str) -> int:
     rng_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
     # fork_rng: seeding for reproducible weights must not disturb the caller's RNG.
     with torch.random.fork_rng(devices=rng_devices), device:
-        torch.manual_seed(options.seed)
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -269,9 +233,9 @@ def _write_model(src: Path, options: ServeOptions, init_device: str) -> int:
     return int(parameters)
 
 
-def make_prompts(options: ServeOptions, vocab_size: int) -> torch.Tensor:
+def make_prompts(options: BenchServeSettings, vocab_size: int) -> torch.Tensor:
     """Seeded random prompts of ordinary (non-special) token ids, one row per request."""
-    count = max(options.requests_for(arm) for arm in bench_common.SERVE_ARMS)
+    count = max(options.requests_for(arm) for arm in common.SERVE_ARMS)
     generator = torch.Generator().manual_seed(options.seed + 1)
     return torch.randint(
         len(SPECIAL_TOKENS), vocab_size, (count, options.prompt_tokens), generator=generator
@@ -288,7 +252,7 @@ def _free_device_memory(device: str) -> None:
 
 
 def _generate_arm(
-    bundle: LoadedModel, prompts: torch.Tensor, options: ServeOptions, *, batch: int, arm: str
+    bundle: LoadedModel, prompts: torch.Tensor, options: BenchServeSettings, *, batch: int, arm: str
 ) -> ArmResult:
     """``model.generate`` on batches of ``batch`` requests, one batch after another."""
     from transformers.generation.streamers import BaseStreamer
@@ -362,47 +326,27 @@ def _sync(device: torch.device) -> None:
 
 
 def _server_arm(
-    store_root: Path, version_id: str, prompts: torch.Tensor, options: ServeOptions
+    store_root: Path, version_id: str, prompts: torch.Tensor, options: BenchServeSettings
 ) -> ArmResult:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "metalserve",
-        "serve",
-        "--store",
-        str(store_root),
-        "--model",
+    server = ServerProcess.start(
+        store_root,
         MODEL,
-        "--version",
         version_id,
-        "--device",
-        options.device,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-new-tokens",
-        str(max(options.new_tokens, 16)),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        # Otherwise the server's defaults (batch limit, decode path): those are what is measured.
-        *options.server_args,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METALSERVE_")}
-    # The server must run this very code, installed or not.
-    package_root = str(Path(metalserve.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = options.dir / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    started = time.monotonic()
+        device=options.device,
+        log_path=options.dir / "server.log",
+        extra_args=(
+            "--max-new-tokens",
+            str(max(options.new_tokens, 16)),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            # Otherwise the server's defaults (batch limit, decode path): those are measured.
+            *options.server_args,
+        ),
+    )
+    url = server.url
     try:
-        _wait_ready(url, proc, log_path)
-        ready_seconds = time.monotonic() - started
+        ready_seconds = server.wait_ready(SERVER_READY_TIMEOUT)
         served = httpx.get(f"{url}/version", timeout=10.0).json()
         _log(f"server ready in {ready_seconds:.1f}s")
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
@@ -416,9 +360,9 @@ def _server_arm(
         )
         after = _scrape(url)
     finally:
-        exit_code = _stop(proc)
+        exit_code = server.stop()
     if exit_code not in (0, None):
-        raise BenchError(f"the server exited with {exit_code}:\n{_tail(log_path)}")
+        raise BenchError(f"the server exited with {exit_code}:\n{server.tail()}")
     passes = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     decode_passes = passes.get("decode_passes", 0.0)
     result.extra.update(
@@ -426,7 +370,7 @@ def _server_arm(
             "clients": options.clients,
             "dtype": served.get("dtype"),
             "server_load_seconds": served.get("load_seconds"),
-            "server_command": command[1:],
+            "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
             "decode_path": served.get("decode_path"),
             "max_batch_size": served.get("max_batch_size"),
@@ -488,46 +432,118 @@ async def _request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int
     sent = time.perf_counter()
     ttft: float | None = None
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise BenchError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line.removeprefix("data: ")
-            if payload == "[DONE]":
-                break
-            chunk = json.loads(payload)
-            if "error" in chunk:
-                raise BenchError(f"the server failed a request: {chunk['error']}")
-            if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                ttft = time.perf_counter() - sent
-            if chunk.get("usage"):
-                tokens = int(chunk["usage"]["completion_tokens"])
+    try:
+        async with contextlib.aclosing(sse.events(client, "/v1/completions", body)) as stream:
+            async for chunk in stream:
+                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - sent
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"]["completion_tokens"])
+    except sse.HTTPStatusError as exc:
+        raise BenchError(f"HTTP {exc.status}: {exc.body[:500]!r}") from None
+    except sse.ErrorEvent as exc:
+        raise BenchError(f"the server failed a request: {exc.error}") from None
+    except sse.StreamError as exc:
+        raise BenchError(f"a request's stream failed: {exc.detail}") from None
     latency = time.perf_counter() - sent
     if tokens != new_tokens:
         raise BenchError(f"a request generated {tokens} tokens, not {new_tokens}")
     return _Request(ttft=latency if ttft is None else ttft, latency=latency, tokens=tokens)
 
 
-def _free_port() -> int:
+# --- the server subprocess ------------------------------------------------------------------
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT
-    with httpx.Client(timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BenchError(f"the server exited with {proc.returncode}:\n{_tail(log_path)}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{url}/readyz").status_code == 200:
-                    return
-            time.sleep(0.2)
-    raise BenchError(f"the server was not ready after {SERVER_READY_TIMEOUT:.0f}s")
+@dataclass
+class ServerProcess:
+    """``metalserve serve`` as a subprocess on a free loopback port, running this very code
+    (installed or not), its output in ``log_path``."""
+
+    command: list[str]
+    url: str
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+    started: float
+
+    @classmethod
+    def start(
+        cls,
+        store_root: Path,
+        model: str,
+        version_id: str,
+        *,
+        device: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+    ) -> ServerProcess:
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "metalserve",
+            "serve",
+            "--store",
+            str(store_root),
+            "--model",
+            model,
+            "--version",
+            version_id,
+            "--device",
+            device,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra_args,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METALSERVE_")}
+        package_root = str(Path(metalserve.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["HF_HUB_OFFLINE"] = "1"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return cls(command, f"http://127.0.0.1:{port}", log_path, proc, time.monotonic())
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from the start until ``/readyz`` answered 200; BenchError if the server
+        exited or was not ready within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise BenchError(
+                        f"the server exited with {self.proc.returncode}:\n{self.tail()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        return time.monotonic() - self.started
+                time.sleep(0.2)
+        raise BenchError(f"the server was not ready after {timeout:.0f}s")
+
+    def stop(self) -> int | None:
+        """SIGTERM (the server drains), then a kill after 60 s; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -546,29 +562,11 @@ def _scrape(url: str) -> dict[str, float]:
     return values
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 # --- the report -------------------------------------------------------------------------------
 
 
 def _report(
-    options: ServeOptions,
+    options: BenchServeSettings,
     environment: dict[str, Any],
     model_info: dict[str, Any],
     arms: dict[str, ArmResult],
@@ -576,7 +574,7 @@ def _report(
     def rate(arm: str) -> float | None:
         return arms[arm].tokens_per_s if arm in arms else None
 
-    server_vs_static = bench_common.ratio(rate("server"), rate("static"))
+    server_vs_static = common.ratio(rate("server"), rate("static"))
     return {
         "benchmark": "serve",
         "environment": environment,
@@ -596,12 +594,12 @@ def _report(
         "arms": {name: result.as_json() for name, result in arms.items()},
         "ratios": {
             "server_vs_static": server_vs_static,
-            "static_vs_naive": bench_common.ratio(rate("static"), rate("naive")),
-            "server_vs_naive": bench_common.ratio(rate("server"), rate("naive")),
+            "static_vs_naive": common.ratio(rate("static"), rate("naive")),
+            "server_vs_naive": common.ratio(rate("server"), rate("naive")),
         },
         "targets": {
-            "server_vs_static_1x": bench_common.target(server_vs_static, ">=", 1.0),
-            "server_vs_static_2x": bench_common.target(server_vs_static, ">=", 2.0),
+            "server_vs_static_1x": common.target(server_vs_static, ">=", 1.0),
+            "server_vs_static_2x": common.target(server_vs_static, ">=", 2.0),
         },
     }
 
@@ -644,7 +642,7 @@ def render(report: dict[str, Any]) -> str:
         f"run in {', '.join(sorted({a.get('dtype', '?') for a in report['arms'].values()}))}), "
         f"{opts['prompt_tokens']}-token prompts, {opts['new_tokens']} new tokens, "
         f"{opts['clients']} clients / batch",
-        bench_common.render_table(rows),
+        common.render_table(rows),
         *(
             [
                 f"server: decode path {server.get('decode_path')}, max batch "
@@ -666,4 +664,4 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"[bench serve] {message}", file=sys.stderr, flush=True)
+    common.log("bench serve", message)

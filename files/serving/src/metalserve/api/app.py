@@ -1,0 +1,56 @@
+"""The FastAPI app of one replica: routers, middleware, error handlers and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from metalserve import __version__
+from metalserve.api import admin, openai, probes
+from metalserve.api.middleware import ObservabilityMiddleware
+from metalserve.errors import install_error_handlers
+from metalserve.replica import Replica
+from metalserve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    replica: Replica = app.state.replica
+    replica.engine.start()
+    # Load in the background: the port opens at once and /readyz tells the story.
+    loader = asyncio.create_task(replica.load_initial(), name="metalserve-load")
+    try:
+        yield
+    finally:
+        if not loader.done():
+            loader.cancel()
+        await asyncio.to_thread(replica.engine.stop)
+
+
+def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
+    """The FastAPI app of one replica. The caller starts it with uvicorn (see server.py)."""
+    app = FastAPI(
+        title="metalserve",
+        version=__version__,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.replica = replica
+    install_error_handlers(app)
+    app.add_middleware(ObservabilityMiddleware, replica=replica)
+    app.include_router(probes.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    if settings.fault_injection:
+        log.warning("fault injection is on: POST /admin/fault/wedge-engine blocks the engine loop")
+        app.include_router(admin.fault_router)
+    return app

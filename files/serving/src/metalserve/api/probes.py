@@ -1,0 +1,61 @@
+"""Liveness, readiness, version and metrics: what HAProxy, systemd and Prometheus ask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from metalserve import __version__
+from metalserve.api.deps import ReplicaDep, SettingsDep
+from metalserve.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(replica: ReplicaDep) -> JSONResponse:
+    alive = replica.engine.is_alive()
+    return JSONResponse(
+        {"status": "alive" if alive else "engine-dead", "state": replica.state()},
+        status_code=200 if alive else 503,
+    )
+
+
+@router.get("/readyz")
+async def readyz(replica: ReplicaDep) -> JSONResponse:
+    current = replica.engine.model
+    return JSONResponse(
+        {
+            "status": "ready" if replica.ready else replica.state(),
+            "version_id": current.version_id if current else None,
+        },
+        status_code=200 if replica.ready else 503,
+    )
+
+
+@router.get("/version")
+async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
+    current = replica.engine.model
+    return {
+        "model": settings.model,
+        "version_id": current.version_id if current else replica.version_id,
+        "verified": current is not None,
+        "files": list(current.files) if current else [],
+        "device": str(current.device) if current else settings.device,
+        "dtype": str(current.dtype).removeprefix("torch.") if current else settings.dtype,
+        "loaded_at": current.loaded_at.isoformat() if current else None,
+        "load_seconds": round(current.load_seconds, 3) if current else None,
+        "decode_path": replica.engine.decode_path,
+        "max_batch_size": replica.engine.max_batch_size,
+        "server_version": __version__,
+        "state": replica.state(),
+    }
+
+
+@router.get("/metrics")
+async def metrics(replica: ReplicaDep) -> Response:
+    replica.metrics.ready.set(1 if replica.ready else 0)
+    replica.metrics.draining.set(1 if replica.draining else 0)
+    return Response(replica.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,298 @@
+"""``metalserve bench decode-check``: the static/CUDA-graph decode path (``staticdecode``) on
+``bench serve``'s model, two checks:
+
+* ``verify``: correctness against transformers. In float32, greedy tokens of our path equal
+  ``generate()``'s (8 prompts x 24 tokens), teacher-forced and free-running; in bfloat16, the
+  relative logits error of our path against a transformers forward, teacher-forced on
+  transformers' own greedy tokens, next to transformers' own batch-1 against batch-8 spread.
+* ``prof``: timings. One decode step as a graph replay at batch 8, 32 and 64 (attention bucket
+  256) and eager, with and without the host sync; prefill; allocation and graph capture
+  (CUDA events, median of 50 after 5 warm-ups; on CPU one eager run each).
+
+The model is ``bench serve``'s (same ``--dir``, ``--preset``, ``--seed``): reused, or made there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalserve import staticdecode
+from metalserve.bench import common, serve
+from metalserve.bench.options import BenchServeSettings, DecodeCheckSettings
+from metalserve.loader import LoadedModel, load_version
+
+ROWS, STEPS, PROMPT = 8, 24, 64  # verify: prompts, new tokens, prompt length
+PROF_SLOTS = 64
+PROF_POSITION = 191  # the bench's last steps: 64-token prompts + 128 new tokens
+TIMED_REPEATS = 50
+WARM_UPS = 5
+
+
+def run(settings: DecodeCheckSettings) -> dict[str, Any]:
+    """Prepare (or reuse) the model, run the chosen checks, return the report."""
+    environment = common.environment(settings.device)
+    serve_settings = BenchServeSettings(
+        dir=settings.dir, preset=settings.preset, seed=settings.seed, device=settings.device
+    )
+    model_info = serve.prepare_model(serve_settings)
+    _log(f"model {model_info['version_id'][:12]} ({model_info['parameters'] / 1e6:.1f}M)")
+    store_root = settings.dir / "store"
+    version_id = str(model_info["version_id"])
+    report: dict[str, Any] = {
+        "benchmark": "decode-check",
+        "environment": environment,
+        "options": {
+            "dir": str(settings.dir),
+            "preset": settings.preset,
+            "seed": settings.seed,
+            "device": settings.device,
+            "checks": list(settings.checks),
+        },
+        "model": model_info,
+    }
+    if "verify" in settings.checks:
+        report["verify"] = {
+            "method": f"{ROWS} random {PROMPT}-token prompts, {STEPS} steps. Teacher-forced: "
+            "transformers' own greedy tokens fed to our path; relative L2 error of our logits "
+            "vs a transformers forward over the whole sequence (batch 8), next to "
+            "transformers' own batch-1 vs batch-8 error. Free-run: our greedy tokens vs "
+            "transformers generate().",
+            "result": verify(store_root, version_id, settings.device),
+        }
+    if "prof" in settings.checks:
+        report["prof"] = {
+            "method": f"CUDA events, median of {TIMED_REPEATS} after {WARM_UPS} warm-ups "
+            "(CPU: one run); step_ms_* = one decode step at batch B, attention length bucket "
+            "L; host_step_ms = replay + argmax + host copy and sync, wall clock; prefill eager",
+            "result": prof(store_root, version_id, settings.device),
+        }
+    return report
+
+
+def _load(store_root: Path, version_id: str, device: str, dtype: str = "auto") -> LoadedModel:
+    return load_version(store_root, serve.MODEL, version_id, device=device, dtype=dtype)
+
+
+def _decoder(bundle: LoadedModel, slots: int) -> staticdecode.StaticDecoder:
+    return staticdecode.StaticDecoder(
+        bundle.model,
+        slots=slots,
+        max_length=bundle.max_context,
+        device=bundle.device,
+        dtype=bundle.dtype,
+        cuda_graphs=bundle.device.type == "cuda",
+    )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _equal_prefix(ours: list[int], reference: list[int]) -> int:
+    """How many leading tokens agree."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b), len(ours)
+    )
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+def verify(store_root: Path, version_id: str, device: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        bundle = _load(store_root, version_id, device, dtype)
+        with torch.inference_mode():
+            out[dtype] = _verify_one(bundle)
+        del bundle
+        _free(device)
+        _log(f"verify {dtype}: {out[dtype]}")
+    return out
+
+
+def _verify_one(bundle: LoadedModel) -> dict[str, Any]:
+    model: Any = bundle.model
+    dev = bundle.device
+    dec = _decoder(bundle, ROWS)
+    dec.capture_all()
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(4, bundle.vocab_size, (ROWS, PROMPT), generator=g)
+    ref: torch.Tensor = model.generate(
+        input_ids=prompts.to(dev),
+        attention_mask=torch.ones_like(prompts).to(dev),
+        max_new_tokens=STEPS,
+        min_new_tokens=STEPS,
+        do_sample=False,
+        pad_token_id=bundle.pad_token_id,
+    )
+    ref_new = ref[:, PROMPT:]
+    lengths = torch.full((ROWS,), PROMPT)
+    logits = dec.prefill(prompts, lengths, 0)
+    ours_vs_hf: list[float] = []
+    hf_b1_vs_b8: list[float] = []
+    top1_agree = 0
+    for step in range(STEPS):
+        seq = ref[:, : PROMPT + step]
+        hf = model(input_ids=seq).logits[:, -1]
+        hf1 = model(input_ids=seq[:1]).logits[:, -1]
+        ours_vs_hf.append(round(_rel(logits, hf), 5))
+        hf_b1_vs_b8.append(round(_rel(hf1[0], hf[0]), 5))
+        top1_agree += int((logits.argmax(-1) == hf.argmax(-1)).sum())
+        forced = ref_new[:, step]  # teacher forcing: feed transformers' token
+        if step == 0:
+            dec.admit(0, forced, lengths)
+        else:
+            dec.advance(ROWS, forced)
+        logits = dec.decode(ROWS, PROMPT + step)
+    # free-running greedy generation on our path vs transformers generate
+    logits = dec.prefill(prompts, lengths, 0)
+    chosen = logits.argmax(-1)
+    dec.admit(0, chosen, lengths)
+    steps = [chosen]
+    for step in range(STEPS - 1):
+        chosen = dec.decode(ROWS, PROMPT + step).argmax(-1)
+        dec.advance(ROWS, chosen)
+        steps.append(chosen)
+    ours = torch.stack(steps, 1).cpu()
+    reference = ref_new.cpu()
+    return {
+        "top1_agree": top1_agree,
+        "top1_total": ROWS * STEPS,
+        "our_vs_hf_rel_max": max(ours_vs_hf),
+        "hf_b1_vs_b8_rel_max": max(hf_b1_vs_b8),
+        "free_run_tokens_equal": int((ours == reference).sum()),
+        "free_run_tokens_total": ROWS * STEPS,
+        "free_run_equal_prefix_per_row": [
+            _equal_prefix(ours[r].tolist(), reference[r].tolist()) for r in range(ROWS)
+        ],
+    }
+
+
+# --- prof -----------------------------------------------------------------------------------
+
+
+def timed_ms(fn: Callable[[], object], cuda: bool, repeats: int = TIMED_REPEATS) -> float:
+    """Milliseconds of ``fn``: on CUDA the median (nearest-rank p50) of ``repeats`` event-timed
+    runs after ``WARM_UPS`` untimed ones; on CPU one wall-clock run."""
+    if not cuda:
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1000
+    for _ in range(WARM_UPS):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return common.percentile(times, 50)
+
+
+def prof(store_root: Path, version_id: str, device: str) -> dict[str, Any]:
+    bundle = _load(store_root, version_id, device)
+    out = _prof(bundle)
+    del bundle
+    _free(device)
+    return out
+
+
+def _prof(bundle: LoadedModel) -> dict[str, Any]:
+    cuda = bundle.device.type == "cuda"
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        started = time.monotonic()
+        dec = _decoder(bundle, PROF_SLOTS)
+        out["alloc_s"] = round(time.monotonic() - started, 3)
+        dec.capture_all()
+        out["capture_all_s"] = round(dec.capture_seconds, 3)
+        out["graphs"] = len(dec._graphs)
+        if cuda:
+            out["mem_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+            out["mem_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+        out.update(_prof_greedy(bundle, dec))
+
+        # timings at B=32, positions ~192 (bench's last steps), graph vs eager static
+        position = PROF_POSITION
+        dec.positions[:32] = position
+        dec.tokens[:32] = 100
+        out["step_ms_graph_b32_l256"] = round(timed_ms(lambda: dec.decode(32, position), cuda), 3)
+        out["step_ms_graph_b64_l256"] = round(timed_ms(lambda: dec.decode(64, position), cuda), 3)
+        out["step_ms_graph_b8_l256"] = round(timed_ms(lambda: dec.decode(8, position), cuda), 3)
+        out["step_ms_eager_b32_l192"] = round(
+            timed_ms(lambda: dec._decode(32, position + 1), cuda), 3
+        )
+
+        def full_step() -> list[int]:
+            chosen = dec.decode(32, position).argmax(-1)
+            dec.positions[:32] = position
+            return dec.to_host(chosen)
+
+        steps = 200 if cuda else 3
+        started = time.perf_counter()
+        for _ in range(steps):
+            full_step()
+        out["host_step_ms_graph_b32_incl_sync"] = round(
+            (time.perf_counter() - started) / steps * 1000, 3
+        )
+        ids = torch.randint(4, bundle.vocab_size, (32, 64))
+        out["prefill_ms_32x64"] = round(
+            timed_ms(lambda: dec.prefill(ids, torch.full((32,), 64), 0), cuda, repeats=10), 3
+        )
+        out["prefill_ms_1x64"] = round(
+            timed_ms(lambda: dec.prefill(ids[:1], torch.full((1,), 64), 0), cuda, repeats=10), 3
+        )
+    _log(f"prof: {out}")
+    return out
+
+
+def _prof_greedy(bundle: LoadedModel, dec: staticdecode.StaticDecoder) -> dict[str, Any]:
+    """Greedy tokens of our path against ``generate()`` in the served dtype (8 x 24), and the
+    prefill logits' largest difference from a transformers forward."""
+    model: Any = bundle.model
+    dev = bundle.device
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(4, bundle.vocab_size, (ROWS, PROMPT), generator=g)
+    ref: list[list[int]] = model.generate(
+        input_ids=prompts.to(dev),
+        attention_mask=torch.ones_like(prompts).to(dev),
+        max_new_tokens=STEPS,
+        min_new_tokens=STEPS,
+        do_sample=False,
+        pad_token_id=bundle.pad_token_id,
+    )[:, PROMPT:].tolist()
+    lengths = torch.full((ROWS,), PROMPT)
+    logits = dec.prefill(prompts, lengths, 0)
+    hf_logits = model(input_ids=prompts.to(dev)).logits[:, -1]
+    maxdiff = float((logits.float() - hf_logits.float()).abs().max())
+    chosen = logits.argmax(-1)
+    dec.admit(0, chosen, lengths)
+    ours = [[t] for t in chosen.tolist()]
+    for step in range(STEPS - 1):
+        chosen = dec.decode(ROWS, PROMPT + step).argmax(-1)
+        dec.advance(ROWS, chosen)
+        for row, t in enumerate(chosen.tolist()):
+            ours[row].append(t)
+    return {
+        "prefill_logit_maxdiff": maxdiff,
+        "greedy_tokens_equal_prefix_per_row": [
+            _equal_prefix(o, r) for o, r in zip(ours, ref, strict=True)
+        ],
+    }
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _log(message: str) -> None:
+    common.log("bench decode-check", message)

@@ -1,0 +1,336 @@
+"""The batches: the active sequences of one model on one decode path, behind one protocol.
+
+``DynamicBatch`` runs the transformers forward with a growable, left-padded KV cache (the default
+on CPU); ``StaticBatch`` runs ``metalserve.staticdecode`` (a static KV cache with one slot per
+sequence; on CUDA, decode steps replayed as CUDA graphs).
+
+Batch invariance: each row has its own positions, its own attention mask and its own RNG, so a
+sequence's tokens do not depend on its batch mates (bit-for-bit up to floating-point reduction
+order, which in practice does not change greedy choices).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from metalserve.engine.sequence import (
+    EngineObserver,
+    Event,
+    Failed,
+    Finished,
+    Sequence,
+    TextDelta,
+)
+from metalserve.sampling import SamplingParams, choose_tokens, choose_tokens_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn.attention import SDPBackend
+    from transformers.cache_utils import Cache
+
+    from metalserve.loader import LoadedModel
+    from metalserve.staticdecode import StaticDecoder
+
+
+class Batch(Protocol):
+    """What the engine loop needs of a batch: the active sequences of one model, advanced one
+    forward pass at a time by the engine thread (``DynamicBatch`` and ``StaticBatch``)."""
+
+    seqs: list[Sequence]
+    forward_passes: int
+
+    def __len__(self) -> int: ...
+
+    def add(self, new: list[Sequence]) -> None:
+        """Prefill ``new``, emit their first tokens, join the batch."""
+
+    def step(self) -> None:
+        """One decode step over every active sequence."""
+
+    def evict_done(self) -> None:
+        """Drop finished and cancelled sequences."""
+
+    def clear(self) -> None:
+        """Forget every sequence (after they were failed)."""
+
+
+@dataclass(eq=False)
+class _BatchTensors:
+    cache: Cache
+    mask: torch.Tensor  # [batch, cache length] 1 for real tokens, 0 for left padding
+    positions: torch.Tensor  # [batch] position id of each row's next token
+    last_tokens: torch.Tensor  # [batch] the token each row feeds to the next decode step
+
+
+class DynamicBatch:
+    """The active sequences of one model on the dynamic path (the transformers forward) with
+    their shared, left-padded, growing KV cache."""
+
+    def __init__(self, bundle: LoadedModel, observer: EngineObserver | None = None) -> None:
+        self.bundle = bundle
+        self.observer = observer
+        self.seqs: list[Sequence] = []
+        self.forward_passes = 0
+        self._tensors: _BatchTensors | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, new: list[Sequence]) -> None:
+        """Prefill ``new`` in one forward pass, emit their first tokens, join the batch."""
+        import torch
+
+        from metalserve import kvcache
+
+        with torch.inference_mode():
+            device = self.bundle.device
+            longest = max(len(s.prompt_ids) for s in new)
+            ids = torch.full((len(new), longest), self.bundle.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(new), longest), dtype=torch.long)
+            for row, seq in enumerate(new):
+                seq.start()
+                ids[row, longest - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+                mask[row, longest - len(seq.prompt_ids) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = kvcache.new_cache()
+            logits = self._forward("prefill", ids, mask, positions, cache)
+            tokens = choose_tokens(logits, [s.params for s in new], [_generator(s) for s in new])
+            added = _BatchTensors(
+                cache=cache,
+                mask=mask,
+                positions=mask.sum(-1),
+                last_tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            )
+            old = self._tensors
+            if old is None:
+                self._tensors = added
+            else:
+                merged = kvcache.concat_left_padded(old.cache, cache)
+                length = merged.get_seq_length()
+                self._tensors = _BatchTensors(
+                    cache=merged,
+                    mask=torch.cat(
+                        [
+                            kvcache.left_pad_mask(old.mask, length),
+                            kvcache.left_pad_mask(mask, length),
+                        ]
+                    ),
+                    positions=torch.cat([old.positions, added.positions]),
+                    last_tokens=torch.cat([old.last_tokens, added.last_tokens]),
+                )
+            self.seqs.extend(new)
+            for seq, token in zip(new, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def step(self) -> None:
+        """One decode forward over every active sequence."""
+        import torch
+
+        state = self._tensors
+        if state is None or not self.seqs:
+            return
+        with torch.inference_mode():
+            state.mask = torch.cat([state.mask, state.mask.new_ones((len(self.seqs), 1))], dim=1)
+            logits = self._forward(
+                "decode",
+                state.last_tokens[:, None],
+                state.mask,
+                state.positions[:, None],
+                state.cache,
+            )
+            tokens = choose_tokens(
+                logits, [s.params for s in self.seqs], [_generator(s) for s in self.seqs]
+            )
+            state.positions = state.positions + 1
+            state.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.bundle.device)
+            for seq, token in zip(self.seqs, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def evict_done(self) -> None:
+        """Drop finished and cancelled rows, and the cache columns only they still needed."""
+        import torch
+
+        from metalserve import kvcache
+
+        for seq in self.seqs:
+            if seq.cancelled and not seq.done:
+                seq.fail(499, "client went away", self.observer)
+        keep = [i for i, s in enumerate(self.seqs) if not s.done]
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        state = self._tensors
+        if not keep or state is None:
+            self.clear()
+            return
+        with torch.inference_mode():
+            rows = torch.tensor(keep, dtype=torch.long, device=state.mask.device)
+            mask = state.mask.index_select(0, rows)
+            # Columns that are padding for every remaining row can go.
+            first = int(mask.any(dim=0).nonzero()[0, 0])
+            kvcache.select_rows(state.cache, rows, first)
+            state.mask = mask[:, first:]
+            state.positions = state.positions.index_select(0, rows)
+            state.last_tokens = state.last_tokens.index_select(0, rows)
+
+    def clear(self) -> None:
+        self.seqs = []
+        self._tensors = None
+
+    def _forward(
+        self,
+        phase: str,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache,
+    ) -> torch.Tensor:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_attention_backends()):
+            output = self.bundle.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.forward_passes += 1
+        if self.observer is not None:
+            self.observer.forward_pass(phase, ids.shape[0])
+        logits: torch.Tensor = output.logits[:, -1, :]
+        return logits
+
+
+class StaticBatch:
+    """The active sequences of one model on the static path (``metalserve.staticdecode``).
+
+    A ``Batch`` as ``DynamicBatch`` is. Sequence ``i`` of ``seqs`` lives in slot ``i`` of the
+    decoder's static KV cache; a step is one (on CUDA graph-replayed) forward over slots
+    ``0..n-1``, one batched token choice and one host sync.
+    """
+
+    def __init__(
+        self, bundle: LoadedModel, decoder: StaticDecoder, observer: EngineObserver | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.decoder = decoder
+        self.observer = observer
+        self.seqs: list[Sequence] = []
+        self.forward_passes = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, new: list[Sequence]) -> None:
+        """Prefill ``new`` into the next free slots, emit their first tokens, join the batch."""
+        import torch
+
+        with torch.inference_mode():
+            first = len(self.seqs)
+            longest = max(len(s.prompt_ids) for s in new)
+            ids = torch.full((len(new), longest), self.bundle.pad_token_id, dtype=torch.long)
+            for row, seq in enumerate(new):
+                seq.start()
+                ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+            lengths = torch.tensor([len(s.prompt_ids) for s in new], dtype=torch.long)
+            logits = self.decoder.prefill(ids, lengths, first)
+            self._count("prefill", len(new))
+            chosen = choose_tokens_tensor(
+                logits, [s.params for s in new], [_generator(s) for s in new]
+            )
+            self.decoder.admit(first, chosen, lengths)
+            tokens = self.decoder.to_host(chosen)
+            self.seqs.extend(new)
+            for seq, token in zip(new, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def step(self) -> None:
+        """One decode step over every active sequence."""
+        import torch
+
+        seqs = self.seqs
+        if not seqs:
+            return
+        with torch.inference_mode():
+            # The position each row feeds now: its prompt and all but its newest token are cached.
+            last = max(len(s.prompt_ids) + len(s.generated) for s in seqs) - 1
+            logits = self.decoder.decode(len(seqs), last)
+            self._count("decode", len(seqs))
+            chosen = choose_tokens_tensor(
+                logits, [s.params for s in seqs], [_generator(s) for s in seqs]
+            )
+            self.decoder.advance(len(seqs), chosen)
+            tokens = self.decoder.to_host(chosen)
+            for seq, token in zip(seqs, tokens, strict=True):
+                seq.append(token, self.observer)
+            self.evict_done()
+
+    def evict_done(self) -> None:
+        """Drop finished and cancelled sequences; the last ones move into the freed slots."""
+        import torch
+
+        for seq in self.seqs:
+            if seq.cancelled and not seq.done:
+                seq.fail(499, "client went away", self.observer)
+        kept = sum(not s.done for s in self.seqs)
+        if kept == len(self.seqs):
+            return
+        holes = [i for i in range(kept) if self.seqs[i].done]
+        movers = [j for j in range(kept, len(self.seqs)) if not self.seqs[j].done]
+        if movers:
+            length = max(len(self.seqs[j].prompt_ids) + len(self.seqs[j].generated) for j in movers)
+            with torch.inference_mode():
+                self.decoder.move(movers, holes, length)
+            for hole, mover in zip(holes, movers, strict=True):
+                self.seqs[hole] = self.seqs[mover]
+        self.seqs = self.seqs[:kept]
+
+    def clear(self) -> None:
+        self.seqs = []
+
+    def _count(self, phase: str, rows: int) -> None:
+        self.forward_passes += 1
+        if self.observer is not None:
+            self.observer.forward_pass(phase, rows)
+
+
+@functools.cache
+def _attention_backends() -> list[SDPBackend]:
+    """Every SDPA backend but cuDNN's: it builds a new execution plan for each new key length,
+    i.e. on every decode step (measured on an H100: ~20 ms per attention call in bf16)."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _generator(seq: Sequence) -> torch.Generator:
+    assert seq.generator is not None
+    return seq.generator
+
+
+def generate_once(
+    bundle: LoadedModel, prompt_ids: list[int], params: SamplingParams, step_delay: float = 0.0
+) -> str:
+    """Run one sequence to completion outside the engine (warm-up of a model being loaded).
+
+    Here, not in the loop module: it drives a ``DynamicBatch`` directly, with no thread or queue."""
+    events: list[Event] = []
+    seq = Sequence(bundle=bundle, prompt_ids=prompt_ids, params=params, sink=events.append)
+    batch = DynamicBatch(bundle)
+    batch.add([seq])
+    while batch.seqs:
+        time.sleep(step_delay)
+        batch.step()
+    failures = [e for e in events if isinstance(e, Failed)]
+    if failures or not any(isinstance(e, Finished) for e in events):
+        raise RuntimeError(f"warm-up generation failed: {failures}")
+    return "".join(e.text for e in events if isinstance(e, TextDelta))

@@ -1,0 +1,389 @@
+"""The engine loop: ``Engine`` owns the generation thread, the waiting queue and the live model.
+
+Each iteration admits waiting sequences (up to ``max_batch_size`` active ones) into the batch,
+which prefills them together in one forward pass, and then runs one batched decode step over
+every active sequence. Finished and cancelled sequences leave between steps.
+
+Decode path (``decode_mode``): the engine picks the batch kind when a model goes live
+(``_new_batch``) and falls back to ``DynamicBatch`` (with a warning) when the model or the device
+memory does not allow ``StaticBatch``.
+
+Hot reload (double buffer): ``swap()`` hands over a fully loaded model. Sequences prepared for
+the current model (everything queued before the swap was requested) still run on it; once the
+batch is empty the engine switches (building the new model's batch, graphs included, outside the
+lock), and sequences prepared for the new model start. So no request fails or mixes models; new
+requests wait at most as long as the longest in-flight generation (plus the new batch's set-up).
+
+Liveness: the loop stamps a heartbeat (``heartbeat_age``) at the top of every iteration, between a
+prefill and its decode step, and around a model switch; an idle loop waits at most ``idle_wait``
+seconds, so the heartbeat advances while nothing happens too. The systemd watchdog pinger
+(``metalserve.sdnotify``) pings only while the heartbeat is fresh: a dead or wedged loop gets the
+process restarted. Model loads and warm-ups run on the loader's thread, never in this loop, so
+the longest gap between two beats is one forward pass (a prefill of up to ``max_batch_size``
+prompts) or one switch (building a static batch: its CUDA graphs, ~1-2 s). ``wedge`` (fault
+injection for lab proofs) blocks the loop on purpose.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from metalserve.engine.batches import Batch, DynamicBatch, StaticBatch
+from metalserve.engine.sequence import EngineObserver, Sequence
+
+if TYPE_CHECKING:
+    from metalserve.loader import LoadedModel
+
+# The package's name, as when this was one module: log lines keep their logger name.
+log = logging.getLogger("metalserve.engine")
+
+DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
+
+# After this many consecutive failed steps the engine thread gives up, so /healthz reports the
+# replica dead and the supervisor restarts it instead of failing every request forever.
+MAX_CONSECUTIVE_FAILURES = 3
+# Longest wait of an idle engine loop: the heartbeat advances at least this often when idle.
+IDLE_WAIT_SECONDS = 1.0
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting already."""
+
+
+class StaleModelError(Exception):
+    """The sequence was prepared for a model that is no longer (or not yet) the engine's."""
+
+
+class Engine:
+    """Owns the generation thread, the waiting queue and the live model."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 1024,
+        observer: EngineObserver | None = None,
+        step_delay: float = 0.0,
+        decode_mode: str = "auto",
+        flush_events: Callable[[], None] | None = None,
+        idle_wait: float = IDLE_WAIT_SECONDS,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
+        if idle_wait <= 0:
+            raise ValueError("idle_wait must be > 0")
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.observer = observer
+        self.step_delay = step_delay
+        self.decode_mode = decode_mode
+        self.idle_wait = idle_wait
+        # Called after every engine iteration: sinks may buffer events until then (one hand-off
+        # to the event loop per step instead of one per token).
+        self._flush_events = flush_events or (lambda: None)
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._current: LoadedModel | None = None
+        self._batch: Batch | None = None
+        self._switching = False  # a swap is being prepared outside the lock
+        self._pending: tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None = (
+            None
+        )
+        self._abort: str | None = None
+        self._stopping = False
+        self._forward_passes = 0
+        # Liveness: monotonic time of the loop's last sign of progress (engine thread writes).
+        self._heartbeat = time.monotonic()
+        # Fault injection: a pending wedge (seconds, and a future done once the loop is
+        # blocked), and the event that ends a wedge early (stop()).
+        self._wedge: tuple[float, concurrent.futures.Future[None]] | None = None
+        self._unwedge = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metalserve-engine", daemon=True)
+
+    # --- API side (any thread) -------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The model sequences run on now."""
+        return self._current
+
+    @property
+    def target_model(self) -> LoadedModel | None:
+        """The model new sequences must be prepared for (the incoming one during a swap)."""
+        pending = self._pending
+        return pending[0] if pending is not None else self._current
+
+    @property
+    def forward_passes(self) -> int:
+        batch = self._batch
+        return self._forward_passes + (batch.forward_passes if batch is not None else 0)
+
+    @property
+    def decode_path(self) -> str | None:
+        """The decode path of the current model: cuda-graphs, static or dynamic."""
+        batch = self._batch
+        if isinstance(batch, StaticBatch):
+            return "cuda-graphs" if batch.decoder.cuda_graphs else "static"
+        return "dynamic" if batch is not None else None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the engine loop last made progress; infinite once its thread is gone
+        (or before it started)."""
+        if not self._thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self._heartbeat
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._unwedge.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise RuntimeError("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            if seq.bundle is not self.target_model and (
+                seq.bundle is not self._current or self._switching
+            ):
+                raise StaleModelError(seq.bundle.short_id)
+            self._waiting.append(seq)
+            self._report_queue()
+            self._cond.notify_all()
+
+    def swap(self, bundle: LoadedModel) -> concurrent.futures.Future[LoadedModel | None]:
+        """Switch to ``bundle`` between steps; the future yields the replaced model (or None)."""
+        future: concurrent.futures.Future[LoadedModel | None] = concurrent.futures.Future()
+        with self._cond:
+            if self._pending is not None:
+                raise RuntimeError("a model swap is already pending")
+            self._pending = (bundle, future)
+            self._cond.notify_all()
+        return future
+
+    def abort_all(self, message: str) -> None:
+        """Fail every queued and running sequence (drain timeout)."""
+        with self._cond:
+            self._abort = message
+            self._cond.notify_all()
+
+    def wedge(self, seconds: float) -> concurrent.futures.Future[None]:
+        """Fault injection: block the engine loop for ``seconds`` at its next iteration, without
+        heartbeat (the watchdog's proof). The future is done once the loop is blocked. Requests
+        wait meanwhile; ``stop()`` ends a wedge early."""
+        if seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise RuntimeError("the engine is not running")
+            if self._wedge is not None:
+                raise RuntimeError("a wedge is already pending")
+            self._wedge = (seconds, future)
+            self._cond.notify_all()
+        return future
+
+    # --- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                self._stopping = True
+                self._fail_everything(503, "the generation engine stopped")
+                if self._pending is not None:
+                    self._pending[1].set_exception(RuntimeError("the engine stopped"))
+                    self._pending = None
+                if self._wedge is not None and self._wedge[1].set_running_or_notify_cancel():
+                    self._wedge[1].set_exception(RuntimeError("the engine stopped"))
+                self._wedge = None
+            self._flush_events()
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            self._beat()
+            if self._wedge is not None:
+                self._hold()
+                continue
+            try:
+                with self._cond:
+                    if self._stopping:
+                        break
+                    if self._abort is not None:
+                        self._fail_everything(503, self._abort)
+                        self._abort = None
+                    incoming = self._swap_due()
+                    admitted = [] if incoming is not None else self._admit()
+                    if incoming is None and not admitted and not self._batch:
+                        # Bounded: the heartbeat must advance while idle.
+                        self._cond.wait(timeout=self.idle_wait)
+                        continue
+                if incoming is not None:
+                    self._switch(*incoming)
+                    continue
+                try:
+                    self._step(admitted)
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
+                    with self._cond:
+                        for seq in admitted:
+                            seq.fail(500, "internal error during generation", self.observer)
+                        self._fail_batch(500, "internal error during generation")
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        log.critical("engine stops after %d failed steps", failures)
+                        return
+            finally:
+                self._flush_events()
+            if self.step_delay:
+                time.sleep(self.step_delay)
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    def _hold(self) -> None:
+        """Fault injection: block this loop (no heartbeat) as a wedged step would."""
+        with self._cond:
+            wedge, self._wedge = self._wedge, None
+        if wedge is None:
+            return
+        seconds, blocked = wedge
+        log.warning("fault injection: the engine loop blocks for %.1fs", seconds)
+        if blocked.set_running_or_notify_cancel():  # else the caller stopped waiting for it
+            blocked.set_result(None)
+        self._unwedge.wait(seconds)
+        log.warning("fault injection: the engine loop resumes")
+
+    def _step(self, admitted: list[Sequence]) -> None:
+        assert self._batch is not None
+        if admitted:
+            self._batch.add(admitted)
+            self._flush_events()  # first tokens go out before the decode step
+            self._beat()
+        self._batch.step()
+
+    def _admit(self) -> list[Sequence]:
+        """Pop the sequences that can start now (FIFO, only those prepared for this model)."""
+        if self._current is None or self._batch is None:
+            return []
+        room = self.max_batch_size - len(self._batch)
+        admitted: list[Sequence] = []
+        kept: deque[Sequence] = deque()
+        while self._waiting:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                seq.fail(499, "client went away", self.observer)
+            elif seq.bundle is self._current and len(admitted) < room:
+                admitted.append(seq)
+            elif seq.bundle is self._current or (
+                self._pending is not None and seq.bundle is self._pending[0]
+            ):
+                kept.append(seq)
+            else:  # unreachable: submit() refuses stale sequences, swaps wait for queued ones
+                seq.fail(503, "the model was replaced; retry", self.observer)
+        self._waiting = kept
+        self._report_queue()
+        return admitted
+
+    def _swap_due(self) -> tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None:
+        """Under the lock: the pending swap, once the old model's work is done (else None).
+
+        The old batch (and its static cache) is released here; ``_switch`` prepares the new one
+        outside the lock, since capturing graphs takes a while."""
+        if self._pending is None:
+            return None
+        if self._batch or any(s.bundle is self._current for s in self._waiting):
+            return None  # finish the old model's work first
+        if self._batch is not None:
+            self._forward_passes += self._batch.forward_passes
+        self._batch = None
+        self._switching = True
+        return self._pending
+
+    def _switch(
+        self, bundle: LoadedModel, future: concurrent.futures.Future[LoadedModel | None]
+    ) -> None:
+        self._beat()
+        batch = self._new_batch(bundle)
+        self._beat()
+        with self._cond:
+            old = self._current
+            self._current, self._batch, self._pending = bundle, batch, None
+            self._switching = False
+            log.info("now serving version %s", bundle.short_id)
+            future.set_result(old)
+            self._cond.notify_all()
+
+    def _new_batch(self, bundle: LoadedModel) -> Batch:
+        """The batch of a model on the decode path ``decode_mode`` asks for and the model and
+        device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
+        mode = self.decode_mode
+        on_cuda = bundle.device.type == "cuda"
+        if mode == "auto":
+            mode = "cuda-graphs" if on_cuda else "dynamic"
+        if mode == "dynamic":
+            return DynamicBatch(bundle, self.observer)
+        if mode == "cuda-graphs" and not on_cuda:
+            log.warning("decode mode cuda-graphs needs a CUDA device; using the static path")
+            mode = "static"
+        from metalserve import staticdecode
+
+        try:
+            decoder = staticdecode.StaticDecoder(
+                bundle.model,
+                slots=self.max_batch_size,
+                max_length=bundle.max_context,
+                device=bundle.device,
+                dtype=bundle.dtype,
+                cuda_graphs=mode == "cuda-graphs",
+            )
+            decoder.capture_all()
+        except staticdecode.StaticDecodeUnavailable as exc:
+            log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
+            return DynamicBatch(bundle, self.observer)
+        except Exception:
+            log.exception("preparing decode mode %s failed; using the dynamic path", mode)
+            return DynamicBatch(bundle, self.observer)
+        log.info("decode path: %s", mode)
+        return StaticBatch(bundle, decoder, self.observer)
+
+    def _fail_batch(self, status: int, message: str) -> None:
+        if self._batch is not None:
+            for seq in self._batch.seqs:
+                seq.fail(status, message, self.observer)
+            self._batch.clear()
+
+    def _fail_everything(self, status: int, message: str) -> None:
+        self._fail_batch(status, message)
+        while self._waiting:
+            self._waiting.popleft().fail(status, message, self.observer)
+        self._report_queue()
+
+    def _report_queue(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(len(self._waiting))

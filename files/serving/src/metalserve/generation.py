@@ -1,0 +1,159 @@
+"""One request's generation: its sequences in the engine and their events on the event loop.
+
+Whatever way the request ends (done, failed, client gone), its sequences are cancelled, so the
+engine never generates for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from metalserve.engine import (
+    Event,
+    Failed,
+    Finished,
+    QueueFullError,
+    Sequence,
+    StaleModelError,
+    TextDelta,
+)
+from metalserve.errors import ApiError
+from metalserve.loader import LoadedModel
+from metalserve.prompts import sampling_params
+from metalserve.replica import Replica
+from metalserve.sampling import SamplingParams
+from metalserve.schemas import ChatCompletionRequest, CompletionRequest
+
+# How often a non-streaming request checks whether its client is still connected.
+DISCONNECT_POLL_SECONDS = 1.0
+# Reloads that may swap the model while one request is prepared before it gives up.
+PREPARE_ATTEMPTS = 3
+
+
+@dataclass
+class Choice:
+    """One sequence's output, collected for a non-streaming response."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Generation:
+    """The sequences of one request and their events, handed over to the event loop."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        bundle: LoadedModel,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        endpoint: str,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._relay = replica.relay
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.bundle = bundle
+        self.seqs = [
+            Sequence(
+                bundle=bundle,
+                prompt_ids=ids,
+                params=params,
+                sink=self._sink(i),
+                endpoint=endpoint,
+            )
+            for i, ids in enumerate(prompts)
+        ]
+        try:
+            for seq in self.seqs:
+                replica.engine.submit(seq)
+        except QueueFullError as exc:
+            self.cancel()
+            raise ApiError(429, f"the server is overloaded: {exc}", code="queue_full") from exc
+        except StaleModelError:
+            self.cancel()
+            raise
+        except RuntimeError as exc:
+            self.cancel()
+            raise ApiError(503, str(exc), code="engine_stopped") from exc
+
+    def _sink(self, index: int) -> Callable[[Event], None]:
+        def push(event: Event) -> None:
+            self._relay.push(self._loop, self.queue, (index, event))
+
+        return push
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancel()
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.bundle.name}@{self.bundle.short_id}"
+
+    async def collect(self, request: Request) -> list[Choice]:
+        """Wait for every sequence to finish (non-streaming responses)."""
+        choices = [Choice() for _ in self.seqs]
+        remaining = len(self.seqs)
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "client closed the request") from None
+                    continue
+                choice = choices[index]
+                if isinstance(event, TextDelta):
+                    choice.text.append(event.text)
+                elif isinstance(event, Finished):
+                    choice.finish_reason = event.reason
+                    choice.prompt_tokens = event.prompt_tokens
+                    choice.completion_tokens = event.completion_tokens
+                    remaining -= 1
+                else:
+                    raise ApiError(event.status, event.message, code="generation_failed")
+        finally:
+            self.cancel()
+        return choices
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every event until all sequences finish or one fails (streaming responses)."""
+        remaining = len(self.seqs)
+        try:
+            while remaining:
+                index, event = await self.queue.get()
+                yield index, event
+                if isinstance(event, Failed):
+                    return
+                if isinstance(event, Finished):
+                    remaining -= 1
+        finally:
+            # Reached on normal end, on failure, and when the client disconnects (Starlette
+            # cancels the response task): the engine drops cancelled sequences at its next step.
+            self.cancel()
+
+
+async def start_generation(
+    replica: Replica,
+    body: CompletionRequest | ChatCompletionRequest,
+    prepare: Callable[[LoadedModel], list[list[int]]],
+    requested: int | None,
+    default: int | None,
+    endpoint: str,
+) -> Generation:
+    """Tokenize for the model that will run the request and hand its sequences to the engine."""
+    for _ in range(PREPARE_ATTEMPTS):
+        bundle = replica.admit(body.model)
+        prompts = await asyncio.to_thread(prepare, bundle)
+        params = sampling_params(replica.settings, bundle, body, requested, prompts, default)
+        try:
+            return Generation(replica, bundle, prompts, params, endpoint)
+        except StaleModelError:
+            continue  # a reload swapped models while we tokenized: prepare again
+    raise ApiError(503, "the model changed while the request was prepared; retry", code="reload")

@@ -1,0 +1,244 @@
+"""One replica's state, shared by the routes, the background loader and the drain logic.
+
+It decides when the replica may take traffic: loading, ready, failed or draining, with the
+engine alive or not. Loads and warm-ups run on daemon threads so that SIGTERM never waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from metalserve import store
+from metalserve.engine import Engine, generate_once
+from metalserve.errors import ApiError
+from metalserve.exitcodes import ExitCode
+from metalserve.loader import LoadedModel, LoadError, load_version
+from metalserve.metrics import Metrics
+from metalserve.relay import EventRelay
+from metalserve.sampling import SamplingParams
+from metalserve.settings import ServeSettings
+from metalserve.threads import in_daemon_thread
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Hello"
+WARMUP_TOKENS = 4
+LOAD_THREAD = "metalserve-load"
+
+
+class Phase(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+def read_token(path: Path | None) -> str | None:
+    """The admin bearer token kept in ``path``; None (no admin API) without a file."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"admin token file {path} is empty")
+    return token
+
+
+class Replica:
+    """State shared by the routes, the background loader and the drain logic."""
+
+    def __init__(self, settings: ServeSettings, version_id: str) -> None:
+        self.settings = settings
+        self.version_id = version_id
+        self.metrics = Metrics()
+        self.relay = EventRelay()
+        self.engine = Engine(
+            max_batch_size=settings.batch_limit,
+            max_queue=settings.max_queue,
+            observer=self.metrics,
+            step_delay=settings.debug_step_delay,
+            decode_mode=settings.decode_mode,
+            flush_events=self.relay.flush,
+        )
+        self.admin_token = read_token(settings.admin_token_file)
+        self.phase = Phase.LOADING
+        self.draining = False
+        self.exit_code = ExitCode.OK
+        self.failure: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self.reload_lock = asyncio.Lock()
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY and not self.draining and self.engine.is_alive()
+
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self.engine.is_alive():
+            return "engine-dead"
+        return self.phase.value
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        self._idle_event().clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        if self.in_flight == 0:
+            self._idle_event().set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no inference request is in flight; False on timeout."""
+        if self.in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle_event().wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self.in_flight == 0:
+                self._idle.set()
+        return self._idle
+
+    # --- loading --------------------------------------------------------------------------
+
+    def load_and_warm(self, version_id: str) -> LoadedModel:
+        """Load and verify a version, then prove it generates (blocking: run in a thread)."""
+        bundle = load_version(
+            self.settings.store,
+            self.settings.model,
+            version_id,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            chunk_size=self.settings.read_chunk_mib * 1024 * 1024,
+        )
+        text = generate_once(
+            bundle,
+            bundle.encode(WARMUP_PROMPT, add_special_tokens=True),
+            SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
+            step_delay=self.settings.debug_step_delay,
+        )
+        log.info("warm-up of %s passed: %r", bundle.short_id, text)
+        return bundle
+
+    async def load_initial(self) -> None:
+        try:
+            bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, self.version_id)
+            await asyncio.wrap_future(self.engine.swap(bundle))
+        except store.VerificationError as exc:
+            self._fatal(ExitCode.VERIFICATION_FAILED, str(exc))
+        except store.VersionNotFoundError as exc:
+            self._fatal(ExitCode.VERSION_NOT_FOUND, str(exc))
+        except (LoadError, store.StoreError) as exc:
+            self._fatal(ExitCode.LOAD_FAILED, str(exc))
+        except Exception as exc:
+            log.exception("loading failed")
+            self._fatal(ExitCode.LOAD_FAILED, f"loading failed: {exc!r}")
+        else:
+            self.metrics.set_model(bundle.name, bundle.version_id)
+            self.phase = Phase.READY
+            log.info("ready: %s version %s", bundle.name, bundle.version_id)
+
+    def _fatal(self, code: ExitCode, message: str) -> None:
+        log.error("cannot serve: %s", message)
+        self.phase = Phase.FAILED
+        self.failure = message
+        self.exit_code = code
+        self.on_fatal()
+
+    # --- request admission ----------------------------------------------------------------
+
+    def admit(self, model: str) -> LoadedModel:
+        if self.draining:
+            raise ApiError(503, "the server is draining; retry on another replica", code="draining")
+        bundle = self.engine.target_model
+        if self.phase is not Phase.READY or bundle is None:
+            raise ApiError(503, f"the model is not ready ({self.state()})", code="not_ready")
+        if not self.engine.is_alive():
+            raise ApiError(503, "the generation engine stopped", code="engine_dead")
+        if model != bundle.name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this replica serves {bundle.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return bundle
+
+    # --- hot reload -----------------------------------------------------------------------
+
+    async def reload(self, ref: str) -> dict[str, Any]:
+        """Load, verify and warm up version ``ref``, then swap it in while serving; one at a
+        time, only while ready. Returns the answer of ``POST /admin/reload``."""
+        if self.draining:
+            raise ApiError(503, "the server is draining", code="draining")
+        if self.phase is not Phase.READY:
+            raise ApiError(409, f"cannot reload while {self.state()}", code="not_ready")
+        if self.reload_lock.locked():
+            raise ApiError(409, "another reload is in progress", code="reload_in_progress")
+        async with self.reload_lock:
+            return await self._reload(ref)
+
+    async def _reload(self, ref: str) -> dict[str, Any]:
+        settings = self.settings
+        try:
+            version_id = store.resolve_version(settings.store, settings.model, ref)
+        except store.AmbiguousVersionError as exc:
+            raise ApiError(400, str(exc), param="version", code="ambiguous_version") from exc
+        except store.StoreError as exc:
+            self.metrics.reloads.labels(result="not_found").inc()
+            raise ApiError(404, str(exc), param="version", code="version_not_found") from exc
+        current = self.engine.model
+        assert current is not None
+        if version_id == current.version_id:
+            return {"model": current.name, "version_id": version_id, "changed": False}
+        started = time.monotonic()
+        try:
+            bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id)
+        except store.VerificationError as exc:
+            self.metrics.reloads.labels(result="verification_failed").inc()
+            raise ApiError(409, str(exc), param="version", code="verification_failed") from exc
+        except (LoadError, store.StoreError, ValueError, OSError) as exc:
+            self.metrics.reloads.labels(result="load_failed").inc()
+            raise ApiError(
+                422, f"cannot load {version_id[:12]}: {exc}", code="load_failed"
+            ) from exc
+        old = await asyncio.wrap_future(self.engine.swap(bundle))
+        self.metrics.set_model(bundle.name, bundle.version_id)
+        self.metrics.reloads.labels(result="ok").inc()
+        previous = old.version_id if old is not None else None
+        del old
+        _free_memory(bundle)
+        log.info("reloaded %s -> %s", (previous or "")[:12], bundle.short_id)
+        return {
+            "model": bundle.name,
+            "version_id": bundle.version_id,
+            "previous_version_id": previous,
+            "changed": True,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+
+def _free_memory(bundle: LoadedModel) -> None:
+    """Return the replaced model's memory (on GPUs the caching allocator keeps it otherwise)."""
+    gc.collect()
+    if bundle.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

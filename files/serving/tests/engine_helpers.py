@@ -1,0 +1,61 @@
+"""Shared helpers of the engine tests (test_sequence, test_batches, test_engine_loop and
+test_staticdecode). A plain module, not conftest.py: it holds no fixtures."""
+
+from __future__ import annotations
+
+import threading
+
+from metalserve.engine import Engine, Event, Sequence, TextDelta, generate_once
+from metalserve.loader import LoadedModel
+from metalserve.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [
+    "The quick brown fox",
+    "Hi",
+    "Metal servers hum in the data center while models answer questions",
+    "What is two plus two?",
+    "Once",
+    "Write a short poem about the moon.",
+]
+
+
+class Collector:
+    """Sink of one sequence; waits for its terminal event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.first = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self.first.set()
+        if not isinstance(event, TextDelta):
+            self.done.set()
+
+    def wait(self, timeout: float = 30.0) -> Event:
+        assert self.done.wait(timeout), "sequence did not finish"
+        return self.events[-1]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+
+def submit(
+    engine: Engine, bundle: LoadedModel, prompt: str, params: SamplingParams = GREEDY
+) -> tuple[Sequence, Collector]:
+    sink = Collector()
+    seq = Sequence(
+        bundle=bundle,
+        prompt_ids=bundle.encode(prompt, add_special_tokens=True),
+        params=params,
+        sink=sink,
+    )
+    engine.submit(seq)
+    return seq, sink
+
+
+def alone(bundle: LoadedModel, prompt: str, params: SamplingParams = GREEDY) -> str:
+    return generate_once(bundle, bundle.encode(prompt, add_special_tokens=True), params)

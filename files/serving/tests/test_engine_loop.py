@@ -1,0 +1,92 @@
+"""metalserve.engine.loop: model swaps, abort, and failed steps stopping the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+
+from engine_helpers import PROMPTS, alone, submit
+from metalserve.engine import Engine, Failed, Finished, StaleModelError
+from metalserve.loader import LoadedModel
+from metalserve.sampling import SamplingParams
+
+
+def test_swap_lets_in_flight_sequences_finish_on_the_old_model(
+    v1: LoadedModel, v2: LoadedModel
+) -> None:
+    eng = Engine(max_batch_size=4, step_delay=0.005)
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        _, old_sink = submit(eng, v1, PROMPTS[0], params)
+        old_sink.first.wait(10)
+
+        swapped = eng.swap(v2)
+        assert eng.target_model is v2
+        assert eng.model is v1
+        # Prepared for the incoming model: waits until the old model's work is done.
+        _, new_sink = submit(eng, v2, PROMPTS[0], params)
+        assert swapped.result(timeout=30) is v1
+        assert isinstance(old_sink.wait(), Finished)
+        assert isinstance(new_sink.wait(), Finished)
+
+        assert old_sink.text == alone(v1, PROMPTS[0], params)
+        assert new_sink.text == alone(v2, PROMPTS[0], params)
+        assert old_sink.text != new_sink.text
+        assert eng.model is v2
+        # Prepared for the replaced model (e.g. tokenized during the swap): refused, the API
+        # prepares it again for the new one.
+        with pytest.raises(StaleModelError):
+            submit(eng, v1, PROMPTS[0], params)
+    finally:
+        eng.stop()
+
+
+def test_abort_all_fails_running_and_queued(v1: LoadedModel) -> None:
+    eng = Engine(max_batch_size=1, step_delay=0.01)
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        _, running = submit(eng, v1, "Hi", long)
+        _, queued = submit(eng, v1, "Hi", long)
+        running.first.wait(10)
+        eng.abort_all("shutting down")
+        for sink in (running, queued):
+            event = sink.wait(10)
+            assert isinstance(event, Failed)
+            assert event.status == 503
+    finally:
+        eng.stop()
+
+
+class _Exploding:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("device fell off the bus")
+
+
+def test_failed_steps_fail_requests_then_stop_the_engine(v1: LoadedModel) -> None:
+    broken = dataclasses.replace(v1, model=_Exploding())
+    eng = Engine(max_batch_size=4)
+    eng.start()
+    try:
+        eng.swap(broken).result(timeout=10)
+        _, sink = submit(eng, broken, "Hi")
+        event = sink.wait()
+        assert isinstance(event, Failed)
+        assert event.status == 500
+        assert eng.is_alive(), "one failed step must not kill the engine"
+        for _ in range(2):
+            submit(eng, broken, "Hi")[1].wait()
+        deadline = time.monotonic() + 10
+        while eng.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not eng.is_alive(), "repeated failures stop the engine (liveness turns 503)"
+        with pytest.raises(RuntimeError):
+            submit(eng, broken, "Hi")
+    finally:
+        eng.stop()

@@ -1,0 +1,84 @@
+"""The probe routes (health, readiness, version, metrics), against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODEL, TEST_DEVICE, Store, assert_openai_error, complete, metric_samples
+
+pytestmark = pytest.mark.e2e
+
+
+def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["version_id"] == model_store.v1
+    version = client.get("/version").json()
+    assert version["model"] == MODEL
+    assert version["version_id"] == model_store.v1
+    assert version["verified"] is True
+    assert version["device"] == TEST_DEVICE
+    assert version["loaded_at"]
+    assert version["server_version"]
+    assert "model.safetensors" in version["files"]
+
+
+def test_metrics(client: httpx.Client, model_store: Store) -> None:
+    complete(client, "Hi")
+    client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
+    response = client.get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    for name in [
+        "metalserve_requests",
+        "metalserve_request_duration_seconds",
+        "metalserve_time_to_first_token_seconds",
+        "metalserve_prompt_tokens",
+        "metalserve_generated_tokens",
+        "metalserve_batch_size",
+        "metalserve_queue_depth",
+        "metalserve_in_flight_requests",
+        "metalserve_forward_passes",
+        "metalserve_model_info",
+    ]:
+        assert name in families, name
+    samples = metric_samples(client)
+    key = ("metalserve_model_info", (("model", MODEL), ("version", model_store.v1)))
+    assert samples[key] == 1.0
+    ok = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    not_found = ("metalserve_requests_total", (("endpoint", "/v1/completions"), ("status", "404")))
+    assert samples[ok] >= 1
+    assert samples[not_found] >= 1
+    assert samples[("metalserve_generated_tokens_total", ())] >= 12
+    assert samples[("metalserve_in_flight_requests", ())] == 0
+
+
+def test_liveness_follows_the_engine_thread(model_store: Store) -> None:
+    """Without a running engine (here: lifespan not started) the replica is neither alive nor
+    ready, and inference is refused with 503. In-process on purpose: a real process cannot be
+    made to lose its engine thread from outside."""
+    from metalserve.api import create_app
+    from metalserve.replica import Replica
+    from metalserve.settings import ServeSettings
+
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    app = create_app(settings, Replica(settings, model_store.v1))
+
+    async def probe() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as http:
+            health = await http.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["status"] == "engine-dead"
+            assert (await http.get("/readyz")).status_code == 503
+            refused = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+            assert_openai_error(refused, 503)
+            version = (await http.get("/version")).json()
+            assert version["verified"] is False
+            assert version["loaded_at"] is None
+
+    asyncio.run(probe())
