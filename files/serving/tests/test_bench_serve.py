@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from conftest import run_cli
 from metalserve.bench.common import LLAMA_PRESETS, SERVE_ARMS, SERVE_PRESETS
 from metalserve.bench.options import BenchServeSettings
+from metalserve.bench.serve import decode_roofline
 
 
 def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
@@ -46,6 +47,12 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert report["arms"]["static"]["requests"] == 6  # two batches of --clients
     assert report["arms"]["server"]["requests"] == 12
     assert report["arms"]["server"]["mean_decode_batch"] > 1
+    # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
+    assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
+    assert report["decode_roofline"] == {
+        "bandwidth_gb_per_s": None,
+        "reason": "needs the server arm on CUDA",
+    }
     rates = {name: arm["tokens_per_s"] for name, arm in report["arms"].items()}
     assert report["ratios"]["server_vs_static"] == pytest.approx(
         rates["server"] / rates["static"], rel=0.01
@@ -92,3 +99,19 @@ def test_presets_are_llama_shapes() -> None:
         config = LLAMA_PRESETS[name]
         assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
     assert LLAMA_PRESETS["850m"]["hidden_size"] == 2048
+
+
+def test_decode_roofline_counts_weights_and_kv_at_the_measured_bandwidth() -> None:
+    options = BenchServeSettings(preset="8b", prompt_tokens=64, new_tokens=129)
+    config = LLAMA_PRESETS["8b"]
+    parameters = 8_030_261_248  # Llama-3-8B
+    server = {"dtype": "bfloat16", "mean_decode_batch": 32.0, "mean_decode_step_s": 0.0075}
+    roof = decode_roofline(options, {"parameters": parameters}, server, 4000.0)
+    embedding = config["vocab_size"] * config["hidden_size"]
+    assert roof["weight_bytes"] == (parameters - embedding) * 2
+    # 32 layers x (K + V) x 8 KV heads x 128 dims x 2 bytes, 32 rows at 64 + 64 tokens.
+    assert roof["kv_bytes_per_step"] == 32 * 128 * (32 * 2 * 8 * 128 * 2)
+    floor = (roof["weight_bytes"] + roof["kv_bytes_per_step"]) / 4000e9
+    assert roof["roofline_step_s"] == pytest.approx(floor, abs=1e-6)
+    assert roof["efficiency"] == pytest.approx(floor / 0.0075, abs=1e-3)
+    assert 0.5 < roof["efficiency"] < 0.6  # 15 GB + 0.5 GB in 7.5 ms at 4 TB/s

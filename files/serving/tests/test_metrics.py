@@ -15,7 +15,7 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def test_each_app_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
-    a.forward_pass("decode", 4)
+    a.forward_pass("decode", 4, 0.004)
     assert samples(a)[("metalserve_forward_passes_total", (("phase", "decode"),))] == 1
     assert ("metalserve_forward_passes_total", (("phase", "decode"),)) not in samples(b)
 
@@ -33,7 +33,13 @@ def test_engine_observer_methods() -> None:
     metrics.queue_depth(3)
     metrics.first_token("chat", 0.2)
     metrics.sequence_finished("length", 7, 5)
+    metrics.forward_pass("decode", 8, 0.004)
+    metrics.forward_pass("decode", 6, 0.006)
     got = samples(metrics)
+    decode = (("phase", "decode"),)
+    assert got[("metalserve_forward_pass_duration_seconds_count", decode)] == 2
+    assert abs(got[("metalserve_forward_pass_duration_seconds_sum", decode)] - 0.010) < 1e-9
+    assert got[("metalserve_batch_size_sum", decode)] == 14
     assert got[("metalserve_queue_depth", ())] == 3
     assert got[("metalserve_time_to_first_token_seconds_count", (("endpoint", "chat"),))] == 1
     assert got[("metalserve_prompt_tokens_total", ())] == 7

@@ -21,7 +21,7 @@ SERVE_ARMS = ("naive", "static", "server")
 CACHES = ("cold", "warm")
 DECODE_CHECKS = ("verify", "prof")
 GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted
-# Llama shapes of the generated models: bench serve (850m; tiny for tests) and the reload check
+# Llama shapes of the generated models: bench serve (850m, 8b; tiny for tests) and the reload check
 # (160m: two versions of it must fit beside each other; tiny for tests).
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "850m": {
@@ -32,6 +32,16 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8,
         "vocab_size": 32000,
         "max_position_embeddings": 2048,
+    },
+    # Llama-3-8B's shape (8.0B parameters, 16 GB in bf16): the size users run on one GPU.
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
     },
     "160m": {
         "hidden_size": 1024,
@@ -52,7 +62,7 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 512,
     },
 }
-SERVE_PRESETS = ("850m", "tiny")
+SERVE_PRESETS = ("850m", "8b", "tiny")
 RELOAD_CHECK_PRESETS = ("160m", "tiny")
 
 
@@ -235,3 +245,29 @@ def target(value: float | None, op: str, bound: float) -> dict[str, Any]:
     if value is not None:
         met = value >= bound if op == ">=" else value <= bound
     return {"value": value, "target": f"{op} {bound:g}", "met": met}
+
+
+def device_copy_bandwidth(
+    device: str, size_bytes: int = 2 << 30, repeats: int = 10
+) -> float | None:
+    """The device memory's bandwidth in GB/s, measured: a device-to-device copy of
+    ``size_bytes`` (random bytes, far larger than the L2), bytes read plus bytes written, the
+    median of ``repeats`` copies timed with CUDA events after a warm-up. None off CUDA."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    source = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000)
+    del source, target
+    torch.cuda.empty_cache()
+    return round(2 * size_bytes / percentile(seconds, 50) / GB, 1)

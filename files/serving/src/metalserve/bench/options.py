@@ -181,7 +181,9 @@ class BenchServeSettings(CommandSettings):
         Path("/var/tmp/metalserve-bench/serve"),  # noqa: S108 - our own dir
         description="where the model store is kept (default: %(default)s)",
     )
-    preset: Literal["850m", "tiny"] = Field("850m", description="model size (tiny: tests)")
+    preset: Literal["850m", "8b", "tiny"] = Field(
+        "850m", description="model size (8b: Llama-3-8B's shape; tiny: tests)"
+    )
     prompt_tokens: PositiveInt = Field(64, ge=1)
     new_tokens: PositiveInt = Field(128, ge=1)
     clients: PositiveInt = Field(
@@ -263,7 +265,9 @@ class DecodeCheckSettings(CommandSettings):
         description="bench serve's directory; its model is reused, or made there "
         "(default: %(default)s)",
     )
-    preset: Literal["850m", "tiny"] = Field("850m", description="model size (tiny: tests)")
+    preset: Literal["850m", "8b", "tiny"] = Field(
+        "850m", description="model size (8b: Llama-3-8B's shape; tiny: tests)"
+    )
     seed: int = Field(0, description="weights (as bench serve's --seed)")
     device: Device = Field("cuda", description=DEVICE_HELP)
     checks: Annotated[tuple[str, ...], Arg(type=arms_type(DECODE_CHECKS))] = Field(

@@ -96,6 +96,8 @@ class ArmResult:
 def run(options: BenchServeSettings) -> dict[str, Any]:
     """Prepare the model, run every chosen arm, return the report."""
     environment = common.environment(options.device)
+    # Measured before any model is on the device: the ceiling the decode steps are compared with.
+    bandwidth = common.device_copy_bandwidth(options.device)
     model_info = prepare_model(options)
     _log(
         f"model {model_info['version_id'][:12]} ({model_info['parameters'] / 1e6:.1f}M "
@@ -122,7 +124,7 @@ def run(options: BenchServeSettings) -> dict[str, Any]:
             _free_device_memory(options.device)
     if "server" in options.arms:
         arms["server"] = _server_arm(store_root, version_id, prompts, options)
-    return _report(options, environment, model_info, arms)
+    return _report(options, environment, model_info, arms, bandwidth)
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -381,6 +383,16 @@ def _server_arm(
             "mean_decode_batch": (
                 round(passes.get("decode_rows", 0.0) / decode_passes, 2) if decode_passes else None
             ),
+            "mean_decode_step_s": (
+                round(passes.get("decode_seconds", 0.0) / decode_passes, 6)
+                if decode_passes
+                else None
+            ),
+            "mean_prefill_step_s": (
+                round(passes.get("prefill_seconds", 0.0) / passes["prefill_passes"], 6)
+                if passes.get("prefill_passes")
+                else None
+            ),
         }
     )
     return result
@@ -547,7 +559,7 @@ class ServerProcess:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """Forward passes and decode batch rows so far, from the server's /metrics."""
+    """Forward passes, their seconds and decode batch rows so far, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10.0).text
@@ -559,6 +571,8 @@ def _scrape(url: str) -> dict[str, float]:
                 values[f"{phase}_passes"] = sample.value
             elif sample.name == "metalserve_batch_size_sum" and phase == "decode":
                 values["decode_rows"] = sample.value
+            elif sample.name == "metalserve_forward_pass_duration_seconds_sum" and phase:
+                values[f"{phase}_seconds"] = sample.value
     return values
 
 
@@ -570,11 +584,17 @@ def _report(
     environment: dict[str, Any],
     model_info: dict[str, Any],
     arms: dict[str, ArmResult],
+    bandwidth: float | None,
 ) -> dict[str, Any]:
     def rate(arm: str) -> float | None:
         return arms[arm].tokens_per_s if arm in arms else None
 
     server_vs_static = common.ratio(rate("server"), rate("static"))
+    server = arms["server"].as_json() if "server" in arms else None
+    roofline = decode_roofline(options, model_info, server, bandwidth)
+    static_ttft = percentile(arms["static"].ttft, 50) if "static" in arms else None
+    ready = server.get("server_ready_seconds") if server else None
+    load = server.get("server_load_seconds") if server else None
     return {
         "benchmark": "serve",
         "environment": environment,
@@ -597,10 +617,54 @@ def _report(
             "static_vs_naive": common.ratio(rate("static"), rate("naive")),
             "server_vs_naive": common.ratio(rate("server"), rate("naive")),
         },
+        "decode_roofline": roofline,
         "targets": {
             "server_vs_static_1x": common.target(server_vs_static, ">=", 1.0),
             "server_vs_static_2x": common.target(server_vs_static, ">=", 2.0),
+            "decode_roofline_efficiency": common.target(roofline.get("efficiency"), ">=", 0.75),
+            "server_ttft_p99_vs_static_ttft": common.target(
+                common.ratio(server["ttft_p99_s"] if server else None, static_ttft), "<=", 2.0
+            ),
+            "ready_vs_load_time_plus_2s": common.target(
+                common.ratio(ready, 1.5 * load + 2.0 if load is not None else None), "<=", 1.0
+            ),
         },
+    }
+
+
+def decode_roofline(
+    options: BenchServeSettings,
+    model_info: dict[str, Any],
+    server: dict[str, Any] | None,
+    bandwidth: float | None,
+) -> dict[str, Any]:
+    """The server's mean decode step against the fewest bytes a step must read from device
+    memory at the bandwidth measured in the same run: every weight but the input embedding's
+    (only the batch's rows of it are read), and the keys and values of every row's context at
+    its mean length (prompt + half the new tokens). Efficiency = that floor / the measured step."""
+    if server is None or bandwidth is None or not server.get("mean_decode_step_s"):
+        return {"bandwidth_gb_per_s": bandwidth, "reason": "needs the server arm on CUDA"}
+    config = LLAMA_PRESETS[options.preset]
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    head_dim = hidden // int(config["num_attention_heads"])
+    element = 4 if server.get("dtype") == "float32" else 2
+    weight_bytes = (int(model_info["parameters"]) - vocab * hidden) * element
+    kv_per_token = (
+        int(config["num_hidden_layers"]) * 2 * int(config["num_key_value_heads"]) * head_dim
+    ) * element
+    rows = float(server["mean_decode_batch"])
+    context = options.prompt_tokens + (options.new_tokens - 1) / 2
+    kv_bytes = rows * context * kv_per_token
+    floor_s = (weight_bytes + kv_bytes) / (bandwidth * common.GB)
+    step_s = float(server["mean_decode_step_s"])
+    return {
+        "bandwidth_gb_per_s": bandwidth,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_step": round(kv_bytes),
+        "mean_decode_batch": rows,
+        "roofline_step_s": round(floor_s, 6),
+        "mean_decode_step_s": step_s,
+        "efficiency": round(floor_s / step_s, 3),
     }
 
 
@@ -650,6 +714,16 @@ def render(report: dict[str, Any]) -> str:
                 f"mean decode batch {server.get('mean_decode_batch')}"
             ]
             if (server := report["arms"].get("server"))
+            else []
+        ),
+        *(
+            [
+                f"decode step {roof['mean_decode_step_s'] * 1000:.2f} ms against a roofline of "
+                f"{roof['roofline_step_s'] * 1000:.2f} ms ({roof['weight_bytes'] / 1e9:.2f} GB "
+                f"weights + {roof['kv_bytes_per_step'] / 1e9:.3f} GB KV at "
+                f"{roof['bandwidth_gb_per_s']} GB/s measured): efficiency {roof['efficiency']}"
+            ]
+            if "efficiency" in (roof := report.get("decode_roofline", {}))
             else []
         ),
         "targets: "

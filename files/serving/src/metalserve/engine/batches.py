@@ -85,6 +85,7 @@ class DynamicBatch:
 
         from metalserve import kvcache
 
+        started = time.perf_counter()
         with torch.inference_mode():
             device = self.bundle.device
             longest = max(len(s.prompt_ids) for s in new)
@@ -97,8 +98,9 @@ class DynamicBatch:
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = kvcache.new_cache()
-            logits = self._forward("prefill", ids, mask, positions, cache)
+            logits = self._forward(ids, mask, positions, cache)
             tokens = choose_tokens(logits, [s.params for s in new], [_generator(s) for s in new])
+            _count(self, "prefill", len(new), started)
             added = _BatchTensors(
                 cache=cache,
                 mask=mask,
@@ -134,10 +136,10 @@ class DynamicBatch:
         state = self._tensors
         if state is None or not self.seqs:
             return
+        started = time.perf_counter()
         with torch.inference_mode():
             state.mask = torch.cat([state.mask, state.mask.new_ones((len(self.seqs), 1))], dim=1)
             logits = self._forward(
-                "decode",
                 state.last_tokens[:, None],
                 state.mask,
                 state.positions[:, None],
@@ -146,6 +148,7 @@ class DynamicBatch:
             tokens = choose_tokens(
                 logits, [s.params for s in self.seqs], [_generator(s) for s in self.seqs]
             )
+            _count(self, "decode", len(self.seqs), started)
             state.positions = state.positions + 1
             state.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.bundle.device)
             for seq, token in zip(self.seqs, tokens, strict=True):
@@ -185,7 +188,6 @@ class DynamicBatch:
 
     def _forward(
         self,
-        phase: str,
         ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
@@ -202,9 +204,6 @@ class DynamicBatch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.forward_passes += 1
-        if self.observer is not None:
-            self.observer.forward_pass(phase, ids.shape[0])
         logits: torch.Tensor = output.logits[:, -1, :]
         return logits
 
@@ -233,6 +232,7 @@ class StaticBatch:
         """Prefill ``new`` into the next free slots, emit their first tokens, join the batch."""
         import torch
 
+        started = time.perf_counter()
         with torch.inference_mode():
             first = len(self.seqs)
             longest = max(len(s.prompt_ids) for s in new)
@@ -242,12 +242,12 @@ class StaticBatch:
                 ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
             lengths = torch.tensor([len(s.prompt_ids) for s in new], dtype=torch.long)
             logits = self.decoder.prefill(ids, lengths, first)
-            self._count("prefill", len(new))
             chosen = choose_tokens_tensor(
                 logits, [s.params for s in new], [_generator(s) for s in new]
             )
             self.decoder.admit(first, chosen, lengths)
             tokens = self.decoder.to_host(chosen)
+            _count(self, "prefill", len(new), started)
             self.seqs.extend(new)
             for seq, token in zip(new, tokens, strict=True):
                 seq.append(token, self.observer)
@@ -260,16 +260,17 @@ class StaticBatch:
         seqs = self.seqs
         if not seqs:
             return
+        started = time.perf_counter()
         with torch.inference_mode():
             # The position each row feeds now: its prompt and all but its newest token are cached.
             last = max(len(s.prompt_ids) + len(s.generated) for s in seqs) - 1
             logits = self.decoder.decode(len(seqs), last)
-            self._count("decode", len(seqs))
             chosen = choose_tokens_tensor(
                 logits, [s.params for s in seqs], [_generator(s) for s in seqs]
             )
             self.decoder.advance(len(seqs), chosen)
             tokens = self.decoder.to_host(chosen)
+            _count(self, "decode", len(seqs), started)
             for seq, token in zip(seqs, tokens, strict=True):
                 seq.append(token, self.observer)
             self.evict_done()
@@ -297,10 +298,13 @@ class StaticBatch:
     def clear(self) -> None:
         self.seqs = []
 
-    def _count(self, phase: str, rows: int) -> None:
-        self.forward_passes += 1
-        if self.observer is not None:
-            self.observer.forward_pass(phase, rows)
+
+def _count(batch: DynamicBatch | StaticBatch, phase: str, rows: int, started: float) -> None:
+    """One forward pass of ``rows`` sequences, timed from ``started`` to its tokens on the host
+    (the step time a client sees, host work included: what the roofline is compared with)."""
+    batch.forward_passes += 1
+    if batch.observer is not None:
+        batch.observer.forward_pass(phase, rows, time.perf_counter() - started)
 
 
 @functools.cache
