@@ -231,6 +231,9 @@ def _prof(bundle: LoadedModel) -> dict[str, Any]:
             timed_ms(lambda: dec._decode(32, position + 1), cuda), 3
         )
 
+        if cuda:
+            out["kernels_eager_b32_l192"] = kernel_times(lambda: dec._decode(32, position + 1))
+
         def full_step() -> list[int]:
             chosen = dec.decode(32, position).argmax(-1)
             dec.positions[:32] = position
@@ -252,6 +255,38 @@ def _prof(bundle: LoadedModel) -> dict[str, Any]:
         )
     _log(f"prof: {out}")
     return out
+
+
+def kernel_times(fn: Callable[[], object], steps: int = 5, top: int = 12) -> dict[str, Any]:
+    """Where one call's device time goes: torch.profiler's CUDA kernels over ``steps`` calls
+    (after a warm-up), in milliseconds per call: the total, GEMMs (names with gemm/gemv/cutlass/
+    nvjet) and attention (flash/sdpa/attention), and the ``top`` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        micros = float(getattr(event, "device_time_total", 0.0) or 0.0)
+        if micros > 0 and event.key:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + micros / 1000 / steps
+
+    def share(*words: str) -> float:
+        return round(
+            sum(ms for name, ms in per_kernel.items() if any(w in name.lower() for w in words)), 3
+        )
+
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])
+    return {
+        "total_ms": round(sum(per_kernel.values()), 3),
+        "gemm_ms": share("gemm", "gemv", "cutlass", "nvjet", "matmul"),
+        "attention_ms": share("flash", "sdpa", "attention", "fmha"),
+        "top": [[name[:120], round(ms, 3)] for name, ms in ranked[:top]],
+    }
 
 
 def _prof_greedy(bundle: LoadedModel, dec: staticdecode.StaticDecoder) -> dict[str, Any]:
