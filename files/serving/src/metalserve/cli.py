@@ -20,6 +20,7 @@ from metalserve.exitcodes import ExitCode
 from metalserve.flags import add_command
 from metalserve.settings import (
     ConsistencySettings,
+    GcSettings,
     MakeTinyModelSettings,
     PublishSettings,
     ResolveSettings,
@@ -89,6 +90,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     add_command(
         sub,
+        "gc",
+        GcSettings,
+        cmd_gc,
+        help="delete old versions of a model (dry run unless --delete)",
+        description="Keeps the --keep-last newest versions and every --protect version; also "
+        "removes staging dirs of publishes that died.",
+    )
+    add_command(
+        sub,
         "serve",
         ServeSettings,
         cmd_serve,
@@ -154,6 +164,18 @@ def cmd_verify(settings: VerifySettings) -> int:
 
 def cmd_resolve(settings: ResolveSettings) -> int:
     print(store.resolve_version(settings.store, settings.model, settings.version_ref))
+    return ExitCode.OK
+
+
+def cmd_gc(settings: GcSettings) -> int:
+    from metalserve import retention
+
+    chosen = retention.plan(
+        settings.store, settings.model, keep_last=settings.keep_last, protected=settings.protect
+    )
+    if settings.delete:
+        retention.apply(settings.store, chosen)
+    print(retention.render(chosen, deleted=settings.delete))
     return ExitCode.OK
 
 

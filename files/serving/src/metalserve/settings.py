@@ -172,6 +172,22 @@ class ResolveSettings(CommandSettings):
     version_ref: Annotated[str, Arg(flag="--version", metavar="ID")]
 
 
+class GcSettings(CommandSettings):
+    """``metalserve gc``."""
+
+    store: StoreRoot = Field(description=STORE_HELP)
+    model: ModelName = Field(description=MODEL_HELP)
+    keep_last: int = Field(
+        3, ge=1, description="keep this many of the newest versions (default: %(default)s)"
+    )
+    protect: Annotated[list[str], Arg(append=True, metavar="ID")] = Field(
+        default_factory=list,
+        description="never delete this version (full id or unique prefix; repeatable): what "
+        "hosts run, ran or roll to, and what inventories pin",
+    )
+    delete: bool = Field(False, description="delete (without it: a dry run that only prints)")
+
+
 class ConsistencySettings(CommandSettings):
     """``metalserve consistency``."""
 

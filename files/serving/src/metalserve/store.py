@@ -578,7 +578,7 @@ def publish(
     finally:
         pool.shutdown(cancel_futures=True)
         if incoming.exists():
-            _remove_tree(incoming)
+            remove_tree(incoming)
 
 
 def remove_stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -> list[Path]:
@@ -594,7 +594,7 @@ def remove_stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -
             except FileNotFoundError:
                 continue
             if age > max_age:
-                _remove_tree(child)
+                remove_tree(child)
                 removed.append(child)
     return removed
 
@@ -684,6 +684,6 @@ def _make_read_only(root: Path) -> None:
         path.chmod(stat.S_IMODE(path.stat().st_mode) & ~0o222)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     # Read-only files are fine: unlinking needs a writable directory, and ours are.
     shutil.rmtree(path, ignore_errors=True)
