@@ -118,6 +118,7 @@ def test_the_issue_s_templates_are_all_there() -> None:
         "maintenance",
         "verify",
         "verify_gpu",
+        "store_gc",
     ):
         assert f"playbooks/{name}.yml" in playbooks
 
