@@ -24,9 +24,9 @@ DISTRIBUTIONS = {"prometheus_client": "prometheus-client"}
     ("command", "flags"),
     [
         (("bench", "load"), ("--size-gib", "--manifest-format {1,2,3}", "--caches")),
-        (("bench", "serve"), ("--preset {850m,tiny}", "--server-args", "--clients")),
+        (("bench", "serve"), ("--preset {850m,8b,tiny}", "--server-args", "--clients")),
         (("bench", "reload-check"), ("--preset {160m,tiny}", "--out-dir", "--deadline")),
-        (("bench", "decode-check"), ("--checks", "--preset {850m,tiny}", "--dir")),
+        (("bench", "decode-check"), ("--checks", "--preset {850m,8b,tiny}", "--dir")),
         (("load",), ("--cacert CACERT | --insecure", "--prompt TEXT", "METALSERVE_LOAD_API_KEY")),
     ],
 )
