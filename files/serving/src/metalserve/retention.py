@@ -132,18 +132,15 @@ def render(chosen: Plan, *, deleted: bool) -> str:
 
 def _leftovers(store_root: Path, model: str, incoming_age: float) -> list[Leftover]:
     base = store.model_dir(store_root, model)
-    now = time.time()
-    found = []
+    found = store.stale_incoming(base, incoming_age)
     with contextlib.suppress(FileNotFoundError):
-        for child in sorted(base.iterdir()):
-            try:
-                age = now - child.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            stale_publish = child.name.startswith(store.INCOMING_PREFIX) and age > incoming_age
-            if stale_publish or child.name.startswith(DELETING_PREFIX):
-                found.append(Leftover(child, _tree_size(child), age))
-    return found
+        found += [c for c in base.iterdir() if c.name.startswith(DELETING_PREFIX)]
+    now = time.time()
+    leftovers = []
+    for path in sorted(found):
+        with contextlib.suppress(FileNotFoundError):
+            leftovers.append(Leftover(path, _tree_size(path), now - path.stat().st_mtime))
+    return leftovers
 
 
 def _tree_size(root: Path) -> int:

@@ -581,9 +581,10 @@ def publish(
             remove_tree(incoming)
 
 
-def remove_stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -> list[Path]:
-    """Delete ``.incoming-*`` dirs left by publishes that died; recent ones may still be live."""
-    removed = []
+def stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -> list[Path]:
+    """The ``.incoming-*`` dirs under ``base`` untouched for ``max_age`` seconds: publishes that
+    died (recent ones may still be live)."""
+    found = []
     now = time.time()
     with contextlib.suppress(FileNotFoundError):
         for child in base.iterdir():
@@ -594,8 +595,15 @@ def remove_stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -
             except FileNotFoundError:
                 continue
             if age > max_age:
-                remove_tree(child)
-                removed.append(child)
+                found.append(child)
+    return found
+
+
+def remove_stale_incoming(base: Path, max_age: float = STALE_INCOMING_SECONDS) -> list[Path]:
+    """Delete the dirs of publishes that died (``stale_incoming``)."""
+    removed = stale_incoming(base, max_age)
+    for path in removed:
+        remove_tree(path)
     return removed
 
 
