@@ -26,6 +26,8 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert version["loaded_at"]
     assert version["server_version"]
     assert "model.safetensors" in version["files"]
+    # The CPU default: the dynamic path, nothing compiled.
+    assert (version["decode_path"], version["decode_compiled"]) == ("dynamic", False)
 
 
 def test_metrics(client: httpx.Client, model_store: Store) -> None:

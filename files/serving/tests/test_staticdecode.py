@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -58,7 +59,9 @@ def test_unsupported_models_are_named() -> None:
         )
 
 
-def _decoder(bundle: LoadedModel, slots: int = 4) -> staticdecode.StaticDecoder:
+def _decoder(
+    bundle: LoadedModel, slots: int = 4, compile_layers: bool = False
+) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
         slots=slots,
@@ -66,14 +69,17 @@ def _decoder(bundle: LoadedModel, slots: int = 4) -> staticdecode.StaticDecoder:
         device=bundle.device,
         dtype=bundle.dtype,
         cuda_graphs=False,
+        compile_layers=compile_layers,
     )
 
 
+@pytest.mark.parametrize("compile_layers", [False, True], ids=["eager", "compiled"])
 @torch.inference_mode()
-def test_logits_match_the_transformers_forward(v1: LoadedModel) -> None:
+def test_logits_match_the_transformers_forward(v1: LoadedModel, compile_layers: bool) -> None:
     """Prefill of right-padded prompts of different lengths, then decode steps with every row at
-    its own position, give the logits of a full transformers forward over each sequence alone."""
-    decoder = _decoder(v1)
+    its own position, give the logits of a full transformers forward over each sequence alone;
+    also with the decode step's layer compiled (torch.compile, here for the CPU)."""
+    decoder = _decoder(v1, compile_layers=compile_layers)
     prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
     longest = max(len(p) for p in prompts)
     ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)
@@ -107,12 +113,11 @@ def test_move_keeps_a_sequence_intact(v1: LoadedModel) -> None:
     first = decoder.prefill(ids, lengths, 0)
     decoder.admit(0, first.argmax(-1), lengths)
     decoder.move([1], [3], len(prompt) + 1)
-    decoder.keys[:, 1].fill_(float("nan"))  # slot 1 is free now: nothing may read it
-    decoder.values[:, 1].fill_(float("nan"))
+    for cache in (*decoder.keys, *decoder.values):
+        cache[1].fill_(float("nan"))  # slot 1 is free now: nothing may read it
+        cache[2] = cache[3]
     decoder.tokens[2] = decoder.tokens[3]
     decoder.positions[2] = decoder.positions[3]
-    decoder.keys[:, 2] = decoder.keys[:, 3]
-    decoder.values[:, 2] = decoder.values[:, 3]
     logits = decoder.decode(4, len(prompt))
     torch.testing.assert_close(logits[0], logits[2])
     torch.testing.assert_close(logits[0], logits[3])
@@ -231,6 +236,40 @@ def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture
     assert "gpt2" in caplog.text
     with pytest.raises(ValueError, match="decode_mode"):
         Engine(decode_mode="fast")
+    with pytest.raises(ValueError, match="decode_compile"):
+        Engine(decode_compile="yes")
+
+
+def test_a_failed_compilation_runs_the_layer_uncompiled(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("inductor failed")
+
+    monkeypatch.setattr(staticdecode, "compiled_decode_layer", lambda: broken)
+    with caplog.at_level(logging.ERROR):
+        batch = Engine(decode_mode="static", decode_compile="on")._new_batch(v1)
+    assert isinstance(batch, StaticBatch)
+    assert not batch.decoder.compiled
+    assert batch.decoder._layer_step is staticdecode.decode_layer
+    assert "compiling the decode layer failed" in caplog.text
+
+
+def test_a_model_switch_keeps_the_heartbeat_for_a_bounded_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    eng = Engine()  # not started: the switch runs on this thread
+
+    def age() -> float:
+        return time.monotonic() - eng._heartbeat
+
+    with eng._beating(deadline=30.0):
+        time.sleep(2.5)
+        assert age() < 1.5  # a long switch still beats
+    with caplog.at_level(logging.ERROR), eng._beating(deadline=1.0):
+        time.sleep(3.5)
+        assert age() > 1.2  # past the deadline it stops: the watchdog may act
+    assert "exceeded 1s" in caplog.text
 
 
 def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:

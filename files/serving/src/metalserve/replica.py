@@ -63,6 +63,7 @@ class Replica:
             observer=self.metrics,
             step_delay=settings.debug_step_delay,
             decode_mode=settings.decode_mode,
+            decode_compile=settings.decode_compile,
             flush_events=self.relay.flush,
         )
         self.admin_token = read_token(settings.admin_token_file)

@@ -88,6 +88,12 @@ class ServeSettings(BaseSettings):
         "(static KV cache, eager), dynamic (transformers forward, growable cache); auto: "
         "cuda-graphs on CUDA, dynamic on CPU",
     )
+    decode_compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="compile the static path's decoder layer with torch.compile (fused "
+        "kernels; the first start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); auto: on "
+        "with cuda-graphs",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"

@@ -48,6 +48,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "loaded_at": current.loaded_at.isoformat() if current else None,
         "load_seconds": round(current.load_seconds, 3) if current else None,
         "decode_path": replica.engine.decode_path,
+        "decode_compiled": replica.engine.decode_compiled,
         "max_batch_size": replica.engine.max_batch_size,
         "server_version": __version__,
         "state": replica.state(),

@@ -86,6 +86,7 @@ def _decoder(bundle: LoadedModel, slots: int) -> staticdecode.StaticDecoder:
         device=bundle.device,
         dtype=bundle.dtype,
         cuda_graphs=bundle.device.type == "cuda",
+        compile_layers=bundle.device.type == "cuda",  # the server's default there
     )
 
 

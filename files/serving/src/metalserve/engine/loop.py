@@ -27,11 +27,12 @@ injection for lab proofs) blocks the loop on purpose.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from metalserve.engine.batches import Batch, DynamicBatch, StaticBatch
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("metalserve.engine")
 
 DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
+# Whether the static path's decoder layer is compiled (torch.compile); auto: with CUDA graphs.
+DECODE_COMPILE = ("auto", "on", "off")
+# A model switch (static cache, compiling the decode layer, capturing graphs) is one long step of
+# the loop: the heartbeat advances meanwhile, for at most this long.
+SWITCH_DEADLINE_SECONDS = 300.0
 
 # After this many consecutive failed steps the engine thread gives up, so /healthz reports the
 # replica dead and the supervisor restarts it instead of failing every request forever.
@@ -71,6 +77,7 @@ class Engine:
         observer: EngineObserver | None = None,
         step_delay: float = 0.0,
         decode_mode: str = "auto",
+        decode_compile: str = "auto",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
     ) -> None:
@@ -78,6 +85,8 @@ class Engine:
             raise ValueError("max_batch_size must be >= 1")
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
+        if decode_compile not in DECODE_COMPILE:
+            raise ValueError(f"decode_compile must be one of {', '.join(DECODE_COMPILE)}")
         if idle_wait <= 0:
             raise ValueError("idle_wait must be > 0")
         self.max_batch_size = max_batch_size
@@ -85,6 +94,7 @@ class Engine:
         self.observer = observer
         self.step_delay = step_delay
         self.decode_mode = decode_mode
+        self.decode_compile = decode_compile
         self.idle_wait = idle_wait
         # Called after every engine iteration: sinks may buffer events until then (one hand-off
         # to the event loop per step instead of one per token).
@@ -133,6 +143,12 @@ class Engine:
         if isinstance(batch, StaticBatch):
             return "cuda-graphs" if batch.decoder.cuda_graphs else "static"
         return "dynamic" if batch is not None else None
+
+    @property
+    def decode_compiled(self) -> bool:
+        """Whether the current model's decode layer runs compiled (torch.compile)."""
+        batch = self._batch
+        return isinstance(batch, StaticBatch) and batch.decoder.compiled
 
     @property
     def queue_depth(self) -> int:
@@ -328,9 +344,8 @@ class Engine:
     def _switch(
         self, bundle: LoadedModel, future: concurrent.futures.Future[LoadedModel | None]
     ) -> None:
-        self._beat()
-        batch = self._new_batch(bundle)
-        self._beat()
+        with self._beating(SWITCH_DEADLINE_SECONDS):
+            batch = self._new_batch(bundle)
         with self._cond:
             old = self._current
             self._current, self._batch, self._pending = bundle, batch, None
@@ -338,6 +353,30 @@ class Engine:
             log.info("now serving version %s", bundle.short_id)
             future.set_result(old)
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _beating(self, deadline: float) -> Iterator[None]:
+        """Advance the heartbeat every second while the block runs, for at most ``deadline``
+        seconds: a switch that takes longer stops it, and the watchdog restarts the replica."""
+        done = threading.Event()
+
+        def beat() -> None:
+            ends = time.monotonic() + deadline
+            while not done.wait(1.0):
+                if time.monotonic() > ends:
+                    log.error("preparing the new model's batch exceeded %.0fs", deadline)
+                    return
+                self._beat()
+
+        self._beat()
+        keeper = threading.Thread(target=beat, name="switch-heartbeat", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join()
+            self._beat()
 
     def _new_batch(self, bundle: LoadedModel) -> Batch:
         """The batch of a model on the decode path ``decode_mode`` asks for and the model and
@@ -353,6 +392,9 @@ class Engine:
             mode = "static"
         from metalserve import staticdecode
 
+        compiled = self.decode_compile == "on" or (
+            self.decode_compile == "auto" and mode == "cuda-graphs"
+        )
         try:
             decoder = staticdecode.StaticDecoder(
                 bundle.model,
@@ -361,15 +403,23 @@ class Engine:
                 device=bundle.device,
                 dtype=bundle.dtype,
                 cuda_graphs=mode == "cuda-graphs",
+                compile_layers=compiled,
             )
-            decoder.capture_all()
+            try:
+                decoder.capture_all()
+            except Exception:
+                if not compiled:
+                    raise
+                log.exception("compiling the decode layer failed; running it uncompiled")
+                decoder.use_eager_layers()
+                decoder.capture_all()
         except staticdecode.StaticDecodeUnavailable as exc:
             log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
             return DynamicBatch(bundle, self.observer)
         except Exception:
             log.exception("preparing decode mode %s failed; using the dynamic path", mode)
             return DynamicBatch(bundle, self.observer)
-        log.info("decode path: %s", mode)
+        log.info("decode path: %s%s", mode, ", compiled" if decoder.compiled else "")
         return StaticBatch(bundle, decoder, self.observer)
 
     def _fail_batch(self, status: int, message: str) -> None:
