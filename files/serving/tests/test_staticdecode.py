@@ -240,6 +240,19 @@ def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture
         Engine(decode_compile="yes")
 
 
+@torch.inference_mode()
+def test_the_compiled_layer_compiles_once_for_every_bucket_but_batch_1(v1: LoadedModel) -> None:
+    """Sizes that happen to be equal, and an attention slice as long as the cache, must not
+    make guards: a recompilation per bucket would take minutes on a GPU and hit dynamo's limit."""
+    decoder = _decoder(v1, slots=4, compile_layers=True)
+    decoder.capture_all()  # compiles: batch 1 and the rest
+    lengths = sorted({2, 3, *decoder.lengths, decoder.max_length})  # a decode step sees >= 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for size in (4, 3, 2, 1):
+            for length in lengths:
+                decoder._decode(size, length)
+
+
 def test_a_failed_compilation_runs_the_layer_uncompiled(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

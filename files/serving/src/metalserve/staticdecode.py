@@ -234,10 +234,21 @@ def decode_layer(
 @functools.cache
 def compiled_decode_layer() -> Any:
     """``decode_layer`` compiled, once per process: one compilation serves every layer, every
-    model of the same shapes (a hot reload compiles nothing) and, with dynamic sizes, every
-    bucket (batch 1 gets its own). It fuses each layer's norms, RoPE with the cache writes, the
-    mask with the softmax, SiLU with the product: a decode step launches far fewer kernels."""
-    return torch.compile(decode_layer, dynamic=True, fullgraph=True)
+    model of the same shapes and dtype (a hot reload compiles nothing) and, with dynamic sizes,
+    every bucket (batch 1 gets its own). It fuses each layer's norms, RoPE with the cache
+    writes, SiLU with the product: a decode step launches far fewer kernels."""
+    import torch.fx.experimental._config as fx_config
+
+    compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True)
+
+    def step(*args: Any) -> Any:
+        # Without duck sizing: two sizes that happen to be equal (a batch bucket and the slot
+        # count, the hidden size and a length bucket) would become a guard, and a recompilation
+        # for every bucket that breaks it. So only batch 1 (always specialized) compiles apart.
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+            return compiled(*args)
+
+    return step
 
 
 def _layer_weights(layer: Any) -> LayerWeights:
@@ -325,12 +336,15 @@ class StaticDecoder:
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
 
-        needed = cache_bytes(config, slots, max_length, dtype)
+        # One spare position: no attention slice is then the whole cache. A whole slice is
+        # contiguous and a partial one is not, and the compiled layer would be compiled for each.
+        cached_positions = max_length + 1
+        needed = cache_bytes(config, slots, cached_positions, dtype)
         self._check_memory(needed)
         self.cache_bytes = needed
         # One tensor per layer, not one for all: a compiled layer step then sees the same
         # tensor layout (no storage offset) in every layer, and compiles once.
-        shape = (slots, self.kv_heads, max_length, self.head_dim)
+        shape = (slots, self.kv_heads, cached_positions, self.head_dim)
         with torch.inference_mode():
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
