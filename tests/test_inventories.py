@@ -46,7 +46,7 @@ def test_lab_nodes_have_unique_addresses_on_the_lab_network() -> None:
         for h in dump.get(group, {}).get("hosts", [])
     ]
     assert {"lb1", "store1", "gpu1", "gpu2"} <= set(nodes)
-    addresses = [ipaddress.ip_address(hostvars[h]["lab_ip"]) for h in nodes]
+    addresses = [ipaddress.ip_address(hostvars[h]["ansible_host"]) for h in nodes]
     assert len(set(addresses)) == len(addresses), "two lab nodes share an address"
     for host, address in zip(nodes, addresses, strict=True):
         assert address in LAB_NET, f"{host} is outside {LAB_NET}"

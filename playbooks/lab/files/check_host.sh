@@ -29,6 +29,7 @@ declare -A needs=(
   [/usr/lib/podman/aardvark-dns]=aardvark-dns
   [iptables]=iptables
   [debootstrap]=debootstrap
+  [ssh]=openssh-client
   [flock]=util-linux
 )
 for what in "${!needs[@]}"; do
