@@ -81,6 +81,13 @@ class Metrics:
         self.reloads = Counter(
             "metalserve_reloads", "Hot reloads by result", ["result"], registry=r
         )
+        self.cache_loads = Counter(
+            "metalserve_cache_loads",
+            "Loads with a node-local cache, by result: hit, miss (read the store), corrupt "
+            "(the cached copy failed verification and was dropped; the store's was read)",
+            ["result"],
+            registry=r,
+        )
 
     def set_model(self, model: str, version: str) -> None:
         self.model_info.clear()

@@ -10,12 +10,14 @@ import asyncio
 import enum
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from metalserve import store
+from metalserve.cache import Lease, VersionCache
 from metalserve.engine import Engine, generate_once
 from metalserve.errors import ApiError
 from metalserve.exitcodes import ExitCode
@@ -75,6 +77,13 @@ class Replica:
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
         self.reload_lock = asyncio.Lock()
+        self.cache = (
+            VersionCache(settings.cache_dir, int(settings.cache_max_gib * 2**30))
+            if settings.cache_dir is not None
+            else None
+        )
+        # The cache lease of the version served (kept: no eviction removes it) and of one loading.
+        self._leases: dict[str, Lease] = {}
 
     # --- state ----------------------------------------------------------------------------
 
@@ -120,15 +129,9 @@ class Replica:
     # --- loading --------------------------------------------------------------------------
 
     def load_and_warm(self, version_id: str) -> LoadedModel:
-        """Load and verify a version, then prove it generates (blocking: run in a thread)."""
-        bundle = load_version(
-            self.settings.store,
-            self.settings.model,
-            version_id,
-            device=self.settings.device,
-            dtype=self.settings.dtype,
-            chunk_size=self.settings.read_chunk_mib * 1024 * 1024,
-        )
+        """Load and verify a version (from the node's cache when it holds it), then prove it
+        generates (blocking: run in a thread)."""
+        bundle = self._load(version_id)
         text = generate_once(
             bundle,
             bundle.encode(WARMUP_PROMPT, add_special_tokens=True),
@@ -137,6 +140,65 @@ class Replica:
         )
         log.info("warm-up of %s passed: %r", bundle.short_id, text)
         return bundle
+
+    def _load(self, version_id: str) -> LoadedModel:
+        settings = self.settings
+
+        def load_from(root: Path) -> LoadedModel:
+            return load_version(
+                root,
+                settings.model,
+                version_id,
+                device=settings.device,
+                dtype=settings.dtype,
+                chunk_size=settings.read_chunk_mib * 1024 * 1024,
+            )
+
+        cache = self.cache
+        lease = cache.acquire(settings.model, version_id) if cache is not None else None
+        if cache is not None and lease is not None:
+            try:
+                bundle = load_from(lease.root)
+            except store.VerificationError as exc:
+                # Never served: dropped, then the store's copy is loaded (and cached again).
+                log.error("the cached copy failed verification: %s", exc)
+                lease.release()
+                cache.drop(settings.model, version_id)
+                self.metrics.cache_loads.labels(result="corrupt").inc()
+            else:
+                self._leases[version_id] = lease
+                self.metrics.cache_loads.labels(result="hit").inc()
+                log.info("loaded %s from the node's cache", version_id[: store.SHORT_ID_LEN])
+                return bundle
+        bundle = load_from(settings.store)
+        if cache is not None:
+            self.metrics.cache_loads.labels(result="miss").inc()
+            threading.Thread(
+                target=self._cache_version,
+                args=(cache, version_id),
+                name="metalserve-cache",
+                daemon=True,
+            ).start()
+        return bundle
+
+    def _cache_version(self, cache: VersionCache, version_id: str) -> None:
+        """Copy a version just loaded from the store into the cache (a background thread: the
+        load never waits for it), then hold its lease while it is served."""
+        try:
+            if not cache.add(self.settings.store, self.settings.model, version_id):
+                return
+        except Exception:
+            log.exception("caching %s failed", version_id[: store.SHORT_ID_LEN])
+            return
+        lease = cache.acquire(self.settings.model, version_id)
+        if lease is not None:
+            self._leases[version_id] = lease  # released when another version replaces it
+        log.info("cached %s on this node", version_id[: store.SHORT_ID_LEN])
+
+    def release_leases(self, keep: str | None) -> None:
+        """Release the cache leases of every version but ``keep`` (the one served)."""
+        for version_id in [v for v in self._leases if v != keep]:
+            self._leases.pop(version_id).release()
 
     async def load_initial(self) -> None:
         try:
@@ -221,6 +283,8 @@ class Replica:
                 422, f"cannot load {version_id[:12]}: {exc}", code="load_failed"
             ) from exc
         old = await asyncio.wrap_future(self.engine.swap(bundle))
+        self.version_id = bundle.version_id
+        self.release_leases(keep=bundle.version_id)
         self.metrics.set_model(bundle.name, bundle.version_id)
         self.metrics.reloads.labels(result="ok").inc()
         previous = old.version_id if old is not None else None

@@ -110,6 +110,14 @@ class ServeSettings(BaseSettings):
         None, description="file holding the bearer token of /admin/reload (unset: disabled)"
     )
     read_chunk_mib: int = Field(16, ge=1, le=1024, description="read size when loading weights")
+    cache_dir: Path | None = Field(
+        None,
+        description="node-local cache of verified versions, shared by the host's replicas "
+        "(default: none, every load reads the store)",
+    )
+    cache_max_gib: float = Field(
+        100.0, gt=0, description="most the cache may hold; least recently used versions go first"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="log every HTTP request")
     debug_step_delay: float = Field(
