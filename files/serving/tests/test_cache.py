@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, Store, corrupt_weights
+from conftest import MODEL, Store, corrupt_weights, run_cli
 from metalserve import store
 from metalserve.cache import VersionCache
 from metalserve.replica import Replica
@@ -163,3 +163,25 @@ def test_a_corrupted_cached_copy_is_dropped_never_served(
     assert (
         store.verify_files(store.version_dir(tmp_path, MODEL, model_store.v2), manifest.files) == []
     )
+
+
+def test_cache_fill_prefetches_protects_and_says_when_a_version_does_not_fit(
+    model_store: Store, tmp_path: Path
+) -> None:
+    common = ["--store", str(model_store.root), "--model", MODEL, "--cache-dir", str(tmp_path)]
+    first = run_cli(
+        "cache-fill", *common, "--version", model_store.v1[:12], "--protect", model_store.v2
+    )
+    assert first.returncode == 0, first.stderr
+    assert f"{model_store.v1}: cached in" in first.stdout
+    assert store.list_versions(tmp_path, MODEL) == [model_store.v1]
+    # The target is protected with the versions named.
+    assert VersionCache(tmp_path, 1).protected() == {model_store.v1, model_store.v2}
+    again = run_cli("cache-fill", *common, "--version", model_store.v1)
+    assert again.returncode == 0
+    assert "already cached" in again.stdout
+    # v1 protected, v2 does not fit beside it.
+    full = run_cli("cache-fill", *common, "--version", model_store.v2, "--max-gib", "0.000001")
+    assert full.returncode == 6
+    assert "does not fit the cache" in full.stderr
+    assert store.list_versions(tmp_path, MODEL) == [model_store.v1]

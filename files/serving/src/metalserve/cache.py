@@ -161,6 +161,13 @@ class VersionCache:
             return set()
         return {line.strip() for line in text.splitlines() if line.strip()}
 
+    def set_protected(self, version_ids: list[str]) -> None:
+        """Replace the list of protected versions (written whole, then renamed into place)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staged = self.root / f".{PROTECTED_FILE}-{secrets.token_hex(4)}"
+        staged.write_text("".join(f"{v}\n" for v in sorted(set(version_ids))))
+        staged.replace(self.root / PROTECTED_FILE)
+
     def _make_room(self, model: str, needed: int, keep: str) -> bool:
         if needed > self.max_bytes:
             return False

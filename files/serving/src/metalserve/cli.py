@@ -19,6 +19,7 @@ from metalserve import __version__, store
 from metalserve.exitcodes import ExitCode
 from metalserve.flags import add_command
 from metalserve.settings import (
+    CacheFillSettings,
     ConsistencySettings,
     GcSettings,
     MakeTinyModelSettings,
@@ -99,6 +100,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     add_command(
         sub,
+        "cache-fill",
+        CacheFillSettings,
+        cmd_cache_fill,
+        help="copy a version into a node's cache, verified (a rollout's prefetch)",
+        description="Exits 6 when the version does not fit beside the versions in use or "
+        "protected; the replicas then read the store.",
+    )
+    add_command(
+        sub,
         "serve",
         ServeSettings,
         cmd_serve,
@@ -176,6 +186,31 @@ def cmd_gc(settings: GcSettings) -> int:
     if settings.delete:
         retention.apply(settings.store, chosen)
     print(retention.render(chosen, deleted=settings.delete))
+    return ExitCode.OK
+
+
+def cmd_cache_fill(settings: CacheFillSettings) -> int:
+    import time
+
+    from metalserve.cache import VersionCache
+
+    version_id = store.resolve_version(settings.store, settings.model, settings.version)
+    cache = VersionCache(settings.cache_dir, int(settings.max_gib * 2**30))
+    if settings.protect:
+        cache.set_protected([*settings.protect, version_id])
+    lease = cache.acquire(settings.model, version_id)
+    if lease is not None:
+        lease.release()
+        print(f"{version_id}: already cached")
+        return ExitCode.OK
+    started = time.monotonic()
+    if not cache.add(settings.store, settings.model, version_id):
+        error(
+            f"{version_id[: store.SHORT_ID_LEN]} does not fit the cache beside the versions in "
+            f"use or protected ({settings.max_gib:g} GiB): the replicas will read the store"
+        )
+        return ExitCode.NOT_CACHED
+    print(f"{version_id}: cached in {time.monotonic() - started:.1f}s")
     return ExitCode.OK
 
 

@@ -12,3 +12,4 @@ class ExitCode(enum.IntEnum):
     VERIFICATION_FAILED = 3  # files missing, extra or not matching the manifest
     VERSION_NOT_FOUND = 4  # unknown or ambiguous version id / prefix
     LOAD_FAILED = 5  # the version verified but could not be loaded or warmed up
+    NOT_CACHED = 6  # cache-fill: the version does not fit the node's cache beside what it keeps

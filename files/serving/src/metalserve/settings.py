@@ -202,6 +202,21 @@ class GcSettings(CommandSettings):
     delete: bool = Field(False, description="delete (without it: a dry run that only prints)")
 
 
+class CacheFillSettings(CommandSettings):
+    """``metalserve cache-fill``."""
+
+    store: StoreRoot = Field(description=STORE_HELP)
+    model: ModelName = Field(description=MODEL_HELP)
+    version: str = Field(description="version to cache: full id or unique prefix (>= 12 hex)")
+    cache_dir: Path = Field(description="the node-local cache (the replicas' --cache-dir)")
+    max_gib: float = Field(100.0, gt=0, description="the cache's bound (default: %(default)s)")
+    protect: Annotated[list[str], Arg(append=True, metavar="ID")] = Field(
+        default_factory=list,
+        description="never evict this version (full id; repeatable): what the host runs, ran and "
+        "rolls to. Replaces the cache's list of protected versions when given.",
+    )
+
+
 class ConsistencySettings(CommandSettings):
     """``metalserve consistency``."""
 
