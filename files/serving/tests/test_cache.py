@@ -180,7 +180,7 @@ def test_cache_fill_prefetches_protects_and_says_when_a_version_does_not_fit(
     again = run_cli("cache-fill", *common, "--version", model_store.v1)
     assert again.returncode == 0
     assert "already cached" in again.stdout
-    # v1 protected, v2 does not fit beside it.
+    # A cache too small for v2: exit 6, v1 untouched.
     full = run_cli("cache-fill", *common, "--version", model_store.v2, "--max-gib", "0.000001")
     assert full.returncode == 6
     assert "does not fit the cache" in full.stderr
