@@ -70,7 +70,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rules_pass_promtool_check(rules: Path) -> None:
     result = promtool("check", "rules", rules.name, cwd=rules.parent)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_every_alert_passes_its_unit_tests(rules: Path) -> None:
@@ -243,7 +243,9 @@ def test_dashboard_covers_what_operators_watch(dashboard: dict) -> None:
         "metalserve_time_to_first_token_seconds_bucket",
         "metalserve_generated_tokens_total",  # tokens/s
         "metalserve_batch_size_bucket",  # batch sizes
-        "metalserve_queue_depth",  # queue depth
+        "metalserve_num_requests_running",  # engine state (vLLM's names)
+        "metalserve_num_requests_waiting",
+        "metalserve_kv_cache_usage_perc",
         "metalserve_model_info",  # versions per replica
         "haproxy_server_status",  # HAProxy server states
     }

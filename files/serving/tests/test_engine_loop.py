@@ -90,3 +90,40 @@ def test_failed_steps_fail_requests_then_stop_the_engine(v1: LoadedModel) -> Non
             submit(eng, broken, "Hi")
     finally:
         eng.stop()
+
+
+def test_the_engine_reports_running_waiting_and_cache_usage(v1: LoadedModel) -> None:
+    """With one slot and two requests: one runs, one waits, the running one fills its slot's
+    share of the capacity; at the end nothing runs or waits and both were queued."""
+    from metalserve.metrics import Metrics
+
+    metrics = Metrics()
+    eng = Engine(max_batch_size=1, observer=metrics, step_delay=0.05)
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+        first, sink = submit(eng, v1, PROMPTS[0], params)
+        _, sink2 = submit(eng, v1, PROMPTS[1], params)
+
+        def value(name: str) -> float:
+            return metrics.registry.get_sample_value(name) or 0.0
+
+        deadline = time.monotonic() + 10
+        while not (value("metalserve_num_requests_running") == 1 and first.generated):
+            assert time.monotonic() < deadline, "no running sequence reported"
+            time.sleep(0.01)
+        assert value("metalserve_num_requests_waiting") == 1
+        usage = value("metalserve_kv_cache_usage_perc")
+        assert 0 < usage <= (len(first.prompt_ids) + 20) / v1.max_context
+        sink.wait()
+        sink2.wait()
+        deadline = time.monotonic() + 5
+        while value("metalserve_num_requests_running") != 0:
+            assert time.monotonic() < deadline, "the finished sequence still counts as running"
+            time.sleep(0.01)
+        assert value("metalserve_num_requests_waiting") == 0
+        assert value("metalserve_kv_cache_usage_perc") == 0
+        assert value("metalserve_request_queue_time_seconds_count") == 2
+    finally:
+        eng.stop()

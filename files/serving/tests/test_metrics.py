@@ -30,7 +30,8 @@ def test_model_info_names_only_the_current_version() -> None:
 
 def test_engine_observer_methods() -> None:
     metrics = Metrics()
-    metrics.queue_depth(3)
+    metrics.engine_state(running=5, waiting=3, kv_cache_usage=0.25)
+    metrics.request_queued(0.02)
     metrics.first_token("chat", 0.2)
     metrics.sequence_finished("length", 7, 5)
     metrics.forward_pass("decode", 8, 0.004)
@@ -40,7 +41,10 @@ def test_engine_observer_methods() -> None:
     assert got[("metalserve_forward_pass_duration_seconds_count", decode)] == 2
     assert abs(got[("metalserve_forward_pass_duration_seconds_sum", decode)] - 0.010) < 1e-9
     assert got[("metalserve_batch_size_sum", decode)] == 14
-    assert got[("metalserve_queue_depth", ())] == 3
+    assert got[("metalserve_num_requests_running", ())] == 5
+    assert got[("metalserve_num_requests_waiting", ())] == 3
+    assert got[("metalserve_kv_cache_usage_perc", ())] == 0.25
+    assert got[("metalserve_request_queue_time_seconds_count", ())] == 1
     assert got[("metalserve_time_to_first_token_seconds_count", (("endpoint", "chat"),))] == 1
     assert got[("metalserve_prompt_tokens_total", ())] == 7
     assert got[("metalserve_generated_tokens_total", ())] == 5

@@ -350,9 +350,7 @@ def test_server_notifies_ready_pings_and_stops(
             # The wedge starts when the request arrives, before its answer returns: it surely
             # lasts until asked_at + WEDGE_SECONDS (under load, wedged_at + 8 s can be after it).
             during = [
-                t
-                for t in receiver.times("WATCHDOG=1", silent_from)
-                if t < asked_at + WEDGE_SECONDS
+                t for t in receiver.times("WATCHDOG=1", silent_from) if t < asked_at + WEDGE_SECONDS
             ]
             assert during == [], f"pings {[round(t - wedged_at, 1) for t in during]}s into it"
             assert any("stalled" in s for s in receiver.statuses(wedged_at))

@@ -64,8 +64,25 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
-        self.queue_depth_gauge = Gauge(
-            "metalserve_queue_depth", "Sequences waiting for a batch slot", registry=r
+        # Engine state, named after vLLM's metrics (vllm:num_requests_running, ...) so that
+        # routers and autoscalers that read those read these.
+        self.requests_running = Gauge(
+            "metalserve_num_requests_running", "Sequences in the running batch", registry=r
+        )
+        self.requests_waiting = Gauge(
+            "metalserve_num_requests_waiting", "Sequences waiting for a batch slot", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "metalserve_kv_cache_usage_perc",
+            "Share (0 to 1) of the batch's token capacity, slots x context, that the running "
+            "sequences' prompts and outputs take",
+            registry=r,
+        )
+        self.request_queue_time = Histogram(
+            "metalserve_request_queue_time_seconds",
+            "Time from submission to a batch slot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge(
             "metalserve_in_flight_requests", "Inference requests being served", registry=r
@@ -103,8 +120,13 @@ class Metrics:
         self.batch_size.labels(phase=phase).observe(batch_size)
         self.forward_pass_duration.labels(phase=phase).observe(seconds)
 
-    def queue_depth(self, depth: int) -> None:
-        self.queue_depth_gauge.set(depth)
+    def engine_state(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self.requests_running.set(running)
+        self.requests_waiting.set(waiting)
+        self.kv_cache_usage.set(kv_cache_usage)
+
+    def request_queued(self, seconds: float) -> None:
+        self.request_queue_time.observe(seconds)
 
     def first_token(self, endpoint: str, seconds: float) -> None:
         self.time_to_first_token.labels(endpoint=endpoint).observe(seconds)

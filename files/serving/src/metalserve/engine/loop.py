@@ -186,7 +186,7 @@ class Engine:
             ):
                 raise StaleModelError(seq.bundle.short_id)
             self._waiting.append(seq)
-            self._report_queue()
+            self._report_state()
             self._cond.notify_all()
 
     def swap(self, bundle: LoadedModel) -> concurrent.futures.Future[LoadedModel | None]:
@@ -263,6 +263,7 @@ class Engine:
                     continue
                 try:
                     self._step(admitted)
+                    self._report_state()
                     failures = 0
                 except Exception:
                     failures += 1
@@ -316,6 +317,8 @@ class Engine:
                 seq.fail(499, "client went away", self.observer)
             elif seq.bundle is self._current and len(admitted) < room:
                 admitted.append(seq)
+                if self.observer is not None:
+                    self.observer.request_queued(time.monotonic() - seq.created_at)
             elif seq.bundle is self._current or (
                 self._pending is not None and seq.bundle is self._pending[0]
             ):
@@ -323,7 +326,7 @@ class Engine:
             else:  # unreachable: submit() refuses stale sequences, swaps wait for queued ones
                 seq.fail(503, "the model was replaced; retry", self.observer)
         self._waiting = kept
-        self._report_queue()
+        self._report_state()
         return admitted
 
     def _swap_due(self) -> tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None:
@@ -432,8 +435,16 @@ class Engine:
         self._fail_batch(status, message)
         while self._waiting:
             self._waiting.popleft().fail(status, message, self.observer)
-        self._report_queue()
+        self._report_state()
 
-    def _report_queue(self) -> None:
-        if self.observer is not None:
-            self.observer.queue_depth(len(self._waiting))
+    def _report_state(self) -> None:
+        """Running and waiting sequences, and the share of the batch's token capacity (slots x
+        context) their prompts and outputs take (what the static KV cache holds)."""
+        if self.observer is None:
+            return
+        batch, model = self._batch, self._current
+        seqs = batch.seqs if batch is not None else []
+        capacity = self.max_batch_size * model.max_context if model is not None else 0
+        used = sum(len(seq.prompt_ids) + len(seq.generated) for seq in seqs)
+        usage = used / capacity if capacity else 0.0
+        self.observer.engine_state(len(seqs), len(self._waiting), usage)
