@@ -27,6 +27,7 @@ from metalserve.prompts import sampling_params
 from metalserve.replica import Replica
 from metalserve.sampling import SamplingParams
 from metalserve.schemas import ChatCompletionRequest, CompletionRequest
+from metalserve.tracing import note_sequences
 
 # How often a non-streaming request checks whether its client is still connected.
 DISCONNECT_POLL_SECONDS = 1.0
@@ -69,6 +70,7 @@ class Generation:
             )
             for i, ids in enumerate(prompts)
         ]
+        note_sequences(self.seqs)
         try:
             for seq in self.seqs:
                 replica.engine.submit(seq)

@@ -27,6 +27,7 @@ from metalserve.relay import EventRelay
 from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
 from metalserve.threads import in_daemon_thread
+from metalserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,14 @@ class Replica:
         self.cache = (
             VersionCache(settings.cache_dir, int(settings.cache_max_gib * 2**30))
             if settings.cache_dir is not None
+            else None
+        )
+        self.tracing = (
+            Tracing.otlp(
+                settings.otlp_endpoint,
+                {"metalserve.model": settings.model, "metalserve.port": str(settings.port)},
+            )
+            if settings.otlp_endpoint
             else None
         )
         # The cache lease of the version served (kept: no eviction removes it) and of one loading.

@@ -110,6 +110,12 @@ class ServeSettings(BaseSettings):
         None, description="file holding the bearer token of /admin/reload (unset: disabled)"
     )
     read_chunk_mib: int = Field(16, ge=1, le=1024, description="read size when loading weights")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="send OpenTelemetry spans of inference requests (queue, prefill, decode, "
+        "relay; under the caller's traceparent) to this OTLP/HTTP collector, e.g. "
+        "http://collector:4318 (default: none, tracing off)",
+    )
     cache_dir: Path | None = Field(
         None,
         description="node-local cache of verified versions, shared by the host's replicas "

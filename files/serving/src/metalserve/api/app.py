@@ -31,6 +31,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not loader.done():
             loader.cancel()
         await asyncio.to_thread(replica.engine.stop)
+        if replica.tracing is not None:
+            await asyncio.to_thread(replica.tracing.shutdown)  # flushes the last spans
 
 
 def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:

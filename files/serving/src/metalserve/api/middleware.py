@@ -1,4 +1,4 @@
-"""Request metrics and the in-flight count that the drain waits on.
+"""Request metrics, the in-flight count that the drain waits on, and request spans (tracing).
 
 Pure ASGI, not ``BaseHTTPMiddleware``: streamed responses are timed to their last byte.
 """
@@ -28,8 +28,13 @@ class ObservabilityMiddleware:
         started = time.perf_counter()
         status = 500
         inference = scope["path"] in INFERENCE_PATHS
+        tracing = self.replica.tracing if inference else None
+        trace = None
         if inference:
             self.replica.enter()
+        if tracing is not None:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            trace = tracing.begin(scope["method"], scope["path"], headers)
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -40,6 +45,8 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            if tracing is not None and trace is not None:
+                tracing.end(trace, status)
             if inference:
                 self.replica.leave()
             route = scope.get("route")

@@ -317,8 +317,9 @@ class Engine:
                 seq.fail(499, "client went away", self.observer)
             elif seq.bundle is self._current and len(admitted) < room:
                 admitted.append(seq)
+                seq.admitted_at = time.monotonic()
                 if self.observer is not None:
-                    self.observer.request_queued(time.monotonic() - seq.created_at)
+                    self.observer.request_queued(seq.admitted_at - seq.created_at)
             elif seq.bundle is self._current or (
                 self._pending is not None and seq.bundle is self._pending[0]
             ):

@@ -60,6 +60,10 @@ class Sequence:
     sink: Callable[[Event], None]
     endpoint: str = "internal"
     created_at: float = field(default_factory=time.monotonic)
+    # Phase times (monotonic) stamped by the engine thread, for tracing.
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
     cancelled: bool = False  # set by the API when the client goes away
     generated: list[int] = field(default_factory=list)
     done: bool = False
@@ -79,8 +83,10 @@ class Sequence:
     def append(self, token: int, observer: EngineObserver | None) -> None:
         """Engine side: record one sampled token and emit text; finish when a limit is hit."""
         detok, stops = self._decoding()
-        if not self.generated and observer is not None:
-            observer.first_token(self.endpoint, time.monotonic() - self.created_at)
+        if not self.generated:
+            self.first_token_at = time.monotonic()
+            if observer is not None:
+                observer.first_token(self.endpoint, self.first_token_at - self.created_at)
         self.generated.append(token)
         if token in self.bundle.eos_token_ids and not self.params.ignore_eos:
             self._finish("stop", observer)
@@ -104,6 +110,7 @@ class Sequence:
         if self.done:
             return
         self.done = True
+        self.finished_at = time.monotonic()
         self.sink(Failed(status, message))
         if observer is not None:
             observer.sequence_finished(
@@ -120,6 +127,7 @@ class Sequence:
                 self.sink(TextDelta(text))
             reason = "stop" if stopped else reason
         self.done = True
+        self.finished_at = time.monotonic()
         self.sink(Finished(reason, len(self.prompt_ids), len(self.generated)))
         if observer is not None:
             observer.sequence_finished(reason, len(self.prompt_ids), len(self.generated))
