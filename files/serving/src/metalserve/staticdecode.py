@@ -4,8 +4,9 @@ Eager transformers decoding launches a few hundred small kernels per step, so at
 sizes a step costs more host time than GPU time. This module runs the same model (its own
 ``nn.Module`` layers and weights) with a decode step whose shapes never change:
 
-* the KV cache is preallocated once per model: ``[layers, slots, kv_heads, max_context,
-  head_dim]`` for keys and for values, one slot per sequence of the batch (``slots`` is the
+* the KV cache is preallocated once per model: per layer ``[slots, kv_heads, max_context + 1,
+  head_dim]`` for keys and for values (one spare position, see ``__init__``), one slot per
+  sequence of the batch (``slots`` is the
   engine's ``max_batch_size``). A sequence's token at position ``p`` lives at index ``p`` of its
   slot, so there is no left padding, no merging and no per-step reallocation; a row sees the cache
   entries ``<= its own position`` (its mask) and nothing of its batch mates;
@@ -262,14 +263,18 @@ def _layer_weights(layer: Any) -> LayerWeights:
         qkv=qkv,
         qkv_bias=qkv_bias,
         o_proj=attn.o_proj.weight.detach(),
-        o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+        o_bias=_detached(attn.o_proj.bias),
         post_norm=layer.post_attention_layernorm.weight.detach(),
         post_eps=float(layer.post_attention_layernorm.variance_epsilon),
         gate_up=gate_up,
         gate_up_bias=gate_up_bias,
         down=mlp.down_proj.weight.detach(),
-        down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+        down_bias=_detached(mlp.down_proj.bias),
     )
+
+
+def _detached(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach()
 
 
 def _fuse_linears(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
