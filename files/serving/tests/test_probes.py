@@ -28,6 +28,13 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert "model.safetensors" in version["files"]
     # The CPU default: the dynamic path, nothing compiled.
     assert (version["decode_path"], version["decode_compiled"]) == ("dynamic", False)
+    # Where the time to ready went: the phases after the process's start add up to at most it.
+    startup = version["startup_seconds"]
+    phases = ["process_start", "imports", "load", "warmup", "decode_path"]
+    assert list(startup) == [*phases, "ready"]
+    assert all(seconds >= 0 for seconds in startup.values()), startup
+    assert startup["load"] == version["load_seconds"]
+    assert sum(startup[phase] for phase in phases) <= startup["ready"] + 0.01, startup
 
 
 def test_metrics(client: httpx.Client, model_store: Store) -> None:
@@ -49,6 +56,7 @@ def test_metrics(client: httpx.Client, model_store: Store) -> None:
         "metalserve_in_flight_requests",
         "metalserve_forward_passes",
         "metalserve_model_info",
+        "metalserve_startup_seconds",
     ]:
         assert name in families, name
     samples = metric_samples(client)

@@ -73,6 +73,13 @@ def validate_device(device: str) -> str:
     return device
 
 
+def import_libraries() -> None:
+    """Import what a load needs (torch, transformers' auto classes) now: a cold start's first
+    seconds, worth timing apart from the load itself."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def load_version(
     store_path: Path,
     model_name: str,

@@ -95,6 +95,15 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.startup = Gauge(
+            "metalserve_startup_seconds",
+            "Where the time to ready went: process_start (the process's start to the load's: "
+            "interpreter, server), imports (torch, transformers), load (verified weights on the "
+            "device), warmup, decode_path (the static cache, compiling, graph capture), ready "
+            "(from the process's start, all of them)",
+            ["phase"],
+            registry=r,
+        )
         self.reloads = Counter(
             "metalserve_reloads", "Hot reloads by result", ["result"], registry=r
         )
@@ -105,6 +114,10 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def set_startup(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.startup.labels(phase=phase).set(seconds)
 
     def set_model(self, model: str, version: str) -> None:
         self.model_info.clear()

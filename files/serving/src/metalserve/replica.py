@@ -10,6 +10,7 @@ import asyncio
 import enum
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from metalserve.cache import Lease, VersionCache
 from metalserve.engine import Engine, generate_once
 from metalserve.errors import ApiError
 from metalserve.exitcodes import ExitCode
-from metalserve.loader import LoadedModel, LoadError, load_version
+from metalserve.loader import LoadedModel, LoadError, import_libraries, load_version
 from metalserve.metrics import Metrics
 from metalserve.relay import EventRelay
 from metalserve.sampling import SamplingParams
@@ -93,6 +94,8 @@ class Replica:
         )
         # The cache lease of the version served (kept: no eviction removes it) and of one loading.
         self._leases: dict[str, Lease] = {}
+        # Where the time to ready went (seconds by phase), once ready.
+        self.startup: dict[str, float] = {}
 
     # --- state ----------------------------------------------------------------------------
 
@@ -137,16 +140,25 @@ class Replica:
 
     # --- loading --------------------------------------------------------------------------
 
-    def load_and_warm(self, version_id: str) -> LoadedModel:
+    def load_and_warm(
+        self, version_id: str, timings: dict[str, float] | None = None
+    ) -> LoadedModel:
         """Load and verify a version (from the node's cache when it holds it), then prove it
-        generates (blocking: run in a thread)."""
+        generates (blocking: run in a thread). ``timings`` gets the seconds of each part."""
+        timings = {} if timings is None else timings
+        started = time.monotonic()
+        import_libraries()
+        timings["imports"] = time.monotonic() - started
         bundle = self._load(version_id)
+        timings["load"] = bundle.load_seconds
+        started = time.monotonic()
         text = generate_once(
             bundle,
             bundle.encode(WARMUP_PROMPT, add_special_tokens=True),
             SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
             step_delay=self.settings.debug_step_delay,
         )
+        timings["warmup"] = time.monotonic() - started
         log.info("warm-up of %s passed: %r", bundle.short_id, text)
         return bundle
 
@@ -210,8 +222,12 @@ class Replica:
             self._leases.pop(version_id).release()
 
     async def load_initial(self) -> None:
+        timings = {"process_start": process_seconds()}
         try:
-            bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, self.version_id)
+            bundle = await in_daemon_thread(
+                LOAD_THREAD, self.load_and_warm, self.version_id, timings
+            )
+            switching = time.monotonic()
             await asyncio.wrap_future(self.engine.swap(bundle))
         except store.VerificationError as exc:
             self._fatal(ExitCode.VERIFICATION_FAILED, str(exc))
@@ -223,9 +239,18 @@ class Replica:
             log.exception("loading failed")
             self._fatal(ExitCode.LOAD_FAILED, f"loading failed: {exc!r}")
         else:
+            timings["decode_path"] = time.monotonic() - switching
+            timings["ready"] = process_seconds()
+            self.startup = timings
+            self.metrics.set_startup(self.startup)
             self.metrics.set_model(bundle.name, bundle.version_id)
             self.phase = Phase.READY
-            log.info("ready: %s version %s", bundle.name, bundle.version_id)
+            log.info(
+                "ready: %s version %s (%s)",
+                bundle.name,
+                bundle.version_id,
+                ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.startup.items()),
+            )
 
     def _fatal(self, code: ExitCode, message: str) -> None:
         log.error("cannot serve: %s", message)
@@ -307,6 +332,14 @@ class Replica:
             "changed": True,
             "seconds": round(time.monotonic() - started, 3),
         }
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux's /proc/self/stat; the start is in clock ticks
+    since boot): the time to ready counts the interpreter's start and the imports too."""
+    stat = Path("/proc/self/stat").read_text()
+    started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _free_memory(bundle: LoadedModel) -> None:

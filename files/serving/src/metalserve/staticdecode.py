@@ -406,18 +406,21 @@ class StaticDecoder:
                         self._decode(size, self.lengths[0])
             return
         started = time.monotonic()
+        first: float | None = None
         with torch.inference_mode():
             for length in reversed(self.lengths):
                 for size in reversed(self.batch_sizes):
                     self._graph(size, length)
+                    first = first or time.monotonic() - started
         self.capture_seconds = time.monotonic() - started
         log.info(
-            "captured %d decode graphs (%d batch x %d length buckets) in %.1fs; static KV cache "
-            "%.2f GiB",
+            "captured %d decode graphs (%d batch x %d length buckets) in %.1fs, the first "
+            "(compiling the layer, if compiled) %.1fs; static KV cache %.2f GiB",
             len(self._graphs),
             len(self.batch_sizes),
             len(self.lengths),
             self.capture_seconds,
+            first or 0.0,
             self.cache_bytes / 2**30,
         )
 

@@ -374,6 +374,7 @@ def _server_arm(
             "server_load_seconds": served.get("load_seconds"),
             "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
+            "server_startup_seconds": served.get("startup_seconds"),
             "decode_path": served.get("decode_path"),
             "max_batch_size": served.get("max_batch_size"),
             "forward_passes": {
