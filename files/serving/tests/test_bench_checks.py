@@ -177,7 +177,8 @@ def test_decode_check_on_cpu(tmp_path: Path) -> None:
     prof = report["prof"]["result"]
     assert prof["graphs"] == 0  # no CUDA graphs on CPU
     assert prof["greedy_tokens_equal_prefix_per_row"] == [24] * 8
-    for key in ("step_ms_graph_b32_l256", "step_ms_eager_b32_l192", "prefill_ms_32x64"):
+    timed = ("step_ms_graph_b32_l256", "step_ms_eager_b32_l192", "prefill_ms_32x64")
+    for key in (*timed, "prefill_eager_ms_32x64", "prefill_eager_ms_1x64"):
         assert prof[key] > 0, key
 
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import run_cli
+from metalserve.bench.clients import share_of
 from metalserve.bench.common import LLAMA_PRESETS, SERVE_ARMS, SERVE_PRESETS
 from metalserve.bench.options import BenchServeSettings
 from metalserve.bench.serve import decode_roofline
@@ -49,6 +50,12 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert report["arms"]["server"]["mean_decode_batch"] > 1
     # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
     assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
+    # The clients ran in 3 worker processes (at most one per client) and the server's own TTFT
+    # (request received to first token) is beside theirs: it cannot exceed the clients' view.
+    server = report["arms"]["server"]
+    assert server["client_processes"] == 3
+    assert 0 < server["server_ttft_mean_s"] <= server["ttft_mean_s"]
+    assert 0 <= server["server_queue_time_mean_s"] <= server["server_ttft_mean_s"]
     assert report["decode_roofline"] == {
         "bandwidth_gb_per_s": None,
         "reason": "needs the server arm on CUDA",
@@ -75,6 +82,11 @@ def test_bad_bench_flags_exit_2_naming_the_flag(args: tuple[str, ...], flag: str
     result = run_cli("bench", *args)
     assert result.returncode == 2
     assert flag in result.stderr
+
+
+def test_clients_and_requests_split_over_processes_sum_to_the_whole() -> None:
+    assert [share_of(10, 4, i) for i in range(4)] == [3, 3, 2, 2]
+    assert [share_of(2, 4, i) for i in range(4)] == [1, 1, 0, 0]
 
 
 def test_requests_per_arm() -> None:

@@ -5,6 +5,7 @@ These servers run with --debug-step-delay so that a generation lasts long enough
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -73,6 +74,20 @@ def test_readiness_is_503_until_loaded_and_warmed_up(slow_servers: dict[str, Ser
         assert seen[-1] == 200
         # Once ready it stays ready: no flapping during start-up.
         assert seen == [503] * seen.index(200) + [200] * (len(seen) - seen.index(200))
+
+
+def test_the_heap_is_frozen_once_ready_and_collections_are_timed(
+    slow_servers: dict[str, Server],
+) -> None:
+    """Once ready, the server moves what start-up made into the permanent generation (full
+    collections over it paused every thread for 0.2-0.7 s on the GPU machine) and times every
+    collection it still makes."""
+    server = slow_servers["patient"]
+    wait_for(lambda: "out of garbage collection" in server.log_path.read_text(), timeout=20)
+    frozen = re.search(r"froze (\d+) objects", server.log_path.read_text())
+    assert frozen is not None
+    assert int(frozen.group(1)) > 10_000, frozen.group(0)
+    assert sample(server.url, "metalserve_gc_pause_seconds_count", generation="0") > 0
 
 
 def test_client_disconnect_mid_stream_drops_the_sequence(slow_servers: dict[str, Server]) -> None:

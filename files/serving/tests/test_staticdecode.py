@@ -33,6 +33,17 @@ def test_buckets() -> None:
         staticdecode.bucket(5, [1, 2, 4])
 
 
+def test_prefill_buckets() -> None:
+    shapes = staticdecode.prefill_shapes(64, 2048)
+    assert sorted({r for r, _ in shapes}) == [1, 2, 4, 8, 16, 32, 64]
+    assert sorted({n for _, n in shapes}) == [16, 32, 64, 128, 256, 512]
+    assert max(r * n for r, n in shapes) == staticdecode.PREFILL_GRAPH_TOKENS
+    assert (32, 64) in shapes
+    assert (16, 128) in shapes
+    assert (64, 64) not in shapes
+    assert staticdecode.prefill_shapes(5, 40) == [(r, n) for r in (1, 2, 4, 5) for n in (16, 32)]
+
+
 def test_cache_bytes(v1: LoadedModel) -> None:
     config = v1.model.config
     # tiny model: 2 layers, 2 KV heads of 16 dims; keys and values; float32
@@ -60,7 +71,7 @@ def test_unsupported_models_are_named() -> None:
 
 
 def _decoder(
-    bundle: LoadedModel, slots: int = 4, compile_layers: bool = False
+    bundle: LoadedModel, slots: int = 4, compile_layers: bool = False, bucketed: bool = False
 ) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
@@ -70,16 +81,25 @@ def _decoder(
         dtype=bundle.dtype,
         cuda_graphs=False,
         compile_layers=compile_layers,
+        bucketed_prefill=bucketed,
     )
 
 
-@pytest.mark.parametrize("compile_layers", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    ("compile_layers", "bucketed"),
+    [(False, False), (True, False), (False, True)],
+    ids=["eager", "compiled", "bucketed-prefill"],
+)
 @torch.inference_mode()
-def test_logits_match_the_transformers_forward(v1: LoadedModel, compile_layers: bool) -> None:
+def test_logits_match_the_transformers_forward(
+    v1: LoadedModel, compile_layers: bool, bucketed: bool
+) -> None:
     """Prefill of right-padded prompts of different lengths, then decode steps with every row at
     its own position, give the logits of a full transformers forward over each sequence alone;
-    also with the decode step's layer compiled (torch.compile, here for the CPU)."""
-    decoder = _decoder(v1, compile_layers=compile_layers)
+    also with the decode step's layer compiled (torch.compile, here for the CPU), and with the
+    prefill padded to its bucket (3 rows to 4, the prompts to a length bucket: what a prefill
+    graph runs on CUDA)."""
+    decoder = _decoder(v1, compile_layers=compile_layers, bucketed=bucketed)
     prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
     longest = max(len(p) for p in prompts)
     ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)
@@ -102,6 +122,39 @@ def test_logits_match_the_transformers_forward(v1: LoadedModel, compile_layers: 
             seq.append(token)
         last = max(len(s) for s in sequences) - 1
         logits = decoder.decode(4, last)[1:]
+
+
+@torch.inference_mode()
+def test_bucketed_prefill_writes_its_own_slots_and_the_spare_only(v1: LoadedModel) -> None:
+    """A group of 3 padded to a bucket of 4 rows, starting at slot 1: slots 1-3 get the prompts'
+    keys, slot 0 (a live sequence's in a real batch) is untouched, the padding row went to the
+    spare slot; the logits equal the unpadded prefill's."""
+    plain, bucketed = _decoder(v1), _decoder(v1, bucketed=True)
+    assert bucketed.spare_slot == 4
+    assert bucketed.keys[0].shape[0] == 5
+    prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3:2]]
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((2, longest), v1.pad_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(p) for p in prompts])
+    length = staticdecode.bucket(longest, list(staticdecode.PREFILL_LENGTHS))
+    assert bucketed._prefill_bucket(2, longest) == (2, length)
+    assert bucketed._prefill_bucket(3, longest) == (4, length)
+    ids3 = torch.cat([ids, ids[:1]])
+    lengths3 = torch.cat([lengths, lengths[:1]])
+    for cache in (*bucketed.keys, *bucketed.values):
+        cache.fill_(float("nan"))
+    logits = bucketed.prefill(ids3, lengths3, 1)  # rows 1..3 real, one padding row
+    reference = plain.prefill(ids3, lengths3, 1)
+    torch.testing.assert_close(logits, reference)
+    for cache in (*bucketed.keys, *bucketed.values):
+        assert cache[0].isnan().all(), "slot 0 was written"
+        for row, slot in enumerate((1, 2, 3)):
+            assert not cache[slot, :, : lengths3[row]].isnan().any()
+        assert not cache[bucketed.spare_slot, :, :length].isnan().any()  # the padding row's
+    # A group larger than every bucket prefills eagerly at its own shape.
+    assert bucketed._prefill_bucket(1, staticdecode.PREFILL_LENGTHS[-1] + 1) is None
 
 
 @torch.inference_mode()

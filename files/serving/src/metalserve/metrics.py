@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -114,6 +118,33 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+        self.gc_pauses = Histogram(
+            "metalserve_gc_pause_seconds",
+            "Python garbage collections by generation (each stops every thread of the replica, "
+            "the engine's included)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection from now on (``gc.callbacks``)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        # Collections do not overlap (they hold the GIL): one start time is enough.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            seconds = time.perf_counter() - self._gc_started
+            self.gc_pauses.labels(generation=str(info["generation"])).observe(seconds)
 
     def set_startup(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():

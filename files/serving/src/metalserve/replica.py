@@ -343,7 +343,10 @@ def process_seconds() -> float:
 
 
 def _free_memory(bundle: LoadedModel) -> None:
-    """Return the replaced model's memory (on GPUs the caching allocator keeps it otherwise)."""
+    """Return the replaced model's memory (on GPUs the caching allocator keeps it otherwise).
+    Unfrozen first: objects that ``server.freeze_heap`` froze are never collected (the server
+    freezes again once this is done)."""
+    gc.unfreeze()
     gc.collect()
     if bundle.device.type == "cuda":
         import torch

@@ -17,8 +17,12 @@ sizes a step costs more host time than GPU time. This module runs the same model
   the batch is padded to its bucket (padding rows compute on free slots, whose results nobody
   reads) and attention reads the cache up to the length bucket only. A replay is one launch.
 
-Prefill stays eager (one forward per admitted group, right-padded, causal attention through SDPA)
-and writes the prompt's keys and values straight into the group's slots. Token choice (greedy
+Prefill is one forward per admitted group (right-padded, causal attention through SDPA) that
+writes the prompt's keys and values straight into the group's slots. With CUDA graphs the group
+is padded to a (rows, prompt length) bucket and that bucket's graph replayed: a short prefill
+eagerly is hundreds of kernel launches holding the GIL (~15-20 ms at 850M or 8B), which every
+new request's time to first token waited for; padding rows write to a spare slot. Groups larger
+than every bucket prefill eagerly at their own shape. Token choice (greedy
 argmax, or temperature/top-p with each sequence's own generator) happens after the graph, eagerly,
 so sampling semantics are exactly the engine's. Without CUDA the same code runs eagerly (the CPU
 tests use that), which is also what ``decode_mode=static`` gives on a GPU.
@@ -45,6 +49,11 @@ POSITION_ONLY_ROPE = frozenset({"default", "linear", "llama3"})
 MIN_LENGTH_BUCKET = 128
 # The static cache may take at most this share of the device memory still free after loading.
 CACHE_MEMORY_FRACTION = 0.8
+# Prompt-length buckets of the bucketed prefill (with CUDA graphs: one graph per rows x length
+# bucket); a group whose padded shape exceeds PREFILL_GRAPH_TOKENS tokens, or whose longest
+# prompt exceeds the largest bucket, prefills eagerly at its own shape (compute-bound anyway).
+PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_TOKENS = 2048  # 32 prompts of 64 tokens; each graph's capture runs it once
 
 
 class StaticDecodeUnavailable(Exception):
@@ -109,6 +118,14 @@ def length_buckets(max_length: int) -> list[int]:
         length *= 2
     lengths.append(max_length)
     return lengths
+
+
+def prefill_shapes(slots: int, max_length: int) -> list[tuple[int, int]]:
+    """(rows, length) buckets of the bucketed prefill: rows in powers of two up to ``slots``,
+    lengths from PREFILL_LENGTHS up to the context, at most PREFILL_GRAPH_TOKENS tokens each."""
+    rows = sorted({2**i for i in range(slots.bit_length()) if 2**i < slots} | {slots})
+    lengths = [length for length in PREFILL_LENGTHS if length <= max_length]
+    return [(r, n) for r in rows for n in lengths if r * n <= PREFILL_GRAPH_TOKENS]
 
 
 def bucket(value: int, buckets: list[int]) -> int:
@@ -312,6 +329,7 @@ class StaticDecoder:
         dtype: torch.dtype,
         cuda_graphs: bool,
         compile_layers: bool = False,
+        bucketed_prefill: bool | None = None,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -341,15 +359,22 @@ class StaticDecoder:
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
 
+        # Prefills padded to (rows, length) buckets (default: with CUDA graphs, where each
+        # bucket is one graph: a prefill is then one launch, not hundreds of eager kernels).
+        self.bucketed_prefill = cuda_graphs if bucketed_prefill is None else bucketed_prefill
+        self.prefill_shapes = prefill_shapes(slots, max_length) if self.bucketed_prefill else []
+
         # One spare position: no attention slice is then the whole cache. A whole slice is
         # contiguous and a partial one is not, and the compiled layer would be compiled for each.
         cached_positions = max_length + 1
-        needed = cache_bytes(config, slots, cached_positions, dtype)
+        # One spare slot: a bucketed prefill's padding rows write their keys and values there.
+        self.spare_slot = slots
+        needed = cache_bytes(config, slots + 1, cached_positions, dtype)
         self._check_memory(needed)
         self.cache_bytes = needed
         # One tensor per layer, not one for all: a compiled layer step then sees the same
         # tensor layout (no storage offset) in every layer, and compiles once.
-        shape = (slots, self.kv_heads, cached_positions, self.head_dim)
+        shape = (slots + 1, self.kv_heads, cached_positions, self.head_dim)
         with torch.inference_mode():
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -362,10 +387,17 @@ class StaticDecoder:
             self.cos = cos[0]  # [max_length, head_dim]
             half = self.head_dim // 2
             self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+            # The bucketed prefill's inputs: token ids, each row's slot and last prompt index.
+            rows = max((r for r, _ in self.prefill_shapes), default=0)
+            longest = max((n for _, n in self.prefill_shapes), default=0)
+            self._prefill_ids = torch.zeros((rows, longest), dtype=torch.long, device=device)
+            self._prefill_slots = torch.full((rows,), slots, dtype=torch.long, device=device)
+            self._prefill_last = torch.zeros(rows, dtype=torch.long, device=device)
         self._host = torch.empty(
             slots, dtype=torch.long, pin_memory=device.type == "cuda" and torch.cuda.is_available()
         )
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self._copied: torch.cuda.Event | None = None
         if device.type == "cuda":
@@ -391,6 +423,7 @@ class StaticDecoder:
         self.compiled = False
         self._layer_step = decode_layer
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self._pool = None
 
     def capture_all(self) -> None:
@@ -412,37 +445,61 @@ class StaticDecoder:
                 for size in reversed(self.batch_sizes):
                     self._graph(size, length)
                     first = first or time.monotonic() - started
+            decode_seconds = time.monotonic() - started
+            # Largest first, as above; nothing is live yet, so padding rows (the spare slot)
+            # are the only rows the captures' warm-up runs write.
+            for rows, length in sorted(self.prefill_shapes, key=lambda s: -s[0] * s[1]):
+                self._prefill_graph(rows, length)
         self.capture_seconds = time.monotonic() - started
         log.info(
             "captured %d decode graphs (%d batch x %d length buckets) in %.1fs, the first "
-            "(compiling the layer, if compiled) %.1fs; static KV cache %.2f GiB",
+            "(compiling the layer, if compiled) %.1fs, and %d prefill graphs in %.1fs; static "
+            "KV cache %.2f GiB",
             len(self._graphs),
             len(self.batch_sizes),
             len(self.lengths),
-            self.capture_seconds,
+            decode_seconds,
             first or 0.0,
+            len(self._prefill_graphs),
+            self.capture_seconds - decode_seconds,
             self.cache_bytes / 2**30,
         )
 
     def _graph(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (size, length)
         found = self._graphs.get(key)
-        if found is not None:
-            return found
+        if found is None:
+            found = self._graphs[key] = self._capture(lambda: self._decode(size, length))
+        return found
+
+    def _prefill_graph(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (rows, length)
+        found = self._prefill_graphs.get(key)
+        if found is None:
+            found = self._prefill_graphs[key] = self._capture(
+                lambda: self._prefill(
+                    self._prefill_ids[:rows, :length],
+                    self._prefill_slots[:rows],
+                    self._prefill_last[:rows],
+                )
+            )
+        return found
+
+    def _capture(self, run: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """``run`` (a step reading only device buffers) captured as a graph in the shared pool."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         # Warm-up outside the capture (workspaces, handles). It writes the same keys and values
         # the step itself will write (the inputs are the live ones), so it changes nothing.
         with torch.cuda.stream(side):
-            self._decode(size, length)
+            run()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._decode(size, length)
+            logits: torch.Tensor = run()
         if self._pool is None:
             self._pool = graph.pool()
-        self._graphs[key] = (graph, logits)
         return graph, logits
 
     # --- steps ----------------------------------------------------------------------------
@@ -489,17 +546,55 @@ class StaticDecoder:
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
         """Run right-padded prompts ``ids`` ([n, longest], on the host) into slots
-        ``first_slot..first_slot+n-1``; return the logits after each prompt's last token."""
-        from torch.nn.attention import sdpa_kernel
+        ``first_slot..first_slot+n-1``; return the logits after each prompt's last token.
 
+        Bucketed (the default with CUDA graphs): the group is padded to the smallest (rows,
+        length) bucket that holds it, its padding rows written to the spare slot, and (with
+        graphs) the bucket's graph replayed. Otherwise, or when no bucket holds the group, one
+        eager forward at its own shape."""
         count, longest = ids.shape
         if first_slot + count > self.slots:
             raise ValueError(f"{first_slot + count} sequences do not fit {self.slots} slots")
         if longest > self.max_length:
             raise ValueError(f"a prompt of {longest} tokens exceeds the cache ({self.max_length})")
-        ids = ids.to(self.device)
-        last = (lengths - 1).to(self.device)
-        slots = slice(first_slot, first_slot + count)
+        shape = self._prefill_bucket(count, longest)
+        if shape is None:
+            slots = torch.arange(first_slot, first_slot + count, device=self.device)
+            return self._prefill(ids.to(self.device), slots, (lengths - 1).to(self.device))
+        rows, length = shape
+        slots = torch.full((rows,), self.spare_slot, dtype=torch.long)
+        slots[:count] = torch.arange(first_slot, first_slot + count)
+        last = torch.zeros(rows, dtype=torch.long)
+        last[:count] = lengths - 1
+        # Tokens beyond a row's prompt are whatever the buffer held: right padding that no real
+        # token attends to (causal), written to cache positions that decode steps overwrite
+        # before any row reads them.
+        self._prefill_ids[:count, :longest].copy_(ids)
+        self._prefill_slots[:rows].copy_(slots)
+        self._prefill_last[:rows].copy_(last)
+        if self.cuda_graphs:
+            graph, logits = self._prefill_graph(rows, length)
+            graph.replay()
+        else:
+            logits = self._prefill(
+                self._prefill_ids[:rows, :length],
+                self._prefill_slots[:rows],
+                self._prefill_last[:rows],
+            )
+        return logits[:count]
+
+    def _prefill_bucket(self, count: int, longest: int) -> tuple[int, int] | None:
+        """The smallest prefill bucket that holds ``count`` prompts of ``longest`` tokens."""
+        fitting = [(r, n) for r, n in self.prefill_shapes if r >= count and n >= longest]
+        return min(fitting, key=lambda s: s[0] * s[1], default=None)
+
+    def _prefill(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The prefill forward as plain tensor operations (what a prefill graph captures): token
+        ``ids`` [n, length] into cache slots ``slots`` [n]; logits at index ``last`` [n] of each
+        row."""
+        from torch.nn.attention import sdpa_kernel
+
+        count, longest = ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids)  # [n, longest, hidden]
         cos, signed_sin = self.cos[:longest], self.signed_sin[:longest]  # over [n, h, longest, d]

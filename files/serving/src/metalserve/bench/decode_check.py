@@ -254,6 +254,18 @@ def _prof(bundle: LoadedModel) -> dict[str, Any]:
         out["prefill_ms_1x64"] = round(
             timed_ms(lambda: dec.prefill(ids[:1], torch.full((1,), 64), 0), cuda, repeats=10), 3
         )
+        # The same prefills eagerly at their own shape (what a group no bucket holds runs).
+        slots, ends = (
+            torch.arange(32, device=bundle.device),
+            torch.full((32,), 63, device=bundle.device),
+        )
+        on_device = ids.to(bundle.device)
+        out["prefill_eager_ms_32x64"] = round(
+            timed_ms(lambda: dec._prefill(on_device, slots, ends), cuda, repeats=10), 3
+        )
+        out["prefill_eager_ms_1x64"] = round(
+            timed_ms(lambda: dec._prefill(on_device[:1], slots[:1], ends[:1]), cuda, repeats=10), 3
+        )
     _log(f"prof: {out}")
     return out
 

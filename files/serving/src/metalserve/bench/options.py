@@ -194,6 +194,12 @@ class BenchServeSettings(CommandSettings):
         ge=1,
         description="requests per arm (default: naive 4, static 2 batches, server 4 x clients)",
     )
+    client_processes: PositiveInt = Field(
+        4,
+        ge=1,
+        description="processes the server arm's clients are spread over, so that the load "
+        "generator is not the bottleneck (default: %(default)s; 1: the bench's own process)",
+    )
     device: Device = Field("cuda", description=DEVICE_HELP)
     out: Path | None = Field(None, description=OUT_HELP)
     arms: Annotated[tuple[str, ...], Arg(type=arms_type(SERVE_ARMS))] = Field(

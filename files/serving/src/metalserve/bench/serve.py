@@ -23,7 +23,6 @@ also what the reload check uses.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import json
@@ -44,7 +43,7 @@ import torch
 
 import metalserve
 from metalserve import store
-from metalserve.bench import common, sse
+from metalserve.bench import clients, common
 from metalserve.bench.common import LLAMA_PRESETS, percentile
 from metalserve.bench.options import BenchServeSettings
 
@@ -57,7 +56,6 @@ MODEL = "bench-serve"
 MODEL_FORMAT = 1  # bump when the generated model or tokenizer changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 SERVER_READY_TIMEOUT = 600.0
-REQUEST_TIMEOUT = 600.0
 
 
 class BenchError(Exception):
@@ -352,14 +350,19 @@ def _server_arm(
         served = httpx.get(f"{url}/version", timeout=10.0).json()
         _log(f"server ready in {ready_seconds:.1f}s")
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
-        warm_up = options.new_tokens  # the same full-length warm-up as the generate() arms
-        asyncio.run(_drive(url, token_ids, options.clients, options.clients, warm_up))
+        processes = min(options.client_processes, options.clients)  # at least one client each
+
+        def drive(total: int) -> clients.Samples:
+            try:
+                return clients.drive(
+                    url, MODEL, token_ids, total, options.clients, options.new_tokens, processes
+                )
+            except clients.ClientError as exc:
+                raise BenchError(str(exc)) from None
+
+        drive(options.clients)  # the same full-length warm-up as the generate() arms
         before = _scrape(url)
-        result = asyncio.run(
-            _drive(
-                url, token_ids, options.requests_for("server"), options.clients, options.new_tokens
-            )
-        )
+        samples = drive(options.requests_for("server"))
         after = _scrape(url)
     finally:
         exit_code = server.stop()
@@ -367,9 +370,30 @@ def _server_arm(
         raise BenchError(f"the server exited with {exit_code}:\n{server.tail()}")
     passes = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     decode_passes = passes.get("decode_passes", 0.0)
+    result = ArmResult(
+        requests=samples.requests,
+        tokens=samples.tokens,
+        seconds=samples.seconds,
+        ttft=samples.ttft,
+        latency=samples.latency,
+    )
     result.extra.update(
         {
             "clients": options.clients,
+            "client_processes": processes,
+            # The server's own view (request received to first token queued for sending, and
+            # waiting for a batch slot), against the clients' mean: the gap is HTTP and clients.
+            "ttft_mean_s": round(sum(samples.ttft) / len(samples.ttft), 4),
+            "server_ttft_mean_s": _mean(passes, "ttft"),
+            "server_queue_time_mean_s": _mean(passes, "queue"),
+            # Garbage collections during the timed run (each stops the engine thread too).
+            "server_gc_pauses": {
+                f"generation_{g}": {
+                    "count": int(passes.get(f"gc{g}_count", 0)),
+                    "seconds": round(passes.get(f"gc{g}_sum", 0.0), 4),
+                }
+                for g in range(3)
+            },
             "dtype": served.get("dtype"),
             "server_load_seconds": served.get("load_seconds"),
             "server_command": server.command[1:],
@@ -397,71 +421,6 @@ def _server_arm(
         }
     )
     return result
-
-
-@dataclass
-class _Request:
-    ttft: float
-    latency: float
-    tokens: int
-
-
-async def _drive(
-    url: str, prompts: list[list[int]], total: int, clients: int, new_tokens: int
-) -> ArmResult:
-    """``total`` streaming requests from ``clients`` concurrent clients (each sends its next
-    request when its last one finished)."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    indices = iter(range(total))
-    done: list[_Request] = []
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
-
-        async def one_client() -> None:
-            for index in indices:  # shared: each request is taken by exactly one client
-                done.append(await _request(client, prompts[index % len(prompts)], new_tokens))
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        seconds = time.perf_counter() - started
-    return ArmResult(
-        requests=len(done),
-        tokens=sum(r.tokens for r in done),
-        seconds=seconds,
-        ttft=[r.ttft for r in done],
-        latency=[r.latency for r in done],
-    )
-
-
-async def _request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> _Request:
-    body = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": new_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    sent = time.perf_counter()
-    ttft: float | None = None
-    tokens = 0
-    try:
-        async with contextlib.aclosing(sse.events(client, "/v1/completions", body)) as stream:
-            async for chunk in stream:
-                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - sent
-                if chunk.get("usage"):
-                    tokens = int(chunk["usage"]["completion_tokens"])
-    except sse.HTTPStatusError as exc:
-        raise BenchError(f"HTTP {exc.status}: {exc.body[:500]!r}") from None
-    except sse.ErrorEvent as exc:
-        raise BenchError(f"the server failed a request: {exc.error}") from None
-    except sse.StreamError as exc:
-        raise BenchError(f"a request's stream failed: {exc.detail}") from None
-    latency = time.perf_counter() - sent
-    if tokens != new_tokens:
-        raise BenchError(f"a request generated {tokens} tokens, not {new_tokens}")
-    return _Request(ttft=latency if ttft is None else ttft, latency=latency, tokens=tokens)
 
 
 # --- the server subprocess ------------------------------------------------------------------
@@ -560,7 +519,8 @@ class ServerProcess:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """Forward passes, their seconds and decode batch rows so far, from the server's /metrics."""
+    """Forward passes, their seconds, decode batch rows, and the TTFT and queue-time histograms
+    sums and counts so far, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10.0).text
@@ -574,7 +534,29 @@ def _scrape(url: str) -> dict[str, float]:
                 values["decode_rows"] = sample.value
             elif sample.name == "metalserve_forward_pass_duration_seconds_sum" and phase:
                 values[f"{phase}_seconds"] = sample.value
+            elif sample.name in _MEANS:
+                key = _MEANS[sample.name]
+                values[key] = values.get(key, 0.0) + sample.value
+            elif sample.name.startswith("metalserve_gc_pause_seconds_") and not sample.labels.get(
+                "le"
+            ):
+                kind = sample.name.rsplit("_", 1)[1]  # sum or count
+                values[f"gc{sample.labels['generation']}_{kind}"] = sample.value
     return values
+
+
+# Histograms whose mean over the timed run the report shows (summed over their labels).
+_MEANS = {
+    "metalserve_time_to_first_token_seconds_sum": "ttft_sum",
+    "metalserve_time_to_first_token_seconds_count": "ttft_count",
+    "metalserve_request_queue_time_seconds_sum": "queue_sum",
+    "metalserve_request_queue_time_seconds_count": "queue_count",
+}
+
+
+def _mean(deltas: dict[str, float], name: str) -> float | None:
+    count = deltas.get(f"{name}_count", 0.0)
+    return round(deltas.get(f"{name}_sum", 0.0) / count, 4) if count else None
 
 
 # --- the report -------------------------------------------------------------------------------
