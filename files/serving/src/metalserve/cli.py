@@ -19,6 +19,7 @@ from metalserve import __version__, store
 from metalserve.exitcodes import ExitCode
 from metalserve.flags import add_command
 from metalserve.settings import (
+    AutoscaleSettings,
     CacheFillSettings,
     ConsistencySettings,
     GcSettings,
@@ -122,6 +123,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         cmd_consistency,
         help="check that replicas give identical greedy outputs",
     )
+    add_command(
+        sub,
+        "autoscale",
+        AutoscaleSettings,
+        cmd_autoscale,
+        help="promote and retire warm standbys in HAProxy from the replicas' load",
+        description="Runs on a load balancer: reads the replicas' running and waiting requests "
+        "from Prometheus, and sets the weight of servers configured with weight 0 through this "
+        "HAProxy's admin socket. Never touches the servers the configuration puts in rotation.",
+    )
     bench_parsers = {name: sub.add_parser(name, help=text) for name, text in BENCH_COMMANDS.items()}
     if _command(argv) in BENCH_COMMANDS:
         from metalserve.bench import cli as bench_cli
@@ -214,12 +225,17 @@ def cmd_cache_fill(settings: CacheFillSettings) -> int:
     return ExitCode.OK
 
 
-def cmd_serve(settings: ServeSettings) -> int:
+def configure_logging(level: str) -> None:
+    """The long-running commands' log lines (journald adds the time under systemd too)."""
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def cmd_serve(settings: ServeSettings) -> int:
+    configure_logging(settings.log_level)
     # A replica never downloads anything: it serves verified files from the store only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Set through the environment: importing transformers here would delay opening the port.
@@ -258,6 +274,13 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
         f"{failed} failed replicas"
     )
     return ExitCode.FAILURE
+
+
+def cmd_autoscale(settings: AutoscaleSettings) -> int:
+    from metalserve.autoscale import controller
+
+    configure_logging(settings.log_level)
+    return controller.run(settings)
 
 
 def quiet_transformers() -> None:

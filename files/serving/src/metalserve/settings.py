@@ -9,10 +9,11 @@ import argparse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metalserve import store
+from metalserve.autoscale.policy import Policy
 from metalserve.flags import Arg, CommandSettings
 from metalserve.loader import validate_device
 
@@ -233,3 +234,86 @@ class ConsistencySettings(CommandSettings):
     model: str | None = Field(None, description="model id (default: from /version)")
     max_tokens: int | None = None
     timeout: float = Field(60.0, description="seconds per request")
+
+
+class AutoscaleSettings(CommandSettings):
+    """``metalserve autoscale``."""
+
+    prometheus_url: str = Field(
+        description="Prometheus that scrapes the replicas, e.g. http://mon:9090"
+    )
+    haproxy_socket: Path = Field(
+        Path("/run/haproxy/admin.sock"),
+        description="this load balancer's admin socket (default: %(default)s)",
+    )
+    backend: str = Field(
+        "metalserve_replicas", description="the replicas' backend (default: %(default)s)"
+    )
+    scale_up_at: float = Field(
+        48.0,
+        gt=0,
+        description="promote a standby when running + waiting requests per server in rotation "
+        "stay above this (default: %(default)s: 3/4 of the CUDA batch limit of 64)",
+    )
+    scale_down_at: float = Field(
+        16.0,
+        ge=0,
+        description="retire a promoted standby when they stay below this (default: %(default)s)",
+    )
+    up_after: int = Field(
+        2, ge=1, description="consecutive evaluations above before promoting (default: %(default)s)"
+    )
+    down_after: int = Field(
+        6, ge=1, description="consecutive evaluations below before retiring (default: %(default)s)"
+    )
+    cooldown: float = Field(
+        60.0, ge=0, description="seconds after an action before the next (default: %(default)s)"
+    )
+    min_active: int = Field(
+        1, ge=1, description="never fewer servers in rotation (default: %(default)s)"
+    )
+    max_active: int | None = Field(
+        None, ge=1, description="never more servers in rotation (default: all of them)"
+    )
+    ttft_p99_up_at: float | None = Field(
+        None,
+        gt=0,
+        description="also promote when the replicas' TTFT p99 over the last minute exceeds this "
+        "many seconds (default: not a signal)",
+    )
+    weight: int = Field(
+        100, ge=1, le=256, description="weight of a promoted standby (default: %(default)s)"
+    )
+    interval: float = Field(
+        5.0, gt=0, description="seconds between evaluations (default: %(default)s)"
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", description="address of the controller's /metrics (default: %(default)s)"
+    )
+    metrics_port: int = Field(
+        9106, ge=0, le=65535, description="port of its /metrics; 0: none (default: %(default)s)"
+    )
+    dry_run: bool = Field(False, description="log and count decisions, change no weight")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level (debug: every evaluation; default: %(default)s)"
+    )
+    max_evaluations: int = Field(
+        0, ge=0, description="stop after this many evaluations (default: 0, until SIGTERM)"
+    )
+
+    @model_validator(mode="after")
+    def _valid_policy(self) -> AutoscaleSettings:
+        self.policy()  # its rules' errors (hysteresis, bounds) name the settings
+        return self
+
+    def policy(self) -> Policy:
+        return Policy(
+            scale_up_at=self.scale_up_at,
+            scale_down_at=self.scale_down_at,
+            up_after=self.up_after,
+            down_after=self.down_after,
+            cooldown_s=self.cooldown,
+            min_active=self.min_active,
+            max_active=self.max_active,
+            ttft_p99_up_at=self.ttft_p99_up_at,
+        )
