@@ -63,12 +63,9 @@ class BenchError(Exception):
 
 
 @dataclass
-class ArmResult:
-    requests: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    ttft: list[float] = field(default_factory=list)
-    latency: list[float] = field(default_factory=list)
+class ArmResult(clients.Samples):
+    """An arm's samples (the HTTP clients' or the generate() loop's) and what else it reports."""
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -370,13 +367,7 @@ def _server_arm(
         raise BenchError(f"the server exited with {exit_code}:\n{server.tail()}")
     passes = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     decode_passes = passes.get("decode_passes", 0.0)
-    result = ArmResult(
-        requests=samples.requests,
-        tokens=samples.tokens,
-        seconds=samples.seconds,
-        ttft=samples.ttft,
-        latency=samples.latency,
-    )
+    result = ArmResult(**vars(samples))
     result.extra.update(
         {
             "clients": options.clients,
