@@ -282,6 +282,7 @@ def test_the_command_runs_bounded_and_logs_its_decisions(lab: Lab) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "promote metalserve_replicas/gpu1-1 (weight 100): load 30.0" in result.stderr
+    assert "HTTP Request" not in result.stderr  # httpx's line per query stays out of the journal
     assert _weights(lab.api)["gpu1-1"] == 100
 
 

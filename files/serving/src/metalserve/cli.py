@@ -280,6 +280,8 @@ def cmd_autoscale(settings: AutoscaleSettings) -> int:
     from metalserve.autoscale import controller
 
     configure_logging(settings.log_level)
+    # httpx logs every request at info: one line per evaluation in the journal.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return controller.run(settings)
 
 
