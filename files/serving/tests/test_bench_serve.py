@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from conftest import run_cli
+from metalserve.bench import clients
 from metalserve.bench.clients import share_of
 from metalserve.bench.common import LLAMA_PRESETS, SERVE_ARMS, SERVE_PRESETS
 from metalserve.bench.options import BenchServeSettings
@@ -87,6 +90,16 @@ def test_bad_bench_flags_exit_2_naming_the_flag(args: tuple[str, ...], flag: str
 def test_clients_and_requests_split_over_processes_sum_to_the_whole() -> None:
     assert [share_of(10, 4, i) for i in range(4)] == [3, 3, 2, 2]
     assert [share_of(2, 4, i) for i in range(4)] == [1, 1, 0, 0]
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_worker_ends_the_run_instead_of_a_barrier_wait() -> None:
+    """Nothing listens on the port: every worker's warm-up fails, and drive raises at once
+    (the other workers and this process stop waiting at the barrier)."""
+    started = time.monotonic()
+    with pytest.raises(httpx.ConnectError):
+        clients.drive("http://127.0.0.1:9", "m", [[1, 2]], 4, 2, 1, processes=2)
+    assert time.monotonic() - started < 60
 
 
 def test_requests_per_arm() -> None:

@@ -4,7 +4,8 @@ One Python process cannot both keep 32 streams fed and time them: at ~10,000 tok
 streamed event costs the client's event loop tens of microseconds, so a single-process client
 is itself the bottleneck and its lag lands in the TTFT it reports. ``drive`` therefore splits the
 clients over ``processes`` spawned workers (each an asyncio loop of its share of the clients and
-requests), starts them at one wall-clock instant and merges their samples.
+requests), warms every client's connection up, starts the timed part of all of them together and
+merges their samples.
 
 Torch-free on purpose: a spawned worker imports this module, httpx and ``sse`` only.
 """
@@ -14,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from metalserve.bench import sse
 
 REQUEST_TIMEOUT = 600.0
-# Spawned workers import httpx and this package before they can start: they all begin at one
-# instant this far ahead, so the arm's wall time starts together for every client.
-START_DELAY_S = 3.0
+# How long a worker waits for the others to finish their warm-up before the timed part.
+BARRIER_TIMEOUT_S = 600.0
 
 
 class ClientError(Exception):
@@ -51,26 +54,46 @@ def drive(
     clients: int,
     new_tokens: int,
     processes: int = 1,
+    warmed_up: Callable[[], object] = lambda: None,
 ) -> Samples:
     """``total`` streaming requests from ``clients`` concurrent clients (each sends its next
-    request when its last one finished), over ``processes`` worker processes (1: this one)."""
+    request when its last one finished), over ``processes`` worker processes (1: this one).
+
+    Each client first sends one untimed request on its own connection (a process's first
+    request pays its connection and lazy imports: ~0.2 s, which would be 1 in 32 samples). Once
+    every client has, ``warmed_up`` runs (e.g. a scrape of the server's counters), then the timed
+    part starts in every process at once."""
     processes = max(1, min(processes, clients))
     if processes == 1:
-        return asyncio.run(_drive(url, model, prompts, total, clients, new_tokens, None))
-    at = time.time() + START_DELAY_S  # one start for all
+        return asyncio.run(
+            _drive(url, model, prompts, total, clients, new_tokens, Gate(None, warmed_up))
+        )
     shares = [
         (share_of(clients, processes, i), share_of(total, processes, i)) for i in range(processes)
     ]
+    work = [(i, c, n) for i, (c, n) in enumerate(shares) if c and n]
     # spawn, not fork: the bench process may hold CUDA state and threads.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+    with (
+        context.Manager() as manager,
+        ProcessPoolExecutor(max_workers=len(work), mp_context=context) as pool,
+    ):
+        # The workers and this process: all warmed up; then all go.
+        barriers = (manager.Barrier(len(work) + 1), manager.Barrier(len(work) + 1))
+        gate = Gate(barriers, None)
         futures = [
             pool.submit(
-                _drive_sync, url, model, prompts[i::processes] or prompts, n, c, new_tokens, at
+                _drive_sync, url, model, prompts[i::processes] or prompts, n, c, new_tokens, gate
             )
-            for i, (c, n) in enumerate(shares)
-            if c and n
+            for i, c, n in work
         ]
+        threading.Thread(target=_abort_on_failure, args=(futures, gate), daemon=True).start()
+        try:
+            barriers[0].wait(BARRIER_TIMEOUT_S)
+            warmed_up()
+            barriers[1].wait(BARRIER_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            pass  # a worker failed: its exception comes from its future
         parts = [f.result() for f in futures]
     merged = Samples()
     for part in parts:
@@ -80,6 +103,35 @@ def drive(
         merged.ttft += part.ttft
         merged.latency += part.latency
     return merged
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Between the warm-up and the timed part: in a worker, two barriers shared with the other
+    workers and the parent (all warmed up; all go); in a single process, a callback."""
+
+    barriers: tuple[Any, Any] | None
+    warmed_up: Callable[[], object] | None
+
+    def pass_through(self) -> None:
+        if self.barriers is None:
+            if self.warmed_up is not None:
+                self.warmed_up()
+            return
+        for barrier in self.barriers:
+            barrier.wait(BARRIER_TIMEOUT_S)
+
+    def abort(self) -> None:
+        for barrier in self.barriers or ():
+            barrier.abort()
+
+
+def _abort_on_failure(futures: list[Future[Samples]], gate: Gate) -> None:
+    """A worker that dies before the barriers (e.g. at start-up) releases everyone waiting."""
+    for future in as_completed(futures):
+        if future.exception() is not None:
+            gate.abort()
+            return
 
 
 def share_of(count: int, parts: int, index: int) -> int:
@@ -94,9 +146,9 @@ def _drive_sync(
     total: int,
     clients: int,
     new_tokens: int,
-    start_at: float,
+    gate: Gate,
 ) -> Samples:
-    return asyncio.run(_drive(url, model, prompts, total, clients, new_tokens, start_at))
+    return asyncio.run(_drive(url, model, prompts, total, clients, new_tokens, gate))
 
 
 async def _drive(
@@ -106,7 +158,7 @@ async def _drive(
     total: int,
     clients: int,
     new_tokens: int,
-    start_at: float | None,
+    gate: Gate,
 ) -> Samples:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     indices = iter(range(total))
@@ -122,8 +174,14 @@ async def _drive(
                 samples.tokens += tokens
                 samples.requests += 1
 
-        if start_at is not None:
-            await asyncio.sleep(max(0.0, start_at - time.time()))
+        # The untimed warm-up: one request per client, each on its own connection.
+        warm_up = (prompts[i % len(prompts)] for i in range(clients))
+        try:
+            await asyncio.gather(*(_request(client, model, p, new_tokens) for p in warm_up))
+        except BaseException:
+            gate.abort()  # the other processes stop waiting for this one
+            raise
+        await asyncio.to_thread(gate.pass_through)
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         samples.seconds = time.perf_counter() - started

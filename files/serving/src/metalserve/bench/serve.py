@@ -349,17 +349,22 @@ def _server_arm(
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
         processes = min(options.client_processes, options.clients)  # at least one client each
 
-        def drive(total: int) -> clients.Samples:
-            try:
-                return clients.drive(
-                    url, MODEL, token_ids, total, options.clients, options.new_tokens, processes
-                )
-            except clients.ClientError as exc:
-                raise BenchError(str(exc)) from None
-
-        drive(options.clients)  # the same full-length warm-up as the generate() arms
-        before = _scrape(url)
-        samples = drive(options.requests_for("server"))
+        before: dict[str, float] = {}
+        try:
+            # One full-length untimed request per client first, as the generate() arms do;
+            # the server's counters are read after it.
+            samples = clients.drive(
+                url,
+                MODEL,
+                token_ids,
+                options.requests_for("server"),
+                options.clients,
+                options.new_tokens,
+                processes,
+                warmed_up=lambda: before.update(_scrape(url)),
+            )
+        except clients.ClientError as exc:
+            raise BenchError(str(exc)) from None
         after = _scrape(url)
     finally:
         exit_code = server.stop()
