@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from conftest import run_cli
-from metalserve.autoscale import controller, haproxy
+from metalserve.autoscale import controller, haproxy, prometheus
 from metalserve.autoscale.policy import Observation, Policy, State, decide
 from metalserve.settings import AutoscaleSettings
 
@@ -306,3 +306,34 @@ def test_runs_on_a_load_balancer_without_the_serving_stack(tmp_path: Path) -> No
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "cannot read metalserve_replicas's servers" in result.stderr
+
+
+class _Replayed(haproxy.RuntimeAPI):
+    """The runtime API answering with a recorded answer (a real one, cut short)."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.answer = answer
+
+    def command(self, line: str) -> str:
+        return self.answer
+
+
+def test_a_cut_answer_is_an_error_not_a_crash(lab: Lab) -> None:
+    """A ``show servers state`` answer cut inside a line (a reload closing the socket) and a
+    malformed query result become the errors the controller holds on, not exceptions that
+    would stop the service."""
+    answer = lab.api.command(f"show servers state {BACKEND}").rstrip("\n")
+    *lines, last = answer.splitlines()
+    cut = "\n".join([*lines, " ".join(last.split()[:6])])  # the last line loses its port, weights
+    with pytest.raises(haproxy.RuntimeAPIError, match="unexpected server line"):
+        _Replayed(cut).servers(BACKEND)
+    assert len(_Replayed(answer).servers(BACKEND)) == 4
+
+    def malformed(_request: httpx.Request) -> httpx.Response:
+        body = {"status": "success", "data": {"resultType": "vector", "result": [{"value": []}]}}
+        return httpx.Response(200, json=body)
+
+    client = httpx.Client(base_url="http://p", transport=httpx.MockTransport(malformed))
+    with client, pytest.raises(prometheus.PrometheusError, match="unexpected result"):
+        prometheus.query(client, "up")

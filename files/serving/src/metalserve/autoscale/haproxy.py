@@ -45,16 +45,20 @@ class RuntimeAPI:
             row = dict(zip(columns, line.split(), strict=False))
             if row.get("be_name") != backend:
                 continue
-            servers.append(
-                Server(
-                    name=row["srv_name"],
-                    address=row["srv_addr"],
-                    port=int(row["srv_port"]),
-                    weight=int(row["srv_uweight"]),
-                    initial_weight=int(row["srv_iweight"]),
-                    healthy=int(row["srv_op_state"]) == RUNNING and row["srv_admin_state"] == "0",
+            try:
+                servers.append(
+                    Server(
+                        name=row["srv_name"],
+                        address=row["srv_addr"],
+                        port=int(row["srv_port"]),
+                        weight=int(row["srv_uweight"]),
+                        initial_weight=int(row["srv_iweight"]),
+                        healthy=int(row["srv_op_state"]) == RUNNING
+                        and row["srv_admin_state"] == "0",
+                    )
                 )
-            )
+            except (KeyError, ValueError) as exc:  # a line cut short (e.g. during a reload)
+                raise RuntimeAPIError(f"unexpected server line {line!r}: {exc!r}") from exc
         return servers
 
     def set_weight(self, backend: str, server: str, weight: int) -> None:

@@ -25,5 +25,8 @@ def query(client: httpx.Client, promql: str) -> list[tuple[dict[str, str], float
     data = body.get("data", {})
     if data.get("resultType") != "vector":
         raise PrometheusError(f"{promql}: a {data.get('resultType')}, not a vector")
-    samples = [(item["metric"], float(item["value"][1])) for item in data.get("result", [])]
+    try:
+        samples = [(item["metric"], float(item["value"][1])) for item in data.get("result", [])]
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise PrometheusError(f"{promql}: unexpected result {exc!r}") from exc
     return [(labels, value) for labels, value in samples if not math.isnan(value)]

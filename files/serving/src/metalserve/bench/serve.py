@@ -515,8 +515,8 @@ class ServerProcess:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """Forward passes, their seconds, decode batch rows, and the TTFT and queue-time histograms
-    sums and counts so far, from the server's /metrics."""
+    """Forward passes, their seconds, decode batch rows, and the sums and counts of the TTFT,
+    queue-time and GC-pause histograms so far, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10.0).text
