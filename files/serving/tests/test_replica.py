@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import MODEL, Store
 from metalserve.errors import ApiError
-from metalserve.replica import Replica, read_token
+from metalserve.replica import Replica, _free_memory, read_token
 from metalserve.settings import ServeSettings
 
 
@@ -64,3 +67,24 @@ def test_wait_idle_follows_in_flight_requests(replica: Replica) -> None:
         assert replica.in_flight == 0
 
     asyncio.run(main())
+
+
+def test_freeing_a_replaced_model_collects_once_and_keeps_the_heap_frozen() -> None:
+    """A reload unfreezes (a frozen object is never collected), collects the old model's cycles,
+    and freezes again itself, so the server's freeze hook has nothing left to collect."""
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    dropped = weakref.ref(Cycle())  # unreachable, collectable only by a collection
+    gc.freeze()
+    try:
+        assert dropped() is not None  # frozen with the rest
+        _free_memory(SimpleNamespace(device=SimpleNamespace(type="cpu")))  # type: ignore[arg-type]
+        assert dropped() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    _free_memory(SimpleNamespace(device=SimpleNamespace(type="cpu")))  # type: ignore[arg-type]
+    assert gc.get_freeze_count() == 0  # nothing frozen before: nothing frozen after

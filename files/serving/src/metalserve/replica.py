@@ -344,10 +344,13 @@ def process_seconds() -> float:
 
 def _free_memory(bundle: LoadedModel) -> None:
     """Return the replaced model's memory (on GPUs the caching allocator keeps it otherwise).
-    Unfrozen first: objects that ``server.freeze_heap`` froze are never collected (the server
-    freezes again once this is done)."""
+    Unfrozen first: objects that ``server.freeze_heap`` froze are never collected; frozen again
+    right after this one collection (not a second one from the server's freeze)."""
+    frozen = gc.get_freeze_count() > 0
     gc.unfreeze()
     gc.collect()
+    if frozen:
+        gc.freeze()
     if bundle.device.type == "cuda":
         import torch
 

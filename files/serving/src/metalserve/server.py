@@ -112,7 +112,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def freeze_heap() -> None:
-    """Once ready (and again after each reload, which unfreezes to free the old model): every
+    """Once ready (a reload unfreezes to free the old model, then freezes again): every
     object alive now (torch, transformers, the compiler's: millions) moves to the permanent
     generation, which collections skip. A full collection over them stopped every thread,
     the engine's included, for hundreds of milliseconds at random moments: the time-to-first-
