@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +18,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, Server, Store, serve_args, wait_all_ready
+from conftest import MODEL, Server, Store, free_port, serve_args, wait_all_ready
 
 pytestmark = pytest.mark.e2e
 
 STEP_DELAY = 0.05
+REQUEST_TIMEOUT = 2.0
+METRICS_PORT = free_port()
 LONG = {"model": MODEL, "prompt": "Hi", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
 
 
@@ -31,16 +34,22 @@ def slow_servers(
 ) -> Iterator[dict[str, Server]]:
     logs = tmp_path_factory.mktemp("slow-logs")
 
-    def slow(drain_timeout: int, log: str) -> Server:
+    def slow(drain_timeout: int, log: str, **flags: float) -> Server:
         args = serve_args(
             model_store,
             debug_step_delay=STEP_DELAY,
             max_new_tokens=100,
             drain_timeout=drain_timeout,
+            **flags,
         )
         return Server(args, logs / log).start()
 
-    started = {"patient": slow(30, "patient.log"), "impatient": slow(1, "impatient.log")}
+    started = {
+        "patient": slow(
+            30, "patient.log", request_timeout=REQUEST_TIMEOUT, metrics_port=METRICS_PORT
+        ),
+        "impatient": slow(1, "impatient.log"),
+    }
     try:
         wait_all_ready(*started.values())
         yield started
@@ -108,6 +117,78 @@ def test_client_disconnect_mid_stream_drops_the_sequence(slow_servers: dict[str,
     passes = sample(url, "metalserve_forward_passes_total", phase="decode")
     time.sleep(5 * STEP_DELAY)
     assert sample(url, "metalserve_forward_passes_total", phase="decode") == passes
+
+
+def _raw_exchange(port: int, chunks: list[bytes], pause: float) -> tuple[bytes, float]:
+    """Send ``chunks`` on a new connection, ``pause`` seconds apart, then read until the server
+    closes; return what it sent and how long the connection lasted."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for chunk in chunks:
+            sock.sendall(chunk)
+            time.sleep(pause)
+        received = b""
+        while data := sock.recv(4096):
+            received += data
+    return received, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("chunks", "pause"),
+    [
+        pytest.param([], 0.0, id="silent"),
+        # A byte every 0.5 s until 2.0 s: each one used to restart uvicorn's only timer, which
+        # would then fire at 3.5 s at the earliest.
+        pytest.param([b"P", b"O", b"S", b"T"], 0.5, id="trickling-head"),
+    ],
+)
+def test_a_request_that_does_not_arrive_in_time_gets_408(
+    slow_servers: dict[str, Server], chunks: list[bytes], pause: float
+) -> None:
+    server = slow_servers["patient"]
+    received, lasted = _raw_exchange(server.port, chunks, pause)
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert REQUEST_TIMEOUT <= lasted < REQUEST_TIMEOUT + 1, lasted
+
+
+def test_a_late_body_closes_the_connection_without_an_answer(
+    slow_servers: dict[str, Server],
+) -> None:
+    server = slow_servers["patient"]
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    head += b"content-length: 100\r\n\r\n"
+    received, lasted = _raw_exchange(server.port, [head, b'{"model"'], 0.1)
+    assert received == b"", received
+    assert REQUEST_TIMEOUT <= lasted < REQUEST_TIMEOUT + 1, lasted
+    assert "sent no whole body" in server.log_path.read_text()
+
+
+def test_a_slow_response_is_not_cut_and_the_next_request_is_bounded_again(
+    slow_servers: dict[str, Server],
+) -> None:
+    """The bound covers receiving a request, not answering it: a generation longer than the
+    bound completes, and the same connection then serves a second request."""
+    url = slow_servers["patient"].url
+    with httpx.Client(timeout=30) as client:
+        for _ in range(2):
+            started = time.monotonic()
+            response = client.post(f"{url}/v1/completions", json=LONG)
+            assert response.status_code == 200, response.text
+            assert time.monotonic() - started > REQUEST_TIMEOUT  # 60 steps of 0.05 s: 3 s
+
+
+def test_the_metrics_port_serves_metrics_and_nothing_else(
+    slow_servers: dict[str, Server],
+) -> None:
+    response = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    assert response.status_code == 200
+    assert "metalserve_ready 1.0" in response.text
+    # Other routes of the API are not there: a completion is refused, a GET gets the metrics.
+    post = httpx.post(f"http://127.0.0.1:{METRICS_PORT}/v1/completions", json=LONG)
+    assert post.status_code == 405, post.text
+    models = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/v1/models")
+    assert '"data"' not in models.text  # no model list
+    assert "metalserve_ready" in models.text
 
 
 def _long_request(url: str, result: dict[str, Any]) -> None:

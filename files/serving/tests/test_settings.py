@@ -63,6 +63,8 @@ def test_every_field_has_a_flag_and_an_env_var() -> None:
         ["--max-batch-size", "0"],
         ["--dtype", "int8"],
         ["--drain-timeout", "-1"],
+        ["--request-timeout", "0"],
+        ["--port", "9000", "--metrics-port", "9000"],
     ],
 )
 def test_invalid_values(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

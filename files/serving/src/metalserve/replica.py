@@ -60,6 +60,9 @@ class Replica:
         self.settings = settings
         self.version_id = version_id
         self.metrics = Metrics()
+        # Read at each scrape, on whichever listener serves it.
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
+        self.metrics.draining.set_function(lambda: 1 if self.draining else 0)
         self.relay = EventRelay()
         self.engine = Engine(
             max_batch_size=settings.batch_limit,

@@ -21,10 +21,12 @@ import time
 from types import FrameType
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from metalserve import sdnotify
 from metalserve.api import create_app
 from metalserve.exitcodes import ExitCode
+from metalserve.http_protocol import timed_h11_protocol
 from metalserve.replica import Replica
 from metalserve.settings import ServeSettings
 
@@ -160,9 +162,14 @@ def run(settings: ServeSettings, version_id: str) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
+        http=timed_h11_protocol(settings.request_timeout),
     )
     server = DrainingServer(config, replica, notifier, freeze_heap=True)
     replica.metrics.watch_gc()
+    if settings.metrics_port is not None:
+        # A thread of prometheus_client's: every path there is the metrics, nothing else.
+        start_http_server(settings.metrics_port, settings.host, replica.metrics.registry)
+        log.info("metrics alone on %s:%d", settings.host, settings.metrics_port)
 
     def stop_now() -> None:
         server.should_exit = True

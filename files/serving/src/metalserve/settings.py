@@ -71,6 +71,22 @@ class ServeSettings(BaseSettings):
     version: str = Field(description="version id to serve, full or a unique prefix (>= 12 hex)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port to listen on")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="also serve the Prometheus metrics alone on this port of the same address, "
+        "for a scraper that must reach nothing else (default: none; /metrics on the main port "
+        "either way)",
+    )
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a whole request, from the connection's opening "
+        "or its previous response's end; then 408 (or, once the head is in, the connection "
+        "closes)",
+    )
     device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -147,6 +163,12 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         return validate_device(value)
+
+    @model_validator(mode="after")
+    def _metrics_port(self) -> ServeSettings:
+        if self.metrics_port == self.port:
+            raise ValueError(f"metrics_port {self.metrics_port} is the port of the API too")
+        return self
 
     @field_validator("version")
     @classmethod

@@ -58,6 +58,4 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/metrics")
 async def metrics(replica: ReplicaDep) -> Response:
-    replica.metrics.ready.set(1 if replica.ready else 0)
-    replica.metrics.draining.set(1 if replica.draining else 0)
     return Response(replica.metrics.render(), media_type=CONTENT_TYPE)
