@@ -6,6 +6,7 @@ A plain module, not conftest.py: files/serving/tests has the conftest module of 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_playbook(playbook: str, inventory: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo_helpers import BIN, REPO
+from repo_helpers import BIN, REPO, free_port
 
 ROLE = REPO / "roles" / "monitoring"
 RULES_TEST = ROLE / "tests" / "metalserve.rules.test.yml"
@@ -124,12 +123,6 @@ def replica_metric_names() -> set[str]:
         "gauge": [""],
     }
     return {family.name + suffix for family in Metrics().registry.collect() for suffix in suffixes[family.type]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

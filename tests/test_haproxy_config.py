@@ -1,0 +1,311 @@
+"""Role haproxy's configuration in a real HAProxy (the host's): balancing modes, the model a
+completion names (404 when unknown) and API keys scoped to models (403 outside their scope).
+
+Three stand-in replicas on loopback answer with their own name; each test renders the role's
+templates (configuration, key and scope maps, model list) through Ansible with its settings and
+sends requests through the HAProxy that runs them.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from repo_helpers import BIN, REPO, free_port
+
+ROLE = REPO / "roles" / "haproxy"
+MODELS = ["tiny-llama", "big-llama"]
+KEYS = [
+    {"name": "team-a", "key": "a" * 24},
+    {"name": "team-b", "key": "b" * 24},
+    {"name": "tiny-only", "key": "t" * 24, "models": ["tiny-llama"]},
+]
+REPLICAS = ["r1", "r2", "r3"]
+# The files the role writes, by template, and where the test puts them (role variable).
+FILES = {
+    "haproxy.cfg.j2": None,
+    "api_key_models.map.j2": "__haproxy_scope_map",
+    "api_key_limits.map.j2": "__haproxy_limit_map",
+    "models.lst.j2": "__haproxy_models_list",
+    "jwt_scopes.lst.j2": "__haproxy_jwt_scopes_list",
+    "jwt_public_key.pem.j2": "__haproxy_jwt_public_key",
+}
+
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """Answers every GET and POST with the server's name; /slow after a second (a request in
+    flight)."""
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(1.0)
+        body = self.server.name.encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[list[dict[str, object]]]:
+    servers = []
+    for name in REPLICAS:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+        server.name = name  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield [{"name": s.name, "address": "127.0.0.1", "port": s.server_address[1]} for s in servers]  # type: ignore[attr-defined]
+    for server in servers:
+        server.shutdown()
+
+
+def render(dest: Path, replicas: list[dict[str, object]], **settings: object) -> tuple[Path, int]:
+    """The role's files with its defaults, these settings, loopback ports and paths under dest;
+    returns the configuration and the API port."""
+    port = free_port()
+    digests = (f"{hashlib.sha256(str(k['key']).encode()).hexdigest()} {k['name']}\n" for k in KEYS)
+    (dest / "keys.map").write_text("".join(digests))
+    overrides = {
+        "haproxy_bind_address": "127.0.0.1",
+        "haproxy_http_port": port,
+        "haproxy_stats_port": free_port(),
+        "haproxy_tls_mode": "none",
+        "haproxy_backend_servers": replicas,
+        "haproxy_api_keys": KEYS,
+        "haproxy_models": MODELS,
+        "haproxy_admin_socket": str(dest / "admin.sock"),
+        "haproxy_server_state_file": str(dest / "server-state"),
+        "__haproxy_key_map": str(dest / "keys.map"),
+        **{variable: str(dest / template.removesuffix(".j2")) for template, variable in FILES.items() if variable},
+        **settings,
+    }
+    shared = REPO / "roles" / "metalserve" / "defaults" / "main.yml"
+    tasks = [
+        {"ansible.builtin.template": {"src": str(ROLE / "templates" / t), "dest": str(dest / t.removesuffix(".j2"))}}
+        for t in FILES
+    ]
+    playbook = dest / "render.yml"
+    playbook.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    variables = ["-e", f"@{shared}", "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}"]
+    variables += ["-e", json.dumps(overrides)]
+    local = ["-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={BIN / 'python'}"]
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), *local, *variables, str(playbook)],
+        cwd=REPO,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dest / "haproxy.cfg", port
+
+
+def get(port: int, path: str = "/", key: str = str(KEYS[0]["key"]), headers: dict[str, str] | None = None) -> str:
+    headers = {"Authorization": f"Bearer {key}", **(headers or {})}
+    response = httpx.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=10)
+    response.raise_for_status()
+    return response.text
+
+
+@pytest.fixture(scope="module")
+def haproxy(
+    tmp_path_factory: pytest.TempPathFactory, replicas: list[dict[str, object]]
+) -> Iterator[Callable[..., int]]:
+    """Call with role settings: starts HAProxy on them (once per set of settings in this module)
+    and returns its API port."""
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(binary).exists():
+        pytest.fail("haproxy is not installed: `make deps` installs it (HOST_PACKAGES)")
+    processes: list[subprocess.Popen[bytes]] = []
+    ports: dict[str, int] = {}
+
+    def start(**settings: object) -> int:
+        key = json.dumps(settings, sort_keys=True)
+        if key in ports:
+            return ports[key]
+        config, port = render(tmp_path_factory.mktemp("haproxy"), replicas, **settings)
+        log = config.with_name("haproxy.log")
+        with log.open("wb") as output:  # a file, not a pipe nobody reads: it would fill up
+            process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT)
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                get(port)
+                ports[key] = port
+                return port
+            except httpx.TransportError:
+                if process.poll() is not None:
+                    raise AssertionError(f"haproxy exited: {log.read_text()}") from None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_roundrobin_spreads_requests_evenly(haproxy: Callable[..., int]) -> None:
+    port = haproxy(haproxy_balance="roundrobin")
+    counts = collections.Counter(get(port) for _ in range(30))
+    assert counts == dict.fromkeys(REPLICAS, 10), counts
+
+
+def test_hashing_a_header_keeps_each_session_on_one_replica(haproxy: Callable[..., int]) -> None:
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_header="X-Session-Id")
+    homes = {}
+    for session in range(12):
+        seen = {get(port, headers={"X-Session-Id": f"session-{session}"}) for _ in range(5)}
+        assert len(seen) == 1, (session, seen)
+        homes[session] = seen.pop()
+    # Different sessions do spread: not everything on one replica.
+    assert len(set(homes.values())) >= 2, homes
+
+
+def test_hashing_the_api_key_keeps_each_key_on_one_replica(haproxy: Callable[..., int]) -> None:
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="api_key")
+    for key in (str(k["key"]) for k in KEYS):
+        seen = {get(port, key=key, headers={"X-Session-Id": str(n)}) for n in range(10)}
+        assert len(seen) == 1, seen
+
+
+@pytest.mark.parametrize("factor", [0, 150])
+def test_bounded_load_moves_a_hot_key_past_a_busy_replica(haproxy: Callable[..., int], factor: int) -> None:
+    """Six requests in flight for one session: without a bound they all queue on its replica;
+    with 150 % of the mean as the bound, the surplus goes to the next replicas in the ring."""
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_balance_factor=factor)
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(lambda _: get(port, "/slow", headers={"X-Session-Id": "hot"}), range(6)))
+    if factor == 0:
+        assert len(set(served)) == 1, served
+    else:
+        assert len(set(served)) >= 2, served
+
+
+def complete(port: int, key: str, body: object) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=10
+    )
+
+
+def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(haproxy: Callable[..., int]) -> None:
+    port = haproxy()
+    key = str(KEYS[0]["key"])
+    answer = complete(port, key, {"model": "no-such-model", "prompt": "Hi"})
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] == "model_not_found"
+    for model in MODELS:
+        assert complete(port, key, {"model": model, "prompt": "Hi"}).text in REPLICAS
+    # No model to read (not JSON): the replica answers it (its own 4xx).
+    assert (
+        httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": f"Bearer {key}"}, content=b"{not json"
+        ).text
+        in REPLICAS
+    )
+
+
+def test_a_key_scoped_to_one_model_gets_403_on_another(haproxy: Callable[..., int]) -> None:
+    port = haproxy()
+    scoped = next(str(k["key"]) for k in KEYS if "models" in k)
+    assert complete(port, scoped, {"model": "tiny-llama", "prompt": "Hi"}).text in REPLICAS
+    refused = complete(port, scoped, {"model": "big-llama", "prompt": "Hi"})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "model_not_allowed"
+    # A scoped key fails closed when the model cannot be read; an unscoped one passes.
+    unreadable = {"prompt": "Hi"}
+    assert complete(port, scoped, unreadable).status_code == 403
+    assert complete(port, str(KEYS[1]["key"]), unreadable).text in REPLICAS
+    # A body past HAProxy's 16 KiB buffer: read when the model comes first, else refused.
+    long_prompt = "x" * 100_000
+    assert complete(port, scoped, {"model": "tiny-llama", "prompt": long_prompt}).text in REPLICAS
+    assert complete(port, scoped, {"prompt": long_prompt, "model": "tiny-llama"}).status_code == 403
+    # Chat completions are scoped too.
+    chat = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {scoped}"},
+        json={"model": "big-llama", "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert chat.status_code == 403, chat.text
+
+
+SECRET = secrets.token_urlsafe(32)
+JWT_SETTINGS = {
+    "haproxy_jwt_alg": "HS256",
+    "haproxy_jwt_secret": SECRET,
+    "haproxy_jwt_issuer": "https://auth.example.test",
+    "haproxy_jwt_scopes": [{"name": "tiny-users", "models": ["tiny-llama"]}, {"name": "everyone"}],
+}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(claims: dict[str, object], secret: str = SECRET, alg: str = "HS256") -> str:
+    """A token signed with HMAC-SHA256 (or unsigned, for alg "none")."""
+    signing_input = f"{b64url(json.dumps({'alg': alg, 'typ': 'JWT'}).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest() if alg != "none" else b""
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def claims(**overrides: object) -> dict[str, object]:
+    good = {"sub": "alice", "iss": "https://auth.example.test", "exp": int(time.time()) + 600, "scope": "everyone"}
+    return good | overrides
+
+
+def test_a_valid_jwt_is_accepted_and_its_scope_applies(haproxy: Callable[..., int]) -> None:
+    port = haproxy(**JWT_SETTINGS)
+    assert complete(port, jwt(claims()), {"model": "big-llama", "prompt": "Hi"}).text in REPLICAS
+    tiny = jwt(claims(scope="tiny-users"))
+    assert complete(port, tiny, {"model": "tiny-llama", "prompt": "Hi"}).text in REPLICAS
+    refused = complete(port, tiny, {"model": "big-llama", "prompt": "Hi"})
+    assert refused.status_code == 403, refused.text
+    # API keys still work beside tokens.
+    assert complete(port, str(KEYS[0]["key"]), {"model": "big-llama", "prompt": "Hi"}).text in REPLICAS
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(jwt(claims(exp=int(time.time()) - 5)), id="expired"),
+        pytest.param(jwt(claims(), secrets.token_urlsafe(32)), id="wrongly-signed"),
+        pytest.param(jwt(claims()) + "x", id="tampered-signature"),
+        pytest.param(jwt(claims(), alg="none"), id="alg-none"),
+        pytest.param(jwt(claims(iss="https://evil.example.test")), id="other-issuer"),
+        pytest.param(jwt(claims(scope="admins")), id="undeclared-scope"),
+        pytest.param(jwt({k: v for k, v in claims().items() if k != "exp"}), id="no-exp"),
+    ],
+)
+def test_an_invalid_jwt_gets_401(haproxy: Callable[..., int], token: str) -> None:
+    port = haproxy(**JWT_SETTINGS)
+    answer = complete(port, token, {"model": "tiny-llama", "prompt": "Hi"})
+    assert answer.status_code == 401, answer.text
+    assert answer.json()["error"]["code"] == "invalid_api_key"
