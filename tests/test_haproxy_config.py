@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import base64
 import collections
+import datetime
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from repo_helpers import BIN, REPO, free_port
 
@@ -82,17 +90,49 @@ def replicas() -> Iterator[list[dict[str, object]]]:
         server.shutdown()
 
 
-def render(dest: Path, replicas: list[dict[str, object]], **settings: object) -> tuple[Path, int]:
+class Listeners(NamedTuple):
+    http: int
+    https: int
+    stats: int
+    certificate: Path  # HTTPS's, self-signed: the client trusts it alone
+
+
+def self_signed_pem(path: Path) -> Path:
+    """A certificate for 127.0.0.1 and its key, in one PEM file as HAProxy reads it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem)
+    return path
+
+
+def render(dest: Path, replicas: list[dict[str, object]], **settings: object) -> tuple[Path, Listeners]:
     """The role's files with its defaults, these settings, loopback ports and paths under dest;
-    returns the configuration and the API port."""
-    port = free_port()
+    returns the configuration and its listeners' ports."""
+    listeners = Listeners(free_port(), free_port(), free_port(), self_signed_pem(dest / "tls.pem"))
     digests = (f"{hashlib.sha256(str(k['key']).encode()).hexdigest()} {k['name']}\n" for k in KEYS)
     (dest / "keys.map").write_text("".join(digests))
     overrides = {
         "haproxy_bind_address": "127.0.0.1",
-        "haproxy_http_port": port,
-        "haproxy_stats_port": free_port(),
+        "haproxy_http_port": listeners.http,
+        "haproxy_https_port": listeners.https,
+        "haproxy_stats_port": listeners.stats,
         "haproxy_tls_mode": "none",
+        "__haproxy_tls_pem_path": str(listeners.certificate),
         "haproxy_backend_servers": replicas,
         "haproxy_api_keys": KEYS,
         "haproxy_models": MODELS,
@@ -122,7 +162,7 @@ def render(dest: Path, replicas: list[dict[str, object]], **settings: object) ->
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return dest / "haproxy.cfg", port
+    return dest / "haproxy.cfg", listeners
 
 
 def get(port: int, path: str = "/", key: str = str(KEYS[0]["key"]), headers: dict[str, str] | None = None) -> str:
@@ -135,20 +175,20 @@ def get(port: int, path: str = "/", key: str = str(KEYS[0]["key"]), headers: dic
 @pytest.fixture(scope="module")
 def haproxy(
     tmp_path_factory: pytest.TempPathFactory, replicas: list[dict[str, object]]
-) -> Iterator[Callable[..., int]]:
+) -> Iterator[Callable[..., Listeners]]:
     """Call with role settings: starts HAProxy on them (once per set of settings in this module)
-    and returns its API port."""
+    and returns its listeners' ports."""
     binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(binary).exists():
         pytest.fail("haproxy is not installed: `make deps` installs it (HOST_PACKAGES)")
     processes: list[subprocess.Popen[bytes]] = []
-    ports: dict[str, int] = {}
+    started: dict[str, Listeners] = {}
 
-    def start(**settings: object) -> int:
+    def start(**settings: object) -> Listeners:
         key = json.dumps(settings, sort_keys=True)
-        if key in ports:
-            return ports[key]
-        config, port = render(tmp_path_factory.mktemp("haproxy"), replicas, **settings)
+        if key in started:
+            return started[key]
+        config, listeners = render(tmp_path_factory.mktemp("haproxy"), replicas, **settings)
         log = config.with_name("haproxy.log")
         with log.open("wb") as output:  # a file, not a pipe nobody reads: it would fill up
             process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=output, stderr=subprocess.STDOUT)
@@ -156,9 +196,9 @@ def haproxy(
         deadline = time.monotonic() + 10
         while True:
             try:
-                get(port)
-                ports[key] = port
-                return port
+                httpx.get(f"http://127.0.0.1:{listeners.stats}/metrics", timeout=2).raise_for_status()
+                started[key] = listeners
+                return listeners
             except httpx.TransportError:
                 if process.poll() is not None:
                     raise AssertionError(f"haproxy exited: {log.read_text()}") from None
@@ -172,14 +212,14 @@ def haproxy(
         process.wait(timeout=10)
 
 
-def test_roundrobin_spreads_requests_evenly(haproxy: Callable[..., int]) -> None:
-    port = haproxy(haproxy_balance="roundrobin")
+def test_roundrobin_spreads_requests_evenly(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy(haproxy_balance="roundrobin").http
     counts = collections.Counter(get(port) for _ in range(30))
     assert counts == dict.fromkeys(REPLICAS, 10), counts
 
 
-def test_hashing_a_header_keeps_each_session_on_one_replica(haproxy: Callable[..., int]) -> None:
-    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_header="X-Session-Id")
+def test_hashing_a_header_keeps_each_session_on_one_replica(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_header="X-Session-Id").http
     homes = {}
     for session in range(12):
         seen = {get(port, headers={"X-Session-Id": f"session-{session}"}) for _ in range(5)}
@@ -189,18 +229,18 @@ def test_hashing_a_header_keeps_each_session_on_one_replica(haproxy: Callable[..
     assert len(set(homes.values())) >= 2, homes
 
 
-def test_hashing_the_api_key_keeps_each_key_on_one_replica(haproxy: Callable[..., int]) -> None:
-    port = haproxy(haproxy_balance="hash", haproxy_hash_on="api_key")
+def test_hashing_the_api_key_keeps_each_key_on_one_replica(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="api_key").http
     for key in (str(k["key"]) for k in KEYS):
         seen = {get(port, key=key, headers={"X-Session-Id": str(n)}) for n in range(10)}
         assert len(seen) == 1, seen
 
 
 @pytest.mark.parametrize("factor", [0, 150])
-def test_bounded_load_moves_a_hot_key_past_a_busy_replica(haproxy: Callable[..., int], factor: int) -> None:
+def test_bounded_load_moves_a_hot_key_past_a_busy_replica(haproxy: Callable[..., Listeners], factor: int) -> None:
     """Six requests in flight for one session: without a bound they all queue on its replica;
     with 150 % of the mean as the bound, the surplus goes to the next replicas in the ring."""
-    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_balance_factor=factor)
+    port = haproxy(haproxy_balance="hash", haproxy_hash_on="header", haproxy_hash_balance_factor=factor).http
     with ThreadPoolExecutor(6) as pool:
         served = list(pool.map(lambda _: get(port, "/slow", headers={"X-Session-Id": "hot"}), range(6)))
     if factor == 0:
@@ -215,8 +255,8 @@ def complete(port: int, key: str, body: object) -> httpx.Response:
     )
 
 
-def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(haproxy: Callable[..., int]) -> None:
-    port = haproxy()
+def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy().http
     key = str(KEYS[0]["key"])
     answer = complete(port, key, {"model": "no-such-model", "prompt": "Hi"})
     assert answer.status_code == 404, answer.text
@@ -232,8 +272,8 @@ def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(hap
     )
 
 
-def test_a_key_scoped_to_one_model_gets_403_on_another(haproxy: Callable[..., int]) -> None:
-    port = haproxy()
+def test_a_key_scoped_to_one_model_gets_403_on_another(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy().http
     scoped = next(str(k["key"]) for k in KEYS if "models" in k)
     assert complete(port, scoped, {"model": "tiny-llama", "prompt": "Hi"}).text in REPLICAS
     refused = complete(port, scoped, {"model": "big-llama", "prompt": "Hi"})
@@ -281,8 +321,8 @@ def claims(**overrides: object) -> dict[str, object]:
     return good | overrides
 
 
-def test_a_valid_jwt_is_accepted_and_its_scope_applies(haproxy: Callable[..., int]) -> None:
-    port = haproxy(**JWT_SETTINGS)
+def test_a_valid_jwt_is_accepted_and_its_scope_applies(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy(**JWT_SETTINGS).http
     assert complete(port, jwt(claims()), {"model": "big-llama", "prompt": "Hi"}).text in REPLICAS
     tiny = jwt(claims(scope="tiny-users"))
     assert complete(port, tiny, {"model": "tiny-llama", "prompt": "Hi"}).text in REPLICAS
@@ -304,8 +344,28 @@ def test_a_valid_jwt_is_accepted_and_its_scope_applies(haproxy: Callable[..., in
         pytest.param(jwt({k: v for k, v in claims().items() if k != "exp"}), id="no-exp"),
     ],
 )
-def test_an_invalid_jwt_gets_401(haproxy: Callable[..., int], token: str) -> None:
-    port = haproxy(**JWT_SETTINGS)
+def test_an_invalid_jwt_gets_401(haproxy: Callable[..., Listeners], token: str) -> None:
+    port = haproxy(**JWT_SETTINGS).http
     answer = complete(port, token, {"model": "tiny-llama", "prompt": "Hi"})
     assert answer.status_code == 401, answer.text
     assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_with_tls_plain_http_is_closed_by_default(haproxy: Callable[..., Listeners]) -> None:
+    listeners = haproxy(haproxy_tls_mode="provided")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{listeners.http}/", timeout=3)
+    answer = httpx.post(
+        f"https://127.0.0.1:{listeners.https}/v1/completions",
+        headers={"Authorization": f"Bearer {KEYS[0]['key']}"},
+        json={"model": "tiny-llama", "prompt": "Hi"},
+        verify=ssl.create_default_context(cafile=listeners.certificate),
+    )
+    assert answer.text in REPLICAS
+
+
+def test_plain_http_can_redirect_to_https_before_reading_anything(haproxy: Callable[..., Listeners]) -> None:
+    listeners = haproxy(haproxy_tls_mode="provided", haproxy_plain_http="redirect")
+    answer = httpx.post(f"http://127.0.0.1:{listeners.http}/v1/completions?x=1", json={"model": "m"})
+    assert answer.status_code == 308, answer.text
+    assert answer.headers["location"] == f"https://127.0.0.1:{listeners.https}/v1/completions?x=1"
