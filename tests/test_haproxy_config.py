@@ -65,6 +65,7 @@ class StandIn(http.server.BaseHTTPRequestHandler):
             time.sleep(1.0)
         body = self.server.name.encode()  # type: ignore[attr-defined]
         self.send_response(200)
+        self.send_header("X-Seen-Request-Id", self.headers.get("X-Request-Id", ""))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -369,3 +370,21 @@ def test_plain_http_can_redirect_to_https_before_reading_anything(haproxy: Calla
     answer = httpx.post(f"http://127.0.0.1:{listeners.http}/v1/completions?x=1", json={"model": "m"})
     assert answer.status_code == 308, answer.text
     assert answer.headers["location"] == f"https://127.0.0.1:{listeners.https}/v1/completions?x=1"
+
+
+def test_the_load_balancer_gives_every_request_an_id_and_returns_it(haproxy: Callable[..., Listeners]) -> None:
+    port = haproxy().http
+    answers = [
+        httpx.get(f"http://127.0.0.1:{port}/", headers={"Authorization": f"Bearer {KEYS[0]['key']}"}) for _ in range(3)
+    ]
+    ids = [a.headers["x-request-id"] for a in answers]
+    assert len(set(ids)) == 3, ids
+    assert [a.headers["x-seen-request-id"] for a in answers] == ids  # the replica got the same
+    # A client's own id is replaced; refusals made by HAProxy carry one too.
+    forged = httpx.get(
+        f"http://127.0.0.1:{port}/", headers={"Authorization": f"Bearer {KEYS[0]['key']}", "X-Request-Id": "mine"}
+    )
+    assert forged.headers["x-seen-request-id"] == forged.headers["x-request-id"] != "mine"
+    refused = httpx.get(f"http://127.0.0.1:{port}/")
+    assert refused.status_code == 401
+    assert refused.headers["x-request-id"] not in ("", *ids)

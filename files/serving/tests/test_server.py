@@ -5,6 +5,7 @@ These servers run with --debug-step-delay so that a generation lasts long enough
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -34,7 +35,7 @@ def slow_servers(
 ) -> Iterator[dict[str, Server]]:
     logs = tmp_path_factory.mktemp("slow-logs")
 
-    def slow(drain_timeout: int, log: str, **flags: float) -> Server:
+    def slow(drain_timeout: int, log: str, **flags: float | str) -> Server:
         args = serve_args(
             model_store,
             debug_step_delay=STEP_DELAY,
@@ -46,7 +47,11 @@ def slow_servers(
 
     started = {
         "patient": slow(
-            30, "patient.log", request_timeout=REQUEST_TIMEOUT, metrics_port=METRICS_PORT
+            30,
+            "patient.log",
+            request_timeout=REQUEST_TIMEOUT,
+            metrics_port=METRICS_PORT,
+            log_format="json",
         ),
         "impatient": slow(1, "impatient.log"),
     }
@@ -189,6 +194,44 @@ def test_the_metrics_port_serves_metrics_and_nothing_else(
     models = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/v1/models")
     assert '"data"' not in models.text  # no model list
     assert "metalserve_ready" in models.text
+
+
+def _log_entries(server: Server) -> list[dict[str, Any]]:
+    lines = server.log_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def test_the_request_id_is_kept_returned_and_logged_as_json(
+    slow_servers: dict[str, Server],
+) -> None:
+    """HAProxy's id (X-Request-Id) comes back in the response and is on the access line, which
+    a JSON log writes as fields."""
+    server = slow_servers["patient"]
+    given = "7F000001:C0A8_7F000001:1F90_656E0F00_0001:1A2B"  # HAProxy's unique-id-format
+    short = {**LONG, "max_tokens": 2}
+    headers = {"X-Request-Id": given}
+    response = httpx.post(f"{server.url}/v1/completions", json=short, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == given
+
+    def logged() -> list[dict[str, Any]]:
+        return [e for e in _log_entries(server) if e.get("request_id") == given]
+
+    wait_for(lambda: logged())
+    (access,) = logged()
+    assert access["logger"] == "metalserve.access"
+    assert (access["method"], access["path"], access["status"]) == ("POST", "/v1/completions", 200)
+    assert access["duration_s"] > 0
+    assert all(e["level"] and e["time"] for e in _log_entries(server))
+
+
+@pytest.mark.parametrize("given", [None, "not an id: spaces", "x" * 129])
+def test_a_missing_or_implausible_request_id_is_replaced(
+    slow_servers: dict[str, Server], given: str | None
+) -> None:
+    headers = {"X-Request-Id": given} if given is not None else {}
+    response = httpx.get(f"{slow_servers['patient'].url}/version", headers=headers)
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"]), response.headers
 
 
 def _long_request(url: str, result: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from metalserve import __version__, store
 from metalserve.exitcodes import ExitCode
 from metalserve.flags import add_command
+from metalserve.logs import configure_logging
 from metalserve.settings import (
     AutoscaleSettings,
     CacheFillSettings,
@@ -225,17 +226,8 @@ def cmd_cache_fill(settings: CacheFillSettings) -> int:
     return ExitCode.OK
 
 
-def configure_logging(level: str) -> None:
-    """The long-running commands' log lines (journald adds the time under systemd too)."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_serve(settings: ServeSettings) -> int:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # A replica never downloads anything: it serves verified files from the store only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Set through the environment: importing transformers here would delay opening the port.

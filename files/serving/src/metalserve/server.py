@@ -159,7 +159,7 @@ def run(settings: ServeSettings, version_id: str) -> int:
         port=settings.port,
         log_config=None,  # keep the process-wide logging set up by the CLI
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        access_log=False,  # the API middleware writes them, with the request id
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
         http=timed_h11_protocol(settings.request_timeout),

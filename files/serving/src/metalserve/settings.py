@@ -16,6 +16,7 @@ from metalserve import store
 from metalserve.autoscale.policy import Policy
 from metalserve.flags import Arg, CommandSettings
 from metalserve.loader import validate_device
+from metalserve.logs import LogFormat
 
 ENV_PREFIX = "METALSERVE_"
 DEFAULT_PORT = 8000
@@ -142,6 +143,11 @@ class ServeSettings(BaseSettings):
         100.0, gt=0, description="most the cache may hold; least recently used versions go first"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: LogFormat = Field(
+        "text",
+        description="log lines as text or one JSON object each (time, level, logger, message, "
+        "request_id, an access line's method, path, status, duration_s, client)",
+    )
     access_log: bool = Field(True, description="log every HTTP request")
     debug_step_delay: float = Field(
         0.0, ge=0, le=10, description="sleep per engine step: simulates a slow device (tests)"

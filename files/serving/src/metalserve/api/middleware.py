@@ -1,15 +1,21 @@
-"""Request metrics, the in-flight count that the drain waits on, and request spans (tracing).
+"""Request metrics, the in-flight count that the drain waits on, request spans (tracing), the
+request id (``X-Request-Id``: HAProxy's, else made here; in every log line written for the
+request and in the response) and one access line per request.
 
 Pure ASGI, not ``BaseHTTPMiddleware``: streamed responses are timed to their last byte.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from metalserve.logs import REQUEST_ID, request_id_from
 from metalserve.replica import Replica
+
+access_log = logging.getLogger("metalserve.access")
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -27,6 +33,9 @@ class ObservabilityMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        given = dict(scope["headers"]).get(b"x-request-id")
+        request_id = request_id_from(given.decode("latin-1") if given is not None else None)
+        context = REQUEST_ID.set(request_id)
         inference = scope["path"] in INFERENCE_PATHS
         tracing = self.replica.tracing if inference else None
         trace = None
@@ -40,6 +49,8 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                id_header = (b"x-request-id", request_id.encode())
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
@@ -53,4 +64,21 @@ class ObservabilityMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             metrics = self.replica.metrics
             metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            metrics.request_latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            metrics.request_latency.labels(endpoint=endpoint).observe(seconds)
+            if self.replica.settings.access_log:
+                self._log_access(scope, status, seconds)
+            REQUEST_ID.reset(context)
+
+    @staticmethod
+    def _log_access(scope: Scope, status: int, seconds: float) -> None:
+        client = scope.get("client")
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_s": round(seconds, 4),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        line = "%s %s %d %.3fs"
+        access_log.info(line, scope["method"], scope["path"], status, seconds, extra=fields)
