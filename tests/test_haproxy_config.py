@@ -32,7 +32,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
 
 from repo_helpers import BIN, REPO, free_port
@@ -317,11 +317,15 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def signing_input(alg: str, claims: dict[str, object]) -> str:
+    return f"{b64url(json.dumps({'alg': alg, 'typ': 'JWT'}).encode())}.{b64url(json.dumps(claims).encode())}"
+
+
 def jwt(claims: dict[str, object], secret: str = SECRET, alg: str = "HS256") -> str:
     """A token signed with HMAC-SHA256 (or unsigned, for alg "none")."""
-    signing_input = f"{b64url(json.dumps({'alg': alg, 'typ': 'JWT'}).encode())}.{b64url(json.dumps(claims).encode())}"
-    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest() if alg != "none" else b""
-    return f"{signing_input}.{b64url(signature)}"
+    unsigned = signing_input(alg, claims)
+    signature = hmac.new(secret.encode(), unsigned.encode(), hashlib.sha256).digest() if alg != "none" else b""
+    return f"{unsigned}.{b64url(signature)}"
 
 
 def claims(**overrides: object) -> dict[str, object]:
@@ -395,3 +399,25 @@ def test_the_load_balancer_gives_every_request_an_id_and_returns_it(haproxy: Cal
     refused = httpx.get(f"http://127.0.0.1:{port}/")
     assert refused.status_code == 401
     assert refused.headers["x-request-id"] not in ("", *ids)
+
+
+def es256_jwt(claims: dict[str, object], key: ec.EllipticCurvePrivateKey) -> str:
+    """A token signed with ECDSA P-256 (JWS wants r and s side by side, not DER)."""
+    unsigned = signing_input("ES256", claims)
+    r, s = utils.decode_dss_signature(key.sign(unsigned.encode(), ec.ECDSA(hashes.SHA256())))
+    return f"{unsigned}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def test_an_es256_jwt_is_verified_with_the_public_key(haproxy: Callable[..., Listeners]) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    settings = {**JWT_SETTINGS, "haproxy_jwt_alg": "ES256", "haproxy_jwt_public_key": public_pem.decode()}
+    port = haproxy(**settings).http
+    body = {"model": "tiny-llama", "prompt": "Hi"}
+    assert complete(port, es256_jwt(claims(), key), body).text in REPLICAS
+    forged = complete(port, es256_jwt(claims(), ec.generate_private_key(ec.SECP256R1())), body)
+    assert forged.status_code == 401, forged.text
+    # A token that names another algorithm (HS256 here) is refused whatever its signature.
+    assert complete(port, jwt(claims()), body).status_code == 401
