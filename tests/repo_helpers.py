@@ -5,6 +5,7 @@ A plain module, not conftest.py: files/serving/tests has the conftest module of 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,3 +60,29 @@ def unreachable_inventory(directory: Path) -> Path:
     """A good inventory whose hosts cannot be reached: a run fails at the first host contact, so
     a refusal that names a setting proves the check came before any host was touched."""
     return write_inventory(directory, GOOD_GROUPS, {**GOOD_VARS, "ansible_host": "metalserve-test-host.invalid"})
+
+
+def render_role_templates(role: str, templates: dict[str, Path], overrides: dict[str, object], work: Path) -> None:
+    """Render templates of ``roles/<role>/templates`` (name -> destination) through Ansible, with
+    role metalserve's defaults, the role's defaults and vars, then ``overrides``."""
+    role_dir = REPO / "roles" / role
+    tasks = [
+        {"ansible.builtin.template": {"src": str(role_dir / "templates" / name), "dest": str(dest)}}
+        for name, dest in templates.items()
+    ]
+    playbook = work / f"render-{role}.yml"
+    playbook.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    variables = [REPO / "roles" / "metalserve" / "defaults" / "main.yml", role_dir / "defaults" / "main.yml"]
+    variables.append(role_dir / "vars" / "main.yml")
+    extra = [arg for path in variables if path.exists() for arg in ("-e", f"@{path}")]
+    local = ["-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={BIN / 'python'}"]
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), *local, *extra, "-e", json.dumps(overrides), str(playbook)],
+        cwd=REPO,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

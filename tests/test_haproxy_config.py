@@ -16,7 +16,6 @@ import hmac
 import http.server
 import ipaddress
 import json
-import os
 import secrets
 import shutil
 import ssl
@@ -35,9 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import NameOID
 
-from repo_helpers import BIN, REPO, free_port
+from repo_helpers import free_port, render_role_templates
 
-ROLE = REPO / "roles" / "haproxy"
 MODELS = ["tiny-llama", "big-llama"]
 KEYS = [
     {"name": "team-a", "key": "a" * 24},
@@ -150,26 +148,8 @@ def render(dest: Path, replicas: list[dict[str, object]], **settings: object) ->
         **{variable: str(dest / template.removesuffix(".j2")) for template, variable in FILES.items() if variable},
         **settings,
     }
-    shared = REPO / "roles" / "metalserve" / "defaults" / "main.yml"
-    tasks = [
-        {"ansible.builtin.template": {"src": str(ROLE / "templates" / t), "dest": str(dest / t.removesuffix(".j2"))}}
-        for t in FILES
-    ]
-    playbook = dest / "render.yml"
-    playbook.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
-    variables = ["-e", f"@{shared}", "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}"]
-    variables += ["-e", json.dumps(overrides)]
-    local = ["-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={BIN / 'python'}"]
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), *local, *variables, str(playbook)],
-        cwd=REPO,
-        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    templates = {name: dest / name.removesuffix(".j2") for name in FILES}
+    render_role_templates("haproxy", templates, overrides, dest)
     return dest / "haproxy.cfg", listeners
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo_helpers import BIN, REPO, free_port
+from repo_helpers import REPO, free_port, render_role_templates
 
 ROLE = REPO / "roles" / "monitoring"
 RULES_TEST = ROLE / "tests" / "metalserve.rules.test.yml"
@@ -41,22 +41,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def render_rules(dest: Path, **overrides: object) -> Path:
     """Render the rules template with the role's defaults (and overrides), through Ansible."""
-    extra = ["-e", json.dumps(overrides)] if overrides else []
-    shared = REPO / "roles" / "metalserve" / "defaults" / "main.yml"
-    variables = ["-e", f"@{shared}", "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}"]
-    variables += extra
-    template = f"src={ROLE / 'templates' / 'metalserve.rules.yml.j2'} dest={dest / 'metalserve.rules.yml'}"
-    local = ["localhost", "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={BIN / 'python'}"]
-    result = subprocess.run(
-        [str(BIN / "ansible"), *local, *variables, "-m", "ansible.builtin.template", "-a", template],
-        cwd=REPO,
-        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    render_role_templates("monitoring", {"metalserve.rules.yml.j2": dest / "metalserve.rules.yml"}, overrides, dest)
     shutil.copy(RULES_TEST, dest / RULES_TEST.name)
     return dest / "metalserve.rules.yml"
 
