@@ -50,18 +50,20 @@ $(VENV)/.installed: requirements/constraints.txt requirements/dev.in requirement
 	$(BIN)/pip install -q --no-deps -e files/serving
 	@touch $@
 
-# promtool (checks and unit-tests the alert rules) from Debian's prometheus
-# package, unpacked here: no Prometheus server runs on this machine.
-PROMTOOL := .cache/promtool/usr/bin/promtool
-$(PROMTOOL):
+# promtool (checks and unit-tests the alert rules) and Alertmanager with amtool
+# (routes, silences) from Debian's packages, unpacked here: no server of theirs
+# runs on this machine.
+PROMETHEUS_DEBS := prometheus prometheus-alertmanager
+AMTOOL := .cache/promtool/usr/bin/amtool
+$(AMTOOL):
 	rm -rf .cache/promtool && mkdir -p .cache/promtool
-	cd .cache/promtool && { apt-get download prometheus 2>/dev/null \
-	  || { $(SUDO) apt-get update -qq && apt-get download prometheus; }; }
-	dpkg-deb -x .cache/promtool/prometheus_*.deb .cache/promtool
-	rm -f .cache/promtool/prometheus_*.deb
+	cd .cache/promtool && { apt-get download $(PROMETHEUS_DEBS) 2>/dev/null \
+	  || { $(SUDO) apt-get update -qq && apt-get download $(PROMETHEUS_DEBS); }; }
+	for deb in .cache/promtool/*.deb; do dpkg-deb -x "$$deb" .cache/promtool; done
+	rm -f .cache/promtool/*.deb
 	@touch $@
 
-deps: host-deps $(VENV)/.installed $(PROMTOOL)
+deps: host-deps $(VENV)/.installed $(AMTOOL)
 
 # Re-resolve every pin from the .in files in a scratch venv.
 constraints:
@@ -82,6 +84,7 @@ TINY_MODEL := $(LAB_ROOT)/tiny-model-seed1
 lab: deps
 	exec 9>$(LAB_LOCK); flock 9; \
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/create.yml; \
+	ansible-playbook -i $(LAB_INVENTORY) playbooks/lab/alert_sink.yml; \
 	metalserve make-tiny-model $(TINY_MODEL) --seed 1; \
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/publish_model.yml -e model_dir=$(TINY_MODEL); \
 	ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml; \

@@ -1,7 +1,8 @@
 """The kernel NFS server's /etc/exports, rendered by Ansible as nfs_server renders it.
 
 nfsd cannot run on the lab machine (no kernel NFS), so the kernel implementation's
-exports are checked here; the ganesha implementation runs for real in the cluster scenario (molecule/cluster/verify_nfs_server.yml).
+exports are checked here; the ganesha implementation runs for real in the cluster scenario
+(molecule/cluster/verify_nfs_server.yml).
 """
 
 from __future__ import annotations
