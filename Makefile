@@ -54,16 +54,17 @@ $(VENV)/.installed: requirements/constraints.txt requirements/dev.in requirement
 # (routes, silences) from Debian's packages, unpacked here: no server of theirs
 # runs on this machine.
 PROMETHEUS_DEBS := prometheus prometheus-alertmanager
+PROMTOOL := .cache/promtool/usr/bin/promtool
 AMTOOL := .cache/promtool/usr/bin/amtool
-$(AMTOOL):
+$(PROMTOOL) $(AMTOOL) &:
 	rm -rf .cache/promtool && mkdir -p .cache/promtool
 	cd .cache/promtool && { apt-get download $(PROMETHEUS_DEBS) 2>/dev/null \
 	  || { $(SUDO) apt-get update -qq && apt-get download $(PROMETHEUS_DEBS); }; }
 	for deb in .cache/promtool/*.deb; do dpkg-deb -x "$$deb" .cache/promtool; done
 	rm -f .cache/promtool/*.deb
-	@touch $@
+	@touch $(PROMTOOL) $(AMTOOL)
 
-deps: host-deps $(VENV)/.installed $(AMTOOL)
+deps: host-deps $(VENV)/.installed $(PROMTOOL) $(AMTOOL)
 
 # Re-resolve every pin from the .in files in a scratch venv.
 constraints:

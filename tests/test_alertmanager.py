@@ -56,15 +56,36 @@ def test_alerts_reach_the_receivers_that_take_their_severity(tmp_path: Path) -> 
     assert receivers("severity=info") == "nobody"  # kept in Alertmanager, sent nowhere
 
 
+def render_silence(work: Path, **overrides: object) -> dict[str, object]:
+    silence = work / "silence.json"
+    render_role_templates("rollout", {"silence.json.j2": silence}, overrides, work)
+    return json.loads(silence.read_text())  # type: ignore[no-any-return]
+
+
 def test_a_rollout_silence_names_its_host_for_a_bounded_time(tmp_path: Path) -> None:
     """What the rollout POSTs to /api/v2/silences (its delivery is tested in the cluster scenario,
-    case a: Debian's Alertmanager reads its templates from /usr/share, so it does not run here)."""
-    silence = tmp_path / "silence.json"
-    started = 1_800_000_000
-    render_role_templates("rollout", {"silence.json.j2": silence}, {"__rollout_silence_from": started}, tmp_path)
-    body = json.loads(silence.read_text())
+    cases a and d: Debian's Alertmanager reads its templates from /usr/share, so it does not run
+    here)."""
+    body = render_silence(tmp_path, __rollout_silence_from=1_800_000_000)
     assert body["matchers"] == [{"name": "host", "value": "localhost", "isRegex": False, "isEqual": True}]
-    assert body["startsAt"] == "2027-01-15T08:00:00Z"
-    assert body["endsAt"] == "2027-01-15T09:00:00Z"  # rollout_silence_seconds: 3600
+    assert body["startsAt"] == "2027-01-15T07:59:00Z"  # a minute back: the controller's clock may lead
+    # The default bound: the drain (request timeout 300 + 10), a start (300), no canary, 300 more.
+    assert body["endsAt"] == "2027-01-15T08:15:10Z"
     assert body["createdBy"] == "metalserve rollout"
     assert "localhost" in body["comment"]
+
+
+def test_a_rollout_silence_leaves_out_the_alerts_already_paging(tmp_path: Path) -> None:
+    """Silenced, they would resolve without a "resolved" notification, and Alertmanager would hold
+    their next page back for repeat_interval."""
+    body = render_silence(
+        tmp_path,
+        __rollout_silence_from=1_800_000_000,
+        __rollout_silence_except=["MetalserveReplicaDown", "Odd.Name"],
+    )
+    assert body["matchers"][1] == {
+        "name": "alertname",
+        "value": "MetalserveReplicaDown|Odd\\.Name",
+        "isRegex": True,
+        "isEqual": False,
+    }
