@@ -32,7 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from repo_helpers import free_port, render_role_templates
 
@@ -48,6 +48,7 @@ FILES = {
     "haproxy.cfg.j2": None,
     "api_key_models.map.j2": "__haproxy_scope_map",
     "api_key_limits.map.j2": "__haproxy_limit_map",
+    "api_key_quotas.map.j2": "__haproxy_quota_map",
     "models.lst.j2": "__haproxy_models_list",
     "jwt_scopes.lst.j2": "__haproxy_jwt_scopes_list",
     "jwt_public_key.pem.j2": "__haproxy_jwt_public_key",
@@ -64,6 +65,10 @@ class StandIn(http.server.BaseHTTPRequestHandler):
         body = self.server.name.encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("X-Seen-Request-Id", self.headers.get("X-Request-Id", ""))
+        if isinstance(self.connection, ssl.SSLSocket):  # mTLS: who the client certificate names
+            peer = self.connection.getpeercert() or {}
+            subject = dict(pair[0] for pair in peer.get("subject", ()))
+            self.send_header("X-Client-Certificate", subject.get("commonName", "none"))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -138,6 +143,7 @@ def render(dest: Path, replicas: list[dict[str, object]], **settings: object) ->
         "haproxy_https_port": listeners.https,
         "haproxy_stats_port": listeners.stats,
         "haproxy_tls_mode": "none",
+        "metalserve_replica_mtls": False,  # the stand-ins speak plain HTTP unless a test says
         "__haproxy_tls_pem_path": str(listeners.certificate),
         "haproxy_backend_servers": replicas,
         "haproxy_api_keys": KEYS,
@@ -401,3 +407,150 @@ def test_an_es256_jwt_is_verified_with_the_public_key(haproxy: Callable[..., Lis
     assert forged.status_code == 401, forged.text
     # A token that names another algorithm (HS256 here) is refused whatever its signature.
     assert complete(port, jwt(claims()), body).status_code == 401
+
+
+class Pki:
+    """A CA issuing certificates as role cluster_pki does (serverAuth and clientAuth, 127.0.0.1)."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca = directory / f"{name}.crt"
+        self.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, common_name: str) -> Path:
+        """The certificate and its key in one PEM file (as HAProxy's crt and ssl's load_cert_chain read it)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(loopback, critical=False)
+            .add_extension(usage, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        path = self.directory / f"{common_name}.pem"
+        path.write_bytes(
+            certificate.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return path
+
+
+@pytest.fixture(scope="module")
+def mtls_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, list[dict[str, object]]]]:
+    """Stand-in replicas that require a client certificate: "good" from the cluster CA with a
+    certificate of it; "stranger" with another CA's certificate; "picky" trusting only clients
+    of another CA."""
+    directory = tmp_path_factory.mktemp("mtls")
+    cluster, other = Pki(directory, "cluster-ca"), Pki(directory, "other-ca")
+    setups = {"good": (cluster, cluster), "stranger": (other, cluster), "picky": (cluster, other)}
+    servers = []
+    for name, (issuer, trusted) in setups.items():
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(issuer.issue(name))
+        context.load_verify_locations(cafile=trusted.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+        server = StandInServer(("127.0.0.1", 0), StandIn)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.name = name  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield cluster, [{"name": s.name, "address": "127.0.0.1", "port": s.server_address[1]} for s in servers]  # type: ignore[attr-defined]
+    for server in servers:
+        server.shutdown()
+
+
+def test_mutual_tls_to_the_replicas(
+    haproxy: Callable[..., Listeners], mtls_replicas: tuple[Pki, list[dict[str, object]]]
+) -> None:
+    """With metalserve_replica_mtls HAProxy presents its certificate (health checks too) and
+    checks the replica's: only the replica whose certificate is the cluster CA's and which
+    trusts the load balancer's gets traffic; the other two stay down."""
+    cluster, servers = mtls_replicas
+    listeners = haproxy(
+        haproxy_backend_servers=servers,
+        haproxy_balance="roundrobin",
+        haproxy_health_interval="200ms",
+        metalserve_replica_mtls=True,
+        metalserve_ca_cert=str(cluster.ca),
+        __haproxy_replica_client_pem=str(cluster.issue("lb1")),
+    )
+    url, auth = f"http://127.0.0.1:{listeners.http}/", {"Authorization": f"Bearer {KEYS[0]['key']}"}
+    deadline = time.monotonic() + 10
+    while httpx.get(url, headers=auth, timeout=5).status_code != 200:  # the checks' rise at start
+        assert time.monotonic() < deadline, "no replica came up over mTLS"
+        time.sleep(0.2)
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    for _ in range(12):
+        response = httpx.get(url, headers=auth, timeout=5)
+        assert response.status_code == 200, response.text
+        seen[(response.text, response.headers["X-Client-Certificate"])] += 1
+    assert seen == {("good", "lb1"): 12}, seen
+
+
+@pytest.mark.parametrize("mode", ["required", "optional"])
+def test_client_certificates_at_the_load_balancer(haproxy: Callable[..., Listeners], tmp_path: Path, mode: str) -> None:
+    """haproxy_client_certificates: required refuses a client without a certificate from the CA
+    in the handshake; optional lets one without through; either refuses another CA's."""
+    clients, other = Pki(tmp_path, f"clients-{mode}"), Pki(tmp_path, f"other-{mode}")
+    listeners = haproxy(
+        haproxy_tls_mode="provided",
+        haproxy_client_certificates=mode,
+        __haproxy_client_ca_path=str(clients.ca),
+    )
+    url, auth = f"https://127.0.0.1:{listeners.https}/", {"Authorization": f"Bearer {KEYS[0]['key']}"}
+
+    def context(certificate: Path | None) -> ssl.SSLContext:
+        trusted = ssl.create_default_context(cafile=listeners.certificate)
+        if certificate is not None:
+            trusted.load_cert_chain(certificate)
+        return trusted
+
+    answer = httpx.get(url, headers=auth, verify=context(clients.issue("alice")), timeout=5)
+    assert answer.text in REPLICAS
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url, headers=auth, verify=context(other.issue("mallory")), timeout=5)
+    if mode == "required":
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, headers=auth, verify=context(None), timeout=5)
+    else:
+        assert httpx.get(url, headers=auth, verify=context(None), timeout=5).text in REPLICAS
+    log = listeners.certificate.with_name("haproxy.log")
+    deadline = time.monotonic() + 5
+    while 'cert="alice"' not in log.read_text():  # logged at the request's end
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
+def test_a_key_with_a_quota_gets_429_once_it_is_used_up(haproxy: Callable[..., Listeners]) -> None:
+    """A quota counts a key's requests over 24 hours (sliding), past its 10 s rate limit: the
+    fourth request of a key with quota 3 gets OpenAI's insufficient_quota; others go on."""
+    metered = [{**k, "quota": 3} if k["name"] == "team-b" else k for k in KEYS]
+    port = haproxy(haproxy_api_keys=metered).http
+    answers = [complete(port, str(KEYS[1]["key"]), {"model": "tiny-llama", "prompt": "Hi"}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429], [a.text for a in answers]
+    assert answers[-1].json()["error"]["code"] == "insufficient_quota"
+    assert complete(port, str(KEYS[0]["key"]), {"model": "tiny-llama", "prompt": "Hi"}).status_code == 200

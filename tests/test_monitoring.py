@@ -54,7 +54,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rules_pass_promtool_check(rules: Path) -> None:
     result = promtool("check", "rules", rules.name, cwd=rules.parent)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
 
 
 def test_every_alert_passes_its_unit_tests(rules: Path) -> None:
@@ -144,14 +144,31 @@ def haproxy_metric_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         process.wait(timeout=10)
 
 
+def consistency_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """What the periodic consistency check writes for node_exporter's textfile collector."""
+    from metalserve.consistency import ReplicaAnswer, ReplicaResult, Report, write_textfile
+
+    path = tmp_path_factory.mktemp("textfile") / "consistency.prom"
+    answer = ReplicaAnswer("https://gpu1:8000", "1" * 64, "text")
+    write_textfile(Report(["p"], [[answer]], [ReplicaResult(answer.url)]), path, "tiny-llama")
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {line.split("{")[0].split(" ")[0] for line in lines}
+
+
 def dcgm_metric_names() -> set[str]:
     lines = (line.strip() for line in DCGM_COUNTERS.read_text().splitlines())
     return {line.split(",")[0].strip() for line in lines if line and not line.startswith("#")}
 
 
 @pytest.fixture(scope="module")
-def exported(haproxy_metric_names: set[str]) -> set[str]:
-    return replica_metric_names() | haproxy_metric_names | dcgm_metric_names() | {"up"}
+def exported(haproxy_metric_names: set[str], tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    return (
+        replica_metric_names()
+        | haproxy_metric_names
+        | dcgm_metric_names()
+        | consistency_metric_names(tmp_path_factory)
+        | {"up"}
+    )
 
 
 def rule_exprs(rules: Path) -> dict[str, str]:

@@ -85,7 +85,7 @@ plausible_completions = st.fixed_dictionaries(
         | st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=8)
         | st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=3),
     },
-    optional=plausible_fields,
+    optional={**plausible_fields, "logprobs": st.integers(min_value=0, max_value=5)},
 )
 message = st.fixed_dictionaries(
     {},

@@ -67,6 +67,33 @@ class TestCompletions:
         b = complete(client, "Hi", **sampled)["choices"][0]["text"]
         assert a == b
 
+    def test_logprobs_are_the_models_and_name_the_alternatives(self, client: httpx.Client) -> None:
+        plain = complete(client, "The quick brown fox")["choices"][0]
+        choice = complete(client, "The quick brown fox", logprobs=2)["choices"][0]
+        assert choice["text"] == plain["text"]  # asking for them changes nothing
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == 12
+        # Each token decoded alone (a byte of a character shows as U+FFFD), offsets add up.
+        lengths = [len(token) for token in logprobs["tokens"]]
+        assert logprobs["text_offset"] == [sum(lengths[:i]) for i in range(12)]
+        for token, chosen, top in zip(
+            logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+        ):
+            assert 1 <= len(top) <= 2  # two tokens that decode alike share a key
+            assert chosen <= 0
+            # Greedy: the chosen token is the most likely one.
+            assert chosen >= max(top.values()) - 1e-5
+            assert token in top
+        assert complete(client, "Hi")["choices"][0]["logprobs"] is None
+
+    @pytest.mark.parametrize("extra", [{"logprobs": 6}, {"logprobs": 1, "stream": True}])
+    def test_logprobs_out_of_bounds_or_streamed_are_refused(
+        self, client: httpx.Client, extra: dict[str, object]
+    ) -> None:
+        response = client.post("/v1/completions", json={**GREEDY, "prompt": "Hi", **extra})
+        assert_openai_error(response, 400)
+        assert "logprobs" in response.text
+
     def test_streaming_matches_non_streaming(self, client: httpx.Client) -> None:
         expected = complete(client, "The quick brown fox")["choices"][0]["text"]
         body = {

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from metalserve.sampling import SamplingParams, choose_tokens, make_generator
+from metalserve.sampling import SamplingParams, choose_tokens, make_generator, token_logprobs
 
 CPU = torch.device("cpu")
 
@@ -64,3 +65,23 @@ def test_non_finite_logits_fall_back_to_greedy() -> None:
     tokens = choose_tokens(values, params, [make_generator(CPU, 1) for _ in range(3)])
     assert tokens[1] == 7
     assert 0 <= tokens[2] < 50
+
+
+def test_logprobs_only_for_the_rows_that_ask() -> None:
+    values = logits()
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.0, logprobs=3),
+        SamplingParams(max_tokens=1, temperature=0.0),
+        SamplingParams(max_tokens=1, temperature=0.0, logprobs=0),
+    ]
+    chosen = values.argmax(-1)
+    result = token_logprobs(values, chosen, params)
+    expected = torch.log_softmax(values, dim=-1)
+    assert result[1] is None
+    first, third = result[0], result[2]
+    assert first is not None
+    assert third is not None
+    assert first[0] == pytest.approx(expected[0, chosen[0]].item(), abs=1e-6)
+    assert [token for token, _ in first[1]] == expected[0].topk(3).indices.tolist()
+    assert third[1] == ()
+    assert token_logprobs(values, chosen, [params[1]] * 3) == [None] * 3

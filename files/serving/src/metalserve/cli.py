@@ -247,23 +247,62 @@ def cmd_serve(settings: ServeSettings) -> int:
 
 
 def cmd_consistency(settings: ConsistencySettings) -> int:
-    from metalserve import consistency
+    from metalserve import consistency, tls
 
-    consistent, answers = consistency.check(
-        settings.urls,
-        settings.prompt or consistency.DEFAULT_PROMPT,
+    prompts = (
+        [settings.prompt] if settings.prompt else list(consistency.PROMPTS[: settings.prompts])
+    )
+    urls = settings.urls
+    if settings.haproxy_socket is not None:
+        from metalserve.autoscale.haproxy import RuntimeAPI, RuntimeAPIError
+
+        try:
+            servers = RuntimeAPI(settings.haproxy_socket).servers(settings.backend)
+        except RuntimeAPIError as exc:
+            error(f"cannot read the replicas from HAProxy: {exc}")
+            return ExitCode.FAILURE
+        drained = [s.name for s in servers if s.drained]
+        if drained:
+            print(f"SKIPPED: {', '.join(drained)} drained or in maintenance (a change under way)")
+            if settings.textfile is not None:
+                consistency.write_skipped(settings.textfile, settings.model or "unknown")
+            return ExitCode.OK
+        # In rotation only: a warm standby (weight 0) is compared once promoted.
+        rotation = [s for s in servers if s.healthy and s.weight > 0]
+        urls = [f"{settings.scheme}://{s.address}:{s.port}" for s in rotation]
+        if not urls:
+            error(f"no replica of backend {settings.backend} is up and in rotation")
+            return ExitCode.FAILURE
+    report = consistency.check(
+        urls,
+        prompts,
         model=settings.model,
         max_tokens=settings.max_tokens or consistency.DEFAULT_MAX_TOKENS,
         timeout=settings.timeout,
+        tolerance=settings.tolerance,
+        verify=tls.client_context(
+            settings.tls_ca, settings.tls_client_cert, settings.tls_client_key
+        ),
     )
-    print(consistency.render_table(answers))
-    if consistent:
-        print(f"OK: {len(answers)} replicas gave identical output")
+    if len(prompts) == 1:
+        print(consistency.render_table(report.answers[0]))
+    else:
+        print(consistency.render_summary(report))
+    if settings.textfile is not None:
+        model = settings.model or next(
+            (r.model for answers in report.answers for r in answers if r.model), "unknown"
+        )
+        consistency.write_textfile(report, settings.textfile, model)
+    ties = sum(r.ties for r in report.replicas)
+    tie_note = f" ({ties} tolerated numerical ties)" if ties else ""
+    if report.consistent:
+        print(f"OK: {len(report.replicas)} replicas gave identical output{tie_note}")
         return ExitCode.OK
-    failed = sum(not a.ok for a in answers)
+    failed = sum(r.errors > 0 for r in report.replicas)
+    different = sum(r.different > 0 for r in report.replicas)
     print(
-        f"INCONSISTENT: {len({a.text for a in answers if a.ok})} distinct outputs, "
-        f"{failed} failed replicas"
+        f"INCONSISTENT: {report.differing_prompts} of {len(prompts)} prompts differ; "
+        f"{different} replicas answered differently, {failed} failed replicas{tie_note}"
     )
     return ExitCode.FAILURE
 

@@ -25,7 +25,7 @@ from metalserve.errors import ApiError
 from metalserve.loader import LoadedModel
 from metalserve.prompts import sampling_params
 from metalserve.replica import Replica
-from metalserve.sampling import SamplingParams
+from metalserve.sampling import SamplingParams, TokenLogprob
 from metalserve.schemas import ChatCompletionRequest, CompletionRequest
 from metalserve.tracing import note_sequences
 
@@ -43,6 +43,7 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[tuple[int, TokenLogprob], ...] | None = None
 
 
 class Generation:
@@ -117,6 +118,7 @@ class Generation:
                     choice.finish_reason = event.reason
                     choice.prompt_tokens = event.prompt_tokens
                     choice.completion_tokens = event.completion_tokens
+                    choice.logprobs = event.logprobs
                     remaining -= 1
                 else:
                     raise ApiError(event.status, event.message, code="generation_failed")

@@ -139,4 +139,5 @@ def sampling_params(
         seed=None if body.seed is None else body.seed % 2**63,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
+        logprobs=getattr(body, "logprobs", None),
     )

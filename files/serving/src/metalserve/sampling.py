@@ -23,6 +23,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Completions' logprobs: report each chosen token's log-probability and this many of the
+    # most likely tokens at its position (None: nothing).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +53,34 @@ def choose_tokens(
     """Pick the next token of every row of ``logits`` ([batch, vocab]); one host sync."""
     tokens: list[int] = choose_tokens_tensor(logits, params, generators).tolist()
     return tokens
+
+
+# A chosen token's log-probability, and the most likely tokens of its position with theirs.
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """For the rows whose request asked for logprobs: the chosen token's log-probability under
+    the model (before temperature and top-p) and the ``logprobs`` most likely tokens. Nothing is
+    computed, and no host sync made, when no row asks."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return result
+    import torch
+
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    picked = logprobs.gather(1, chosen.index_select(0, index)[:, None]).squeeze(1).tolist()
+    k = max(1, *(params[i].logprobs or 0 for i in rows))
+    top = logprobs.topk(k, dim=-1)
+    values, ids = top.values.tolist(), top.indices.tolist()
+    for n, row in enumerate(rows):
+        wanted = params[row].logprobs or 0
+        result[row] = (picked[n], tuple(zip(ids[n][:wanted], values[n][:wanted], strict=True)))
+    return result
 
 
 def choose_tokens_tensor(

@@ -80,9 +80,17 @@ class CompletionRequest(_SamplingFields):
         ]
     )
     echo: Literal[False] | None = None
-    logprobs: None = None
+    # The chosen tokens' log-probabilities and this many alternatives per position (OpenAI's
+    # legacy completions allow up to 5); not with stream.
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
     suffix: None = None
+
+    @model_validator(mode="after")
+    def _logprobs_not_streamed(self) -> CompletionRequest:
+        if self.logprobs is not None and self.stream:
+            raise ValueError("logprobs: not supported with stream")
+        return self
 
     def prompts(self) -> list[str] | list[list[int]]:
         """Every prompt of the request, as texts or as token id lists."""
@@ -162,10 +170,20 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: per generated token, its text, its log-probability,
+    the most likely tokens of its position with theirs, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 

@@ -23,7 +23,7 @@ from types import FrameType
 import uvicorn
 from prometheus_client import start_http_server
 
-from metalserve import sdnotify
+from metalserve import sdnotify, tls
 from metalserve.api import create_app
 from metalserve.exitcodes import ExitCode
 from metalserve.http_protocol import timed_h11_protocol
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_SECONDS = 5
 # After aborting requests at the drain timeout, how long their handlers get to answer.
 ABORT_GRACE_SECONDS = 2.0
+# How often (in uvicorn's 0.1 s ticks) a renewed TLS certificate is looked for.
+TLS_CHECK_TICKS = 50
 
 
 class DrainingServer(uvicorn.Server):
@@ -62,6 +64,7 @@ class DrainingServer(uvicorn.Server):
         self.watchdog: sdnotify.Watchdog | None = None
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
+        self.tls_reloader: tls.CertificateReloader | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -103,6 +106,8 @@ class DrainingServer(uvicorn.Server):
         if self.freeze_heap and not self._heap_frozen and self.replica.ready:
             freeze_heap()
             self._heap_frozen = True
+        if self.tls_reloader is not None and counter % TLS_CHECK_TICKS == 0:
+            self.tls_reloader.check()
         return await super().on_tick(counter)
 
     async def _drain(self) -> None:
@@ -158,6 +163,12 @@ def run(settings: ServeSettings, version_id: str) -> int:
         # The heartbeat must advance well within the pinger's freshness limit when idle.
         replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)
     app = create_app(settings, replica)
+    ssl_context = None
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        # Our context, not uvicorn's: TLS 1.2 or later, client certificates when required.
+        ssl_context = tls.server_context(
+            settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca
+        )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -168,8 +179,19 @@ def run(settings: ServeSettings, version_id: str) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
         http=timed_h11_protocol(settings.request_timeout),
+        ssl_context_factory=None
+        if ssl_context is None
+        else (lambda _config, _default: ssl_context),
     )
     server = DrainingServer(config, replica, notifier, freeze_heap=True)
+    if ssl_context is not None and settings.tls_certfile and settings.tls_keyfile:
+        server.tls_reloader = tls.CertificateReloader(
+            ssl_context, settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca
+        )
+        log.info(
+            "HTTPS on the API port%s",
+            ", client certificates required" if settings.tls_client_ca else "",
+        )
     replica.metrics.watch_gc()
     if settings.metrics_port is not None:
         # A thread of prometheus_client's: every path there is the metrics, nothing else.

@@ -127,6 +127,17 @@ class ServeSettings(BaseSettings):
     admin_token_file: Path | None = Field(
         None, description="file holding the bearer token of /admin/reload (unset: disabled)"
     )
+    tls_certfile: Path | None = Field(
+        None,
+        description="serve the API port over HTTPS with this PEM certificate (chain), reloaded "
+        "when the file is renewed; needs --tls-keyfile (default: plain HTTP)",
+    )
+    tls_keyfile: Path | None = Field(None, description="the certificate's PEM private key")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="mutual TLS: refuse every API client without a certificate issued by this "
+        "PEM CA (the metrics port stays plain); needs --tls-certfile",
+    )
     read_chunk_mib: int = Field(16, ge=1, le=1024, description="read size when loading weights")
     otlp_endpoint: str | None = Field(
         None,
@@ -174,6 +185,18 @@ class ServeSettings(BaseSettings):
     def _metrics_port(self) -> ServeSettings:
         if self.metrics_port == self.port:
             raise ValueError(f"metrics_port {self.metrics_port} is the port of the API too")
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServeSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            raise ValueError("tls_client_ca needs tls_certfile and tls_keyfile (mutual TLS)")
+        for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path}: no such file")
         return self
 
     @field_validator("version")
@@ -255,13 +278,57 @@ class CacheFillSettings(CommandSettings):
 class ConsistencySettings(CommandSettings):
     """``metalserve consistency``."""
 
-    urls: Annotated[list[str], Arg(positional=True, nargs="+", metavar="URL")] = Field(
-        description="replica base URL"
+    urls: Annotated[list[str], Arg(positional=True, nargs="*", metavar="URL")] = Field(
+        default_factory=list, description="replica base URL (or --haproxy-socket)"
     )
-    prompt: str | None = Field(None, description="prompt to send")
+    haproxy_socket: Path | None = Field(
+        None,
+        description="check the servers of --backend that this HAProxy's runtime API reports up "
+        "and in rotation (a standby at weight 0 once promoted); "
+        "skip the check (exit 0, the textfile says so) while one is drained or in maintenance: a "
+        "rollout, a maintenance or a scale-down is under way",
+    )
+    backend: str = Field("metalserve_replicas", description="(default: %(default)s)")
+    scheme: Literal["http", "https"] = Field(
+        "http", description="of the replicas found through HAProxy (default: %(default)s)"
+    )
+    prompt: str | None = Field(None, description="prompt to send (instead of --prompts)")
+    prompts: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="send the first K of the built-in prompts (default: %(default)s)",
+    )
+    tolerance: float = Field(
+        0.25,
+        ge=0,
+        le=5,
+        description="nats between the two best tokens under which replicas that part there are "
+        "a numerical tie, not a difference (default: %(default)s)",
+    )
+    textfile: Path | None = Field(
+        None,
+        description="also write the result as Prometheus metrics to this file (node_exporter's "
+        "textfile collector)",
+    )
     model: str | None = Field(None, description="model id (default: from /version)")
     max_tokens: int | None = None
     timeout: float = Field(60.0, description="seconds per request")
+    tls_ca: Path | None = Field(
+        None, description="check https replicas' certificates against this PEM CA"
+    )
+    tls_client_cert: Path | None = Field(
+        None, description="present this PEM certificate to replicas that require one (mTLS)"
+    )
+    tls_client_key: Path | None = Field(None, description="the client certificate's key")
+
+    @model_validator(mode="after")
+    def _client_tls(self) -> ConsistencySettings:
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError("tls_client_cert and tls_client_key go together")
+        if bool(self.urls) == (self.haproxy_socket is not None):
+            raise ValueError("give replica URLs or --haproxy-socket, one of the two")
+        return self
 
 
 class AutoscaleSettings(CommandSettings):

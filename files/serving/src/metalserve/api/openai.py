@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -10,8 +11,10 @@ from fastapi.responses import Response, StreamingResponse
 from metalserve.api.deps import ReplicaDep, SettingsDep
 from metalserve.engine import Finished, TextDelta
 from metalserve.generation import start_generation
+from metalserve.loader import LoadedModel
 from metalserve.prompts import chat_prompt, completion_prompts
 from metalserve.relay import SSE_DONE, sse, stream_failure
+from metalserve.sampling import TokenLogprob
 from metalserve.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -22,6 +25,7 @@ from metalserve.schemas import (
     ChatMessageOut,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -31,6 +35,26 @@ from metalserve.schemas import (
 )
 
 router = APIRouter()
+
+
+def completion_logprobs(
+    bundle: LoadedModel, logprobs: tuple[tuple[int, TokenLogprob], ...] | None
+) -> CompletionLogprobs | None:
+    """A choice's logprobs in OpenAI's completions form; offsets count from the completion's
+    start (no echo)."""
+    if logprobs is None:
+        return None
+    tokenizer = bundle.tokenizer
+    texts = [tokenizer.decode([token]) for token, _ in logprobs]
+    offsets = [0, *itertools.accumulate(len(t) for t in texts)][: len(texts)]
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[chosen for _, (chosen, _) in logprobs],
+        top_logprobs=[
+            {tokenizer.decode([alt]): value for alt, value in top} for _, (_, top) in logprobs
+        ],
+        text_offset=offsets,
+    )
 
 
 @router.get("/v1/models")
@@ -105,7 +129,12 @@ async def completions(
         model=bundle.name,
         system_fingerprint=generation.fingerprint,
         choices=[
-            CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason)
+            CompletionChoice(
+                index=i,
+                text="".join(c.text),
+                logprobs=completion_logprobs(bundle, c.logprobs),
+                finish_reason=c.finish_reason,
+            )
             for i, c in enumerate(choices)
         ],
         usage=Usage.of(

@@ -23,6 +23,7 @@ class Server:
     weight: int  # now (the runtime API may have changed it)
     initial_weight: int  # the configuration's
     healthy: bool
+    drained: bool = False  # in maintenance or drain (lb_drain: a rollout or maintenance)
 
 
 class RuntimeAPI:
@@ -55,6 +56,7 @@ class RuntimeAPI:
                         initial_weight=int(row["srv_iweight"]),
                         healthy=int(row["srv_op_state"]) == RUNNING
                         and row["srv_admin_state"] == "0",
+                        drained=row["srv_admin_state"] != "0",
                     )
                 )
             except (KeyError, ValueError) as exc:  # a line cut short (e.g. during a reload)

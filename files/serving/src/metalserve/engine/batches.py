@@ -24,7 +24,7 @@ from metalserve.engine.sequence import (
     Sequence,
     TextDelta,
 )
-from metalserve.sampling import SamplingParams, choose_tokens, choose_tokens_tensor
+from metalserve.sampling import SamplingParams, choose_tokens_tensor, token_logprobs
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +99,10 @@ class DynamicBatch:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = kvcache.new_cache()
             logits = self._forward(ids, mask, positions, cache)
-            tokens = choose_tokens(logits, [s.params for s in new], [_generator(s) for s in new])
+            params = [s.params for s in new]
+            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in new])
+            logprobs = token_logprobs(logits, chosen, params)
+            tokens: list[int] = chosen.tolist()
             _count(self, "prefill", len(new), started)
             added = _BatchTensors(
                 cache=cache,
@@ -125,8 +128,8 @@ class DynamicBatch:
                     last_tokens=torch.cat([old.last_tokens, added.last_tokens]),
                 )
             self.seqs.extend(new)
-            for seq, token in zip(new, tokens, strict=True):
-                seq.append(token, self.observer)
+            for seq, token, logprob in zip(new, tokens, logprobs, strict=True):
+                seq.append(token, self.observer, logprob)
             self.evict_done()
 
     def step(self) -> None:
@@ -145,14 +148,15 @@ class DynamicBatch:
                 state.positions[:, None],
                 state.cache,
             )
-            tokens = choose_tokens(
-                logits, [s.params for s in self.seqs], [_generator(s) for s in self.seqs]
-            )
+            params = [s.params for s in self.seqs]
+            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in self.seqs])
+            logprobs = token_logprobs(logits, chosen, params)
+            tokens: list[int] = chosen.tolist()
             _count(self, "decode", len(self.seqs), started)
             state.positions = state.positions + 1
-            state.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.bundle.device)
-            for seq, token in zip(self.seqs, tokens, strict=True):
-                seq.append(token, self.observer)
+            state.last_tokens = chosen
+            for seq, token, logprob in zip(self.seqs, tokens, logprobs, strict=True):
+                seq.append(token, self.observer, logprob)
             self.evict_done()
 
     def evict_done(self) -> None:
@@ -242,15 +246,15 @@ class StaticBatch:
                 ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
             lengths = torch.tensor([len(s.prompt_ids) for s in new], dtype=torch.long)
             logits = self.decoder.prefill(ids, lengths, first)
-            chosen = choose_tokens_tensor(
-                logits, [s.params for s in new], [_generator(s) for s in new]
-            )
+            params = [s.params for s in new]
+            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in new])
+            logprobs = token_logprobs(logits, chosen, params)
             self.decoder.admit(first, chosen, lengths)
             tokens = self.decoder.to_host(chosen)
             _count(self, "prefill", len(new), started)
             self.seqs.extend(new)
-            for seq, token in zip(new, tokens, strict=True):
-                seq.append(token, self.observer)
+            for seq, token, logprob in zip(new, tokens, logprobs, strict=True):
+                seq.append(token, self.observer, logprob)
             self.evict_done()
 
     def step(self) -> None:
@@ -265,14 +269,14 @@ class StaticBatch:
             # The position each row feeds now: its prompt and all but its newest token are cached.
             last = max(len(s.prompt_ids) + len(s.generated) for s in seqs) - 1
             logits = self.decoder.decode(len(seqs), last)
-            chosen = choose_tokens_tensor(
-                logits, [s.params for s in seqs], [_generator(s) for s in seqs]
-            )
+            params = [s.params for s in seqs]
+            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in seqs])
+            logprobs = token_logprobs(logits, chosen, params)
             self.decoder.advance(len(seqs), chosen)
             tokens = self.decoder.to_host(chosen)
             _count(self, "decode", len(seqs), started)
-            for seq, token in zip(seqs, tokens, strict=True):
-                seq.append(token, self.observer)
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+                seq.append(token, self.observer, logprob)
             self.evict_done()
 
     def evict_done(self) -> None:

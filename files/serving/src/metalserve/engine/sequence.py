@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from metalserve.detokenize import IncrementalDetokenizer, StopMatcher
-from metalserve.sampling import SamplingParams, make_generator
+from metalserve.sampling import SamplingParams, TokenLogprob, make_generator
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,8 @@ class Finished:
     reason: str  # "stop" or "length", as in the OpenAI API
     prompt_tokens: int
     completion_tokens: int
+    # Per generated token (token id, its TokenLogprob), when the request asked for logprobs.
+    logprobs: tuple[tuple[int, TokenLogprob], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Sequence:
     finished_at: float | None = None
     cancelled: bool = False  # set by the API when the client goes away
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
     generator: torch.Generator | None = None
     _detok: IncrementalDetokenizer | None = None
@@ -80,9 +83,13 @@ class Sequence:
         self._detok = IncrementalDetokenizer(self.bundle.tokenizer.backend_tokenizer)
         self._stops = StopMatcher(self.params.stop)
 
-    def append(self, token: int, observer: EngineObserver | None) -> None:
+    def append(
+        self, token: int, observer: EngineObserver | None, logprob: TokenLogprob | None = None
+    ) -> None:
         """Engine side: record one sampled token and emit text; finish when a limit is hit."""
         detok, stops = self._decoding()
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if not self.generated:
             self.first_token_at = time.monotonic()
             if observer is not None:
@@ -128,6 +135,9 @@ class Sequence:
             reason = "stop" if stopped else reason
         self.done = True
         self.finished_at = time.monotonic()
-        self.sink(Finished(reason, len(self.prompt_ids), len(self.generated)))
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = tuple(zip(self.generated, self.logprobs, strict=True))
+        self.sink(Finished(reason, len(self.prompt_ids), len(self.generated), logprobs))
         if observer is not None:
             observer.sequence_finished(reason, len(self.prompt_ids), len(self.generated))
