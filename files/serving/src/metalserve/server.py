@@ -163,11 +163,18 @@ def run(settings: ServeSettings, version_id: str) -> int:
         # The heartbeat must advance well within the pinger's freshness limit when idle.
         replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)
     app = create_app(settings, replica)
-    ssl_context = None
+    ssl_context, reloader = None, None
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         # Our context, not uvicorn's: TLS 1.2 or later, client certificates when required.
         ssl_context = tls.server_context(
             settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca
+        )
+        reloader = tls.CertificateReloader(
+            ssl_context, settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca
+        )
+        log.info(
+            "HTTPS on the API port%s",
+            ", client certificates required" if settings.tls_client_ca else "",
         )
     config = uvicorn.Config(
         app,
@@ -184,14 +191,7 @@ def run(settings: ServeSettings, version_id: str) -> int:
         else (lambda _config, _default: ssl_context),
     )
     server = DrainingServer(config, replica, notifier, freeze_heap=True)
-    if ssl_context is not None and settings.tls_certfile and settings.tls_keyfile:
-        server.tls_reloader = tls.CertificateReloader(
-            ssl_context, settings.tls_certfile, settings.tls_keyfile, settings.tls_client_ca
-        )
-        log.info(
-            "HTTPS on the API port%s",
-            ", client certificates required" if settings.tls_client_ca else "",
-        )
+    server.tls_reloader = reloader
     replica.metrics.watch_gc()
     if settings.metrics_port is not None:
         # A thread of prometheus_client's: every path there is the metrics, nothing else.
