@@ -86,3 +86,17 @@ def render_role_templates(role: str, templates: dict[str, Path], overrides: dict
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def run_keepalived_notify(work: Path, state: str) -> str:
+    """Role keepalived's notify script, rendered with its textfile directory under ``work`` and
+    run as keepalived runs it on a change to ``state``; returns the textfile it wrote."""
+    script = work / "notify.sh"
+    render_role_templates(
+        "keepalived",
+        {"metalserve-notify.sh.j2": script},
+        {"metalserve_textfile_dir": str(work / "textfile"), "keepalived_virtual_ip": "198.18.0.100"},
+        work,
+    )
+    subprocess.run(["sh", str(script), "INSTANCE", "metalserve_vip", state, "200"], check=True, timeout=30)
+    return (work / "textfile" / "keepalived.prom").read_text()

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import secrets
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -554,3 +555,57 @@ def test_a_key_with_a_quota_gets_429_once_it_is_used_up(haproxy: Callable[..., L
     assert [a.status_code for a in answers] == [200, 200, 200, 429], [a.text for a in answers]
     assert answers[-1].json()["error"]["code"] == "insufficient_quota"
     assert complete(port, str(KEYS[0]["key"]), {"model": "tiny-llama", "prompt": "Hi"}).status_code == 200
+
+
+def runtime_api(listeners: Listeners, command: str) -> str:
+    """One command on the HAProxy's admin socket (next to its files)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(str(listeners.certificate.with_name("admin.sock")))
+        client.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def test_two_load_balancers_share_rate_limits_over_tls_peers(
+    haproxy: Callable[..., Listeners], mtls_replicas: tuple[Pki, list[dict[str, object]]]
+) -> None:
+    """With two peers (haproxy_peers) a key's requests through one load balancer count at the
+    other: team-b (3 per 10 s) uses its three on lb-a, and its next request on lb-b gets 429.
+    The peers speak TLS with the cluster CA's certificates both ways, as the lab's do."""
+    cluster, servers = mtls_replicas
+    ports = {"lb-a": free_port(), "lb-b": free_port()}
+    peers = [{"name": name, "address": "127.0.0.1", "port": port} for name, port in ports.items()]
+    limited = [{**k, "rate_limit": 3} if k["name"] == "team-b" else k for k in KEYS]
+    started = {
+        name: haproxy(
+            haproxy_backend_servers=servers,
+            haproxy_health_interval="200ms",
+            haproxy_api_keys=limited,
+            haproxy_peers=peers,
+            haproxy_peer_name=name,
+            metalserve_replica_mtls=True,
+            metalserve_ca_cert=str(cluster.ca),
+            __haproxy_replica_client_pem=str(cluster.issue(name)),
+        )
+        for name in ports
+    }
+    deadline = time.monotonic() + 10
+    while "ESTA" not in runtime_api(started["lb-a"], "show peers"):
+        assert time.monotonic() < deadline, runtime_api(started["lb-a"], "show peers")
+        time.sleep(0.2)
+    key, body = str(KEYS[1]["key"]), {"model": "tiny-llama", "prompt": "Hi"}
+    for name, listeners in started.items():  # both reach the replica (the checks' rise at start)
+        while complete(listeners.http, str(KEYS[0]["key"]), body).status_code != 200:
+            assert time.monotonic() < deadline, f"{name}: no replica came up over mTLS"
+            time.sleep(0.2)
+    answers = [complete(started["lb-a"].http, key, body).status_code for _ in range(3)]
+    assert answers == [200, 200, 200], answers
+    while "http_req_rate(10000)=3" not in runtime_api(started["lb-b"], "show table per_key_rate"):
+        assert time.monotonic() < deadline, runtime_api(started["lb-b"], "show table per_key_rate")
+        time.sleep(0.1)
+    refused = complete(started["lb-b"].http, key, body)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo_helpers import REPO, free_port, render_role_templates
+from repo_helpers import REPO, free_port, render_role_templates, run_keepalived_notify
 
 ROLE = REPO / "roles" / "monitoring"
 RULES_TEST = ROLE / "tests" / "metalserve.rules.test.yml"
@@ -54,7 +54,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rules_pass_promtool_check(rules: Path) -> None:
     result = promtool("check", "rules", rules.name, cwd=rules.parent)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 13 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 def test_every_alert_passes_its_unit_tests(rules: Path) -> None:
@@ -155,6 +155,11 @@ def consistency_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[st
     return {line.split("{")[0].split(" ")[0] for line in lines}
 
 
+def keepalived_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    text = run_keepalived_notify(tmp_path_factory.mktemp("keepalived"), "MASTER")
+    return {line.split("{")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def dcgm_metric_names() -> set[str]:
     lines = (line.strip() for line in DCGM_COUNTERS.read_text().splitlines())
     return {line.split(",")[0].strip() for line in lines if line and not line.startswith("#")}
@@ -167,6 +172,7 @@ def exported(haproxy_metric_names: set[str], tmp_path_factory: pytest.TempPathFa
         | haproxy_metric_names
         | dcgm_metric_names()
         | consistency_metric_names(tmp_path_factory)
+        | keepalived_metric_names(tmp_path_factory)
         | {"up"}
     )
 

@@ -72,6 +72,19 @@ def test_a_healthy_canary_passes(rows: list[dict[str, Any]]) -> None:
     assert result["baseline"]["responses"] == 200
 
 
+def test_behind_a_virtual_ip_the_load_balancers_are_judged_together(rows: list[dict[str, Any]]) -> None:
+    """canary.yml concatenates every load balancer's rows: the one holding the virtual IP took
+    all the clients, the other none; together the canary answered enough, alone the idle one
+    would fail it for too little traffic."""
+    ok = {"hrsp_2xx": 15}
+    holder_after = answered(rows, gpu1_0=ok, gpu1_1=ok, gpu2_0=ok, gpu2_1=ok)
+    idle_before, idle_after = copy.deepcopy(rows), copy.deepcopy(rows)
+    together = verdict(rows + idle_before, holder_after + idle_after)
+    assert together["passed"] is True, together["problems"]
+    assert together["canary"]["responses"] == 30
+    assert verdict(idle_before, idle_after)["passed"] is False
+
+
 def test_a_canary_refusing_requests_fails(rows: list[dict[str, Any]]) -> None:
     bad = {"hrsp_2xx": 60, "hrsp_4xx": 40}
     ok = {"hrsp_2xx": 100}

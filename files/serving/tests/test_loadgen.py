@@ -402,10 +402,11 @@ def test_plan_covers_stream_and_greedy_combinations() -> None:
 
 def test_summary() -> None:
     results = [
-        RequestResult(0, False, True, 0.010, fingerprint="m@a"),
-        RequestResult(1, True, True, 0.030, fingerprint="m@b"),
-        RequestResult(2, False, False, 0.001, "http 503", "#2 non-stream: http 503"),
-        RequestResult(3, True, True, 0.020, fingerprint="m@a"),
+        RequestResult(0, False, True, 0.010, fingerprint="m@a", done_s=0.2),
+        RequestResult(1, True, True, 0.030, fingerprint="m@b", done_s=0.4),
+        RequestResult(2, False, False, 0.001, "http 503", "#2 non-stream: http 503", done_s=0.5),
+        # The longest stretch without a success: from 0.4 s to 1.6 s (the failure does not count).
+        RequestResult(3, True, True, 0.020, fingerprint="m@a", done_s=1.6),
     ]
     summary = loadgen.summarize("http://lb", "m", 2.0, results, "duration")
     assert summary == {
@@ -419,6 +420,7 @@ def test_summary() -> None:
         "non_streaming": 2,
         "requests_per_s": 2.0,
         "latency_ms": {"p50": 20.0, "p99": 30.0, "max": 30.0},
+        "longest_gap_s": 1.2,
         "failures": {"http 503": 1},
         "failure_examples": ["#2 non-stream: http 503"],
         "fingerprints": {"m@a": 2, "m@b": 1},
@@ -427,4 +429,5 @@ def test_summary() -> None:
     assert loadgen.exit_code(summary) == 1
     empty = loadgen.summarize("http://lb", "m", 1.0, [], "signal")
     assert empty["latency_ms"] == {"p50": None, "p99": None, "max": None}
+    assert empty["longest_gap_s"] == 1.0  # no success at all: the whole run
     assert loadgen.exit_code(empty) == 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -54,6 +56,7 @@ class RequestResult:
     reason: str | None = None  # short, for counting; None when ok
     detail: str | None = None  # longer, for failure_examples
     fingerprint: str | None = None
+    done_s: float = 0.0  # from the run's start to the request's end
 
 
 @dataclass(slots=True)
@@ -246,7 +249,7 @@ async def _worker(client: httpx.AsyncClient, run: _Run) -> None:
             # cluster CPU to spare); a worker that is late sends at once.
             await asyncio.sleep(max(0.0, run.started + index / rate - time.monotonic()))
         result = await send_one(client, run.settings, run.model, index)
-        run.results.append(result)
+        run.results.append(dataclasses.replace(result, done_s=time.monotonic() - run.started))
         if not result.ok:
             await asyncio.sleep(FAILURE_PAUSE_S)
 
@@ -340,6 +343,10 @@ def summarize(
             "max": round(latencies[-1], 1),
         }
     streaming = sum(r.stream for r in results)
+    # What a client saw of an outage (a load balancer's failover, say): the longest stretch of
+    # the run in which no request succeeded.
+    edges = [0.0, *sorted(r.done_s for r in ok), max(duration_s, 0.0)]
+    longest_gap = max(later - earlier for earlier, later in itertools.pairwise(edges))
     return {
         "url": url,
         "model": model,
@@ -351,6 +358,7 @@ def summarize(
         "non_streaming": len(results) - streaming,
         "requests_per_s": round(len(results) / duration_s, 2) if duration_s > 0 else 0.0,
         "latency_ms": latency_ms,
+        "longest_gap_s": round(longest_gap, 3),
         "failures": dict(Counter(r.reason or "?" for r in failed).most_common()),
         "failure_examples": [r.detail or r.reason or "?" for r in failed[:MAX_EXAMPLES]],
         # Over successful requests: which versions answered.
