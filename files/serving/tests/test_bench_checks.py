@@ -57,7 +57,8 @@ def test_check_settings() -> None:
     with pytest.raises(ValueError, match="choose from 160m, tiny"):
         ReloadCheckSettings(preset="850m")
     decode = DecodeCheckSettings()
-    assert (decode.device, decode.preset, decode.checks) == ("cuda", "850m", ("verify", "prof"))
+    assert (decode.device, decode.preset) == ("cuda", "850m")
+    assert decode.checks == ("verify", "prof", "fp8")
     assert decode.dir == Path("/var/tmp/metalserve-bench/serve")
     assert DecodeCheckSettings(checks=("prof",)).checks == ("prof",)
 
@@ -180,6 +181,15 @@ def test_decode_check_on_cpu(tmp_path: Path) -> None:
     timed = ("step_ms_graph_b32_l256", "step_ms_eager_b32_l192", "prefill_ms_32x64")
     for key in (*timed, "prefill_eager_ms_32x64", "prefill_eager_ms_1x64"):
         assert prof[key] > 0, key
+    fp8 = report["fp8"]["result"]
+    sizes = fp8["weight_bytes"]
+    assert sizes["fp8"] < sizes["bfloat16"] < sizes["float32"]
+    for name in ("fp8_vs_bfloat16", "float32_vs_bfloat16"):
+        assert fp8[name]["top1_total"] == fp8[name]["free_run_tokens_total"] == 192
+        assert 0 <= fp8[name]["kl_mean"] <= fp8[name]["kl_max"]
+    # float32 and bfloat16 differ by rounding only; FP8 by more, but still mostly agree.
+    assert fp8["float32_vs_bfloat16"]["top1_agree"] >= 180
+    assert fp8["fp8_vs_bfloat16"]["top1_agree"] >= 150
 
 
 @pytest.mark.e2e

@@ -33,6 +33,8 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "8",
         "--clients",
         "3",
+        "--arms",
+        ",".join(SERVE_ARMS),  # the default and server-fp8
         "--dir",
         str(tmp_path / "data"),
         "--out",
@@ -50,6 +52,14 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert report["arms"]["naive"]["requests"] == 4
     assert report["arms"]["static"]["requests"] == 6  # two batches of --clients
     assert report["arms"]["server"]["requests"] == 12
+    # The same server with FP8 projections (on the CPU: the static path, eager).
+    fp8, plain = report["arms"]["server-fp8"], report["arms"]["server"]
+    assert (plain["quantization"], fp8["quantization"]) == ("none", "fp8")
+    assert fp8["decode_path"] == "static"
+    assert 0 < fp8["weight_bytes"] < plain["weight_bytes"]
+    assert report["ratios"]["server_fp8_vs_server_weight_bytes"] == pytest.approx(
+        fp8["weight_bytes"] / plain["weight_bytes"], abs=0.001
+    )
     assert report["arms"]["server"]["mean_decode_batch"] > 1
     # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
     assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
@@ -104,10 +114,11 @@ def test_a_failing_worker_ends_the_run_instead_of_a_barrier_wait() -> None:
 
 def test_requests_per_arm() -> None:
     options = BenchServeSettings(clients=32)
-    assert [options.requests_for(arm) for arm in SERVE_ARMS] == [4, 64, 128]
+    assert [options.requests_for(arm) for arm in SERVE_ARMS] == [4, 64, 128, 128]
     given = BenchServeSettings(clients=3, requests=7)
     # The static arm runs whole batches of --clients.
-    assert [given.requests_for(arm) for arm in SERVE_ARMS] == [7, 9, 7]
+    assert [given.requests_for(arm) for arm in SERVE_ARMS] == [7, 9, 7, 7]
+    assert options.arms == ("naive", "static", "server")  # server-fp8 when asked for
 
 
 def test_server_args_are_split_like_a_shell() -> None:
@@ -138,5 +149,11 @@ def test_decode_roofline_counts_weights_and_kv_at_the_measured_bandwidth() -> No
     assert roof["kv_bytes_per_step"] == 32 * 128 * (32 * 2 * 8 * 128 * 2)
     floor = (roof["weight_bytes"] + roof["kv_bytes_per_step"]) / 4000e9
     assert roof["roofline_step_s"] == pytest.approx(floor, abs=1e-6)
+    # The weights as the server reports them (FP8: the projections a byte each) set the floor.
+    served = (parameters - embedding) // 2 + embedding * 2
+    fp8 = decode_roofline(
+        options, {"parameters": parameters}, {**server, "weight_bytes": served}, 4000.0
+    )
+    assert fp8["weight_bytes"] == served - embedding * 2
     assert roof["efficiency"] == pytest.approx(floor / 0.0075, abs=1e-3)
     assert 0.5 < roof["efficiency"] < 0.6  # 15 GB + 0.5 GB in 7.5 ms at 4 TB/s

@@ -71,6 +71,7 @@ class Replica:
             step_delay=settings.debug_step_delay,
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
+            quantization=settings.quantization,
             flush_events=self.relay.flush,
         )
         self.admin_token = read_token(settings.admin_token_file)

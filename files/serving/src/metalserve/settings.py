@@ -112,6 +112,12 @@ class ServeSettings(BaseSettings):
         "kernels; the first start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); auto: on "
         "with cuda-graphs",
     )
+    quantization: Literal["none", "fp8"] = Field(
+        "none",
+        description="weights of the static path's projections: none (the model's dtype) or fp8 "
+        "(E4M3, one scale per output channel, quantized when the model goes live: half the "
+        "bytes a decode step reads; CUDA compute capability 8.9+ with bfloat16, or the CPU)",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"
@@ -180,6 +186,21 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         return validate_device(value)
+
+    @model_validator(mode="after")
+    def _quantization(self) -> ServeSettings:
+        if self.quantization != "none":
+            if self.decode_mode == "dynamic":
+                raise ValueError(
+                    f"quantization {self.quantization} runs on the static decode path: "
+                    "decode_mode static, cuda-graphs or auto, not dynamic"
+                )
+            if self.device.startswith("cuda") and self.dtype in ("float32", "float16"):
+                raise ValueError(
+                    f"quantization {self.quantization} on CUDA needs dtype bfloat16 or auto, "
+                    f"not {self.dtype}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _metrics_port(self) -> ServeSettings:

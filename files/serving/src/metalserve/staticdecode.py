@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from metalserve import fp8
+
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
 
@@ -184,20 +186,37 @@ class LayerShape(NamedTuple):
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's parameters, q/k/v and gate/up fused (views of the model's own)."""
+    """One decoder layer's parameters, q/k/v and gate/up fused (views of the model's own, or
+    with ``--quantization fp8`` the four projections in FP8)."""
 
     input_norm: torch.Tensor
     input_eps: float
-    qkv: torch.Tensor
+    qkv: torch.Tensor | fp8.Fp8Weight
     qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: torch.Tensor | fp8.Fp8Weight
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
     post_eps: float
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | fp8.Fp8Weight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | fp8.Fp8Weight
     down_bias: torch.Tensor | None
+
+    def projections(self) -> list[torch.Tensor | fp8.Fp8Weight]:
+        return [self.qkv, self.o_proj, self.gate_up, self.down]
+
+    def in_fp8(self) -> LayerWeights:
+        """The same layer with its projections quantized to FP8 (per output channel)."""
+
+        def quantized(w: torch.Tensor | fp8.Fp8Weight) -> fp8.Fp8Weight:
+            return w if isinstance(w, fp8.Fp8Weight) else fp8.quantize_weight(w)
+
+        return self._replace(
+            qkv=quantized(self.qkv),
+            o_proj=quantized(self.o_proj),
+            gate_up=quantized(self.gate_up),
+            down=quantized(self.down),
+        )
 
 
 def decode_layer(
@@ -221,9 +240,7 @@ def decode_layer(
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     batch, length = x.shape[0], bias.shape[-1]
     h = _rms_norm_of(x, w.input_norm, w.input_eps)
-    qkv = torch.nn.functional.linear(h, w.qkv, w.qkv_bias).view(
-        batch, heads + 2 * kv_heads, head_dim
-    )
+    qkv = fp8.linear(h, w.qkv, w.qkv_bias).view(batch, heads + 2 * kv_heads, head_dim)
     qk = _rope(qkv[:, : heads + kv_heads], cos, signed_sin)
     q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
     rows = torch.arange(batch, device=x.device)
@@ -240,11 +257,11 @@ def decode_layer(
         scale=shape.scaling,
         enable_gqa=True,
     )
-    x = x + torch.nn.functional.linear(out.reshape(batch, heads * head_dim), w.o_proj, w.o_bias)
-    gate, up = torch.nn.functional.linear(
+    x = x + fp8.linear(out.reshape(batch, heads * head_dim), w.o_proj, w.o_bias)
+    gate, up = fp8.linear(
         _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
     ).chunk(2, dim=-1)
-    out_mlp = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
+    out_mlp = fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
     result: torch.Tensor = x + out_mlp
     return result
 
@@ -290,6 +307,28 @@ def _layer_weights(layer: Any) -> LayerWeights:
     )
 
 
+def _release_projections(layer: Any) -> None:
+    """Give the memory of a layer's projection weights back (they are on ``meta`` after)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    for linear in (*projections, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+
+
+def _weight_bytes(model: Any, layers: list[LayerWeights]) -> int:
+    """Bytes the model's weights take on its device: its parameters (shared ones once, released
+    ones not) and the FP8 projections with their scales."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    quantized = sum(
+        t.numel() * t.element_size()
+        for w in layers
+        for p in w.projections()
+        if isinstance(p, fp8.Fp8Weight)
+        for t in p
+    )
+    return int(params + quantized)
+
+
 def _detached(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach()
 
@@ -330,7 +369,10 @@ class StaticDecoder:
         cuda_graphs: bool,
         compile_layers: bool = False,
         bucketed_prefill: bool | None = None,
+        quantization: str = "none",
     ) -> None:
+        if quantization not in fp8.QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         reason = unsupported_reason(model)
         if reason is not None:
             raise StaticDecodeUnavailable(reason)
@@ -356,6 +398,9 @@ class StaticDecoder:
         # Per layer: q, k and v in one GEMM; gate and up in one GEMM.
         with torch.no_grad():
             self.layer_weights = [_layer_weights(layer) for layer in self.layers]
+        self.quantization = quantization
+        if quantization == "fp8":
+            self._quantize_layers()
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
 
@@ -403,6 +448,27 @@ class StaticDecoder:
         if device.type == "cuda":
             self._copied = torch.cuda.Event()
         self.capture_seconds = 0.0
+        self.weight_bytes = _weight_bytes(model, self.layer_weights)
+
+    def _quantize_layers(self) -> None:
+        """Every layer's projections in FP8, layer by layer, each layer's bfloat16 projections
+        released as soon as it is done (the peak is one layer over the model): afterwards the
+        model's own modules cannot run a forward; the static path never asks them to."""
+        shapes = [
+            p.shape
+            for w in self.layer_weights
+            for p in w.projections()
+            if isinstance(p, torch.Tensor)
+        ]
+        reason = fp8.unsupported_reason(self.device, self.dtype, shapes)
+        if reason is not None:
+            raise StaticDecodeUnavailable(reason)
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                self.layer_weights[index] = self.layer_weights[index].in_fp8()
+                _release_projections(layer)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _check_memory(self, needed: int) -> None:
         if self.device.type != "cuda":
@@ -605,7 +671,7 @@ class StaticDecoder:
             for index, w in enumerate(self.layer_weights):
                 h = _rms_norm_of(x, w.input_norm, w.input_eps)
                 qkv = (
-                    torch.nn.functional.linear(h, w.qkv, w.qkv_bias)
+                    fp8.linear(h, w.qkv, w.qkv_bias)
                     .view(count, longest, heads + 2 * kv_heads, head_dim)
                     .transpose(1, 2)
                 )  # [n, heads + 2 kv_heads, longest, head_dim]
@@ -618,13 +684,11 @@ class StaticDecoder:
                     q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True
                 )
                 out = out.transpose(1, 2).reshape(count, longest, heads * head_dim)
-                x = x + torch.nn.functional.linear(out, w.o_proj, w.o_bias)
-                gate, up = torch.nn.functional.linear(
+                x = x + fp8.linear(out, w.o_proj, w.o_bias)
+                gate, up = fp8.linear(
                     _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
                 ).chunk(2, dim=-1)
-                x = x + torch.nn.functional.linear(
-                    torch.nn.functional.silu(gate) * up, w.down, w.down_bias
-                )
+                x = x + fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
         final = x[torch.arange(count, device=self.device), last]  # [n, hidden]
         logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, final))
         return logits

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "h2d", "hash")
-SERVE_ARMS = ("naive", "static", "server")
+SERVE_ARMS = ("naive", "static", "server", "server-fp8")
+# server-fp8: the server arm again with --quantization fp8 (asked for by name: it needs FP8 tensor
+# cores on CUDA, and doubles the server's share of the run).
+DEFAULT_SERVE_ARMS = ("naive", "static", "server")
 CACHES = ("cold", "warm")
-DECODE_CHECKS = ("verify", "prof")
+DECODE_CHECKS = ("verify", "prof", "fp8")
 GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted
 # Llama shapes of the generated models: bench serve (850m, 8b; tiny for tests) and the reload check
 # (160m: two versions of it must fit beside each other; tiny for tests).

@@ -1,5 +1,5 @@
 """``metalserve bench decode-check``: the static/CUDA-graph decode path (``staticdecode``) on
-``bench serve``'s model, two checks:
+``bench serve``'s model, three checks:
 
 * ``verify``: correctness against transformers. In float32, greedy tokens of our path equal
   ``generate()``'s (8 prompts x 24 tokens), teacher-forced and free-running; in bfloat16, the
@@ -8,6 +8,11 @@
 * ``prof``: timings. One decode step as a graph replay at batch 8, 32 and 64 (attention bucket
   256) and eager, with and without the host sync; prefill; allocation and graph capture
   (CUDA events, median of 50 after 5 warm-ups; on CPU one eager run each).
+* ``fp8``: FP8 weights (``--quantization fp8``) against bfloat16 on the same prompts, as the
+  server runs both (graphs, compiled layer): teacher-forced on bfloat16's greedy tokens, top-1
+  agreement, KL divergence and the log-probability of bfloat16's token; free-running greedy
+  agreement. Beside it the same figures for float32 against bfloat16: the distance bfloat16's
+  own rounding makes, the scale to read FP8's against.
 
 The model is ``bench serve``'s (same ``--dir``, ``--preset``, ``--seed``): reused, or made there.
 """
@@ -64,6 +69,14 @@ def run(settings: DecodeCheckSettings) -> dict[str, Any]:
             "transformers generate().",
             "result": verify(store_root, version_id, settings.device),
         }
+    if "fp8" in settings.checks:
+        report["fp8"] = {
+            "method": f"{ROWS} random {PROMPT}-token prompts, {STEPS} steps, each variant fed "
+            "bfloat16's greedy tokens (teacher-forced); kl_mean: mean KL(bfloat16 || variant) of "
+            "the next-token distributions; logprob_abs_diff_mean/max: |log p| differences of the "
+            "token bfloat16 chose; free_run: each variant's own greedy tokens vs bfloat16's",
+            "result": fp8_check(store_root, version_id, settings.device),
+        }
     if "prof" in settings.checks:
         report["prof"] = {
             "method": f"CUDA events, median of {TIMED_REPEATS} after {WARM_UPS} warm-ups "
@@ -78,7 +91,9 @@ def _load(store_root: Path, version_id: str, device: str, dtype: str = "auto") -
     return load_version(store_root, serve.MODEL, version_id, device=device, dtype=dtype)
 
 
-def _decoder(bundle: LoadedModel, slots: int) -> staticdecode.StaticDecoder:
+def _decoder(
+    bundle: LoadedModel, slots: int, quantization: str = "none"
+) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
         slots=slots,
@@ -87,6 +102,7 @@ def _decoder(bundle: LoadedModel, slots: int) -> staticdecode.StaticDecoder:
         dtype=bundle.dtype,
         cuda_graphs=bundle.device.type == "cuda",
         compile_layers=bundle.device.type == "cuda",  # the server's default there
+        quantization=quantization,
     )
 
 
@@ -151,15 +167,7 @@ def _verify_one(bundle: LoadedModel) -> dict[str, Any]:
             dec.advance(ROWS, forced)
         logits = dec.decode(ROWS, PROMPT + step)
     # free-running greedy generation on our path vs transformers generate
-    logits = dec.prefill(prompts, lengths, 0)
-    chosen = logits.argmax(-1)
-    dec.admit(0, chosen, lengths)
-    steps = [chosen]
-    for step in range(STEPS - 1):
-        chosen = dec.decode(ROWS, PROMPT + step).argmax(-1)
-        dec.advance(ROWS, chosen)
-        steps.append(chosen)
-    ours = torch.stack(steps, 1).cpu()
+    ours = torch.tensor(_greedy(dec, prompts))
     reference = ref_new.cpu()
     return {
         "top1_agree": top1_agree,
@@ -170,6 +178,97 @@ def _verify_one(bundle: LoadedModel) -> dict[str, Any]:
         "free_run_tokens_total": ROWS * STEPS,
         "free_run_equal_prefix_per_row": [
             _equal_prefix(ours[r].tolist(), reference[r].tolist()) for r in range(ROWS)
+        ],
+    }
+
+
+# --- fp8 ------------------------------------------------------------------------------------
+
+
+def fp8_check(store_root: Path, version_id: str, device: str) -> dict[str, Any]:
+    """FP8 and float32 against bfloat16 (see the module's docstring); bfloat16 runs first, its
+    greedy tokens are what every variant is fed."""
+    g = torch.Generator()
+    variants = (
+        ("bfloat16", "bfloat16", "none"),
+        ("fp8", "bfloat16", "fp8"),
+        ("float32", "float32", "none"),
+    )
+    forced: list[list[int]] | None = None
+    runs: dict[str, dict[str, Any]] = {}
+    for name, dtype, quantization in variants:
+        bundle = _load(store_root, version_id, device, dtype)
+        prompts = torch.randint(4, bundle.vocab_size, (ROWS, PROMPT), generator=g.manual_seed(5))
+        with torch.inference_mode():
+            dec = _decoder(bundle, ROWS, quantization)
+            dec.capture_all()
+            free_run = _greedy(dec, prompts)
+            forced = forced or free_run  # bfloat16's, run first
+            runs[name] = {
+                "logprobs": _forced_logprobs(dec, prompts, forced),
+                "free_run": free_run,
+                "weight_bytes": dec.weight_bytes,
+            }
+        del dec, bundle
+        _free(device)
+    assert forced is not None
+    base = runs["bfloat16"]
+    out: dict[str, Any] = {"weight_bytes": {name: r["weight_bytes"] for name, r in runs.items()}}
+    for name in ("fp8", "float32"):
+        out[f"{name}_vs_bfloat16"] = _distance(runs[name], base, forced)
+        _log(f"fp8 check, {name} vs bfloat16: {out[f'{name}_vs_bfloat16']}")
+    return out
+
+
+def _greedy(dec: staticdecode.StaticDecoder, prompts: torch.Tensor) -> list[list[int]]:
+    """Each row's greedy tokens (``STEPS``) on ``dec``."""
+    lengths = torch.full((ROWS,), PROMPT)
+    chosen = dec.prefill(prompts, lengths, 0).argmax(-1)
+    dec.admit(0, chosen, lengths)
+    tokens = [chosen]
+    for step in range(STEPS - 1):
+        chosen = dec.decode(ROWS, PROMPT + step).argmax(-1)
+        dec.advance(ROWS, chosen)
+        tokens.append(chosen)
+    rows: list[list[int]] = torch.stack(tokens, 1).tolist()
+    return rows
+
+
+def _forced_logprobs(
+    dec: staticdecode.StaticDecoder, prompts: torch.Tensor, forced: list[list[int]]
+) -> torch.Tensor:
+    """Log-probabilities [ROWS, STEPS, vocab] (float32, host) of each step, fed ``forced``."""
+    lengths = torch.full((ROWS,), PROMPT)
+    tokens = torch.tensor(forced, device=dec.device)
+    steps = [dec.prefill(prompts, lengths, 0).float().log_softmax(-1).cpu()]
+    dec.admit(0, tokens[:, 0], lengths)
+    for step in range(1, STEPS):
+        steps.append(dec.decode(ROWS, PROMPT + step - 1).float().log_softmax(-1).cpu())
+        dec.advance(ROWS, tokens[:, step])
+    return torch.stack(steps, 1)
+
+
+def _distance(run: dict[str, Any], base: dict[str, Any], forced: list[list[int]]) -> dict[str, Any]:
+    ours, theirs = run["logprobs"], base["logprobs"]
+    chosen = torch.tensor(forced).unsqueeze(-1)
+    diff = (ours.gather(-1, chosen) - theirs.gather(-1, chosen)).abs()
+    kl = (theirs.exp() * (theirs - ours)).sum(-1)
+    total = ROWS * STEPS
+    return {
+        "top1_agree": int((ours.argmax(-1) == theirs.argmax(-1)).sum()),
+        "top1_total": total,
+        "kl_mean": round(float(kl.mean()), 6),
+        "kl_max": round(float(kl.max()), 6),
+        "logprob_abs_diff_mean": round(float(diff.mean()), 5),
+        "logprob_abs_diff_max": round(float(diff.max()), 5),
+        "free_run_tokens_equal": sum(
+            a == b
+            for ours_row, base_row in zip(run["free_run"], base["free_run"], strict=True)
+            for a, b in zip(ours_row, base_row, strict=True)
+        ),
+        "free_run_tokens_total": total,
+        "free_run_equal_prefix_per_row": [
+            _equal_prefix(o, b) for o, b in zip(run["free_run"], base["free_run"], strict=True)
         ],
     }
 
@@ -321,14 +420,7 @@ def _prof_greedy(bundle: LoadedModel, dec: staticdecode.StaticDecoder) -> dict[s
     logits = dec.prefill(prompts, lengths, 0)
     hf_logits = model(input_ids=prompts.to(dev)).logits[:, -1]
     maxdiff = float((logits.float() - hf_logits.float()).abs().max())
-    chosen = logits.argmax(-1)
-    dec.admit(0, chosen, lengths)
-    ours = [[t] for t in chosen.tolist()]
-    for step in range(STEPS - 1):
-        chosen = dec.decode(ROWS, PROMPT + step).argmax(-1)
-        dec.advance(ROWS, chosen)
-        for row, t in enumerate(chosen.tolist()):
-            ours[row].append(t)
+    ours = _greedy(dec, prompts)
     return {
         "prefill_logit_maxdiff": maxdiff,
         "greedy_tokens_equal_prefix_per_row": [

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from metalserve.bench.common import (
     CACHES,
     DECODE_CHECKS,
+    DEFAULT_SERVE_ARMS,
     LOAD_ARMS,
     RELOAD_CHECK_PRESETS,
     SERVE_ARMS,
@@ -203,8 +204,9 @@ class BenchServeSettings(CommandSettings):
     device: Device = Field("cuda", description=DEVICE_HELP)
     out: Path | None = Field(None, description=OUT_HELP)
     arms: Annotated[tuple[str, ...], Arg(type=arms_type(SERVE_ARMS))] = Field(
-        SERVE_ARMS,
-        description=f"comma-separated subset of {','.join(SERVE_ARMS)} (default: all)",
+        DEFAULT_SERVE_ARMS,
+        description=f"comma-separated subset of {','.join(SERVE_ARMS)} (default: "
+        f"{','.join(DEFAULT_SERVE_ARMS)}; server-fp8 is the server with --quantization fp8)",
     )
     seed: int = Field(0, description="weights and prompts")
     server_args: tuple[str, ...] = Field(
@@ -279,7 +281,8 @@ class DecodeCheckSettings(CommandSettings):
     checks: Annotated[tuple[str, ...], Arg(type=arms_type(DECODE_CHECKS))] = Field(
         DECODE_CHECKS,
         description=f"comma-separated subset of {','.join(DECODE_CHECKS)}: correctness "
-        "against transformers, step and prefill timings (default: both)",
+        "against transformers, step and prefill timings, FP8 weights against bfloat16 "
+        "(default: all)",
     )
     out: Path | None = Field(None, description=OUT_HELP)
 

@@ -117,8 +117,9 @@ def run(options: BenchServeSettings) -> dict[str, Any]:
         finally:
             del bundle
             _free_device_memory(options.device)
-    if "server" in options.arms:
-        arms["server"] = _server_arm(store_root, version_id, prompts, options)
+    for arm, quantization in (("server", "none"), ("server-fp8", "fp8")):
+        if arm in options.arms:
+            arms[arm] = _server_arm(store_root, version_id, prompts, options, quantization)
     return _report(options, environment, model_info, arms, bandwidth)
 
 
@@ -323,7 +324,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _server_arm(
-    store_root: Path, version_id: str, prompts: torch.Tensor, options: BenchServeSettings
+    store_root: Path,
+    version_id: str,
+    prompts: torch.Tensor,
+    options: BenchServeSettings,
+    quantization: str = "none",
 ) -> ArmResult:
     server = ServerProcess.start(
         store_root,
@@ -337,6 +342,7 @@ def _server_arm(
             "--no-access-log",
             "--log-level",
             "warning",
+            *(("--quantization", quantization) if quantization != "none" else ()),
             # Otherwise the server's defaults (batch limit, decode path): those are measured.
             *options.server_args,
         ),
@@ -391,11 +397,14 @@ def _server_arm(
                 for g in range(3)
             },
             "dtype": served.get("dtype"),
+            "quantization": served.get("quantization"),
+            "weight_bytes": served.get("weight_bytes"),
             "server_load_seconds": served.get("load_seconds"),
             "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
             "server_startup_seconds": served.get("startup_seconds"),
             "decode_path": served.get("decode_path"),
+            "decode_compiled": served.get("decode_compiled"),
             "max_batch_size": served.get("max_batch_size"),
             "forward_passes": {
                 "prefill": passes.get("prefill_passes", 0.0),
@@ -571,6 +580,7 @@ def _report(
     server_vs_static = common.ratio(rate("server"), rate("static"))
     server = arms["server"].as_json() if "server" in arms else None
     roofline = decode_roofline(options, model_info, server, bandwidth)
+    fp8 = arms["server-fp8"].as_json() if "server-fp8" in arms else None
     static_ttft = percentile(arms["static"].ttft, 50) if "static" in arms else None
     ready = server.get("server_ready_seconds") if server else None
     load = server.get("server_load_seconds") if server else None
@@ -595,8 +605,18 @@ def _report(
             "server_vs_static": server_vs_static,
             "static_vs_naive": common.ratio(rate("static"), rate("naive")),
             "server_vs_naive": common.ratio(rate("server"), rate("naive")),
+            "server_fp8_vs_server": common.ratio(rate("server-fp8"), rate("server")),
+            "server_fp8_vs_server_weight_bytes": common.ratio(
+                fp8.get("weight_bytes") if fp8 else None,
+                server.get("weight_bytes") if server else None,
+            ),
         },
         "decode_roofline": roofline,
+        **(
+            {"decode_roofline_fp8": decode_roofline(options, model_info, fp8, bandwidth)}
+            if fp8
+            else {}
+        ),
         "targets": {
             "server_vs_static_1x": common.target(server_vs_static, ">=", 1.0),
             "server_vs_static_2x": common.target(server_vs_static, ">=", 2.0),
@@ -627,7 +647,13 @@ def decode_roofline(
     hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
     head_dim = hidden // int(config["num_attention_heads"])
     element = 4 if server.get("dtype") == "float32" else 2
-    weight_bytes = (int(model_info["parameters"]) - vocab * hidden) * element
+    # The weights as served (FP8 projections: a byte each), else the checkpoint's parameters.
+    served = server.get("weight_bytes")
+    weight_bytes = (
+        int(served) - vocab * hidden * element
+        if served
+        else (int(model_info["parameters"]) - vocab * hidden) * element
+    )
     kv_per_token = (
         int(config["num_hidden_layers"]) * 2 * int(config["num_key_value_heads"]) * head_dim
     ) * element
@@ -703,6 +729,17 @@ def render(report: dict[str, Any]) -> str:
                 f"{roof['bandwidth_gb_per_s']} GB/s measured): efficiency {roof['efficiency']}"
             ]
             if "efficiency" in (roof := report.get("decode_roofline", {}))
+            else []
+        ),
+        *(
+            [
+                f"server-fp8: {ratios['server_fp8_vs_server']}x the server's tokens/s with "
+                f"{ratios['server_fp8_vs_server_weight_bytes']}x its weight bytes; decode step "
+                f"{roof8['mean_decode_step_s'] * 1000:.2f} ms against its roofline of "
+                f"{roof8['roofline_step_s'] * 1000:.2f} ms: efficiency {roof8['efficiency']}"
+            ]
+            if "efficiency" in (roof8 := report.get("decode_roofline_fp8", {}))
+            and (ratios := report["ratios"])
             else []
         ),
         "targets: "

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from metalserve.engine.batches import Batch, DynamicBatch, StaticBatch
 from metalserve.engine.sequence import EngineObserver, Sequence
+from metalserve.loader import LoadError
 
 if TYPE_CHECKING:
     from metalserve.loader import LoadedModel
@@ -47,6 +48,8 @@ log = logging.getLogger("metalserve.engine")
 DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
 # Whether the static path's decoder layer is compiled (torch.compile); auto: with CUDA graphs.
 DECODE_COMPILE = ("auto", "on", "off")
+# Weights of the static path's projections (metalserve.fp8); quantized when a model goes live.
+QUANTIZATIONS = ("none", "fp8")
 # A model switch (static cache, compiling the decode layer, capturing graphs) is one long step of
 # the loop: the heartbeat advances meanwhile, for at most this long.
 SWITCH_DEADLINE_SECONDS = 300.0
@@ -78,6 +81,7 @@ class Engine:
         step_delay: float = 0.0,
         decode_mode: str = "auto",
         decode_compile: str = "auto",
+        quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
     ) -> None:
@@ -87,6 +91,10 @@ class Engine:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
         if decode_compile not in DECODE_COMPILE:
             raise ValueError(f"decode_compile must be one of {', '.join(DECODE_COMPILE)}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        if quantization != "none" and decode_mode == "dynamic":
+            raise ValueError(f"quantization {quantization} needs the static decode path")
         if idle_wait <= 0:
             raise ValueError("idle_wait must be > 0")
         self.max_batch_size = max_batch_size
@@ -95,6 +103,7 @@ class Engine:
         self.step_delay = step_delay
         self.decode_mode = decode_mode
         self.decode_compile = decode_compile
+        self.quantization = quantization
         self.idle_wait = idle_wait
         # Called after every engine iteration: sinks may buffer events until then (one hand-off
         # to the event loop per step instead of one per token).
@@ -149,6 +158,17 @@ class Engine:
         """Whether the current model's decode layer runs compiled (torch.compile)."""
         batch = self._batch
         return isinstance(batch, StaticBatch) and batch.decoder.compiled
+
+    @property
+    def weight_bytes(self) -> int | None:
+        """Device bytes of the current model's weights as served (FP8 projections counted)."""
+        batch = self._batch
+        if isinstance(batch, StaticBatch):
+            return batch.decoder.weight_bytes
+        model = self._current
+        if batch is None or model is None:
+            return None
+        return sum(p.numel() * p.element_size() for p in model.model.parameters())
 
     @property
     def queue_depth(self) -> int:
@@ -259,7 +279,8 @@ class Engine:
                         self._cond.wait(timeout=self.idle_wait)
                         continue
                 if incoming is not None:
-                    self._switch(*incoming)
+                    if not self._switch(*incoming):
+                        return
                     continue
                 try:
                     self._step(admitted)
@@ -347,9 +368,18 @@ class Engine:
 
     def _switch(
         self, bundle: LoadedModel, future: concurrent.futures.Future[LoadedModel | None]
-    ) -> None:
+    ) -> bool:
+        """Make ``bundle`` the live model (False: it could not, and the engine must stop)."""
         with self._beating(SWITCH_DEADLINE_SECONDS):
-            batch = self._new_batch(bundle)
+            try:
+                batch = self._new_batch(bundle)
+            except Exception as exc:  # noqa: BLE001 - any cause: the caller gets it
+                # The old batch is gone: the engine stops, and the swap's caller learns why.
+                log.critical("the new model cannot go live, the engine stops: %s", exc)
+                with self._cond:
+                    self._pending, self._switching = None, False
+                future.set_exception(exc)
+                return False
         with self._cond:
             old = self._current
             self._current, self._batch, self._pending = bundle, batch, None
@@ -357,6 +387,7 @@ class Engine:
             log.info("now serving version %s", bundle.short_id)
             future.set_result(old)
             self._cond.notify_all()
+        return True
 
     @contextlib.contextmanager
     def _beating(self, deadline: float) -> Iterator[None]:
@@ -387,8 +418,10 @@ class Engine:
         device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
         mode = self.decode_mode
         on_cuda = bundle.device.type == "cuda"
+        quantized = self.quantization != "none"
         if mode == "auto":
-            mode = "cuda-graphs" if on_cuda else "dynamic"
+            # Quantized weights exist on the static path only (eager on the CPU).
+            mode = "cuda-graphs" if on_cuda else "static" if quantized else "dynamic"
         if mode == "dynamic":
             return DynamicBatch(bundle, self.observer)
         if mode == "cuda-graphs" and not on_cuda:
@@ -408,6 +441,7 @@ class Engine:
                 dtype=bundle.dtype,
                 cuda_graphs=mode == "cuda-graphs",
                 compile_layers=compiled,
+                quantization=self.quantization,
             )
             try:
                 decoder.capture_all()
@@ -417,13 +451,21 @@ class Engine:
                 log.exception("compiling the decode layer failed; running it uncompiled")
                 decoder.use_eager_layers()
                 decoder.capture_all()
-        except staticdecode.StaticDecodeUnavailable as exc:
+        except Exception as exc:
+            if quantized:  # no fallback: the dynamic path would serve other weights
+                raise LoadError(f"quantization {self.quantization}: {exc}") from exc
+            if not isinstance(exc, staticdecode.StaticDecodeUnavailable):
+                log.exception("preparing decode mode %s failed; using the dynamic path", mode)
+                return DynamicBatch(bundle, self.observer)
             log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
             return DynamicBatch(bundle, self.observer)
-        except Exception:
-            log.exception("preparing decode mode %s failed; using the dynamic path", mode)
-            return DynamicBatch(bundle, self.observer)
-        log.info("decode path: %s%s", mode, ", compiled" if decoder.compiled else "")
+        log.info(
+            "decode path: %s%s%s, weights %.2f GiB",
+            mode,
+            ", compiled" if decoder.compiled else "",
+            f", {self.quantization} weights" if quantized else "",
+            decoder.weight_bytes / 2**30,
+        )
         return StaticBatch(bundle, decoder, self.observer)
 
     def _fail_batch(self, status: int, message: str) -> None:
