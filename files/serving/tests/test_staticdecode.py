@@ -341,3 +341,99 @@ def test_a_model_switch_keeps_the_heartbeat_for_a_bounded_time(
 def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:
     ids = v1.encode(PROMPTS[0], add_special_tokens=True)
     assert generate_once(v1, ids, GREEDY) == alone(v1, PROMPTS[0])
+
+
+def _relative(model_type: str, **extra: object) -> torch.nn.Module:
+    """A tiny float32 model of a Llama relative, with random biases and q/k norm weights (their
+    initial zeros and ones would hide a path that skips them)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+
+    configs = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    config = configs[model_type](
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("model_type", "compile_layers"),
+    [("mistral", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)],
+    ids=["mistral", "qwen2-biases", "qwen3-qk-norm", "qwen3-compiled"],
+)
+@torch.inference_mode()
+def test_llama_relatives_match_their_transformers_forward(
+    model_type: str, compile_layers: bool
+) -> None:
+    """Mistral (Llama's layer), Qwen2 (q/k/v biases) and Qwen3 (a norm on each head's queries
+    and keys) on the static path: prefill of right-padded prompts and decode steps give the
+    logits of their own transformers forward."""
+    model = _relative(model_type, **({"sliding_window": None} if model_type == "mistral" else {}))
+    assert staticdecode.unsupported_reason(model) is None
+    decoder = staticdecode.StaticDecoder(
+        model,
+        slots=2,
+        max_length=256,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cuda_graphs=False,
+        compile_layers=compile_layers,
+    )
+    if model_type == "qwen3":
+        assert decoder.layer_weights[0].q_norm is not None
+    prompts = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
+    ids = torch.zeros((2, 7), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(p) for p in prompts])
+    logits = decoder.prefill(ids, lengths, 0)
+    for step in range(4):
+        for row, seq in enumerate(prompts):
+            reference = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            torch.testing.assert_close(logits[row], reference, rtol=1e-4, atol=1e-4)
+        chosen = logits.argmax(-1)
+        if step == 0:
+            decoder.admit(0, chosen, lengths)
+        else:
+            decoder.advance(2, chosen)
+        for seq, token in zip(prompts, chosen.tolist(), strict=True):
+            seq.append(token)
+        logits = decoder.decode(2, max(len(s) for s in prompts) - 1)
+
+
+def test_sliding_window_attention_runs_static_only_within_its_window() -> None:
+    """Within the window a sliding-window layer attends to everything (the static path's
+    attention); a context beyond it falls back, naming the window."""
+    model = _relative("mistral", sliding_window=64)
+    assert staticdecode.sliding_window(model.config) == 64
+    assert staticdecode.sliding_window(_relative("qwen2").config) is None  # off by default
+    with pytest.raises(staticdecode.StaticDecodeUnavailable, match="sliding-window attention"):
+        staticdecode.StaticDecoder(
+            model,
+            slots=2,
+            max_length=256,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            cuda_graphs=False,
+        )
+    decoder = staticdecode.StaticDecoder(
+        model,
+        slots=2,
+        max_length=64,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cuda_graphs=False,
+    )
+    assert decoder.max_length == 64

@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+# Llama's decoder layer, and its relatives of the same shape: Mistral (Llama's layer), Qwen2 (with
+# q/k/v biases), Qwen3 (RMSNorm on each head's queries and keys before RoPE). Sliding-window
+# attention is supported while the context fits the window (then it is full attention).
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # RoPE variants whose angles depend on the position only (not on the sequence length).
 POSITION_ONLY_ROPE = frozenset({"default", "linear", "llama3"})
 # Attention-length buckets start here and double up to the model's context.
@@ -86,6 +89,8 @@ def unsupported_reason(model: Any) -> str | None:
         norms = ("mlp", "input_layernorm", "post_attention_layernorm")
         if not all(hasattr(layer, name) for name in norms):
             return "unexpected decoder layer layout"
+        if hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+            return "a query norm without a key norm (or the reverse)"
         mlp = layer.mlp
         if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
             return "unexpected MLP layout"
@@ -96,6 +101,18 @@ def unsupported_reason(model: Any) -> str | None:
             if not (hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")):
                 return "unexpected norm layout"
     return None
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model whose layers (some or all) attend to the last N tokens
+    only; None when every layer attends to the whole context."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None  # Qwen2/Qwen3 with use_sliding_window off, or its layers all full
+    return int(window)
 
 
 def batch_buckets(slots: int) -> list[int]:
@@ -197,6 +214,10 @@ class LayerWeights(NamedTuple):
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
     post_eps: float
+    # Qwen3: RMSNorm of each head's queries and keys (over head_dim) before RoPE; else None.
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qk_eps: float
     gate_up: torch.Tensor | fp8.Fp8Weight
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor | fp8.Fp8Weight
@@ -217,6 +238,28 @@ class LayerWeights(NamedTuple):
             gate_up=quantized(self.gate_up),
             down=quantized(self.down),
         )
+
+
+def _rope_qk(
+    qkv: torch.Tensor,
+    w: LayerWeights,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+) -> torch.Tensor:
+    """Queries and keys of ``qkv`` (heads on dimension 1, head_dim last) normed per head where
+    the model has q/k norms, then rotated: ``[..., heads + kv_heads, ..., head_dim]``."""
+    qk = qkv[:, : heads + kv_heads]
+    if w.q_norm is not None and w.k_norm is not None:
+        qk = torch.cat(
+            (
+                _rms_norm_of(qk[:, :heads], w.q_norm, w.qk_eps),
+                _rms_norm_of(qk[:, heads:], w.k_norm, w.qk_eps),
+            ),
+            dim=1,
+        )
+    return _rope(qk, cos, signed_sin)
 
 
 def decode_layer(
@@ -241,7 +284,7 @@ def decode_layer(
     batch, length = x.shape[0], bias.shape[-1]
     h = _rms_norm_of(x, w.input_norm, w.input_eps)
     qkv = fp8.linear(h, w.qkv, w.qkv_bias).view(batch, heads + 2 * kv_heads, head_dim)
-    qk = _rope(qkv[:, : heads + kv_heads], cos, signed_sin)
+    qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
     q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
     rows = torch.arange(batch, device=x.device)
     keys[rows, :, positions] = k
@@ -291,6 +334,7 @@ def _layer_weights(layer: Any) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, qkv_bias = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
     gate_up, gate_up_bias = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
         input_eps=float(layer.input_layernorm.variance_epsilon),
@@ -300,6 +344,9 @@ def _layer_weights(layer: Any) -> LayerWeights:
         o_bias=_detached(attn.o_proj.bias),
         post_norm=layer.post_attention_layernorm.weight.detach(),
         post_eps=float(layer.post_attention_layernorm.variance_epsilon),
+        q_norm=q_norm.weight.detach() if q_norm is not None else None,
+        k_norm=k_norm.weight.detach() if k_norm is not None else None,
+        qk_eps=float(q_norm.variance_epsilon) if q_norm is not None else 0.0,
         gate_up=gate_up,
         gate_up_bias=gate_up_bias,
         down=mlp.down_proj.weight.detach(),
@@ -376,6 +423,12 @@ class StaticDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise StaticDecodeUnavailable(reason)
+        window = sliding_window(model.config)
+        if window is not None and max_length > window:
+            raise StaticDecodeUnavailable(
+                f"sliding-window attention ({window} tokens) over a context of {max_length}: "
+                "the static path attends to the whole context"
+            )
         if cuda_graphs and device.type != "cuda":
             raise StaticDecodeUnavailable("CUDA graphs need a CUDA device")
         config = model.config
@@ -675,7 +728,7 @@ class StaticDecoder:
                     .view(count, longest, heads + 2 * kv_heads, head_dim)
                     .transpose(1, 2)
                 )  # [n, heads + 2 kv_heads, longest, head_dim]
-                qk = _rope(qkv[:, : heads + kv_heads], cos, signed_sin)
+                qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
                 q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
                 self.keys[index][slots, :, :longest] = k
                 self.values[index][slots, :, :longest] = v
