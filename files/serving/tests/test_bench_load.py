@@ -72,6 +72,12 @@ def test_bench_load_measures_every_arm(load_run: tuple[dict[str, Any], str]) -> 
     assert "ours_nohash" in table
     assert "load_file warm" in table
     assert json.loads("{" + doc)["checkpoint"] == report["checkpoint"]
+    # The cache arm loaded the node cache's copy: the version is there, complete, verified.
+    assert report["node_cache_fill_s"] > 0
+    node_cache = Path(report["options"]["dir"]) / "node-cache"
+    version = report["checkpoint"]["version_id"]
+    assert store.list_versions(node_cache, bench_load.MODEL) == [version]
+    assert not store.verify_version(node_cache, bench_load.MODEL, version)
 
 
 def test_bench_load_ratios_come_from_the_same_run(load_run: tuple[dict[str, Any], str]) -> None:
@@ -94,6 +100,9 @@ def test_bench_load_ratios_come_from_the_same_run(load_run: tuple[dict[str, Any]
         assert ratios[f"hash_overhead_pct_{cache}"] == pytest.approx(
             (hashed / bare - 1) * 100, abs=0.5
         )
+    assert ratios["warm_cache_vs_ours"] == pytest.approx(
+        rate("cache", "warm") / rate("ours", "warm"), rel=0.01
+    )
     target = report["targets"]["warm_ours_vs_load_file"]
     assert target["value"] == ratios["warm_ours_vs_load_file"]
     assert target["met"] == (target["value"] >= 2.0)

@@ -8,6 +8,8 @@ dropped) and warm:
 * ``load_file``: ``safetensors.torch.load_file(path, device=...)`` per shard;
 * ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
 * ``ours_nohash``: the same without hashing, to show what verification costs;
+* ``cache``: ``ours`` from a node-local cache (``metalserve.cache``) the version was first copied
+  into (``node_cache_fill_s``), under a lease, as a replica's cache hit loads it;
 
 and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``hash``: for each block
 digest algorithm (``sha256``, ``blake3``) one core's hashing speed and, as ``<algorithm>_parallel``,
@@ -20,6 +22,7 @@ a fresh process does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -39,6 +42,7 @@ from metalserve import store, weights
 from metalserve.bench import common
 from metalserve.bench.common import GB
 from metalserve.bench.options import BenchLoadSettings
+from metalserve.cache import VersionCache
 
 MODEL = "bench-load"
 # Bump when the generated layout changes, so an old checkpoint is not reused (3: manifest format 3).
@@ -48,14 +52,15 @@ BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut 
 H2D_BYTES = 1024**3
 HASH_BYTES = 512 * 1024**2
 PARALLEL_ROUNDS = 4  # <algorithm>_parallel hashes HASH_BYTES this many times per sample
-FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash")
+FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "cache")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
     "load_file": "raw",
     "ours": "load_file",
     "ours_nohash": "load_file",
+    "cache": "ours",
 }
-COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw"}
+COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw", "cache": "ours"}
 
 
 @dataclass(frozen=True)
@@ -120,11 +125,18 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
         f"{'reused' if checkpoint.reused else f'generated in {checkpoint.seconds:.1f}s'}"
     )
     chunk = options.chunk_mib * 2**20
+    # The node-local cache (metalserve.cache): the version copied there once (timed), then
+    # loaded from it as a replica does (a lease, our loader with verification).
+    node_cache: VersionCache | None = None
+    cache_fill_s: float | None = None
+    if "cache" in options.arms:
+        node_cache, cache_fill_s = _fill_node_cache(checkpoint, options)
     arms: dict[str, Callable[[], object]] = {
         "raw": lambda: _read_raw(checkpoint.paths, chunk),
         "load_file": lambda: _load_file(checkpoint.paths, device),
         "ours": lambda: _ours(checkpoint, device, chunk, verify=True, options=options),
         "ours_nohash": lambda: _ours(checkpoint, device, chunk, verify=False, options=options),
+        "cache": lambda: _from_cache(node_cache, checkpoint, device, chunk, options),
     }
     file_arms = [a for a in FILE_ARMS if a in options.arms]
     results: dict[tuple[str, str], Measurement] = {}
@@ -132,10 +144,16 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
     for cache in options.caches:
         if cache == "warm" and file_arms:
             _read_raw(checkpoint.paths, chunk)  # every page cached, untimed
+            if node_cache is not None:
+                _read_raw(_cached_paths(node_cache, checkpoint), chunk)
         for _ in range(options.repeats):
             for arm in file_arms:
                 if cache == "cold":
-                    cache_drop = drop_page_cache(checkpoint.paths)
+                    cache_drop = drop_page_cache(
+                        _cached_paths(node_cache, checkpoint)
+                        if arm == "cache" and node_cache is not None
+                        else checkpoint.paths
+                    )
                 key = (arm, cache)
                 results.setdefault(key, Measurement(arm, cache, checkpoint.total_bytes))
                 results[key].seconds.append(_timed(arms[arm], device))
@@ -152,7 +170,50 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
             results[(algorithm, "-")] = _hash_one_core(algorithm, size, options)
             results[(f"{algorithm}_parallel", "-")] = _hash_parallel(algorithm, size, options)
 
-    return _report(options, environment, checkpoint, results, skipped, cache_drop)
+    report = _report(options, environment, checkpoint, results, skipped, cache_drop)
+    if cache_fill_s is not None:
+        report["node_cache_fill_s"] = round(cache_fill_s, 3)
+    return report
+
+
+def _fill_node_cache(
+    checkpoint: Checkpoint, options: BenchLoadSettings
+) -> tuple[VersionCache, float]:
+    """A fresh node-local cache under ``--dir`` with the checkpoint's version added (copied,
+    verified, fsynced: what a replica's first load does in the background); its seconds."""
+    root = options.dir / "node-cache"
+    if root.exists():
+        store.remove_tree(root)
+    node_cache = VersionCache(root, max_bytes=2 * checkpoint.total_bytes + 2**30)
+    started = time.perf_counter()
+    if not node_cache.add(checkpoint.store_root, MODEL, checkpoint.version_id):
+        raise RuntimeError("the checkpoint does not fit the bench's node cache")
+    seconds = time.perf_counter() - started
+    _log(f"node cache filled in {seconds:.2f}s")
+    return node_cache, seconds
+
+
+def _cached_paths(node_cache: VersionCache, checkpoint: Checkpoint) -> list[Path]:
+    root = store.version_dir(node_cache.root, MODEL, checkpoint.version_id)
+    return [root / e.path for e in checkpoint.entries]
+
+
+def _from_cache(
+    node_cache: VersionCache | None,
+    checkpoint: Checkpoint,
+    device: torch.device,
+    chunk: int,
+    options: BenchLoadSettings,
+) -> dict[str, torch.Tensor]:
+    """Our loader, verifying, from the node cache's copy under a lease (as a replica's hit)."""
+    lease = node_cache.acquire(MODEL, checkpoint.version_id) if node_cache else None
+    if lease is None:
+        raise RuntimeError("the node cache lost the checkpoint")
+    try:
+        cached = dataclasses.replace(checkpoint, store_root=lease.root)
+        return _ours(cached, device, chunk, verify=True, options=options)
+    finally:
+        lease.release()
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
@@ -444,6 +505,10 @@ def _report(
         "cold_ours_vs_raw": common.ratio(gbps("ours", "cold"), gbps("raw", "cold")),
         "cold_ours_nohash_vs_raw": common.ratio(gbps("ours_nohash", "cold"), gbps("raw", "cold")),
         "cold_load_file_vs_raw": common.ratio(gbps("load_file", "cold"), gbps("raw", "cold")),
+        # From the node cache against from the store (the same disk here: the cache's own cost;
+        # in production the store is NFS and the cache local NVMe).
+        "warm_cache_vs_ours": common.ratio(gbps("cache", "warm"), gbps("ours", "warm")),
+        "cold_cache_vs_ours": common.ratio(gbps("cache", "cold"), gbps("ours", "cold")),
         "hash_overhead_pct_warm": overhead("warm"),
         "hash_overhead_pct_cold": overhead("cold"),
     }
