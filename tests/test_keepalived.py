@@ -68,4 +68,22 @@ def test_the_instance_is_a_nopreempt_backup_with_unicast_peers(tmp_path: Path) -
 def test_the_notify_script_writes_whether_the_host_holds_the_address(tmp_path: Path, state: str, held: int) -> None:
     text = run_keepalived_notify(tmp_path, state)
     assert f'metalserve_vip_held{{vip="198.18.0.100",state="{state}"}} {held}\n' in text, text
-    assert not list((tmp_path / "textfile").glob(".keepalived.*")), "a temporary file was left"
+    assert not list((tmp_path / "textfile").glob(".keepalived.??????")), "a temporary file was left"
+
+
+def test_an_older_transition_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    """keepalived forks a notify per transition; they may finish out of order (MASTER for 60 ms,
+    then BACKUP: the MASTER notify finishing last wrote MASTER, and the alert saw two holders).
+    A notify older than the last writer (process start time since boot) writes nothing."""
+    assert "BACKUP" in run_keepalived_notify(tmp_path, "BACKUP")
+    last = tmp_path / "textfile" / ".keepalived.last"
+    boot, started, pid = last.read_text().split()
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    # A newer transition (a later start time) has written: this one is older.
+    last.write_text(f"{boot} {int(started) + 10**9} {pid}\n")
+    assert "BACKUP" in run_keepalived_notify(tmp_path, "MASTER")
+    # After a reboot the kept start time means nothing: it writes.
+    last.write_text(f"another-boot {int(started) + 10**9} {pid}\n")
+    assert 'state="MASTER"} 1' in run_keepalived_notify(tmp_path, "MASTER")
+    # In order, each writes.
+    assert 'state="FAULT"} 0' in run_keepalived_notify(tmp_path, "FAULT")
