@@ -37,8 +37,16 @@ def test_same_version_is_consistent_other_version_is_not(
     switch(reload_server, model_store.v2)
     try:
         different = run_cli("consistency", api_server.url, reload_server.url, "--prompt", "Hi")
+        # The periodic check: two versions serve during a rollout by design.
+        per_version = run_cli(
+            "consistency", api_server.url, reload_server.url, "--prompt", "Hi", "--per-version"
+        )
     finally:
         switch(reload_server, model_store.v1)
+    assert per_version.returncode == ExitCode.OK, per_version.stdout + per_version.stderr
+    assert "OK: 2 replicas gave identical output (compared within each of 2 versions)" in (
+        per_version.stdout
+    )
     assert different.returncode == ExitCode.FAILURE
     table = different.stdout
     assert "INCONSISTENT: 1 of 1 prompts differ; 1 replicas answered differently" in table

@@ -280,6 +280,7 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
         max_tokens=settings.max_tokens or consistency.DEFAULT_MAX_TOKENS,
         timeout=settings.timeout,
         tolerance=settings.tolerance,
+        per_version=settings.per_version,
         verify=tls.client_context(
             settings.tls_ca, settings.tls_client_cert, settings.tls_client_key
         ),
@@ -296,7 +297,9 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
     ties = sum(r.ties for r in report.replicas)
     tie_note = f" ({ties} tolerated numerical ties)" if ties else ""
     if report.consistent:
-        print(f"OK: {len(report.replicas)} replicas gave identical output{tie_note}")
+        versions = len({r.version_id for r in report.replicas})
+        scope = f" (compared within each of {versions} versions)" if versions > 1 else ""
+        print(f"OK: {len(report.replicas)} replicas gave identical output{scope}{tie_note}")
         return ExitCode.OK
     failed = sum(r.errors > 0 for r in report.replicas)
     different = sum(r.different > 0 for r in report.replicas)

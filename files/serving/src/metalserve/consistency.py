@@ -196,19 +196,26 @@ def check(
     timeout: float = 60.0,
     tolerance: float = DEFAULT_TOLERANCE,
     verify: ssl.SSLContext | bool = True,
+    per_version: bool = False,
 ) -> Report:
     """Ask every replica every prompt, one request at a time; compare each with the most
-    common answer. ``verify``: the TLS context of https replicas (the cluster CA, a client
-    certificate)."""
+    common answer (``per_version``: the most common among the replicas that report its version,
+    for the periodic check, which runs while a rollout or a split serves two versions by design).
+    ``verify``: the TLS context of https replicas (the cluster CA, a client certificate)."""
     report = Report(list(prompts), [], [ReplicaResult(u) for u in urls])
     with httpx.Client(timeout=timeout, verify=verify) as client:
         for prompt in prompts:
             answers = [ask(client, u, prompt, model=model, max_tokens=max_tokens) for u in urls]
             report.answers.append(answers)
-            reference = _reference(answers)
+            overall = _reference(answers)
+            by_version = {
+                version: _reference([a for a in answers if a.version_id == version])
+                for version in {a.version_id for a in answers}
+            }
             differs = False
             for result, answer in zip(report.replicas, answers, strict=True):
                 result.version_id = answer.version_id or result.version_id
+                reference = by_version[answer.version_id] if per_version else overall
                 if not answer.ok or reference is None:
                     result.errors += 1
                     result.first_error = result.first_error or answer.error

@@ -327,6 +327,12 @@ class ConsistencySettings(CommandSettings):
         description="nats between the two best tokens under which replicas that part there are "
         "a numerical tie, not a difference (default: %(default)s)",
     )
+    per_version: bool = Field(
+        False,
+        description="compare each replica only with the replicas reporting its version (the "
+        "periodic check: a rollout or a split serves two versions by design, and "
+        "MetalserveVersionSkew watches for how long)",
+    )
     textfile: Path | None = Field(
         None,
         description="also write the result as Prometheus metrics to this file (node_exporter's "
