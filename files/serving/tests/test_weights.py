@@ -209,13 +209,19 @@ def _load_version(
     return tensors
 
 
+# A range of 5 blocks: reads are 4 (ODD_CHUNK), so each range ends on a short read, and several
+# readers stream parts of one shard at once.
 @BLOCK_VERSIONS
-@pytest.mark.parametrize(("workers", "hash_threads"), [(1, 1), (2, 3)])
+@pytest.mark.parametrize(
+    ("workers", "hash_threads", "range_size"),
+    [(1, 1, weights.RANGE_SIZE), (2, 3, weights.RANGE_SIZE), (3, 2, 5 * ODD_BLOCK)],
+)
 def test_block_verified_stream_equals_load_file(
     checkpoint: bench_load.Checkpoint,
     versions: dict[str, tuple[Path, str]],
     workers: int,
     hash_threads: int,
+    range_size: int,
     kind: str,
     algorithm: str,
 ) -> None:
@@ -227,25 +233,37 @@ def test_block_verified_stream_equals_load_file(
     )
     assert weights.read_size(entries[0].blocks, ODD_CHUNK) == 4 * ODD_BLOCK
     reference = _reference(checkpoint)
-    loaded = _load_version(root, version_id, workers=workers, hash_threads=hash_threads)
+    loaded = _load_version(
+        root, version_id, workers=workers, hash_threads=hash_threads, range_size=range_size
+    )
     assert loaded.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(loaded[name], tensor), name
-    converted = _load_version(root, version_id, dtype=torch.float32, verify=False)
+    # Converted tensors are finished by the one reader of their shard: it is not cut.
+    converted = _load_version(
+        root, version_id, dtype=torch.float32, verify=False, range_size=range_size
+    )
     for name, tensor in reference.items():
         assert torch.equal(converted[name], tensor.float()), name
 
 
 @BLOCK_VERSIONS
+@pytest.mark.parametrize("range_size", [weights.RANGE_SIZE, 3 * ODD_BLOCK])
 def test_stream_results_carry_every_block_digest(
-    versions: dict[str, tuple[Path, str]], kind: str, algorithm: str
+    versions: dict[str, tuple[Path, str]], kind: str, algorithm: str, range_size: int
 ) -> None:
     root, version_id = versions[kind]
     vdir = store.version_dir(root, bench_load.MODEL, version_id)
     entries = store.read_manifest(root, bench_load.MODEL, version_id).files
     jobs = [(vdir / e.path, []) for e in entries]  # no tensors wanted: hashing only
     results = weights.stream_shards(
-        jobs, device=CPU, chunk_size=ODD_CHUNK, blocks=[e.blocks for e in entries], hash_threads=4
+        jobs,
+        device=CPU,
+        chunk_size=ODD_CHUNK,
+        blocks=[e.blocks for e in entries],
+        hash_threads=4,
+        workers=3,
+        range_size=range_size,
     )
     for entry, result in zip(entries, results, strict=True):
         assert entry.blocks is not None
@@ -318,4 +336,6 @@ def test_one_tampered_block_is_refused(
             destination,
             device=CPU,
             hash_threads=3,
+            workers=3,
+            range_size=3 * ODD_BLOCK,  # the block is found whichever reader read it
         )

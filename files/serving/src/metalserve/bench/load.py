@@ -8,6 +8,8 @@ dropped) and warm:
 * ``load_file``: ``safetensors.torch.load_file(path, device=...)`` per shard;
 * ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
 * ``ours_nohash``: the same without hashing, to show what verification costs;
+* ``ours_per_shard``: ``ours`` with one reader per shard (no shard cut into ranges), as before
+  2026-12-03, to show what the ranges bring;
 * ``cache``: ``ours`` from a node-local cache (``metalserve.cache``) the version was first copied
   into (``node_cache_fill_s``), under a lease, as a replica's cache hit loads it;
 
@@ -52,15 +54,22 @@ BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut 
 H2D_BYTES = 1024**3
 HASH_BYTES = 512 * 1024**2
 PARALLEL_ROUNDS = 4  # <algorithm>_parallel hashes HASH_BYTES this many times per sample
-FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "cache")
+FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_per_shard", "cache")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
     "load_file": "raw",
     "ours": "load_file",
     "ours_nohash": "load_file",
+    "ours_per_shard": "load_file",
     "cache": "ours",
 }
-COLD_BASELINE = {"load_file": "raw", "ours": "raw", "ours_nohash": "raw", "cache": "ours"}
+COLD_BASELINE = {
+    "load_file": "raw",
+    "ours": "raw",
+    "ours_nohash": "raw",
+    "ours_per_shard": "raw",
+    "cache": "ours",
+}
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,9 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
         "load_file": lambda: _load_file(checkpoint.paths, device),
         "ours": lambda: _ours(checkpoint, device, chunk, verify=True, options=options),
         "ours_nohash": lambda: _ours(checkpoint, device, chunk, verify=False, options=options),
+        "ours_per_shard": lambda: _ours(
+            checkpoint, device, chunk, verify=True, options=options, per_shard=True
+        ),
         "cache": lambda: _from_cache(node_cache, checkpoint, device, chunk, options),
     }
     file_arms = [a for a in FILE_ARMS if a in options.arms]
@@ -397,6 +409,7 @@ def _ours(
     *,
     verify: bool,
     options: BenchLoadSettings,
+    per_shard: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Our weight path into fresh tensors on the device (like load_file's result)."""
     manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
@@ -418,6 +431,9 @@ def _ours(
         verify=verify,
         workers=options.workers,
         hash_threads=options.hash_threads,
+        range_size=2**62
+        if per_shard
+        else (options.range_mib * 2**20 if options.range_mib else weights.RANGE_SIZE),
     )
     return tensors
 
@@ -509,6 +525,14 @@ def _report(
         # in production the store is NFS and the cache local NVMe).
         "warm_cache_vs_ours": common.ratio(gbps("cache", "warm"), gbps("ours", "warm")),
         "cold_cache_vs_ours": common.ratio(gbps("cache", "cold"), gbps("ours", "cold")),
+        "warm_ours_vs_ours_per_shard": common.ratio(
+            gbps("ours", "warm"), gbps("ours_per_shard", "warm")
+        ),
+        "cold_ours_vs_ours_per_shard": common.ratio(
+            gbps("ours", "cold"), gbps("ours_per_shard", "cold")
+        ),
+        # Issue 17, item 5: at least 0.5.
+        "warm_ours_vs_h2d": common.ratio(gbps("ours", "warm"), gbps("h2d", "-")),
         "hash_overhead_pct_warm": overhead("warm"),
         "hash_overhead_pct_cold": overhead("cold"),
     }
@@ -525,6 +549,7 @@ def _report(
             "repeats": options.repeats,
             "arms": list(options.arms),
             "chunk_mib": options.chunk_mib,
+            "range_mib": options.range_mib or weights.RANGE_SIZE // 2**20,
             "workers": options.workers or weights.default_workers(len(checkpoint.entries)),
             "hash_threads": options.hash_threads
             or weights.default_hash_threads(

@@ -147,8 +147,16 @@ class BenchLoadSettings(CommandSettings):
         LOAD_ARMS, description=f"comma-separated subset of {','.join(LOAD_ARMS)} (default: all)"
     )
     chunk_mib: PositiveInt = Field(16, ge=1, description="read size in MiB (default: 16)")
+    range_mib: OptionalPositiveInt = Field(
+        None,
+        ge=1,
+        description="stream a shard in ranges of this many MiB, several at once (default: the "
+        "loader's, 512)",
+    )
     workers: OptionalPositiveInt = Field(
-        None, ge=1, description="shards streamed at once (default: min(shards, cores / 2, 8))"
+        None,
+        ge=1,
+        description="readers (default: min(shards and ranges, cores / 2, 8))",
     )
     hash_threads: OptionalPositiveInt = Field(
         None,
