@@ -56,9 +56,11 @@ MAX_BUFFERS_PER_WORKER = 16
 # Reader threads at most.
 MAX_WORKERS = 8
 # With block digests a shard is streamed in ranges of about this many bytes, several at once: one
-# thread copies out of the page cache at ~4 GB/s (H200 host, 2026-12-02), so one reader per shard
-# capped a warm load of 4 shards near 16 GB/s, under a third of the host-to-device bandwidth.
-RANGE_SIZE = 512 * 1024 * 1024
+# thread copies out of the page cache at ~4 GB/s, so one reader per shard capped a warm load of 4
+# shards near 13-16 GB/s; in ranges, 20-22 GB/s (H200 host, 16 cores, 2026-12-03: 8 readers and 8
+# hashers; 128 MiB ranges a little faster than 256 or 512; readers that hash their own reads, or
+# more readers, were slower).
+RANGE_SIZE = 128 * 1024 * 1024
 
 _DTYPE_NAMES = {
     "F64": "float64",

@@ -151,7 +151,7 @@ class BenchLoadSettings(CommandSettings):
         None,
         ge=1,
         description="stream a shard in ranges of this many MiB, several at once (default: the "
-        "loader's, 512)",
+        "loader's, 128)",
     )
     workers: OptionalPositiveInt = Field(
         None,
