@@ -537,6 +537,10 @@ def _report(
         "hash_overhead_pct_cold": overhead("cold"),
     }
     block_sizes = {e.blocks.size for e in checkpoint.entries if e.blocks is not None}
+    # The loader's readers: one per shard, or per range of a shard with block digests.
+    range_size = (options.range_mib or weights.RANGE_SIZE // 2**20) * 2**20
+    jobs = sum(-(-e.size // range_size) if e.blocks else 1 for e in checkpoint.entries)
+    readers = options.workers or weights.default_workers(jobs)
     algorithms = {e.blocks.algorithm for e in checkpoint.entries if e.blocks is not None}
     return {
         "benchmark": "load",
@@ -550,11 +554,8 @@ def _report(
             "arms": list(options.arms),
             "chunk_mib": options.chunk_mib,
             "range_mib": options.range_mib or weights.RANGE_SIZE // 2**20,
-            "workers": options.workers or weights.default_workers(len(checkpoint.entries)),
-            "hash_threads": options.hash_threads
-            or weights.default_hash_threads(
-                options.workers or weights.default_workers(len(checkpoint.entries))
-            ),
+            "workers": readers,
+            "hash_threads": options.hash_threads or weights.default_hash_threads(readers),
             "parallel_hash_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
             "caches": list(options.caches),
