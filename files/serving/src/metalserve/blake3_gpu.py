@@ -26,10 +26,9 @@ SUBTREE_BYTES = SUBTREE * CHUNK_BYTES
 # Subtrees per block the second kernel merges in one program: blocks up to 64 MiB.
 MAX_SUBTREES = 1024
 
-_CHUNK_START = 1
-_CHUNK_END = 2
-_PARENT = 4
-_ROOT = 8
+# What the kernels read of the module must be a Triton constexpr. BLAKE3's flags, as literals
+# there: CHUNK_START 1, CHUNK_END 2, PARENT 4, ROOT 8.
+_CHUNK_WORDS = tl.constexpr(CHUNK_BYTES // 4)
 
 
 def supports(block_size: int) -> bool:
@@ -133,7 +132,7 @@ def _subtrees_kernel(data, out, CHUNKS_PER_BLOCK: tl.constexpr, SUB: tl.constexp
     pid = tl.program_id(0)
     chunk = pid * SUB + tl.arange(0, SUB)
     counter = (chunk % CHUNKS_PER_BLOCK).to(tl.uint32)
-    base = data + chunk.to(tl.int64) * (CHUNK_BYTES // 4)
+    base = data + chunk.to(tl.int64) * _CHUNK_WORDS
     zero = counter * 0
     c0 = zero + 0x6A09E667
     c1 = zero + 0xBB67AE85
@@ -152,9 +151,9 @@ def _subtrees_kernel(data, out, CHUNKS_PER_BLOCK: tl.constexpr, SUB: tl.constexp
             _word(w, 8), _word(w, 9), _word(w, 10), _word(w, 11),
             _word(w, 12), _word(w, 13), _word(w, 14), _word(w, 15),
             counter,
-            (_CHUNK_START if j == 0 else 0) | (_CHUNK_END if j == 15 else 0),
+            (1 if j == 0 else 0) | (2 if j == 15 else 0),  # CHUNK_START, CHUNK_END
         )  # fmt: skip
-    c0, c1, c2, c3, c4, c5, c6, c7 = _reduce(c0, c1, c2, c3, c4, c5, c6, c7, SUB, _PARENT)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _reduce(c0, c1, c2, c3, c4, c5, c6, c7, SUB, 4)  # PARENT
     _store(out + pid * 8 + tl.arange(0, 1), c0, c1, c2, c3, c4, c5, c6, c7)
 
 
@@ -167,7 +166,16 @@ def _roots_kernel(subtrees, out, SUBTREES: tl.constexpr):
     c0, c1, c2, c3 = _word(at, 0), _word(at, 1), _word(at, 2), _word(at, 3)
     c4, c5, c6, c7 = _word(at, 4), _word(at, 5), _word(at, 6), _word(at, 7)
     c0, c1, c2, c3, c4, c5, c6, c7 = _reduce(
-        c0, c1, c2, c3, c4, c5, c6, c7, SUBTREES, _PARENT | _ROOT
+        c0,
+        c1,
+        c2,
+        c3,
+        c4,
+        c5,
+        c6,
+        c7,
+        SUBTREES,
+        12,  # PARENT | ROOT
     )
     _store(out + pid * 8 + tl.arange(0, 1), c0, c1, c2, c3, c4, c5, c6, c7)
 
@@ -177,23 +185,23 @@ def _reduce(c0, c1, c2, c3, c4, c5, c6, c7, N: tl.constexpr, LAST_FLAGS: tl.cons
     """N chaining values (a power of two, 2 to 1024) merged level by level into one; the last
     merge with LAST_FLAGS."""
     if N >= 1024:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 1024, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 1024, 4)
     if N >= 512:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 512, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 512, 4)
     if N >= 256:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 256, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 256, 4)
     if N >= 128:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 128, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 128, 4)
     if N >= 64:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 64, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 64, 4)
     if N >= 32:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 32, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 32, 4)
     if N >= 16:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 16, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 16, 4)
     if N >= 8:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 8, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 8, 4)
     if N >= 4:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 4, _PARENT)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 4, 4)
     c0, c1, c2, c3, c4, c5, c6, c7 = _merge(c0, c1, c2, c3, c4, c5, c6, c7, 2, LAST_FLAGS)
     return c0, c1, c2, c3, c4, c5, c6, c7
 
