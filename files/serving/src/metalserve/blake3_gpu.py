@@ -2,7 +2,7 @@
 
 The loader copies every read to the device anyway; hashing it there verifies the very bytes the
 weights are copied from, and spares the host a second pass over memory (on the H200 host the
-hashing threads, not the copies, capped a warm load: BLENCHMARKS round 2, step 7).
+hashing threads, not the copies, capped a warm load: BENCHMARKS.md round 2, step 7).
 
 A block of ``2**k`` BLAKE3 chunks (1 KiB each) is one message: every chunk is compressed on its
 own (counter = its index in the block), then chunk chaining values are merged pairwise into a
