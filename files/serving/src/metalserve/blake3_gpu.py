@@ -15,6 +15,7 @@ the tests compare with.
 
 from __future__ import annotations
 
+import blake3
 import torch
 import triton
 import triton.language as tl
@@ -243,3 +244,13 @@ def digests_hex(roots: torch.Tensor) -> list[str]:
     """``hash_blocks``' result as one lowercase hex digest per block."""
     raw = roots.cpu().contiguous().numpy().astype("<i4").tobytes()
     return [raw[i : i + 32].hex() for i in range(0, len(raw), 32)]
+
+
+def self_test() -> None:
+    """Hash a known message of two subtrees on the current CUDA device; raise unless the digest
+    is the ``blake3`` package's (a GPU or Triton build the kernels do not run on)."""
+    data = (torch.arange(2 * SUBTREE_BYTES) % 251).to(torch.uint8)
+    want = blake3.blake3(data.numpy().tobytes()).hexdigest()
+    got = digests_hex(hash_blocks(data.cuda(), data.numel()))[0]
+    if got != want:
+        raise RuntimeError(f"device digest {got[:16]}… != the blake3 package's {want[:16]}…")

@@ -283,11 +283,18 @@ def _hash_block(
 
 @functools.cache
 def device_hasher() -> ModuleType | None:
-    """``metalserve.blake3_gpu`` when Triton can be imported (CUDA builds of torch bring it)."""
+    """``metalserve.blake3_gpu`` when Triton can be imported (CUDA builds of torch bring it) and
+    its kernels give the ``blake3`` package's digest on the current device (compiled once, then
+    from Triton's cache under $HOME); else None: the host hashes."""
     try:
         from metalserve import blake3_gpu
+
+        blake3_gpu.self_test()
     except ImportError as exc:
         log.info("BLAKE3 blocks are hashed on the host (no Triton: %s)", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever the device or compiler raised
+        log.warning("BLAKE3 blocks are hashed on the host: the device kernels failed: %s", exc)
         return None
     return blake3_gpu
 
