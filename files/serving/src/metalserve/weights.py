@@ -29,12 +29,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
-import functools
 import hashlib
 import io
 import itertools
 import json
-import logging
 import os
 import queue
 import struct
@@ -43,7 +41,6 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -56,12 +53,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # digests each worker gets enough more to keep its share of the hashing threads busy.
 BUFFERS_PER_WORKER = 4
 MAX_BUFFERS_PER_WORKER = 16
-# Reader threads at most (while the host hashes: the other cores hash).
+# Reader threads at most.
 MAX_WORKERS = 8
-# Reader threads at most while the device hashes (BLAKE3 blocks on CUDA).
-MAX_WORKERS_DEVICE_HASHING = 16
-
-log = logging.getLogger(__name__)
 # With block digests a shard is streamed in ranges of about this many bytes, several at once: one
 # thread copies out of the page cache at ~4 GB/s, so one reader per shard capped a warm load of 4
 # shards near 13-16 GB/s; in ranges, 20-22 GB/s (H200 host, 16 cores, 2026-12-03: 8 readers and 8
@@ -281,43 +274,10 @@ def _hash_block(
     digests[index] = hasher(data)
 
 
-@functools.cache
-def device_hasher() -> ModuleType | None:
-    """``metalserve.blake3_gpu`` when Triton can be imported (CUDA builds of torch bring it) and
-    its kernels give the ``blake3`` package's digest on the current device (compiled once, then
-    from Triton's cache under $HOME); else None: the host hashes."""
-    try:
-        from metalserve import blake3_gpu
-
-        blake3_gpu.self_test()
-    except ImportError as exc:
-        log.info("BLAKE3 blocks are hashed on the host (no Triton: %s)", exc)
-        return None
-    except Exception as exc:  # noqa: BLE001 - whatever the device or compiler raised
-        log.warning("BLAKE3 blocks are hashed on the host: the device kernels failed: %s", exc)
-        return None
-    return blake3_gpu
-
-
-def hashes_on_device(blocks: store.Blocks | None, hasher: ModuleType | None) -> bool:
-    """Whether ``hasher`` (``device_hasher()``) hashes these block digests: BLAKE3, a size it
-    supports."""
-    return (
-        hasher is not None
-        and blocks is not None
-        and blocks.algorithm == "blake3"
-        and bool(hasher.supports(blocks.size))
-    )
-
-
 class _Worker:
     """Streams whole shards, one after another: reads on its own thread, hashes on others
-    (the shared block pool, or its own serial hasher for whole-file digests) or on the device,
-    copies on its own CUDA stream, so they overlap.
-
-    ``device_hash`` (CUDA, BLAKE3 blocks of a size it supports): each read is copied whole to a
-    device buffer, its whole blocks hashed there (``metalserve.blake3_gpu``), and the tensors
-    copied from that buffer: the bytes verified are the bytes the weights get."""
+    (the shared block pool, or its own serial hasher for whole-file digests), copies on its own
+    CUDA stream, so the three overlap."""
 
     def __init__(
         self,
@@ -327,7 +287,6 @@ class _Worker:
         *,
         verify: bool,
         pool: DaemonExecutor | None,
-        device_hash: ModuleType | None = None,
     ) -> None:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -335,13 +294,6 @@ class _Worker:
         self.verify = verify
         self.pool = pool
         self.hasher: DaemonExecutor | None = None  # for whole-file digests, started when needed
-        self.device_hash = device_hash if self.cuda else None
-        # One staging buffer: the worker's stream orders its copies, hashes and scatters.
-        self.staging = (
-            torch.empty(slot_size, dtype=torch.uint8, device=device)
-            if self.device_hash is not None
-            else None
-        )
 
     def run(self, jobs: queue.SimpleQueue[_Job], results: list[tuple[_Job, StreamResult]]) -> None:
         with torch.no_grad():  # grad mode is per thread, and destinations may be parameters
@@ -370,8 +322,6 @@ class _Worker:
             if self.hasher is None:
                 self.hasher = DaemonExecutor("metalserve-hash")
         offset = job.begin
-        on_device = self.verify and hashes_on_device(job.blocks, self.device_hash)
-        roots: list[tuple[int, torch.Tensor]] = []  # (first block, its digests on the device)
         with job.path.open("rb", buffering=0) as fh:
             if hasattr(os, "posix_fadvise"):
                 # Doubles the kernel's read-ahead window on Linux: matters on cold reads.
@@ -385,73 +335,35 @@ class _Worker:
                 count = _fill(fh, slot.view[:want]) if want > 0 else 0
                 if not count:
                     break
-                staged = None
                 if blocks is not None:
                     # offset is a multiple of the block size: every read is whole blocks.
+                    assert self.pool is not None
                     first = offset // blocks.size
-                    # Whole blocks on the device; a file's short last block on the host.
-                    whole = count - count % blocks.size if on_device else 0
-                    if whole:
-                        assert self.device_hash is not None
-                        staged = self._stage(slot, count)
-                        with torch.cuda.stream(self.stream):
-                            roots.append(
-                                (first, self.device_hash.hash_blocks(staged[:whole], blocks.size))
-                            )
-                    on_host = range(whole, count, blocks.size)
-                    slot.hashed = []
-                    if on_host:
-                        assert self.pool is not None
-                        hasher = store.BLOCK_HASHERS[blocks.algorithm]
-                        slot.hashed = [
-                            self.pool.submit(
-                                _hash_block,
-                                job.digests,
-                                first + lo // blocks.size,
-                                slot.view[lo : min(lo + blocks.size, count)],
-                                hasher,
-                            )
-                            for lo in on_host
-                        ]
+                    hasher = store.BLOCK_HASHERS[blocks.algorithm]
+                    slot.hashed = [
+                        self.pool.submit(
+                            _hash_block, job.digests, first + number, slot.view[lo:hi], hasher
+                        )
+                        for number, lo in enumerate(range(0, count, blocks.size))
+                        for hi in (min(lo + blocks.size, count),)
+                    ]
                 elif digest is not None and self.hasher is not None:
                     slot.hashed = [self.hasher.submit(digest.update, slot.view[:count])]
-                self._scatter(job, slot, count, offset, staged)
+                self._scatter(job, slot, count, offset)
                 offset += count
         for slot in self.slots:
             slot.wait()
-        if roots:
-            assert self.stream is not None
-            assert self.device_hash is not None
-            self.stream.synchronize()
-            for first, digests in roots:
-                for number, hexdigest in enumerate(self.device_hash.digests_hex(digests)):
-                    job.digests[first + number] = hexdigest
         return StreamResult(offset - job.begin, digest.hexdigest() if digest is not None else None)
 
-    def _stage(self, slot: _Slot, count: int) -> torch.Tensor:
-        """The slot's bytes copied to the device buffer (on the worker's stream)."""
-        assert self.staging is not None
-        assert self.stream is not None
-        assert slot.copied is not None
-        with torch.cuda.stream(self.stream):
-            staged = self.staging[:count]
-            staged.copy_(slot.buffer[:count], non_blocking=True)
-            slot.copied.record(self.stream)
-            slot.copy_pending = True
-        return staged
-
-    def _scatter(
-        self, job: _Job, slot: _Slot, count: int, offset: int, staged: torch.Tensor | None = None
-    ) -> None:
-        """Copy the parts of every tensor that lie in file bytes [offset, offset + count), from
-        the slot or, once staged, from the device's copy of it."""
+    def _scatter(self, job: _Job, slot: _Slot, count: int, offset: int) -> None:
+        """Copy the parts of every tensor that lie in file bytes [offset, offset + count)."""
         first = bisect.bisect_right(job.ends, offset)
         end = offset + count
         if first >= len(job.targets) or job.targets[first].spec.begin >= end:
             return
         context = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with context:
-            chunk = staged if staged is not None else slot.buffer[:count]
+            chunk = slot.buffer[:count]
             for target in job.targets[first:]:
                 spec = target.spec
                 if spec.begin >= end:
@@ -461,7 +373,7 @@ class _Worker:
                     chunk[lo - offset : hi - offset], non_blocking=self.cuda
                 )
                 target.written(hi - lo)
-            if slot.copied is not None and self.stream is not None and staged is None:
+            if slot.copied is not None and self.stream is not None:
                 slot.copied.record(self.stream)
                 slot.copy_pending = True
 
@@ -477,11 +389,8 @@ def _fill(fh: io.FileIO, view: memoryview) -> int:
     return got
 
 
-def default_workers(jobs: int, device_hashing: bool = False) -> int:
-    """Readers: one per shard or range, at most half the cores (the rest hash), or every core
-    while the device hashes."""
-    if device_hashing:
-        return max(1, min(jobs, store.default_threads(), MAX_WORKERS_DEVICE_HASHING))
+def default_workers(jobs: int) -> int:
+    """Readers: one per shard or range, at most half the cores (the rest hash)."""
     return max(1, min(jobs, store.default_threads() // 2, MAX_WORKERS))
 
 
@@ -509,15 +418,13 @@ def stream_shards(
     blocks: Sequence[store.Blocks | None] | None = None,
     hash_threads: int | None = None,
     range_size: int = RANGE_SIZE,
-    device_hash: bool = True,
 ) -> list[StreamResult]:
     """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hashes.
 
     ``blocks`` (one per job, None for a file without block digests) makes the reads whole blocks,
     lets several readers stream ranges of ``range_size`` bytes of one file at once and, with
     ``verify``, hashes each block on a pool of ``hash_threads`` threads (default:
-    ``default_hash_threads``); other files are hashed whole. On CUDA, with ``device_hash``, BLAKE3
-    blocks are hashed on the device when Triton is there. Destinations must be on ``device``
+    ``default_hash_threads``); other files are hashed whole. Destinations must be on ``device``
     and have the spec's shape. Returns once every copy and hash has completed, so the
     destinations are ready for any stream.
     """
@@ -550,15 +457,12 @@ def stream_shards(
     for part in parts:
         pending.put(part)
     results: list[tuple[_Job, StreamResult]] = []
-    hasher = device_hasher() if device.type == "cuda" and verify and device_hash else None
-    on_device = hasher is not None and all(hashes_on_device(j.blocks, hasher) for j in built)
-    count = workers if workers is not None else default_workers(len(parts), on_device)
+    count = workers if workers is not None else default_workers(len(parts))
     count = max(1, min(count, len(parts)))
     pool = None
     slots = BUFFERS_PER_WORKER
     if verify and any(job.blocks is not None for job in built):
-        # On the device: the host hashes only the files' short last blocks.
-        threads = hash_threads or (1 if on_device else default_hash_threads(count))
+        threads = hash_threads or default_hash_threads(count)
         pool = DaemonExecutor("metalserve-hash-block", threads)
         # Enough buffers that the readers together keep every hashing thread busy (capped: each
         # is a pinned block-sized buffer).
@@ -569,8 +473,7 @@ def stream_shards(
         torch.cuda.current_stream(device).synchronize()
     try:
         stream_workers = [
-            _Worker(device, slot_size, slots, verify=verify, pool=pool, device_hash=hasher)
-            for _ in range(count)
+            _Worker(device, slot_size, slots, verify=verify, pool=pool) for _ in range(count)
         ]
         with DaemonExecutor("metalserve-read", count) as readers:
             done = [readers.submit(_run_worker, w, pending, results) for w in stream_workers]
@@ -638,7 +541,6 @@ def load_weights(
     workers: int | None = None,
     hash_threads: int | None = None,
     range_size: int = RANGE_SIZE,
-    device_hash: bool = True,
 ) -> list[str]:
     """Stream the shards ``entries`` of a version into the tensors ``destination`` names.
 
@@ -673,7 +575,6 @@ def load_weights(
         blocks=[entry.blocks for entry in entries],
         hash_threads=hash_threads,
         range_size=range_size,
-        device_hash=device_hash,
     )
     if verify:
         problems = [

@@ -10,8 +10,6 @@ dropped) and warm:
 * ``ours_nohash``: the same without hashing, to show what verification costs;
 * ``ours_per_shard``: ``ours`` with one reader per shard (no shard cut into ranges), as before
   2026-12-03, to show what the ranges bring;
-* ``ours_host_hash``: ``ours`` with the blocks hashed on the host even where the device could
-  (CUDA, BLAKE3 blocks, Triton), to show what hashing on the device brings;
 * ``cache``: ``ours`` from a node-local cache (``metalserve.cache``) the version was first copied
   into (``node_cache_fill_s``), under a lease, as a replica's cache hit loads it;
 
@@ -56,14 +54,13 @@ BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut 
 H2D_BYTES = 1024**3
 HASH_BYTES = 512 * 1024**2
 PARALLEL_ROUNDS = 4  # <algorithm>_parallel hashes HASH_BYTES this many times per sample
-FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_per_shard", "ours_host_hash", "cache")
+FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_per_shard", "cache")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
     "load_file": "raw",
     "ours": "load_file",
     "ours_nohash": "load_file",
     "ours_per_shard": "load_file",
-    "ours_host_hash": "load_file",
     "cache": "ours",
 }
 COLD_BASELINE = {
@@ -71,7 +68,6 @@ COLD_BASELINE = {
     "ours": "raw",
     "ours_nohash": "raw",
     "ours_per_shard": "raw",
-    "ours_host_hash": "raw",
     "cache": "ours",
 }
 
@@ -151,9 +147,6 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
         "ours_nohash": lambda: _ours(checkpoint, device, chunk, verify=False, options=options),
         "ours_per_shard": lambda: _ours(
             checkpoint, device, chunk, verify=True, options=options, per_shard=True
-        ),
-        "ours_host_hash": lambda: _ours(
-            checkpoint, device, chunk, verify=True, options=options, host_hash=True
         ),
         "cache": lambda: _from_cache(node_cache, checkpoint, device, chunk, options),
     }
@@ -417,7 +410,6 @@ def _ours(
     verify: bool,
     options: BenchLoadSettings,
     per_shard: bool = False,
-    host_hash: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Our weight path into fresh tensors on the device (like load_file's result)."""
     manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
@@ -439,7 +431,6 @@ def _ours(
         verify=verify,
         workers=options.workers,
         hash_threads=options.hash_threads,
-        device_hash=not host_hash,
         range_size=2**62
         if per_shard
         else (options.range_mib * 2**20 if options.range_mib else weights.RANGE_SIZE),
@@ -540,9 +531,6 @@ def _report(
         "cold_ours_vs_ours_per_shard": common.ratio(
             gbps("ours", "cold"), gbps("ours_per_shard", "cold")
         ),
-        "warm_ours_vs_ours_host_hash": common.ratio(
-            gbps("ours", "warm"), gbps("ours_host_hash", "warm")
-        ),
         # Issue 17, item 5: at least 0.5.
         "warm_ours_vs_h2d": common.ratio(gbps("ours", "warm"), gbps("h2d", "-")),
         "hash_overhead_pct_warm": overhead("warm"),
@@ -552,9 +540,7 @@ def _report(
     # The loader's readers: one per shard, or per range of a shard with block digests.
     range_size = (options.range_mib or weights.RANGE_SIZE // 2**20) * 2**20
     jobs = sum(-(-e.size // range_size) if e.blocks else 1 for e in checkpoint.entries)
-    hasher = weights.device_hasher() if options.device.startswith("cuda") else None
-    on_device = all(weights.hashes_on_device(e.blocks, hasher) for e in checkpoint.entries)
-    readers = options.workers or weights.default_workers(jobs, on_device)
+    readers = options.workers or weights.default_workers(jobs)
     algorithms = {e.blocks.algorithm for e in checkpoint.entries if e.blocks is not None}
     return {
         "benchmark": "load",
@@ -569,9 +555,7 @@ def _report(
             "chunk_mib": options.chunk_mib,
             "range_mib": options.range_mib or weights.RANGE_SIZE // 2**20,
             "workers": readers,
-            "hash_threads": options.hash_threads
-            or (1 if on_device else weights.default_hash_threads(readers)),
-            "device_hashing": on_device,
+            "hash_threads": options.hash_threads or weights.default_hash_threads(readers),
             "parallel_hash_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
             "caches": list(options.caches),
