@@ -298,7 +298,11 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
     tie_note = f" ({ties} tolerated numerical ties)" if ties else ""
     if report.consistent:
         versions = len({r.version_id for r in report.replicas})
-        scope = f" (compared within each of {versions} versions)" if versions > 1 else ""
+        scope = (
+            f" (compared within each of {versions} versions)"
+            if settings.per_version and versions > 1
+            else ""
+        )
         print(f"OK: {len(report.replicas)} replicas gave identical output{scope}{tie_note}")
         return ExitCode.OK
     failed = sum(r.errors > 0 for r in report.replicas)

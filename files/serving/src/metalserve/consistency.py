@@ -207,15 +207,16 @@ def check(
         for prompt in prompts:
             answers = [ask(client, u, prompt, model=model, max_tokens=max_tokens) for u in urls]
             report.answers.append(answers)
-            overall = _reference(answers)
-            by_version = {
-                version: _reference([a for a in answers if a.version_id == version])
+            references = {
+                version: _reference(
+                    [a for a in answers if a.version_id == version] if per_version else answers
+                )
                 for version in {a.version_id for a in answers}
             }
             differs = False
             for result, answer in zip(report.replicas, answers, strict=True):
                 result.version_id = answer.version_id or result.version_id
-                reference = by_version[answer.version_id] if per_version else overall
+                reference = references[answer.version_id]
                 if not answer.ok or reference is None:
                     result.errors += 1
                     result.first_error = result.first_error or answer.error
