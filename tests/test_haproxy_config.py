@@ -42,6 +42,7 @@ KEYS = [
     {"name": "team-a", "key": "a" * 24},
     {"name": "team-b", "key": "b" * 24},
     {"name": "tiny-only", "key": "t" * 24, "models": ["tiny-llama"]},
+    {"name": "operator", "key": "o" * 24, "admin": True},
 ]
 REPLICAS = ["r1", "r2", "r3"]
 # The files the role writes, by template, and where the test puts them (role variable).
@@ -51,6 +52,9 @@ FILES = {
     "api_key_limits.map.j2": "__haproxy_limit_map",
     "api_key_quotas.map.j2": "__haproxy_quota_map",
     "models.lst.j2": "__haproxy_models_list",
+    "model_backends.map.j2": "__haproxy_backends_map",
+    "models.json.j2": "__haproxy_models_json",
+    "admin_clients.lst.j2": "__haproxy_admin_clients_list",
     "jwt_scopes.lst.j2": "__haproxy_jwt_scopes_list",
     "jwt_public_key.pem.j2": "__haproxy_jwt_public_key",
 }
@@ -146,9 +150,11 @@ def render(dest: Path, replicas: list[dict[str, object]], **settings: object) ->
         "haproxy_tls_mode": "none",
         "metalserve_replica_mtls": False,  # the stand-ins speak plain HTTP unless a test says
         "__haproxy_tls_pem_path": str(listeners.certificate),
-        "haproxy_backend_servers": replicas,
+        # Each model's backend has the three stand-ins (unless a test says otherwise).
+        "haproxy_backend_servers": [{**replica, "model": model} for model in MODELS for replica in replicas],
         "haproxy_api_keys": KEYS,
         "haproxy_models": MODELS,
+        "metalserve_model_name": MODELS[0],  # the default model: servers that name none serve it
         "haproxy_admin_socket": str(dest / "admin.sock"),
         "haproxy_server_state_file": str(dest / "server-state"),
         "__haproxy_key_map": str(dest / "keys.map"),
@@ -251,13 +257,17 @@ def complete(port: int, key: str, body: object) -> httpx.Response:
 
 
 def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(haproxy: Callable[..., Listeners]) -> None:
-    port = haproxy().http
+    port = haproxy(haproxy_models=[*MODELS, "idle-llama"]).http
     key = str(KEYS[0]["key"])
     answer = complete(port, key, {"model": "no-such-model", "prompt": "Hi"})
     assert answer.status_code == 404, answer.text
     assert answer.json()["error"]["code"] == "model_not_found"
     for model in MODELS:
         assert complete(port, key, {"model": model, "prompt": "Hi"}).text in REPLICAS
+    # Served, but no replica of it is up: the load balancer's 503, in OpenAI's JSON too.
+    answer = complete(port, key, {"model": "idle-llama", "prompt": "Hi"})
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "no_replica_available"
     # No model to read (not JSON): the replica answers it (its own 4xx).
     assert (
         httpx.post(
@@ -265,6 +275,56 @@ def test_a_completion_for_a_model_not_served_gets_404_from_the_load_balancer(hap
         ).text
         in REPLICAS
     )
+
+
+def test_each_model_has_its_backend_and_the_load_balancer_lists_them(
+    haproxy: Callable[..., Listeners], replicas: list[dict[str, object]]
+) -> None:
+    """r1 and r2 serve the default model, r3 the other: a completion reaches only its model's
+    replicas, GET /v1/models answers from the load balancer with both (after the key check)."""
+    servers = [{**replica, "model": MODELS[replica["name"] == "r3"]} for replica in replicas]
+    listeners = haproxy(haproxy_backend_servers=servers, haproxy_balance="roundrobin")
+    key = str(KEYS[0]["key"])
+    served = {
+        model: collections.Counter(
+            complete(listeners.http, key, {"model": model, "prompt": "Hi"}).text for _ in range(8)
+        )
+        for model in MODELS
+    }
+    assert served == {MODELS[0]: {"r1": 4, "r2": 4}, MODELS[1]: {"r3": 8}}, served
+    assert complete(listeners.http, key, {"model": "no-such-model", "prompt": "Hi"}).status_code == 404
+    # Not a completion: the default model's replicas.
+    assert get(listeners.http, "/version") in ("r1", "r2")
+    listed = httpx.get(f"http://127.0.0.1:{listeners.http}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert listed.status_code == 200, listed.text
+    assert listed.headers["content-type"] == "application/json"
+    assert [card["id"] for card in listed.json()["data"]] == MODELS, listed.text
+    assert {card["object"] for card in listed.json()["data"]} == {"model"}
+    assert httpx.get(f"http://127.0.0.1:{listeners.http}/v1/models").status_code == 401
+    exported = httpx.get(f"http://127.0.0.1:{listeners.stats}/metrics").text
+    for model, up in ((MODELS[0], 2), (MODELS[1], 1)):
+        assert f'haproxy_backend_active_servers{{proxy="metalserve_{model}"}} {up}' in exported, model
+
+
+def test_only_an_admin_key_reads_the_load_balancers_metrics_and_no_replica_admin_api_is_reached(
+    haproxy: Callable[..., Listeners],
+) -> None:
+    port = haproxy().http
+
+    def admin(path: str, key: str, method: str = "GET") -> httpx.Response:
+        return httpx.request(method, f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+
+    operator, client = "o" * 24, str(KEYS[0]["key"])
+    metrics = admin("/admin/metrics", operator)
+    assert metrics.status_code == 200 and "haproxy_process_uptime_seconds" in metrics.text, metrics.text[:200]
+    for path, method in (("/admin/metrics", "GET"), ("/admin/reload", "POST")):
+        refused = admin(path, client, method)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "admin_not_allowed"
+    # Not even an admin key reaches a replica's admin API through the load balancer.
+    missing = admin("/admin/reload", operator, "POST")
+    assert missing.status_code == 404 and missing.text not in REPLICAS, missing.text
+    assert httpx.get(f"http://127.0.0.1:{port}/admin/metrics").status_code == 401
 
 
 def test_a_key_scoped_to_one_model_gets_403_on_another(haproxy: Callable[..., Listeners]) -> None:

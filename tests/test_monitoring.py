@@ -28,9 +28,11 @@ RULES_TEST = ROLE / "tests" / "metalserve.rules.test.yml"
 DASHBOARD = REPO / "files" / "grafana" / "metalserve.json"
 DCGM_COUNTERS = REPO / "roles" / "nvidia_dcgm" / "files" / "metalserve-counters.csv"
 PROMTOOL = Path(os.environ.get("PROMTOOL", REPO / ".cache" / "promtool" / "usr" / "bin" / "promtool"))
-HAPROXY_BACKEND = yaml.safe_load((REPO / "roles" / "metalserve" / "defaults" / "main.yml").read_text())[
-    "metalserve_haproxy_backend"
+# One backend per model, named role metalserve's prefix and the model's name.
+HAPROXY_BACKEND_PREFIX = yaml.safe_load((REPO / "roles" / "metalserve" / "defaults" / "main.yml").read_text())[
+    "metalserve_haproxy_backend_prefix"
 ]
+HAPROXY_BACKEND = HAPROXY_BACKEND_PREFIX + "tiny-llama"
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -205,7 +207,7 @@ def test_dashboard_structure(dashboard: dict) -> None:
     assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert variables["backend"]["query"] == HAPROXY_BACKEND, "the dashboard watches another backend than role haproxy's"
+    assert variables["backend"]["query"] == HAPROXY_BACKEND_PREFIX + ".+", "the dashboard watches other backends"
     ids, cells = set(), set()
     for panel in dashboard["panels"]:
         title = panel.get("title")

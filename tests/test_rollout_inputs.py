@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from repo_helpers import GOOD_GROUPS, GOOD_VARS, run_playbook, unreachable_inventory, write_inventory
 
@@ -104,3 +105,35 @@ def test_good_settings_pass_the_check_and_only_then_reach_hosts(inventory: Path)
     assert code != 0
     assert "Rollout settings are wrong" not in output
     assert "UNREACHABLE" in output
+
+
+@pytest.fixture
+def two_models(tmp_path: Path) -> Path:
+    """gpu-a serves the default model (group all's), gpu-b another: a cluster of two models."""
+    inventory = unreachable_inventory(tmp_path)
+    content = yaml.safe_load(inventory.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"] = {"metalserve_model_name": "other-llama"}
+    inventory.write_text(yaml.safe_dump(content))
+    return inventory
+
+
+def test_with_several_models_a_rollout_must_name_one(two_models: Path) -> None:
+    code, output = rollout(two_models, {"version_id": "8386b9ac7214"})
+    assert code != 0
+    said = " ".join(output.split())
+    assert "This cluster serves several models: name one of tiny-llama, other-llama with -e rollout_model" in said
+    assert "PLAY [Plan the rollout" not in output
+    assert "UNREACHABLE" not in output
+    code, output = rollout(two_models, {"version_id": "8386b9ac7214", "rollout_model": "nope"})
+    assert code != 0
+    assert "rollout_model nope is not served here" in " ".join(output.split())
+
+
+def test_a_rollout_runs_on_its_models_hosts_only(two_models: Path) -> None:
+    """The first check that names a host (the version's) names the model's host alone."""
+    code, output = rollout(two_models, {"version_id": "latest", "rollout_model": "other-llama"})
+    assert code != 0
+    assert "version_id on gpu-b must be a version id" in output
+    planned = output.split("PLAY [Plan the rollout", 1)[1].split("PLAY RECAP", 1)[0]
+    assert "gpu-b" in planned
+    assert "gpu-a" not in planned

@@ -100,10 +100,12 @@ def test_ttft_is_a_scale_up_signal_when_asked() -> None:
 
 def test_bad_settings_name_the_problem() -> None:
     with pytest.raises(ValidationError, match="must be below scale_up_at"):
-        AutoscaleSettings(prometheus_url="http://p", scale_up_at=5, scale_down_at=5)
+        AutoscaleSettings(prometheus_url="p", backend=BACKEND, scale_up_at=5, scale_down_at=5)
     with pytest.raises(ValidationError, match="max_active"):
-        AutoscaleSettings(prometheus_url="http://p", min_active=3, max_active=2)
-    result = run_cli("autoscale", "--prometheus-url", "http://p", "--up-after", "0")
+        AutoscaleSettings(prometheus_url="http://p", backend=BACKEND, min_active=3, max_active=2)
+    with pytest.raises(ValidationError, match="backend"):
+        AutoscaleSettings(prometheus_url="http://p")
+    result = run_cli("autoscale", "--prometheus-url", "p", "--backend", BACKEND, "--up-after", "0")
     assert result.returncode == 2
     assert "--up-after" in result.stderr
 
@@ -206,6 +208,7 @@ def _weights(api: haproxy.RuntimeAPI) -> dict[str, int]:
 def _settings(lab: Lab, **overrides: Any) -> AutoscaleSettings:
     values: dict[str, Any] = {
         "prometheus_url": lab.prometheus,
+        "backend": BACKEND,
         "haproxy_socket": lab.socket,
         "scale_up_at": 10,
         "scale_down_at": 4,
@@ -276,6 +279,7 @@ def test_the_command_runs_bounded_and_logs_its_decisions(lab: Lab) -> None:
     lab.load.update({"gpu1-0": 30, "gpu2-0": 30, "gpu1-1": 0, "gpu2-1": 0})
     result = run_cli(
         "autoscale", "--prometheus-url", lab.prometheus, "--haproxy-socket", str(lab.socket),
+        "--backend", BACKEND,
         "--scale-up-at", "10", "--scale-down-at", "4", "--up-after", "2", "--interval", "0.1",
         "--metrics-port", "0", "--max-evaluations", "3",
         timeout=60,
@@ -299,7 +303,8 @@ def test_runs_on_a_load_balancer_without_the_serving_stack(tmp_path: Path) -> No
     result = subprocess.run(
         [
             sys.executable, "-c", program, "autoscale", "--prometheus-url", "http://127.0.0.1:9",
-            "--haproxy-socket", str(tmp_path / "none.sock"), "--max-evaluations", "1",
+            "--haproxy-socket", str(tmp_path / "none.sock"), "--backend", "metalserve_replicas",
+            "--max-evaluations", "1",
             "--metrics-port", "0",
         ],
         capture_output=True, text=True, timeout=60, check=False,

@@ -253,7 +253,7 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
         [settings.prompt] if settings.prompt else list(consistency.PROMPTS[: settings.prompts])
     )
     urls = settings.urls
-    if settings.haproxy_socket is not None:
+    if settings.haproxy_socket is not None and settings.backend is not None:  # validated: both
         from metalserve.autoscale.haproxy import RuntimeAPI, RuntimeAPIError
 
         try:

@@ -309,7 +309,9 @@ class ConsistencySettings(CommandSettings):
         "skip the check (exit 0, the textfile says so) while one is drained or in maintenance: a "
         "rollout, a maintenance or a scale-down is under way",
     )
-    backend: str = Field("metalserve_replicas", description="(default: %(default)s)")
+    backend: str | None = Field(
+        None, description="the model's backend: role metalserve's prefix and the model's name"
+    )
     scheme: Literal["http", "https"] = Field(
         "http", description="of the replicas found through HAProxy (default: %(default)s)"
     )
@@ -355,6 +357,8 @@ class ConsistencySettings(CommandSettings):
             raise ValueError("tls_client_cert and tls_client_key go together")
         if bool(self.urls) == (self.haproxy_socket is not None):
             raise ValueError("give replica URLs or --haproxy-socket, one of the two")
+        if self.haproxy_socket is not None and not self.backend:
+            raise ValueError("--haproxy-socket needs --backend (one per model: metalserve_<model>)")
         return self
 
 
@@ -369,7 +373,7 @@ class AutoscaleSettings(CommandSettings):
         description="this load balancer's admin socket (default: %(default)s)",
     )
     backend: str = Field(
-        "metalserve_replicas", description="the replicas' backend (default: %(default)s)"
+        description="the model's backend (role metalserve's prefix and the model's name)"
     )
     scale_up_at: float = Field(
         48.0,
