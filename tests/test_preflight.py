@@ -59,6 +59,36 @@ def test_empty_variable_counts_as_missing(tmp_path: Path) -> None:
     assert "Variable 'metalserve_model_name' is not set" in result.stdout
 
 
+def write_two_models(tmp_path: Path, gpu_b_model: str, all_vars: dict[str, object] = GOOD_VARS) -> Path:
+    """gpu-a serves group all's model, gpu-b its own."""
+    inventory = write_inventory(tmp_path, good_groups(), all_vars)
+    content = yaml.safe_load(inventory.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"] = {"metalserve_model_name": gpu_b_model}
+    inventory.write_text(yaml.safe_dump(content))
+    return inventory
+
+
+def test_two_models_pass_and_bad_model_names_are_named(tmp_path: Path) -> None:
+    assert run_playbook("playbooks/preflight.yml", write_two_models(tmp_path, "other-llama_2.5")).returncode == 0
+    result = run_playbook("playbooks/preflight.yml", write_two_models(tmp_path, "org/llama"))
+    assert result.returncode != 0
+    assert "metalserve_model_name of gpu-b: org/llama is not a model name" in " ".join(result.stdout.split())
+
+
+def test_the_default_model_must_be_served(tmp_path: Path) -> None:
+    """Every GPU node serves another model than group all's: nothing would answer a request
+    that names none."""
+    inventory = write_two_models(tmp_path, "other-llama")
+    content = yaml.safe_load(inventory.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-a"] = {"metalserve_model_name": "other-llama"}
+    inventory.write_text(yaml.safe_dump(content))
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    assert result.returncode != 0
+    assert "The default model (metalserve_model_name of group all: tiny-llama) is served by no GPU node" in " ".join(
+        result.stdout.split()
+    )
+
+
 def test_store_without_server_is_named(tmp_path: Path) -> None:
     groups = good_groups()
     del groups["model_store"]

@@ -20,8 +20,8 @@ def inventory(tmp_path: Path) -> Path:
     return unreachable_inventory(tmp_path)
 
 
-def rollout(inventory: Path, extra_vars: dict[str, object]) -> tuple[int, str]:
-    result = run_playbook("playbooks/rolling_update.yml", inventory, "--extra-vars", json.dumps(extra_vars))
+def rollout(inventory: Path, extra_vars: dict[str, object], *options: str) -> tuple[int, str]:
+    result = run_playbook("playbooks/rolling_update.yml", inventory, "--extra-vars", json.dumps(extra_vars), *options)
     return result.returncode, result.stdout + result.stderr
 
 
@@ -121,12 +121,19 @@ def test_with_several_models_a_rollout_must_name_one(two_models: Path) -> None:
     code, output = rollout(two_models, {"version_id": "8386b9ac7214"})
     assert code != 0
     said = " ".join(output.split())
-    assert "This cluster serves several models: name one of tiny-llama, other-llama with -e rollout_model" in said
+    assert (
+        "The hosts of this run serve several models: name one of tiny-llama, other-llama with -e rollout_model" in said
+    )
     assert "PLAY [Plan the rollout" not in output
     assert "UNREACHABLE" not in output
     code, output = rollout(two_models, {"version_id": "8386b9ac7214", "rollout_model": "nope"})
     assert code != 0
-    assert "rollout_model nope is not served here" in " ".join(output.split())
+    assert "rollout_model nope is served by no host of this run" in " ".join(output.split())
+    # Limited to one model's hosts, the run needs no name; to another's, it refuses.
+    code, output = rollout(two_models, {"version_id": "latest"}, "--limit", "gpu-b")
+    assert "version_id on gpu-b must be a version id" in output
+    code, output = rollout(two_models, {"version_id": "latest", "rollout_model": "tiny-llama"}, "--limit", "gpu-b")
+    assert "rollout_model tiny-llama is served by no host of this run" in " ".join(output.split())
 
 
 def test_a_rollout_runs_on_its_models_hosts_only(two_models: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,17 @@ def test_ttft_is_a_scale_up_signal_when_asked() -> None:
     slow = Observation(("r0",), ("s0",), (), requests=5, ttft_p99_s=0.8)
     assert decide(policy, State(), slow, now=0).action == "promote"
     assert decide(POLICY, State(), slow, now=0).action == "hold"  # not a signal by default
+
+
+def test_the_ttft_signal_reads_only_the_backends_replicas() -> None:
+    """Other models' replicas are scraped too: their latency must not scale this backend."""
+    query = controller.ttft_query(("gpu1-0", "gpu2.lab-1"))
+    literal = re.search(r'replica=~"((?:[^"\\]|\\.)*)"', query)
+    assert literal, query
+    pattern = literal.group(1).replace("\\\\", "\\")  # PromQL's string literal unescaped
+    assert all(re.fullmatch(pattern, name) for name in ("gpu1-0", "gpu2.lab-1")), pattern
+    others = ("gpu2xlab-1", "gpu3-0", "gpu1-00")
+    assert not any(re.fullmatch(pattern, name) for name in others), pattern
 
 
 def test_bad_settings_name_the_problem() -> None:

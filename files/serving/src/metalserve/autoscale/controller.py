@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -23,10 +24,17 @@ REQUESTS_QUERY = (
     "sum by (replica) (metalserve_num_requests_running)"
     " + sum by (replica) (metalserve_num_requests_waiting)"
 )
+# Over the backend's replicas in rotation only: other models' replicas are scraped alike.
 TTFT_QUERY = (
     "histogram_quantile(0.99, sum by (le) "
-    "(rate(metalserve_time_to_first_token_seconds_bucket[1m])))"
+    '(rate(metalserve_time_to_first_token_seconds_bucket{{replica=~"{replicas}"}}[1m])))'
 )
+
+
+def ttft_query(replicas: tuple[str, ...]) -> str:
+    """TTFT_QUERY for these replicas (a PromQL string literal holding an RE2 alternation)."""
+    pattern = "|".join(re.escape(name) for name in replicas)
+    return TTFT_QUERY.format(replicas=pattern.replace("\\", "\\\\"))
 
 
 class AutoscaleMetrics:
@@ -130,8 +138,8 @@ class Controller:
                 for labels, value in prometheus.query(self.client, REQUESTS_QUERY)
             }
             ttft = None
-            if self.settings.ttft_p99_up_at is not None:
-                values = [value for _, value in prometheus.query(self.client, TTFT_QUERY)]
+            if self.settings.ttft_p99_up_at is not None and active:
+                values = [value for _, value in prometheus.query(self.client, ttft_query(active))]
                 ttft = values[0] if values else None
         except prometheus.PrometheusError as exc:
             self.metrics.errors.labels(kind="prometheus").inc()
