@@ -306,6 +306,28 @@ def test_each_model_has_its_backend_and_the_load_balancer_lists_them(
         assert f'haproxy_backend_active_servers{{proxy="metalserve_{model}"}} {up}' in exported, model
 
 
+def test_each_model_can_balance_its_own_way(haproxy: Callable[..., Listeners]) -> None:
+    """Round robin for the default model, consistent hashing on a header for the other."""
+    port = haproxy(
+        haproxy_balance="roundrobin",
+        haproxy_model_balance={MODELS[1]: {"balance": "hash", "hash_on": "header", "hash_balance_factor": 0}},
+    ).http
+    key = str(KEYS[0]["key"])
+
+    def served(model: str, session: str) -> str:
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            headers={"Authorization": f"Bearer {key}", "X-Session-Id": session},
+            json={"model": model, "prompt": "Hi"},
+        )
+        return response.text
+
+    assert collections.Counter(served(MODELS[0], "one") for _ in range(9)) == dict.fromkeys(REPLICAS, 3)
+    homes = {session: {served(MODELS[1], session) for _ in range(4)} for session in map(str, range(8))}
+    assert all(len(home) == 1 for home in homes.values()), homes
+    assert len({home.pop() for home in homes.values()}) >= 2, homes
+
+
 def test_only_an_admin_key_reads_the_load_balancers_metrics_and_no_replica_admin_api_is_reached(
     haproxy: Callable[..., Listeners],
 ) -> None:
