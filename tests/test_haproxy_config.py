@@ -328,6 +328,90 @@ def test_each_model_can_balance_its_own_way(haproxy: Callable[..., Listeners]) -
     assert len({home.pop() for home in homes.values()}) >= 2, homes
 
 
+def split_servers(replicas: list[dict[str, object]], variant: str = "b") -> list[dict[str, object]]:
+    """r1 and r2 serve the default model's main side, r3 its variant."""
+    return [{**r, "model": MODELS[0], "variant": variant if r["name"] == "r3" else ""} for r in replicas]
+
+
+def post(port: int, key: str, model: str = MODELS[0], headers: dict[str, str] | None = None) -> str:
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        json={"model": model, "prompt": "Hi"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.text
+
+
+def test_a_split_sends_its_share_of_a_models_completions_to_the_variant(
+    haproxy: Callable[..., Listeners], replicas: list[dict[str, object]]
+) -> None:
+    """400 completions at random: r3 (the variant) gets the split's share within 10 points (4.6
+    standard deviations at 25%), the other model none of them, and each side is a backend of its
+    own in the exporter (per-variant series)."""
+    percent = 25
+    split = {MODELS[0]: {"variant": "b", "percent": percent}}
+    listeners = haproxy(
+        haproxy_backend_servers=[*split_servers(replicas), {**replicas[0], "model": MODELS[1]}],
+        haproxy_balance="roundrobin",
+        haproxy_model_splits=split,
+    )
+    key = str(KEYS[0]["key"])
+    with ThreadPoolExecutor(8) as pool:
+        served = collections.Counter(pool.map(lambda _: post(listeners.http, key), range(400)))
+    assert abs(served["r3"] / 400 - percent / 100) <= 0.10, served
+    assert set(served) <= set(REPLICAS), served
+    assert {post(listeners.http, key, MODELS[1]) for _ in range(8)} == {"r1"}
+    exported = httpx.get(f"http://127.0.0.1:{listeners.stats}/metrics").text
+    for backend, up in ((f"metalserve_{MODELS[0]}", 2), (f"metalserve_{MODELS[0]}:b", 1)):
+        assert f'haproxy_backend_active_servers{{proxy="{backend}"}} {up}' in exported, backend
+
+
+def test_a_sticky_split_keeps_each_key_and_each_header_value_on_one_side(
+    haproxy: Callable[..., Listeners], replicas: list[dict[str, object]]
+) -> None:
+    def side(name: str) -> str:
+        return "variant" if name == "r3" else "main"
+
+    by_key = haproxy(
+        haproxy_backend_servers=split_servers(replicas),
+        haproxy_model_splits={MODELS[0]: {"variant": "b", "percent": 50, "sticky": "api_key"}},
+    ).http
+    for key in ("a" * 24, "b" * 24, "t" * 24):
+        assert len({side(post(by_key, key)) for _ in range(10)}) == 1, key
+    by_user = haproxy(
+        haproxy_backend_servers=split_servers(replicas),
+        haproxy_model_splits={MODELS[0]: {"variant": "b", "percent": 50, "sticky": "header", "header": "X-User"}},
+    ).http
+    key = str(KEYS[0]["key"])
+    homes = {u: {side(post(by_user, key, headers={"X-User": f"user-{u}"})) for _ in range(4)} for u in range(40)}
+    assert all(len(home) == 1 for home in homes.values()), homes
+    on_variant = sum(home == {"variant"} for home in homes.values())
+    assert 8 <= on_variant <= 32, homes  # 50% of 40 users, within 3.8 standard deviations
+    # Without the header: drawn at random, both sides.
+    assert {side(post(by_user, key)) for _ in range(40)} == {"main", "variant"}
+
+
+def test_a_split_side_with_no_replica_up_leaves_the_other_all_requests(
+    haproxy: Callable[..., Listeners], replicas: list[dict[str, object]]
+) -> None:
+    key = str(KEYS[0]["key"])
+    # Variant c has no server: everything stays on the main side.
+    port = haproxy(
+        haproxy_backend_servers=split_servers(replicas),
+        haproxy_model_splits={MODELS[0]: {"variant": "c", "percent": 100}},
+    ).http
+    assert {post(port, key) for _ in range(12)} <= {"r1", "r2"}
+    # The main side has no server: the variant takes everything.
+    only_variant = [{**r, "model": MODELS[0], "variant": "b"} for r in replicas[2:]]
+    only_variant.append({**replicas[0], "model": MODELS[1]})
+    port = haproxy(
+        haproxy_backend_servers=only_variant, haproxy_model_splits={MODELS[0]: {"variant": "b", "percent": 10}}
+    ).http
+    assert {post(port, key) for _ in range(12)} == {"r3"}
+
+
 def test_only_an_admin_key_reads_the_load_balancers_metrics_and_no_replica_admin_api_is_reached(
     haproxy: Callable[..., Listeners],
 ) -> None:

@@ -75,6 +75,19 @@ def test_two_models_pass_and_bad_model_names_are_named(tmp_path: Path) -> None:
     assert "metalserve_model_name of gpu-b: org/llama is not a model name" in " ".join(result.stdout.split())
 
 
+def test_a_bad_variant_name_is_named(tmp_path: Path) -> None:
+    inventory = write_two_models(tmp_path, "tiny-llama")
+    content = yaml.safe_load(inventory.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"]["metalserve_model_variant"] = "B:1"
+    inventory.write_text(yaml.safe_dump(content))
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    assert result.returncode != 0
+    assert "metalserve_model_variant of gpu-b: B:1 is not a variant name" in " ".join(result.stdout.split())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"]["metalserve_model_variant"] = "canary-2"
+    inventory.write_text(yaml.safe_dump(content))
+    assert run_playbook("playbooks/preflight.yml", inventory).returncode == 0
+
+
 def test_the_default_model_must_be_served(tmp_path: Path) -> None:
     """Every GPU node serves another model than group all's: nothing would answer a request
     that names none."""

@@ -183,10 +183,13 @@ def test_the_timer_finds_the_replicas_in_haproxy_and_skips_while_one_is_drained(
     )
     # A warm standby (weight 0) takes no part until promoted.
     servers += f"  server standby 127.0.0.1:{api_server.port} check inter 200 weight 0\n"
+    # The other side of an A/B split is compared too; another model's backend is not.
     (tmp_path / "haproxy.cfg").write_text(
         f"global\n  stats socket {sock} mode 600 level admin\n"
         "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n"
         f"backend replicas\n  option httpchk GET /readyz\n{servers}"
+        f"backend replicas:b\n  server rb 127.0.0.1:{api_server.port} check inter 200\n"
+        f"backend replicas-other\n  server ro 127.0.0.1:{reload_server.port} check inter 200\n"
     )
     process = subprocess.Popen([binary, "-db", "-f", str(tmp_path / "haproxy.cfg")])
     try:
@@ -200,7 +203,7 @@ def test_the_timer_finds_the_replicas_in_haproxy_and_skips_while_one_is_drained(
         assert checked.returncode == ExitCode.OK, checked.stdout + checked.stderr
         assert api_server.url in checked.stdout
         assert reload_server.url in checked.stdout
-        assert "OK: 2 replicas" in checked.stdout
+        assert "OK: 3 replicas" in checked.stdout
         assert metrics(textfile)[("metalserve_consistency_skipped", ())] == 0
 
         api.command("set server replicas/r1 state drain")

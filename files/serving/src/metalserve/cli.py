@@ -257,7 +257,8 @@ def cmd_consistency(settings: ConsistencySettings) -> int:
         from metalserve.autoscale.haproxy import RuntimeAPI, RuntimeAPIError
 
         try:
-            servers = RuntimeAPI(settings.haproxy_socket).servers(settings.backend)
+            # The model's replicas on both sides of an A/B split (compared per version).
+            servers = RuntimeAPI(settings.haproxy_socket).servers(settings.backend, variants=True)
         except RuntimeAPIError as exc:
             error(f"cannot read the replicas from HAProxy: {exc}")
             return ExitCode.FAILURE

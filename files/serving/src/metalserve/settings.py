@@ -304,7 +304,8 @@ class ConsistencySettings(CommandSettings):
     )
     haproxy_socket: Path | None = Field(
         None,
-        description="check the servers of --backend that this HAProxy's runtime API reports up "
+        description="check the servers of --backend (and of its A/B variants, <backend>:<variant>) "
+        "that this HAProxy's runtime API reports up "
         "and in rotation (a standby at weight 0 once promoted); "
         "skip the check (exit 0, the textfile says so) while one is drained or in maintenance: a "
         "rollout, a maintenance or a scale-down is under way",

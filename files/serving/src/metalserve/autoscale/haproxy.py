@@ -32,9 +32,11 @@ class RuntimeAPI:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
 
-    def servers(self, backend: str) -> list[Server]:
-        """``show servers state <backend>``, parsed by its header's column names."""
-        lines = self.command(f"show servers state {backend}").splitlines()
+    def servers(self, backend: str, variants: bool = False) -> list[Server]:
+        """``show servers state <backend>``, parsed by its header's column names; with
+        ``variants``, also those of the backend's A/B variants (``<backend>:<variant>``)."""
+        command = "show servers state" if variants else f"show servers state {backend}"
+        lines = self.command(command).splitlines()
         header = next((line for line in lines if line.startswith("# ")), None)
         if header is None:
             raise RuntimeAPIError(f"unexpected answer to show servers state: {lines[:3]!r}")
@@ -44,7 +46,8 @@ class RuntimeAPI:
             if not line.strip():
                 continue
             row = dict(zip(columns, line.split(), strict=False))
-            if row.get("be_name") != backend:
+            name = row.get("be_name") or ""
+            if name != backend and not (variants and name.startswith(backend + ":")):
                 continue
             try:
                 servers.append(
