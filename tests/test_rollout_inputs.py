@@ -144,3 +144,19 @@ def test_a_rollout_runs_on_its_models_hosts_only(two_models: Path) -> None:
     planned = output.split("PLAY [Plan the rollout", 1)[1].split("PLAY RECAP", 1)[0]
     assert "gpu-b" in planned
     assert "gpu-a" not in planned
+
+
+def test_a_canary_whose_batches_could_mix_the_sides_of_a_split_is_refused(two_models: Path) -> None:
+    """gpu-b serves variant b of the default model: with a canary, batches of two would mix the
+    sides (its servers judged against another backend's); one host per batch is fine."""
+    content = yaml.safe_load(two_models.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"] = {"metalserve_model_variant": "b"}
+    two_models.write_text(yaml.safe_dump(content))
+    settings = {"version_id": "8386b9ac7214", "rollout_canary": True}
+    code, output = rollout(two_models, {**settings, "rollout_serial": 2})
+    assert code != 0
+    assert "could mix the sides of an A/B split (tiny-llama, tiny-llama:b)" in " ".join(output.split())
+    assert "UNREACHABLE" not in output
+    code, output = rollout(two_models, {**settings, "rollout_serial": 1})
+    assert "could mix the sides" not in output
+    assert "UNREACHABLE" in output  # past the controller's checks, on to the hosts
