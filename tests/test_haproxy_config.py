@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from repo_helpers import free_port, render_role_templates
+from repo_helpers import BIN, free_port, render_role_templates, run_playbook
 
 MODELS = ["tiny-llama", "big-llama"]
 KEYS = [
@@ -410,6 +410,39 @@ def test_a_split_side_with_no_replica_up_leaves_the_other_all_requests(
         haproxy_backend_servers=only_variant, haproxy_model_splits={MODELS[0]: {"variant": "b", "percent": 10}}
     ).http
     assert {post(port, key) for _ in range(12)} == {"r3"}
+
+
+@pytest.mark.parametrize(
+    ("split", "variant", "refused"),
+    [
+        ({"variant": "b", "percent": 10, "sticky": "api_key"}, "b", False),
+        ({"variant": "b", "percent": 101}, "b", True),
+        ({"variant": "b", "percent": 10, "sticky": "cookie"}, "b", True),
+        ({"variant": "B!", "percent": 10}, "b", True),
+        ({"variant": "b", "percent": 10}, "c", True),  # variant c: no split sends it anything
+    ],
+)
+def test_the_role_checks_its_splits(
+    tmp_path: Path, replicas: list[dict[str, object]], split: dict[str, object], variant: str, refused: bool
+) -> None:
+    """The role's own check (tasks_from check_splits, which its main runs before installing)."""
+    playbook = tmp_path / "check_splits.yml"
+    tasks = [{"ansible.builtin.include_role": {"name": "haproxy", "tasks_from": "check_splits"}}]
+    play = {"hosts": "localhost", "gather_facts": False, "roles": ["metalserve"], "tasks": tasks}
+    playbook.write_text(json.dumps([play]))
+    settings = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": str(BIN / "python"),
+        "metalserve_model_name": MODELS[0],
+        "haproxy_models": MODELS,
+        "haproxy_backend_servers": split_servers(replicas, variant),
+        "haproxy_model_splits": {MODELS[0]: split},
+    }
+    result = run_playbook(str(playbook), "localhost,", "--extra-vars", json.dumps(settings))
+    said = " ".join((result.stdout + result.stderr).split())
+    assert "TASK [haproxy : Check the A/B splits]" in said, said[-2000:]
+    assert (result.returncode != 0) == refused, said[-2000:]
+    assert ("haproxy_model_splits must map served models" in said) == refused, said[-2000:]
 
 
 def test_only_an_admin_key_reads_the_load_balancers_metrics_and_no_replica_admin_api_is_reached(
