@@ -106,6 +106,19 @@ def test_bench_load_ratios_come_from_the_same_run(load_run: tuple[dict[str, Any]
     target = report["targets"]["warm_ours_vs_load_file"]
     assert target["value"] == ratios["warm_ours_vs_load_file"]
     assert target["met"] == (target["value"] >= 2.0)
+    # Hashing on CPU threads beside ours (which hashes on the device on CUDA only).
+    assert ratios["warm_ours_vs_ours_host_hash"] == pytest.approx(
+        rate("ours", "warm") / rate("ours_host_hash", "warm"), rel=0.01
+    )
+    hashed = _measurement(report, "ours_host_hash", "warm")["median_s"]
+    bare = _measurement(report, "ours_nohash", "warm")["median_s"]
+    assert ratios["hash_overhead_pct_warm_host_hash"] == pytest.approx(
+        (hashed / bare - 1) * 100, abs=0.5
+    )
+    assert report["verify_on"]["device"] is False
+    assert "CUDA" in report["skipped"]["blake3_gpu"]
+    assert report["targets"]["warm_ours_vs_h2d"]["value"] is None  # no h2d on CPU
+    assert report["targets"]["cold_ours_vs_raw_item5"]["target"] == ">= 1"
 
 
 @pytest.mark.parametrize(

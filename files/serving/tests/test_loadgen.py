@@ -217,6 +217,8 @@ def test_stop_file_stops_it(api_server: Server, tmp_path: Path) -> None:
         (["--rate", "-1"], "--rate"),
         (["--prompt", ""], "--prompt"),
         (["--insecure", "--cacert", "/etc/hostname"], "--cacert"),
+        (["--header", "X-User user-7"], "--header"),
+        (["--header", ": no name"], "--header"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(args: list[str], flag: str) -> None:
@@ -257,6 +259,7 @@ class Upstream(ThreadingHTTPServer):
     daemon_threads = True
     mode = "ok"
     seen: list[tuple[str | None, dict[str, Any]]]
+    users: list[str | None]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients that timed out hang up: expected here
@@ -281,6 +284,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append((self.headers.get("Authorization"), body))
+        self.server.users.append(self.headers.get("X-User"))
         chunk = b'data: {"choices": [{"text": "x"}], "system_fingerprint": "m@0123456789ab"}\n\n'
         mode = self.server.mode
         if mode == "slow":
@@ -304,6 +308,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
 def upstream() -> Iterator[Upstream]:
     server = Upstream(("127.0.0.1", 0), UpstreamHandler)
     server.seen = []
+    server.users = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -376,6 +381,30 @@ def test_api_key_from_the_environment_and_model_lookup(upstream: Upstream) -> No
     )
     assert flag.returncode == ExitCode.OK, flag.stderr
     assert upstream.seen[-1][0] == "Bearer k2"
+
+
+def test_headers_go_with_every_request(upstream: Upstream) -> None:
+    """--header (e.g. the header an A/B split is sticky on) beside the API key."""
+    result = subprocess.run(
+        [
+            METALSERVE,
+            "load",
+            upstream_url(upstream),
+            "--max-requests",
+            "3",
+            "--api-key",
+            "k3",
+            "--header",
+            "X-User: user-7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert upstream.users == ["user-7"] * 3
+    assert {auth for auth, _ in upstream.seen} == {"Bearer k3"}
 
 
 # --- pure functions -------------------------------------------------------------------------

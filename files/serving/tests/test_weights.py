@@ -339,3 +339,35 @@ def test_one_tampered_block_is_refused(
             workers=3,
             range_size=3 * ODD_BLOCK,  # the block is found whichever reader read it
         )
+
+
+# --- where BLAKE3 blocks are hashed (verify_on) -------------------------------------------------
+
+
+def test_verify_on_is_checked_and_device_hashing_needs_a_usable_device(
+    versions: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalserve import gpu_blake3
+
+    root, version_id = versions["blocks"]
+    with pytest.raises(ValueError, match="verify_on 'gpu' is not one of auto, host, device"):
+        _load_version(root, version_id, verify_on="gpu")
+    monkeypatch.setattr(gpu_blake3, "missing", lambda device: "no kernels here")
+    with pytest.raises(weights.WeightsError, match="cannot verify BLAKE3 blocks on cpu: no kern"):
+        _load_version(root, version_id, verify_on="device")
+    # auto and host: on a CPU device, on CPU threads (the kernels are not even asked).
+    monkeypatch.setattr(gpu_blake3, "blake3_blocks", None)
+    for verify_on in ("auto", "host"):
+        assert _load_version(root, version_id, verify_on=verify_on)
+    # SHA-256 blocks (format 2) are never hashed on the device.
+    sha_root, sha_version = versions["format2"]
+    assert _load_version(sha_root, sha_version, verify_on="device")
+
+
+def test_readers_take_every_core_when_none_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "default_threads", lambda: 16)
+    assert weights.default_workers(64) == 8  # 8 more threads hash
+    assert weights.default_workers(64, host_hashing=False) == 12  # a quarter left to the GIL
+    assert weights.default_workers(3, host_hashing=False) == 3
+    monkeypatch.setattr(store, "default_threads", lambda: 64)
+    assert weights.default_workers(64, host_hashing=False) == weights.MAX_READERS

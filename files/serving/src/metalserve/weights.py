@@ -15,13 +15,24 @@ several times that), so only hashing many blocks at once keeps up with the copie
 entries (one sha256 per file) are hashed in order on one hasher thread per reader, as before: at
 most one core per shard.
 
+On a CUDA device, BLAKE3 block digests (manifest format 3) are computed on the GPU instead
+(``metalserve.gpu_blake3``, Triton; ``verify_on``, default ``VERIFY_ON``): each read is copied
+whole from its pinned buffer to a device staging buffer after the reads before it, the tensors are
+copied from there device to device, and every ``DEVICE_HASH_BATCH`` bytes (or at the end of the
+range) the staged blocks are hashed there, all on the reader's stream; the digests come back once
+per reader, when it has no more to read. The host then never reads the bytes a second time (the
+CPU threads' hashing re-read every byte after the copy, and capped the warm load), what is
+verified is what the device holds, and the cores that hashed read instead. Without Triton, on
+CPU devices, with SHA-256 blocks (format 2) or one whole-file hash (format 1), or when the
+kernels' self-test fails, blocks are hashed on the host as above.
+
 Verification semantics are those of ``store.verify_files``: the bytes land in the destinations
 before their hashes are known, but ``load_weights`` returns only after every shard matched its
 manifest entry (size and every block, or the whole-file hash) and raises ``VerificationError``
-otherwise, so nothing can use unverified weights. The hashes are computed over the very host
-buffers the copies read from, so what reaches the device is what was verified. A shard whose
-header cannot be used is hashed in full first: a tampered file is reported as a verification
-failure, not as a format problem.
+otherwise, so nothing can use unverified weights. The hashes are computed over the very buffers
+the copies read from (the host buffers, or the device staging buffer), so what reaches the
+destinations is what was verified. A shard whose header cannot be used is hashed in full first: a
+tampered file is reported as a verification failure, not as a format problem.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import queue
 import struct
@@ -47,20 +59,38 @@ import torch
 from metalserve import store
 from metalserve.threads import DaemonExecutor
 
+log = logging.getLogger(__name__)
+
 # The safetensors library refuses larger headers too.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Host buffers per streaming worker: one being read, the others being hashed or copied. With block
 # digests each worker gets enough more to keep its share of the hashing threads busy.
 BUFFERS_PER_WORKER = 4
 MAX_BUFFERS_PER_WORKER = 16
-# Reader threads at most.
+# With blocks hashed on the device a buffer is free again once its copy to the device is done.
+DEVICE_HASH_BUFFERS_PER_WORKER = 3
+# Blocks hashed on the device: each reader's reads are gathered in a device buffer of this many
+# bytes and hashed together (one hashing call per 4 reads of 16 MiB: each call costs ~70 us of
+# Python, holding the GIL the readers need; H200, 2026-12-03).
+DEVICE_HASH_BATCH = 64 * 1024 * 1024
+# Reader threads at most, beside threads hashing on the host (they take the other cores) ...
 MAX_WORKERS = 8
+# ... and when no core hashes (blocks hashed on the device, or no verification): three quarters
+# of the cores, the rest left to the GIL's work and the driver. On two H200 hosts (16 cores,
+# 2026-12-03) neither 12 nor 16 was always faster: warm without hashing 12 readers 32.5 GB/s and
+# 16 28.2 on one, 26.1 and 31.6 on the other; 8 were slower on both (26.3, 25.4).
+MAX_READERS = 16
 # With block digests a shard is streamed in ranges of about this many bytes, several at once: one
 # thread copies out of the page cache at ~4 GB/s, so one reader per shard capped a warm load of 4
 # shards near 13-16 GB/s; in ranges, 20-22 GB/s (H200 host, 16 cores, 2026-12-03: 8 readers and 8
 # hashers; 128 MiB ranges a little faster than 256 or 512; readers that hash their own reads, or
 # more readers, were slower).
 RANGE_SIZE = 128 * 1024 * 1024
+# Where BLAKE3 block digests are computed when the caller does not say (``verify_on``): "auto" is
+# on the device when it is a CUDA device and ``metalserve.gpu_blake3`` works there, else on the
+# host; "host" always on the host (CPU threads); "device" on the device or not at all (an error).
+VERIFY_ON = "auto"
+VERIFY_CHOICES = ("auto", "host", "device")
 
 _DTYPE_NAMES = {
     "F64": "float64",
@@ -212,6 +242,7 @@ class _Job:
     digests: dict[int, str] = field(default_factory=dict)
     begin: int = 0
     end: int | None = None
+    device_hash: bool = False  # blocks hashed on the device (BLAKE3), not on the host
     ends: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +266,7 @@ class _Job:
                 self.digests,
                 lo,
                 hi,
+                self.device_hash,
             )
             for lo, hi in itertools.pairwise(bounds)
         ]
@@ -276,8 +308,8 @@ def _hash_block(
 
 class _Worker:
     """Streams whole shards, one after another: reads on its own thread, hashes on others
-    (the shared block pool, or its own serial hasher for whole-file digests), copies on its own
-    CUDA stream, so the three overlap."""
+    (the shared block pool, or its own serial hasher for whole-file digests) or on the device,
+    copies on its own CUDA stream, so the three overlap."""
 
     def __init__(
         self,
@@ -294,6 +326,17 @@ class _Worker:
         self.verify = verify
         self.pool = pool
         self.hasher: DaemonExecutor | None = None  # for whole-file digests, started when needed
+        self.device = device
+        self.slot_size = slot_size
+        # Blocks hashed on the device: reads are copied whole, one after another, to this buffer
+        # (one is enough: everything that uses it is queued on self.stream) and hashed together
+        # once it is full or the job ends (``filled`` bytes from block ``first``); the digests,
+        # not yet read back: (job, first block, int32 [blocks, 8] on the device).
+        self.batch = max(slot_size, DEVICE_HASH_BATCH // slot_size * slot_size)
+        self.staging: torch.Tensor | None = None
+        self.filled = 0
+        self.first = 0
+        self.pending: list[tuple[_Job, int, torch.Tensor]] = []
 
     def run(self, jobs: queue.SimpleQueue[_Job], results: list[tuple[_Job, StreamResult]]) -> None:
         with torch.no_grad():  # grad mode is per thread, and destinations may be parameters
@@ -301,16 +344,36 @@ class _Worker:
                 try:
                     job = jobs.get_nowait()
                 except queue.Empty:
-                    return
+                    break
                 results.append((job, self.stream_file(job)))
+            self._collect()
 
     def close(self) -> None:
         """Wait for whatever is still in flight (after a failure), then stop the hasher."""
         for slot in self.slots:
             with contextlib.suppress(Exception):
                 slot.wait()
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                self.stream.synchronize()  # device-to-device copies and hashing kernels
+        self.staging = None
         if self.hasher is not None:
             self.hasher.shutdown()
+
+    def _collect(self) -> None:
+        """Wait for this worker's device work, then read every digest it computed back at once
+        into its job."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        from metalserve import gpu_blake3
+
+        hexes = iter(gpu_blake3.hexdigests(torch.cat([digests for _, _, digests in pending])))
+        for job, first, digests in pending:
+            for number in range(digests.shape[0]):
+                job.digests[first + number] = next(hexes)
 
     def stream_file(self, job: _Job) -> StreamResult:
         """Stream the job's bytes; returns how many it read (and the whole file's sha256 when
@@ -335,6 +398,11 @@ class _Worker:
                 count = _fill(fh, slot.view[:want]) if want > 0 else 0
                 if not count:
                     break
+                if blocks is not None and job.device_hash:
+                    # Hashed on the device, from where the tensors are then copied.
+                    self._stage(job, blocks, slot, count, offset)
+                    offset += count
+                    continue
                 if blocks is not None:
                     # offset is a multiple of the block size: every read is whole blocks.
                     assert self.pool is not None
@@ -349,33 +417,71 @@ class _Worker:
                     ]
                 elif digest is not None and self.hasher is not None:
                     slot.hashed = [self.hasher.submit(digest.update, slot.view[:count])]
-                self._scatter(job, slot, count, offset)
+                context = (
+                    torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+                )
+                with context:
+                    self._scatter(job, slot.buffer[:count], offset)
+                    if slot.copied is not None and self.stream is not None:
+                        slot.copied.record(self.stream)
+                        slot.copy_pending = True
                 offset += count
+        if blocks is not None and job.device_hash:
+            self._hash_staged(job, blocks)
         for slot in self.slots:
             slot.wait()
         return StreamResult(offset - job.begin, digest.hexdigest() if digest is not None else None)
 
-    def _scatter(self, job: _Job, slot: _Slot, count: int, offset: int) -> None:
-        """Copy the parts of every tensor that lie in file bytes [offset, offset + count)."""
-        first = bisect.bisect_right(job.ends, offset)
-        end = offset + count
-        if first >= len(job.targets) or job.targets[first].spec.begin >= end:
-            return
+    def _stage(self, job: _Job, blocks: store.Blocks, slot: _Slot, count: int, offset: int) -> None:
+        """Copy the read (whole blocks, or the file's last ones) to the device staging buffer
+        after the reads before it, free the host buffer once that copy is done, and copy the
+        tensors from there, all queued on this worker's stream (on a CPU device, in order)."""
+        if self.filled + count > self.batch:
+            self._hash_staged(job, blocks)
         context = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with context:
-            chunk = slot.buffer[:count]
-            for target in job.targets[first:]:
-                spec = target.spec
-                if spec.begin >= end:
-                    break
-                lo, hi = max(spec.begin, offset), min(spec.end, end)
-                target.byte_view()[lo - spec.begin : hi - spec.begin].copy_(
-                    chunk[lo - offset : hi - offset], non_blocking=self.cuda
-                )
-                target.written(hi - lo)
+            if self.staging is None:
+                self.staging = torch.empty(self.batch, dtype=torch.uint8, device=self.device)
+            if not self.filled:
+                # offset is a multiple of the block size: every read is whole blocks.
+                self.first = offset // blocks.size
+            staged = self.staging[self.filled : self.filled + count]
+            staged.copy_(slot.buffer[:count], non_blocking=self.cuda)
             if slot.copied is not None and self.stream is not None:
                 slot.copied.record(self.stream)
                 slot.copy_pending = True
+            self.filled += count
+            self._scatter(job, staged, offset)
+
+    def _hash_staged(self, job: _Job, blocks: store.Blocks) -> None:
+        """Hash the blocks staged so far (on this worker's stream); their digests are read back
+        once the worker has no more to read."""
+        if not self.filled or self.staging is None:
+            return
+        from metalserve import gpu_blake3
+
+        context = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with context:
+            digests = gpu_blake3.blake3_blocks(self.staging[: self.filled], blocks.size)
+        self.pending.append((job, self.first, digests))
+        self.filled = 0
+
+    def _scatter(self, job: _Job, chunk: torch.Tensor, offset: int) -> None:
+        """Copy the parts of every tensor that lie in file bytes [offset, offset + len(chunk))
+        from ``chunk``, on the current stream."""
+        first = bisect.bisect_right(job.ends, offset)
+        end = offset + chunk.numel()
+        if first >= len(job.targets) or job.targets[first].spec.begin >= end:
+            return
+        for target in job.targets[first:]:
+            spec = target.spec
+            if spec.begin >= end:
+                break
+            lo, hi = max(spec.begin, offset), min(spec.end, end)
+            target.byte_view()[lo - spec.begin : hi - spec.begin].copy_(
+                chunk[lo - offset : hi - offset], non_blocking=self.cuda
+            )
+            target.written(hi - lo)
 
 
 def _fill(fh: io.FileIO, view: memoryview) -> int:
@@ -389,9 +495,14 @@ def _fill(fh: io.FileIO, view: memoryview) -> int:
     return got
 
 
-def default_workers(jobs: int) -> int:
-    """Readers: one per shard or range, at most half the cores (the rest hash)."""
-    return max(1, min(jobs, store.default_threads() // 2, MAX_WORKERS))
+def default_workers(jobs: int, *, host_hashing: bool = True) -> int:
+    """Readers: one per shard or range, at most half the cores when the rest hash on the host,
+    else (blocks hashed on the device, or nothing hashed) three quarters of them, up to
+    ``MAX_READERS``."""
+    cores = store.default_threads()
+    if host_hashing:
+        return max(1, min(jobs, cores // 2, MAX_WORKERS))
+    return max(1, min(jobs, cores * 3 // 4, MAX_READERS))
 
 
 def default_hash_threads(workers: int) -> int:
@@ -418,12 +529,14 @@ def stream_shards(
     blocks: Sequence[store.Blocks | None] | None = None,
     hash_threads: int | None = None,
     range_size: int = RANGE_SIZE,
+    verify_on: str | None = None,
 ) -> list[StreamResult]:
     """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hashes.
 
     ``blocks`` (one per job, None for a file without block digests) makes the reads whole blocks,
     lets several readers stream ranges of ``range_size`` bytes of one file at once and, with
-    ``verify``, hashes each block on a pool of ``hash_threads`` threads (default:
+    ``verify``, hashes each block: BLAKE3 blocks on the device where ``verify_on`` (default
+    ``VERIFY_ON``) allows it, others on a pool of ``hash_threads`` threads (default:
     ``default_hash_threads``); other files are hashed whole. Destinations must be on ``device``
     and have the spec's shape. Returns once every copy and hash has completed, so the
     destinations are ready for any stream.
@@ -434,6 +547,11 @@ def stream_shards(
     layouts = list(blocks) if blocks is not None else [None] * len(jobs)
     if len(layouts) != len(jobs):
         raise ValueError(f"{len(layouts)} block layouts for {len(jobs)} files")
+    on_device = verify and _hash_on_device(
+        device,
+        verify_on or VERIFY_ON,
+        any(b is not None and b.algorithm == "blake3" for b in layouts),
+    )
     built = [
         _Job(
             i,
@@ -441,6 +559,7 @@ def stream_shards(
             [_target(spec, dest, device) for spec, dest in targets],
             layout,
             read_size(layout, chunk_size),
+            device_hash=on_device and layout is not None and layout.algorithm == "blake3",
         )
         for i, ((path, targets), layout) in enumerate(zip(jobs, layouts, strict=True))
     ]
@@ -457,11 +576,14 @@ def stream_shards(
     for part in parts:
         pending.put(part)
     results: list[tuple[_Job, StreamResult]] = []
-    count = workers if workers is not None else default_workers(len(parts))
+    host_hashing = verify and not all(job.device_hash for job in built)
+    count = (
+        workers if workers is not None else default_workers(len(parts), host_hashing=host_hashing)
+    )
     count = max(1, min(count, len(parts)))
     pool = None
-    slots = BUFFERS_PER_WORKER
-    if verify and any(job.blocks is not None for job in built):
+    slots = BUFFERS_PER_WORKER if host_hashing else DEVICE_HASH_BUFFERS_PER_WORKER
+    if verify and any(job.blocks is not None and not job.device_hash for job in built):
         threads = hash_threads or default_hash_threads(count)
         pool = DaemonExecutor("metalserve-hash-block", threads)
         # Enough buffers that the readers together keep every hashing thread busy (capped: each
@@ -488,6 +610,30 @@ def stream_shards(
     return [
         _shard_result(job, [r for part, r in results if part.index == job.index]) for job in built
     ]
+
+
+def _hash_on_device(device: torch.device, verify_on: str, blake3_blocks: bool) -> bool:
+    """Whether BLAKE3 block digests are computed on ``device`` (see ``VERIFY_ON``)."""
+    if verify_on not in VERIFY_CHOICES:
+        raise ValueError(f"verify_on {verify_on!r} is not one of {', '.join(VERIFY_CHOICES)}")
+    if verify_on == "host" or not blake3_blocks:
+        return False
+    if verify_on == "auto" and device.type != "cuda":
+        return False
+    from metalserve import gpu_blake3  # imports Triton, when installed: only when needed
+
+    problem = gpu_blake3.missing(device) or gpu_blake3.self_test(device)
+    if problem is None:
+        return True
+    if verify_on == "device":
+        raise WeightsError(f"cannot verify BLAKE3 blocks on {device}: {problem}")
+    if device.type == "cuda" and problem not in _REPORTED:
+        _REPORTED.add(problem)
+        log.warning("BLAKE3 blocks are verified on CPU threads: on %s, %s", device, problem)
+    return False
+
+
+_REPORTED: set[str] = set()
 
 
 def _shard_result(job: _Job, parts: list[StreamResult]) -> StreamResult:
@@ -541,6 +687,7 @@ def load_weights(
     workers: int | None = None,
     hash_threads: int | None = None,
     range_size: int = RANGE_SIZE,
+    verify_on: str | None = None,
 ) -> list[str]:
     """Stream the shards ``entries`` of a version into the tensors ``destination`` names.
 
@@ -548,8 +695,9 @@ def load_weights(
     for a tensor the caller does not know. Returns the names loaded. Raises ``VerificationError``
     naming every shard that does not match the manifest, and ``WeightsError`` for intact shards
     that cannot be used. ``verify=False`` (benchmarks only) skips hashing. Entries with block
-    digests are verified block by block on ``hash_threads`` threads (default: the cores the
-    readers leave).
+    digests are verified block by block: BLAKE3 blocks on a CUDA device by the device itself
+    (``verify_on``, default ``VERIFY_ON``: "auto"), others on ``hash_threads`` threads (default:
+    the cores the readers leave).
     """
     jobs: list[tuple[Path, list[tuple[TensorSpec, torch.Tensor]]]] = []
     names: list[str] = []
@@ -575,6 +723,7 @@ def load_weights(
         blocks=[entry.blocks for entry in entries],
         hash_threads=hash_threads,
         range_size=range_size,
+        verify_on=verify_on,
     )
     if verify:
         problems = [

@@ -16,7 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-LOAD_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_per_shard", "cache", "h2d", "hash")
+LOAD_ARMS = (
+    "raw",
+    "load_file",
+    "ours",
+    "ours_nohash",
+    "ours_host_hash",
+    "ours_per_shard",
+    "cache",
+    "h2d",
+    "hash",
+)
 SERVE_ARMS = ("naive", "static", "server", "server-fp8")
 # server-fp8: the server arm again with --quantization fp8 (asked for by name: it needs FP8 tensor
 # cores on CUDA, and doubles the server's share of the run).

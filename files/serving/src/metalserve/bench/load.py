@@ -6,8 +6,12 @@ dropped) and warm:
 
 * ``raw``: plain sequential ``readinto`` of every shard, one after another (the disk's speed);
 * ``load_file``: ``safetensors.torch.load_file(path, device=...)`` per shard;
-* ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified;
+* ``ours``: ``metalserve.weights.load_weights`` into fresh device tensors, hashes verified (on a
+  CUDA device BLAKE3 blocks are hashed on the GPU, ``metalserve.gpu_blake3``, where it works:
+  the report's ``verify_on`` says where they were);
 * ``ours_nohash``: the same without hashing, to show what verification costs;
+* ``ours_host_hash``: ``ours`` with every block hashed on CPU threads (``verify_on="host"``), as
+  before 2026-12-03's device hashing, to show what hashing on the device brings;
 * ``ours_per_shard``: ``ours`` with one reader per shard (no shard cut into ranges), as before
   2026-12-03, to show what the ranges bring;
 * ``cache``: ``ours`` from a node-local cache (``metalserve.cache``) the version was first copied
@@ -16,7 +20,9 @@ dropped) and warm:
 and once: ``h2d``, pinned host-to-device copy bandwidth (CUDA only), and ``hash``: for each block
 digest algorithm (``sha256``, ``blake3``) one core's hashing speed and, as ``<algorithm>_parallel``,
 that of hashing 16 MiB blocks on one thread per core (the ceiling of block verification; for
-sha256 also of format 1's whole-file hash, which one core computes). Every timed
+sha256 also of format 1's whole-file hash, which one core computes), and on CUDA
+``blake3_gpu``: the device kernel alone on ``GPU_HASH_BYTES`` already on the device, in 16 MiB
+blocks (CUDA events; the figure to compare with ``blake3_parallel``). Every timed
 run starts with the device allocator's cache emptied, so every arm pays for its device memory like
 a fresh process does.
 """
@@ -53,20 +59,24 @@ COLUMNS = 4096  # like a 4096-wide model: 32 MiB bf16 matrices plus small norm v
 BLOCK_ELEMENTS = 8 * 1024 * 1024  # the seeded random block every tensor is cut from
 H2D_BYTES = 1024**3
 HASH_BYTES = 512 * 1024**2
+GPU_HASH_BYTES = 4 * 1024**3
 PARALLEL_ROUNDS = 4  # <algorithm>_parallel hashes HASH_BYTES this many times per sample
-FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_per_shard", "cache")
+FILE_ARMS = ("raw", "load_file", "ours", "ours_nohash", "ours_host_hash", "ours_per_shard", "cache")
 BASELINE = {
     # arm -> (baseline arm at the same cache state) for the table's ratio column
     "load_file": "raw",
     "ours": "load_file",
     "ours_nohash": "load_file",
+    "ours_host_hash": "load_file",
     "ours_per_shard": "load_file",
     "cache": "ours",
+    "blake3_gpu": "blake3_parallel",
 }
 COLD_BASELINE = {
     "load_file": "raw",
     "ours": "raw",
     "ours_nohash": "raw",
+    "ours_host_hash": "raw",
     "ours_per_shard": "raw",
     "cache": "ours",
 }
@@ -124,6 +134,8 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
     """Generate or reuse the checkpoint, measure every chosen arm, return the report."""
     device = torch.device(options.device)
     cuda = device.type == "cuda"
+    # Where ours verifies BLAKE3 blocks (the kernels compiled here, untimed, on CUDA).
+    verify_on = _device_hashing(device)
     if cuda:
         _warm_up_cuda(device)
     environment = common.environment(options.device)
@@ -145,6 +157,9 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
         "load_file": lambda: _load_file(checkpoint.paths, device),
         "ours": lambda: _ours(checkpoint, device, chunk, verify=True, options=options),
         "ours_nohash": lambda: _ours(checkpoint, device, chunk, verify=False, options=options),
+        "ours_host_hash": lambda: _ours(
+            checkpoint, device, chunk, verify=True, options=options, verify_on="host"
+        ),
         "ours_per_shard": lambda: _ours(
             checkpoint, device, chunk, verify=True, options=options, per_shard=True
         ),
@@ -181,8 +196,12 @@ def run(options: BenchLoadSettings) -> dict[str, Any]:
         for algorithm in store.BLOCK_HASHERS:
             results[(algorithm, "-")] = _hash_one_core(algorithm, size, options)
             results[(f"{algorithm}_parallel", "-")] = _hash_parallel(algorithm, size, options)
+        if verify_on["device"]:
+            results[("blake3_gpu", "-")] = _hash_gpu(device, GPU_HASH_BYTES, options)
+        else:
+            skipped["blake3_gpu"] = verify_on["reason"]
 
-    report = _report(options, environment, checkpoint, results, skipped, cache_drop)
+    report = _report(options, environment, checkpoint, results, skipped, cache_drop, verify_on)
     if cache_fill_s is not None:
         report["node_cache_fill_s"] = round(cache_fill_s, 3)
     return report
@@ -410,6 +429,7 @@ def _ours(
     verify: bool,
     options: BenchLoadSettings,
     per_shard: bool = False,
+    verify_on: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Our weight path into fresh tensors on the device (like load_file's result)."""
     manifest = store.read_manifest(checkpoint.store_root, MODEL, checkpoint.version_id)
@@ -434,8 +454,29 @@ def _ours(
         range_size=2**62
         if per_shard
         else (options.range_mib * 2**20 if options.range_mib else weights.RANGE_SIZE),
+        verify_on=verify_on,
     )
     return tensors
+
+
+def _device_hashing(device: torch.device) -> dict[str, Any]:
+    """Whether ``ours`` hashes BLAKE3 blocks on ``device`` (weights.VERIFY_ON "auto"), why not,
+    and on CUDA the kernels' first compilation (or load from Triton's cache), in seconds."""
+    if device.type != "cuda":
+        return {"device": False, "reason": "BLAKE3 blocks are hashed on the device on CUDA only"}
+    from metalserve import gpu_blake3
+
+    started = time.perf_counter()
+    problem = gpu_blake3.missing(device) or gpu_blake3.self_test(device)
+    seconds = time.perf_counter() - started
+    if problem is None:
+        _log(f"gpu_blake3: kernels ready in {seconds:.2f}s {gpu_blake3.compile_seconds}")
+    return {
+        "device": problem is None,
+        "reason": problem,
+        "self_test_s": round(seconds, 3),
+        "compile_s": {k: round(v, 3) for k, v in gpu_blake3.compile_seconds.items()},
+    }
 
 
 def _warm_up_cuda(device: torch.device) -> None:
@@ -474,6 +515,35 @@ def _hash_one_core(algorithm: str, size: int, options: BenchLoadSettings) -> Mea
     return measurement
 
 
+def _hash_gpu(device: torch.device, size: int, options: BenchLoadSettings) -> Measurement:
+    """``metalserve.gpu_blake3`` alone: 16 MiB blocks of ``size`` random bytes already on the
+    device, timed with CUDA events (the first blocks checked against the blake3 package)."""
+    from metalserve import gpu_blake3
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, device=device, generator=generator)
+    digests = gpu_blake3.hexdigests(gpu_blake3.blake3_blocks(data, store.BLOCK_SIZE))  # untimed
+    head = data[: 2 * store.BLOCK_SIZE].cpu().numpy().tobytes()
+    expected = [
+        store.blake3_hex(head[: store.BLOCK_SIZE]),
+        store.blake3_hex(head[store.BLOCK_SIZE :]),
+    ]
+    if digests[:2] != expected:
+        raise RuntimeError("gpu_blake3's digests differ from the blake3 package's")
+    measurement = Measurement("blake3_gpu", "-", size)
+    for _ in range(max(3, options.repeats)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        gpu_blake3.blake3_blocks(data, store.BLOCK_SIZE)
+        end.record()
+        end.synchronize()
+        measurement.seconds.append(start.elapsed_time(end) / 1000)
+    _log(f"blake3_gpu: {measurement.gb_per_s:.1f} GB/s on the device")
+    del data
+    torch.cuda.empty_cache()
+    return measurement
+
+
 def _hash_parallel(algorithm: str, size: int, options: BenchLoadSettings) -> Measurement:
     """Blocks of store.BLOCK_SIZE hashed on one thread per core, like the loader's pool."""
     data = memoryview(bytes(size))
@@ -502,13 +572,14 @@ def _report(
     results: dict[tuple[str, str], Measurement],
     skipped: dict[str, str],
     cache_drop: dict[str, Any],
+    verify_on: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     def gbps(arm: str, cache: str) -> float | None:
         m = results.get((arm, cache))
         return m.gb_per_s if m else None
 
-    def overhead(cache: str) -> float | None:
-        hashed, bare = results.get(("ours", cache)), results.get(("ours_nohash", cache))
+    def overhead(cache: str, arm: str = "ours") -> float | None:
+        hashed, bare = results.get((arm, cache)), results.get(("ours_nohash", cache))
         if hashed is None or bare is None:
             return None
         return round((hashed.median / bare.median - 1) * 100, 1)
@@ -535,12 +606,29 @@ def _report(
         "warm_ours_vs_h2d": common.ratio(gbps("ours", "warm"), gbps("h2d", "-")),
         "hash_overhead_pct_warm": overhead("warm"),
         "hash_overhead_pct_cold": overhead("cold"),
+        # Hashing on the device (ours, on CUDA) against on CPU threads (ours_host_hash).
+        "warm_ours_vs_ours_host_hash": common.ratio(
+            gbps("ours", "warm"), gbps("ours_host_hash", "warm")
+        ),
+        "cold_ours_vs_ours_host_hash": common.ratio(
+            gbps("ours", "cold"), gbps("ours_host_hash", "cold")
+        ),
+        "warm_ours_host_hash_vs_h2d": common.ratio(
+            gbps("ours_host_hash", "warm"), gbps("h2d", "-")
+        ),
+        "hash_overhead_pct_warm_host_hash": overhead("warm", "ours_host_hash"),
+        "hash_overhead_pct_cold_host_hash": overhead("cold", "ours_host_hash"),
+        "blake3_gpu_vs_blake3_parallel": common.ratio(
+            gbps("blake3_gpu", "-"), gbps("blake3_parallel", "-")
+        ),
     }
     block_sizes = {e.blocks.size for e in checkpoint.entries if e.blocks is not None}
     # The loader's readers: one per shard, or per range of a shard with block digests.
     range_size = (options.range_mib or weights.RANGE_SIZE // 2**20) * 2**20
     jobs = sum(-(-e.size // range_size) if e.blocks else 1 for e in checkpoint.entries)
-    readers = options.workers or weights.default_workers(jobs)
+    on_device = bool(verify_on and verify_on["device"])
+    readers = options.workers or weights.default_workers(jobs, host_hashing=not on_device)
+    host_readers = options.workers or weights.default_workers(jobs)
     algorithms = {e.blocks.algorithm for e in checkpoint.entries if e.blocks is not None}
     return {
         "benchmark": "load",
@@ -555,7 +643,9 @@ def _report(
             "chunk_mib": options.chunk_mib,
             "range_mib": options.range_mib or weights.RANGE_SIZE // 2**20,
             "workers": readers,
-            "hash_threads": options.hash_threads or weights.default_hash_threads(readers),
+            "workers_nohash": options.workers or weights.default_workers(jobs, host_hashing=False),
+            "workers_host_hash": host_readers,
+            "hash_threads": options.hash_threads or weights.default_hash_threads(host_readers),
             "parallel_hash_threads": options.hash_threads or store.default_threads(),
             "seed": options.seed,
             "caches": list(options.caches),
@@ -575,6 +665,8 @@ def _report(
             "filesystem": common.filesystem_of(checkpoint.root),
         },
         "cache_drop": cache_drop or None,
+        # Where ours (and cache, ours_per_shard) verified BLAKE3 blocks: on the device or not.
+        "verify_on": verify_on,
         "statistic": "median of the repeats (every sample is kept under 'seconds')",
         "measurements": [m.as_json() for m in results.values()],
         "skipped": skipped,
@@ -584,6 +676,9 @@ def _report(
             "cold_ours_vs_raw": common.target(ratios["cold_ours_vs_raw"], ">=", 0.9),
             "hash_overhead_pct_warm": common.target(ratios["hash_overhead_pct_warm"], "<=", 10),
             "hash_overhead_pct_cold": common.target(ratios["hash_overhead_pct_cold"], "<=", 10),
+            # Issue 17, item 5.
+            "warm_ours_vs_h2d": common.target(ratios["warm_ours_vs_h2d"], ">=", 0.5),
+            "cold_ours_vs_raw_item5": common.target(ratios["cold_ours_vs_raw"], ">=", 1.0),
         },
     }
 

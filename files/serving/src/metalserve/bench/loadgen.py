@@ -216,7 +216,7 @@ def _client(settings: LoadSettings) -> httpx.AsyncClient:
         verify = False
     elif settings.cacert is not None:
         verify = ssl.create_default_context(cafile=str(settings.cacert))
-    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    headers = settings.header_dict()
     limits = httpx.Limits(
         max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
     )

@@ -86,6 +86,11 @@ class LoadSettings(CommandSettings):
         "different lengths)",
     )
     timeout: float = Field(30.0, description="seconds per request")  # to the last byte
+    headers: Annotated[
+        tuple[str, ...], Arg(flag="--header", append=True, metavar="NAME: VALUE")
+    ] = Field(
+        (), description="HTTP header to send with every request, repeatable (e.g. a routing header)"
+    )
     out: Path | None = Field(None, description="also write the JSON summary here")
     stop_file: Path | None = Field(None, description="stop once this file exists")
     progress_interval: Annotated[float, Arg(cli=False)] = PROGRESS_INTERVAL_S
@@ -99,6 +104,13 @@ class LoadSettings(CommandSettings):
     @property
     def base_url(self) -> str:
         return self.url.rstrip("/")
+
+    def header_dict(self) -> dict[str, str]:
+        """--header values (checked by :meth:`problems`) as a mapping, the API key's beside them."""
+        sent = {name: value.strip() for name, _, value in (h.partition(":") for h in self.headers)}
+        if self.api_key:
+            sent["Authorization"] = f"Bearer {self.api_key}"
+        return sent
 
     def problems(self) -> list[str]:
         """Every invalid setting, each message naming its flag; empty when all are valid."""
@@ -121,6 +133,10 @@ class LoadSettings(CommandSettings):
             problems.append(f"--timeout must be > 0 and <= 3600 seconds (got {self.timeout:g})")
         if not self.prompts or not all(self.prompts):
             problems.append("--prompt must not be empty")
+        for header in self.headers:
+            name, colon, _ = header.partition(":")
+            if not colon or not name.strip() or name.strip() != name or not name.isascii():
+                problems.append(f"--header must be 'NAME: VALUE' (got {header!r})")
         if self.cacert is not None and self.insecure:
             problems.append("--cacert and --insecure exclude each other")
         if self.cacert is not None and not self.cacert.is_file():
@@ -156,7 +172,9 @@ class BenchLoadSettings(CommandSettings):
     workers: OptionalPositiveInt = Field(
         None,
         ge=1,
-        description="readers (default: min(shards and ranges, cores / 2, 8))",
+        description="readers (default: min(shards and ranges, cores / 2, 8) beside threads "
+        "hashing blocks on the host; min(shards and ranges, cores, 16) when no core hashes: "
+        "blocks hashed on the GPU, or ours_nohash)",
     )
     hash_threads: OptionalPositiveInt = Field(
         None,
