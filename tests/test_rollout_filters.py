@@ -129,10 +129,66 @@ def test_unknown_canary_server_and_restarted_counters_are_errors(rows: list[dict
         verdict(rows, restarted)
 
 
+# Prometheus' answer to canary.yml's query (histogram_quantile by side), as its HTTP API gives it.
+def p95_answer(canary: str, baseline: str) -> dict[str, Any]:
+    return {
+        "status": "success",
+        "data": {
+            "resultType": "vector",
+            "result": [
+                {"metric": {"side": "canary"}, "value": [1764770000.5, canary]},
+                {"metric": {}, "value": [1764770000.5, baseline]},
+            ],
+        },
+    }
+
+
+def test_prometheus_p95_reads_each_side_and_no_figure_as_none() -> None:
+    assert mh.metalserve_prometheus_p95(p95_answer("0.25", "0.1")) == {"canary": 0.25, "baseline": 0.1}
+    # histogram_quantile over no request is NaN; no answer at all (monitoring down) is nothing.
+    assert mh.metalserve_prometheus_p95(p95_answer("NaN", "0.1")) == {"canary": None, "baseline": 0.1}
+    assert mh.metalserve_prometheus_p95(None) == {"canary": None, "baseline": None}
+    assert mh.metalserve_prometheus_p95({"status": "error", "error": "bad query"}) == {"canary": None, "baseline": None}
+
+
+@pytest.mark.parametrize(
+    ("canary_p95", "baseline_p95", "passed"),
+    [
+        ("0.10", "0.10", True),
+        ("0.19", "0.10", True),  # under 0.10 x 1.5 + 0.05
+        ("0.21", "0.10", False),
+        ("1.5", "1.0", True),
+        ("1.6", "1.0", False),
+    ],
+)
+def test_a_slow_canary_fails_on_the_pools_latency(
+    rows: list[dict[str, Any]], canary_p95: str, baseline_p95: str, passed: bool
+) -> None:
+    ok = {"hrsp_2xx": 100}
+    after = answered(rows, gpu1_0=ok, gpu1_1=ok, gpu2_0=ok, gpu2_1=ok)
+    latency = mh.metalserve_prometheus_p95(p95_answer(canary_p95, baseline_p95))
+    result = verdict(rows, after, latency=latency, latency_ratio=1.5, latency_slack=0.05)
+    assert result["passed"] is passed, result
+    assert result["canary"]["p95_seconds"] == float(canary_p95)
+    assert result["baseline"]["p95_seconds"] == float(baseline_p95)
+    assert any("p95 latency" in p for p in result["problems"]) is not passed
+    assert result["notes"] == []
+
+
+def test_latency_without_a_figure_is_noted_not_judged(rows: list[dict[str, Any]]) -> None:
+    ok = {"hrsp_2xx": 100}
+    after = answered(rows, gpu1_0=ok, gpu1_1=ok, gpu2_0=ok, gpu2_1=ok)
+    no_canary = verdict(rows, after, latency=mh.metalserve_prometheus_p95(p95_answer("NaN", "0.1")))
+    assert no_canary["passed"] is True
+    assert no_canary["notes"] == ["latency not judged: Prometheus has no p95 of the canary"]
+    assert verdict(rows, after)["notes"] == ["latency not judged: no monitoring host"]
+
+
 def test_ansible_finds_the_filters() -> None:
     filters = mh.FilterModule().filters()
     assert filters["metalserve_haproxy_stat"] is mh.metalserve_haproxy_stat
     assert filters["metalserve_canary_verdict"] is mh.metalserve_canary_verdict
+    assert filters["metalserve_prometheus_p95"] is mh.metalserve_prometheus_p95
     assert filters["metalserve_rollback_target"] is mh.metalserve_rollback_target
     assert filters["metalserve_record_done"] is mh.metalserve_record_done
 

@@ -32,6 +32,7 @@ def rollout(inventory: Path, extra_vars: dict[str, object], *options: str) -> tu
         ({"version_id": "8386b9ac7214", "rollout_serial": "150%"}, "(got '150%')"),
         ({"version_id": "8386b9ac7214", "rollout_canary_weight": 0}, "the canary weight 1-100"),
         ({"version_id": "8386b9ac7214", "rollout_canary_seconds": 1}, "its observation 5+ seconds"),
+        ({"version_id": "8386b9ac7214", "rollout_canary_max_latency_ratio": 0.5}, "its latency ratio 1 or more"),
         ({"rollout_rollback": True, "rollout_ready_timeout": 2}, "rollout_ready_timeout 10+ seconds"),
     ],
 )

@@ -4,9 +4,12 @@ Pure functions, typed, importable without Ansible (tests/test_rollout_filters.py
 file directly). Ansible finds them in the role's filter_plugins/ while the role runs.
 
     metalserve_haproxy_stat(text) -> rows of ``show stat`` (CSV) as dicts, numbers as ints
-    metalserve_canary_verdict(before, after, backend=..., canary=..., threshold=..., min_requests=...)
-        -> the canary's and the baseline's error rates between two ``show stat`` samples,
-           and whether the canary passes
+    metalserve_canary_verdict(before, after, backend=..., canary=..., threshold=..., min_requests=...,
+                              latency=..., latency_ratio=..., latency_slack=...)
+        -> the canary's and the baseline's error rates between two ``show stat`` samples, their
+           p95 latencies (from Prometheus' query of the pools' histogram, when given), and
+           whether the canary passes
+    metalserve_prometheus_p95(answer) -> {"canary": s, "baseline": s} from that query's answer
     metalserve_rollback_target(record) -> the version a rollback returns the host to ('' if none)
     metalserve_record_done(record, version, rollback=..., reason=..., at=...)
         -> the host record once ``version`` passed its gates there
@@ -69,6 +72,20 @@ def _window(
     }
 
 
+def metalserve_prometheus_p95(answer: dict[str, Any] | None) -> dict[str, float | None]:
+    """The canary's and the baseline's p95 from canary.yml's instant query (one series per
+    side: ``side="canary"``, the rest without the label); None for a side Prometheus could
+    not tell (no answer, no requests: NaN)."""
+    sides: dict[str, float | None] = {"canary": None, "baseline": None}
+    if not answer or answer.get("status") != "success":
+        return sides
+    for series in answer.get("data", {}).get("result", []):
+        side = "canary" if series.get("metric", {}).get("side") == "canary" else "baseline"
+        value = float(series["value"][1])
+        sides[side] = None if value != value or value in (float("inf"), float("-inf")) else value
+    return sides
+
+
 def metalserve_canary_verdict(
     before: list[dict[str, Any]],
     after: list[dict[str, Any]],
@@ -76,12 +93,19 @@ def metalserve_canary_verdict(
     canary: list[str],
     threshold: float,
     min_requests: int,
+    latency: dict[str, float | None] | None = None,
+    latency_ratio: float = 1.5,
+    latency_slack: float = 0.05,
 ) -> dict[str, Any]:
-    """Compare the canary servers' error rate with the rest of the backend's.
+    """Compare the canary servers' error rate, and their latency, with the rest of the backend's.
 
     The canary fails when its rate exceeds the baseline's by more than ``threshold`` (errors
     every server gets, such as clients' bad requests, cancel out), or when it answered fewer
-    than ``min_requests`` requests: too little traffic proves nothing.
+    than ``min_requests`` requests: too little traffic proves nothing. Given ``latency`` (each
+    side's p95 in seconds over the observation, from the replicas' histogram that the pools'
+    recording rules read), it also fails when its p95 exceeds the baseline's times
+    ``latency_ratio`` plus ``latency_slack`` seconds; a side without a figure is noted, not
+    judged (no monitoring, or no request of that side in Prometheus' window).
     """
     wanted = set(canary)
     every = {
@@ -105,11 +129,28 @@ def metalserve_canary_verdict(
             f"{canary_window['responses']}) exceeds the baseline's {baseline['rate']:.2%} by "
             f"more than {threshold:.2%}"
         )
+    notes = []
+    if latency is None:
+        notes.append("latency not judged: no monitoring host")
+    else:
+        canary_window["p95_seconds"] = latency.get("canary")
+        baseline["p95_seconds"] = latency.get("baseline")
+        mine, theirs = latency.get("canary"), latency.get("baseline")
+        if mine is None or theirs is None:
+            notes.append(
+                "latency not judged: Prometheus has no p95 of " + ("the canary" if mine is None else "the baseline")
+            )
+        elif mine > theirs * latency_ratio + latency_slack:
+            problems.append(
+                f"the canary's p95 latency {mine:.3f} s exceeds the baseline's {theirs:.3f} s "
+                f"times {latency_ratio:g} plus {latency_slack:g} s"
+            )
     return {
         "canary": canary_window,
         "baseline": baseline,
         "passed": not problems,
         "problems": problems,
+        "notes": notes,
     }
 
 
@@ -179,6 +220,7 @@ class FilterModule:
         return {
             "metalserve_haproxy_stat": metalserve_haproxy_stat,
             "metalserve_canary_verdict": metalserve_canary_verdict,
+            "metalserve_prometheus_p95": metalserve_prometheus_p95,
             "metalserve_rollback_target": metalserve_rollback_target,
             "metalserve_record_done": metalserve_record_done,
         }
