@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # What the host needs, the one list (README "The two commands").
-HOST_PACKAGES := podman runc netavark aardvark-dns iptables debootstrap openssh-client haproxy python3-venv
+HOST_PACKAGES := podman runc netavark aardvark-dns iptables debootstrap openssh-client haproxy socat python3-venv
 # torch's CPU wheel (see shared/LAB.md); pip also looks here through its config.
 TORCH_WHEELS ?= /opt/wheels
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

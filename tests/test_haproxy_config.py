@@ -61,12 +61,12 @@ FILES = {
 
 
 class StandIn(http.server.BaseHTTPRequestHandler):
-    """Answers every GET and POST with the server's name; /slow after a second (a request in
-    flight)."""
+    """Answers every GET and POST with the server's name; /slow after a second, /slow?N after N
+    seconds (a request in flight)."""
 
     def do_GET(self) -> None:
-        if self.path == "/slow":
-            time.sleep(1.0)
+        if self.path.startswith("/slow"):
+            time.sleep(float(self.path.partition("?")[2] or 1))
         body = self.server.name.encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("X-Seen-Request-Id", self.headers.get("X-Request-Id", ""))
@@ -808,3 +808,40 @@ def test_two_load_balancers_share_rate_limits_over_tls_peers(
     refused = complete(started["lb-b"].http, key, body)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_lb_drain_waits_for_requests_in_flight_fails_or_cuts_on_time_and_enables(
+    haproxy: Callable[..., Listeners], tmp_path: Path
+) -> None:
+    """Role lb_drain on a real HAProxy (tests/fixtures/lb_drain/drain.yml): a drain waits for a
+    4 s request and leaves the server in maintenance without cutting it; with 2 s for a 20 s
+    request it fails naming the server and lb_drain_cut_sessions, and with that set cuts it; a
+    DOWN server drains at once; enable waits until the server is UP."""
+    if shutil.which("socat") is None:
+        pytest.fail("socat is not installed: `make deps` installs it (HOST_PACKAGES)")
+    server = StandInServer(("127.0.0.1", 0), StandIn)
+    server.name = "up"  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        servers = [
+            {"name": "up", "address": "127.0.0.1", "port": server.server_address[1]},
+            {"name": "down", "address": "127.0.0.1", "port": free_port()},  # nobody listens
+        ]
+        # slowstart: a server is STARTING (not UP) for that long after its enable.
+        listeners = haproxy(haproxy_backend_servers=servers, haproxy_health_interval="500ms", haproxy_slowstart="1s")
+        settings = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": str(BIN / "python"),
+            "lb_http_port": listeners.http,
+            "lb_key": str(KEYS[0]["key"]),
+            "lb_drain_loadbalancers": ["localhost"],
+            "lb_drain_socket": str(listeners.certificate.with_name("admin.sock")),
+            "lb_drain_backend": f"metalserve_{MODELS[0]}",
+            "lb_drain_up_timeout": 20,
+        }
+        result = run_playbook("tests/fixtures/lb_drain/drain.yml", "localhost,", "--extra-vars", json.dumps(settings))
+        said = result.stdout + result.stderr
+        assert result.returncode == 0, said[-4000:]
+        assert "TASK [Assert the client saw the cut, long before the 20 s]" in said, said[-4000:]
+    finally:
+        server.shutdown()
