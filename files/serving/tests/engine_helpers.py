@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from metalserve.engine import Engine, Event, Sequence, TextDelta, generate_once
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
@@ -59,3 +61,39 @@ def submit(
 
 def alone(bundle: LoadedModel, prompt: str, params: SamplingParams = GREEDY) -> str:
     return generate_once(bundle, bundle.encode(prompt, add_special_tokens=True), params)
+
+
+def llama_relative(model_type: str, **extra: object) -> torch.nn.Module:
+    """A tiny float32 model of a Llama relative, with random biases and q/k norm weights (their
+    initial zeros and ones would hide a path that skips them)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    configs = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }
+    config = configs[model_type](
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from engine_helpers import GREEDY, PROMPTS, alone, submit
+from engine_helpers import GREEDY, PROMPTS, alone, llama_relative, submit
 from metalserve import staticdecode
 from metalserve.engine import DynamicBatch, Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel
@@ -343,31 +343,6 @@ def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:
     assert generate_once(v1, ids, GREEDY) == alone(v1, PROMPTS[0])
 
 
-def _relative(model_type: str, **extra: object) -> torch.nn.Module:
-    """A tiny float32 model of a Llama relative, with random biases and q/k norm weights (their
-    initial zeros and ones would hide a path that skips them)."""
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
-
-    configs = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-    config = configs[model_type](
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **extra,
-    )
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
-                param.add_(torch.randn_like(param) * 0.3)
-    return model
-
-
 @pytest.mark.parametrize(
     ("model_type", "compile_layers"),
     [("mistral", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)],
@@ -380,7 +355,9 @@ def test_llama_relatives_match_their_transformers_forward(
     """Mistral (Llama's layer), Qwen2 (q/k/v biases) and Qwen3 (a norm on each head's queries
     and keys) on the static path: prefill of right-padded prompts and decode steps give the
     logits of their own transformers forward."""
-    model = _relative(model_type, **({"sliding_window": None} if model_type == "mistral" else {}))
+    model = llama_relative(
+        model_type, **({"sliding_window": None} if model_type == "mistral" else {})
+    )
     assert staticdecode.unsupported_reason(model) is None
     decoder = staticdecode.StaticDecoder(
         model,
@@ -416,9 +393,9 @@ def test_llama_relatives_match_their_transformers_forward(
 def test_sliding_window_attention_runs_static_only_within_its_window() -> None:
     """Within the window a sliding-window layer attends to everything (the static path's
     attention); a context beyond it falls back, naming the window."""
-    model = _relative("mistral", sliding_window=64)
+    model = llama_relative("mistral", sliding_window=64)
     assert staticdecode.sliding_window(model.config) == 64
-    assert staticdecode.sliding_window(_relative("qwen2").config) is None  # off by default
+    assert staticdecode.sliding_window(llama_relative("qwen2").config) is None  # off by default
     with pytest.raises(staticdecode.StaticDecodeUnavailable, match="sliding-window attention"):
         staticdecode.StaticDecoder(
             model,

@@ -33,11 +33,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import fp8
+from metalserve import fp8, tensor_parallel
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -272,6 +273,7 @@ def decode_layer(
     keys: torch.Tensor,
     values: torch.Tensor,
     shape: LayerShape,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decoder layer of a decode step over rows ``0..batch-1`` (``x``: [batch, hidden]):
     fused norm, one q/k/v GEMM, RoPE on q and k together, the new keys and values written at
@@ -279,7 +281,8 @@ def decode_layer(
     query attention over the first ``bias.shape[-1]`` entries (``bias``: 0 or -inf per entry,
     ``[batch, 1, 1, length]``),
     o_proj, fused norm, one gate/up GEMM, SiLU, down_proj. A pure function of its arguments
-    but for the cache writes, so ``torch.compile`` compiles it once for every layer."""
+    but for the cache writes, so ``torch.compile`` compiles it once for every layer. With tensor
+    parallelism ``reduce`` sums o_proj's and down's partial outputs over the ranks."""
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     batch, length = x.shape[0], bias.shape[-1]
     h = _rms_norm_of(x, w.input_norm, w.input_eps)
@@ -300,12 +303,13 @@ def decode_layer(
         scale=shape.scaling,
         enable_gqa=True,
     )
-    x = x + fp8.linear(out.reshape(batch, heads * head_dim), w.o_proj, w.o_bias)
+    attended = fp8.linear(out.reshape(batch, heads * head_dim), w.o_proj, w.o_bias)
+    x = x + (attended if reduce is None else reduce(attended))
     gate, up = fp8.linear(
         _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
     ).chunk(2, dim=-1)
     out_mlp = fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
-    result: torch.Tensor = x + out_mlp
+    result: torch.Tensor = x + (out_mlp if reduce is None else reduce(out_mlp))
     return result
 
 
@@ -364,16 +368,18 @@ def _release_projections(layer: Any) -> None:
 
 def _weight_bytes(model: Any, layers: list[LayerWeights]) -> int:
     """Bytes the model's weights take on its device: its parameters (shared ones once, released
-    ones not) and the FP8 projections with their scales."""
+    ones not) and the projections it no longer holds (FP8 ones with their scales, a tensor-
+    parallel rank's parts); projections that are views of its parameters count once."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    quantized = sum(
+    released = bool(layers) and model.model.layers[0].self_attn.q_proj.weight.is_meta
+    own = sum(
         t.numel() * t.element_size()
         for w in layers
         for p in w.projections()
-        if isinstance(p, fp8.Fp8Weight)
-        for t in p
+        if released or isinstance(p, fp8.Fp8Weight)
+        for t in (p if isinstance(p, fp8.Fp8Weight) else (p,))
     )
-    return int(params + quantized)
+    return int(params + own)
 
 
 def _detached(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -417,9 +423,16 @@ class StaticDecoder:
         compile_layers: bool = False,
         bucketed_prefill: bool | None = None,
         quantization: str = "none",
+        tp: tensor_parallel.TensorParallel | None = None,
     ) -> None:
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
+        self.tp = tp if tp is not None and tp.world > 1 else None
+        if self.tp is not None and (cuda_graphs or compile_layers):
+            # NCCL inside captured graphs and collectives in the compiled layer: issue 22's run.
+            raise StaticDecodeUnavailable(
+                "tensor parallelism runs the layers eagerly for now (no CUDA graphs, no compile)"
+            )
         reason = unsupported_reason(model)
         if reason is not None:
             raise StaticDecodeUnavailable(reason)
@@ -451,11 +464,17 @@ class StaticDecoder:
         # Per layer: q, k and v in one GEMM; gate and up in one GEMM.
         with torch.no_grad():
             self.layer_weights = [_layer_weights(layer) for layer in self.layers]
+        if self.tp is not None:
+            self._split_layers(self.tp, int(config.intermediate_size))
         self.quantization = quantization
         if quantization == "fp8":
             self._quantize_layers()
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
+        # decode_layer's last argument: the sum over the ranks, with tensor parallelism.
+        self._layer_reduce: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+            (self.tp.reduce,) if self.tp is not None else ()
+        )
 
         # Prefills padded to (rows, length) buckets (default: with CUDA graphs, where each
         # bucket is one graph: a prefill is then one launch, not hundreds of eager kernels).
@@ -467,7 +486,9 @@ class StaticDecoder:
         cached_positions = max_length + 1
         # One spare slot: a bucketed prefill's padding rows write their keys and values there.
         self.spare_slot = slots
-        needed = cache_bytes(config, slots + 1, cached_positions, dtype)
+        needed = cache_bytes(config, slots + 1, cached_positions, dtype) // (
+            self.tp.world if self.tp is not None else 1
+        )
         self._check_memory(needed)
         self.cache_bytes = needed
         # One tensor per layer, not one for all: a compiled layer step then sees the same
@@ -502,6 +523,28 @@ class StaticDecoder:
             self._copied = torch.cuda.Event()
         self.capture_seconds = 0.0
         self.weight_bytes = _weight_bytes(model, self.layer_weights)
+
+    def _split_layers(self, tp: tensor_parallel.TensorParallel, intermediate: int) -> None:
+        """Keep this rank's heads and MLP rows of every layer (``tensor_parallel``); the
+        model's whole projections are released, as after FP8 quantization."""
+        reason = tensor_parallel.unsupported_reason(
+            self.heads, self.kv_heads, intermediate, tp.world
+        )
+        if reason is not None:
+            raise StaticDecodeUnavailable(reason)
+        whole = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling)
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                self.layer_weights[index] = tensor_parallel.shard_layer(
+                    self.layer_weights[index], whole, tp
+                )
+                _release_projections(layer)
+        part = tensor_parallel.shard_shape(whole, tp)
+        self.heads, self.kv_heads = part.heads, part.kv_heads
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """o_proj's or down's output summed over the ranks (itself without tensor parallelism)."""
+        return partial if self.tp is None else self.tp.reduce(partial)
 
     def _quantize_layers(self) -> None:
         """Every layer's projections in FP8, layer by layer, each layer's bfloat16 projections
@@ -659,6 +702,7 @@ class StaticDecoder:
                 self.keys[index],
                 self.values[index],
                 shape,
+                *self._layer_reduce,
             )
         logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, x))
         return logits
@@ -737,11 +781,13 @@ class StaticDecoder:
                     q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True
                 )
                 out = out.transpose(1, 2).reshape(count, longest, heads * head_dim)
-                x = x + fp8.linear(out, w.o_proj, w.o_bias)
+                x = x + self._reduce(fp8.linear(out, w.o_proj, w.o_bias))
                 gate, up = fp8.linear(
                     _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
                 ).chunk(2, dim=-1)
-                x = x + fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
+                x = x + self._reduce(
+                    fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
+                )
         final = x[torch.arange(count, device=self.device), last]  # [n, hidden]
         logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, final))
         return logits
