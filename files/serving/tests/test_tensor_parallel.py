@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 from pathlib import Path
@@ -10,11 +11,17 @@ import pytest
 import torch
 import torch.multiprocessing
 
-from engine_helpers import llama_relative
+from conftest import MODEL, Store
+from engine_helpers import PROMPTS, Collector, alone, llama_relative
 from metalserve import staticdecode, tensor_parallel
+from metalserve.engine import Sequence, StaticBatch
+from metalserve.loader import LoadedModel, load_version
+from metalserve.sampling import SamplingParams
 from metalserve.tensor_parallel import TensorParallel
 
-PROMPTS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
+IDS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
+# A rank whose peer died stops waiting for it (and the test fails) after this long.
+PEER_TIMEOUT = datetime.timedelta(seconds=60)
 STEPS = 6
 
 
@@ -26,8 +33,9 @@ def _free_port() -> int:
 
 @torch.inference_mode()
 def _greedy(model_type: str, tp: TensorParallel | None) -> list[list[int]]:
-    """Prefill then greedy decode steps of PROMPTS on the static path (split over ``tp``),
-    each step's logits checked against a whole model's own transformers forward."""
+    """Prefill then greedy decode steps of IDS on the static path (split over ``tp``: rank 0
+    drives, the others follow and return nothing), each step's logits checked against a whole
+    model's own transformers forward."""
     reference = llama_relative(model_type)
     decoder = staticdecode.StaticDecoder(
         llama_relative(model_type),  # the same seed: the same weights
@@ -38,11 +46,14 @@ def _greedy(model_type: str, tp: TensorParallel | None) -> list[list[int]]:
         cuda_graphs=False,
         tp=tp,
     )
-    sequences = [list(p) for p in PROMPTS]
-    ids = torch.zeros((2, max(len(p) for p in PROMPTS)), dtype=torch.long)
-    for row, prompt in enumerate(PROMPTS):
+    if tp is not None and tp.rank != 0:
+        decoder.follow()
+        return []
+    sequences = [list(p) for p in IDS]
+    ids = torch.zeros((2, max(len(p) for p in IDS)), dtype=torch.long)
+    for row, prompt in enumerate(IDS):
         ids[row, : len(prompt)] = torch.tensor(prompt)
-    lengths = torch.tensor([len(p) for p in PROMPTS])
+    lengths = torch.tensor([len(p) for p in IDS])
     logits = decoder.prefill(ids, lengths, 0)
     for step in range(STEPS):
         for row, seq in enumerate(sequences):
@@ -56,35 +67,40 @@ def _greedy(model_type: str, tp: TensorParallel | None) -> list[list[int]]:
         for seq, token in zip(sequences, chosen.tolist(), strict=True):
             seq.append(token)
         logits = decoder.decode(2, max(len(s) for s in sequences) - 1)
-    return [seq[len(prompt) :] for seq, prompt in zip(sequences, PROMPTS, strict=True)]
+    decoder.stop_followers()
+    return [seq[len(prompt) :] for seq, prompt in zip(sequences, IDS, strict=True)]
 
 
 MODEL_TYPES = ["llama", "qwen2", "qwen3"]
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    """One rank's process (torch.multiprocessing.spawn): its tokens for each model type to
-    ``out``.<rank>."""
+    """One rank's process (torch.multiprocessing.spawn): rank 0's tokens for each model type
+    to ``out``."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=PEER_TIMEOUT,
     )
     try:
         tokens = {kind: _greedy(kind, TensorParallel(rank, world)) for kind in MODEL_TYPES}
     finally:
         torch.distributed.destroy_process_group()
-    Path(f"{out}.{rank}").write_text(json.dumps(tokens))
+    if rank == 0:
+        Path(out).write_text(json.dumps(tokens))
 
 
 def test_two_ranks_decode_as_one(tmp_path: Path) -> None:
-    """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) split over two gloo ranks: every
-    rank's logits match the whole model's transformers forward at each step, and both ranks'
-    greedy tokens equal one process's (tp=1)."""
-    out = str(tmp_path / "tokens")
-    torch.multiprocessing.spawn(_rank, args=(2, _free_port(), out), nprocs=2)
+    """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) split over two gloo ranks, rank 1
+    repeating rank 0's steps: the logits match the whole model's transformers forward at each
+    step, and the greedy tokens equal one process's (tp=1)."""
+    out = tmp_path / "tokens.json"
+    torch.multiprocessing.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2)
     alone = {kind: _greedy(kind, None) for kind in MODEL_TYPES}
-    for rank in range(2):
-        assert json.loads(Path(f"{out}.{rank}").read_text()) == alone
+    assert json.loads(out.read_text()) == alone
 
 
 def test_a_shape_that_does_not_split_is_named() -> None:
@@ -117,3 +133,69 @@ def test_graphs_and_the_compiled_layer_are_refused_for_now() -> None:
             compile_layers=True,
             tp=TensorParallel(0, 2),
         )
+
+
+# Different lengths: sequences finish at different steps, and the last ones move into the slots
+# the finished ones leave (a MOVE step every rank must repeat).
+LENGTHS = [5, 17, 9, 12]
+
+
+def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: str) -> None:
+    """Rank 0 serves PROMPTS through a StaticBatch on its decoder; the other ranks follow."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=PEER_TIMEOUT,
+    )
+    try:
+        bundle = load_version(Path(root), MODEL, version)
+        decoder = staticdecode.StaticDecoder(
+            bundle.model,
+            slots=4,
+            max_length=bundle.max_context,
+            device=bundle.device,
+            dtype=bundle.dtype,
+            cuda_graphs=False,
+            tp=TensorParallel(rank, world),
+        )
+        if rank != 0:
+            decoder.follow()
+            return
+        texts = _serve(bundle, decoder)
+        decoder.stop_followers()
+        Path(out).write_text(json.dumps(texts))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _serve(bundle: LoadedModel, decoder: staticdecode.StaticDecoder) -> list[str]:
+    batch = StaticBatch(bundle, decoder)
+    sinks = []
+    for prompt, length in zip(PROMPTS[: len(LENGTHS)], LENGTHS, strict=True):
+        sink = Collector()
+        params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
+        prompt_ids = bundle.encode(prompt, add_special_tokens=True)
+        batch.add([Sequence(bundle=bundle, prompt_ids=prompt_ids, params=params, sink=sink)])
+        sinks.append(sink)
+    for _ in range(max(LENGTHS)):
+        batch.step()
+    assert len(batch) == 0
+    return [sink.text for sink in sinks]
+
+
+def test_rank_0_serves_a_batch_the_other_rank_follows(model_store: Store, tmp_path: Path) -> None:
+    """The engine's StaticBatch on rank 0 of two gloo ranks (prefills, decode steps, sequences
+    ending at different steps and moving slots; the other rank repeats each step): each text
+    equals the whole model's own greedy generation."""
+    out = tmp_path / "texts.json"
+    args = (2, _free_port(), str(model_store.root), model_store.v1, str(out))
+    torch.multiprocessing.spawn(_batch_rank, args=args, nprocs=2)
+    bundle = load_version(model_store.root, MODEL, model_store.v1)
+    expected = [
+        alone(bundle, prompt, SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True))
+        for prompt, length in zip(PROMPTS[: len(LENGTHS)], LENGTHS, strict=True)
+    ]
+    assert json.loads(out.read_text()) == expected

@@ -542,6 +542,33 @@ class StaticDecoder:
         part = tensor_parallel.shard_shape(whole, tp)
         self.heads, self.kv_heads = part.heads, part.kv_heads
 
+    def _announce(self, op: int, numbers: list[int], tensors: list[torch.Tensor]) -> None:
+        """Rank 0 of a tensor-parallel replica: send the step about to run to the other ranks."""
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send_step(op, numbers, tensors, self.device)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's steps as it announces them, until it stops."""
+        if self.tp is None or self.tp.rank == 0:
+            raise RuntimeError("only a tensor-parallel rank other than 0 follows")
+        steps = {
+            tensor_parallel.PREFILL: lambda n, t: self.prefill(t[0].cpu(), t[1].cpu(), n[0]),
+            tensor_parallel.ADMIT: lambda n, t: self.admit(n[0], t[0], t[1]),
+            tensor_parallel.DECODE: lambda n, t: self.decode(n[0], n[1]),
+            tensor_parallel.ADVANCE: lambda n, t: self.advance(n[0], t[0]),
+            tensor_parallel.MOVE: lambda n, t: self.move(t[0].tolist(), t[1].tolist(), n[0]),
+        }
+        with torch.inference_mode():
+            while True:
+                op, numbers, tensors = self.tp.receive_step(self.device)
+                if op == tensor_parallel.STOP:
+                    return
+                steps[op](numbers, tensors)
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the other ranks' ``follow`` (the replica stops or swaps models)."""
+        self._announce(tensor_parallel.STOP, [], [])
+
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """o_proj's or down's output summed over the ranks (itself without tensor parallelism)."""
         return partial if self.tp is None else self.tp.reduce(partial)
@@ -669,6 +696,7 @@ class StaticDecoder:
     def decode(self, batch: int, last_position: int) -> torch.Tensor:
         """Logits ``[batch, vocab]`` of one step over slots ``0..batch-1``, feeding each slot's
         ``tokens`` entry at its ``positions`` entry (``last_position`` is the largest of them)."""
+        self._announce(tensor_parallel.DECODE, [batch, last_position], [])
         if not self.cuda_graphs:
             return self._decode(batch, last_position + 1)
         size = bucket(batch, self.batch_sizes)
@@ -720,6 +748,7 @@ class StaticDecoder:
             raise ValueError(f"{first_slot + count} sequences do not fit {self.slots} slots")
         if longest > self.max_length:
             raise ValueError(f"a prompt of {longest} tokens exceeds the cache ({self.max_length})")
+        self._announce(tensor_parallel.PREFILL, [first_slot], [ids, lengths])
         shape = self._prefill_bucket(count, longest)
         if shape is None:
             slots = torch.arange(first_slot, first_slot + count, device=self.device)
@@ -796,12 +825,14 @@ class StaticDecoder:
 
     def admit(self, first_slot: int, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         """After a prefill: the slots' next inputs are their first tokens at ``lengths``."""
+        self._announce(tensor_parallel.ADMIT, [first_slot], [tokens, lengths])
         end = first_slot + tokens.shape[0]
         self.tokens[first_slot:end] = tokens
         self.positions[first_slot:end] = lengths.to(self.device)
 
     def advance(self, batch: int, tokens: torch.Tensor) -> None:
         """After a decode step: the chosen tokens are the next inputs, one position further."""
+        self._announce(tensor_parallel.ADVANCE, [batch], [tokens])
         self.tokens[:batch] = tokens
         self.positions[:batch] += 1
 
@@ -809,6 +840,7 @@ class StaticDecoder:
         """Copy slots ``sources`` (first ``length`` cache entries, inputs) to ``targets``."""
         src = torch.tensor(sources, dtype=torch.long, device=self.device)
         dst = torch.tensor(targets, dtype=torch.long, device=self.device)
+        self._announce(tensor_parallel.MOVE, [length], [src, dst])
         length = min(length, self.max_length)
         for cache in (*self.keys, *self.values):
             cache[dst, :, :length] = cache[src, :, :length]

@@ -9,11 +9,17 @@ CUDA, gloo on CPU). Each rank keeps its share of every decoder layer:
 
 o_proj's and down's outputs are then partial sums, added up across the ranks (one all-reduce
 each per layer); their biases are added on rank 0 only. Norms, the embedding and the LM head are
-whole on every rank, so every rank computes the same logits and samples the same tokens.
+whole on every rank, so every rank computes the same logits.
+
+Rank 0 runs the engine; the others repeat its decoder's steps (``StaticDecoder.follow``): before
+each step rank 0 broadcasts what it is (``send_step``: an operation, its numbers and its integer
+tensors, such as the prompts or the tokens it chose), so every rank's cache holds the same
+sequences and every collective is entered by all ranks in the same order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +27,12 @@ import torch
 
 if TYPE_CHECKING:
     from metalserve.staticdecode import LayerShape, LayerWeights
+
+
+# A step's header: its operation, numbers and tensor shapes (int64s, broadcast first).
+HEADER_LENGTH = 16
+# The steps rank 0 announces (StaticDecoder's methods of the same names), and the end.
+STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE = range(6)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,40 @@ class TensorParallel:
         if self.world > 1:
             torch.distributed.all_reduce(partial, group=self.group)
         return partial
+
+    def send_step(
+        self, op: int, numbers: Sequence[int], tensors: Sequence[torch.Tensor], device: torch.device
+    ) -> None:
+        """Rank 0: tell the other ranks the next step (``receive_step`` reads it)."""
+        header = [op, len(numbers), *numbers, len(tensors)]
+        for tensor in tensors:
+            header += [tensor.dim(), *tensor.shape]
+        if len(header) > HEADER_LENGTH:
+            raise ValueError(f"a step header of {len(header)} numbers: {HEADER_LENGTH} at most")
+        wire = torch.zeros(HEADER_LENGTH, dtype=torch.long, device=device)
+        wire[: len(header)] = torch.tensor(header, dtype=torch.long)
+        torch.distributed.broadcast(wire, src=0, group=self.group)
+        for tensor in tensors:
+            torch.distributed.broadcast(
+                tensor.to(device=device, dtype=torch.long).contiguous(), src=0, group=self.group
+            )
+
+    def receive_step(self, device: torch.device) -> tuple[int, list[int], list[torch.Tensor]]:
+        """The other ranks: the step rank 0 sent (``send_step``)."""
+        wire = torch.empty(HEADER_LENGTH, dtype=torch.long, device=device)
+        torch.distributed.broadcast(wire, src=0, group=self.group)
+        header = wire.tolist()
+        op, count = header[0], header[1]
+        numbers, at = header[2 : 2 + count], 2 + count
+        tensors = []
+        for _ in range(header[at]):
+            ndim = header[at + 1]
+            shape = header[at + 2 : at + 2 + ndim]
+            at += 1 + ndim
+            tensor = torch.empty(shape, dtype=torch.long, device=device)
+            torch.distributed.broadcast(tensor, src=0, group=self.group)
+            tensors.append(tensor)
+        return op, numbers, tensors
 
     def part(self, count: int) -> slice:
         """This rank's share of ``count`` equal units (heads, MLP rows)."""
