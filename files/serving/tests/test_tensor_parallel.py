@@ -31,6 +31,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _join(rank: int, world: int, port: int) -> None:
+    """This process as ``rank`` of a gloo group of ``world`` on loopback."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=PEER_TIMEOUT,
+    )
+
+
 @torch.inference_mode()
 def _greedy(model_type: str, tp: TensorParallel | None) -> list[list[int]]:
     """Prefill then greedy decode steps of IDS on the static path (split over ``tp``: rank 0
@@ -77,14 +89,7 @@ MODEL_TYPES = ["llama", "qwen2", "qwen3"]
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     """One rank's process (torch.multiprocessing.spawn): rank 0's tokens for each model type
     to ``out``."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=PEER_TIMEOUT,
-    )
+    _join(rank, world, port)
     try:
         tokens = {kind: _greedy(kind, TensorParallel(rank, world)) for kind in MODEL_TYPES}
     finally:
@@ -142,14 +147,7 @@ LENGTHS = [5, 17, 9, 12]
 
 def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: str) -> None:
     """Rank 0 serves PROMPTS through a StaticBatch on its decoder; the other ranks follow."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=PEER_TIMEOUT,
-    )
+    _join(rank, world, port)
     try:
         bundle = load_version(Path(root), MODEL, version)
         decoder = staticdecode.StaticDecoder(
