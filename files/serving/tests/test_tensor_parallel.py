@@ -114,29 +114,30 @@ def test_a_shape_that_does_not_split_is_named() -> None:
         tensor_parallel.unsupported_reason(4, 2, 128, 4)
         == "2 key/value heads do not split over 4 ranks"
     )
-    with pytest.raises(staticdecode.StaticDecodeUnavailable, match="do not split over 4 ranks"):
+
+
+@pytest.mark.parametrize(
+    ("world", "flags", "refusal"),
+    [
+        (4, {}, "do not split over 4 ranks"),
+        (2, {"compile_layers": True}, "eagerly for now"),
+        (2, {"cuda_graphs": True}, "eagerly for now"),
+    ],
+    ids=["4-ranks-of-2-kv-heads", "compiled-layer", "cuda-graphs"],
+)
+def test_the_decoder_refuses_what_it_cannot_split_yet(
+    world: int, flags: dict[str, bool], refusal: str
+) -> None:
+    settings: dict[str, bool] = {"cuda_graphs": False, **flags}
+    with pytest.raises(staticdecode.StaticDecodeUnavailable, match=refusal):
         staticdecode.StaticDecoder(
             llama_relative("llama"),
             slots=1,
             max_length=64,
             device=torch.device("cpu"),
             dtype=torch.float32,
-            cuda_graphs=False,
-            tp=TensorParallel(0, 4),
-        )
-
-
-def test_graphs_and_the_compiled_layer_are_refused_for_now() -> None:
-    with pytest.raises(staticdecode.StaticDecodeUnavailable, match="eagerly for now"):
-        staticdecode.StaticDecoder(
-            llama_relative("llama"),
-            slots=1,
-            max_length=64,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            cuda_graphs=False,
-            compile_layers=True,
-            tp=TensorParallel(0, 2),
+            tp=TensorParallel(0, world),
+            **settings,
         )
 
 
