@@ -20,55 +20,17 @@ sys.path.insert(0, "files/serving/tests")
 import torch
 import torch.multiprocessing
 
-from engine_helpers import llama_relative
-from metalserve import staticdecode
+from engine_helpers import split_greedy
 from metalserve.tensor_parallel import TensorParallel
 
-IDS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
 STEPS = 8
 DEVICE = torch.device("cuda", 0)
 CASES = [(kind, dtype) for kind in ("llama", "qwen2", "qwen3") for dtype in ("float32", "bfloat16")]
 
 
-@torch.inference_mode()
 def greedy(kind: str, tp: TensorParallel | None, dtype: torch.dtype) -> dict[str, Any] | None:
-    """Rank 0 (or tp=1): prefill and STEPS greedy decode steps; the other rank follows."""
-    reference = llama_relative(kind).to(DEVICE, dtype)
-    decoder = staticdecode.StaticDecoder(
-        llama_relative(kind).to(DEVICE, dtype),
-        slots=2,
-        max_length=256,
-        device=DEVICE,
-        dtype=dtype,
-        cuda_graphs=False,
-        tp=tp,
-    )
-    if tp is not None and tp.rank:
-        decoder.follow()
-        return None
-    sequences = [list(p) for p in IDS]
-    ids = torch.zeros((2, max(len(p) for p in IDS)), dtype=torch.long)
-    for row, prompt in enumerate(IDS):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-    lengths = torch.tensor([len(p) for p in IDS])
-    logits = decoder.prefill(ids, lengths, 0)
-    worst = 0.0
-    for step in range(STEPS):
-        for row, seq in enumerate(sequences):
-            expected = reference(input_ids=torch.tensor([seq], device=DEVICE)).logits[0, -1]
-            error = (logits[row].float() - expected.float()).abs().max() / expected.abs().max()
-            worst = max(worst, error.item())
-        chosen = logits.argmax(-1)
-        if step == 0:
-            decoder.admit(0, chosen, lengths)
-        else:
-            decoder.advance(2, chosen)
-        for seq, token in zip(sequences, chosen.tolist(), strict=True):
-            seq.append(token)
-        logits = decoder.decode(2, max(len(s) for s in sequences) - 1)
-    decoder.stop_followers()
-    tokens = [seq[len(p) :] for seq, p in zip(sequences, IDS, strict=True)]
-    return {"tokens": tokens, "worst_rel_err": worst}
+    """The tests' loop (engine_helpers.split_greedy) on the GPU."""
+    return split_greedy(kind, tp, DEVICE, dtype, STEPS)
 
 
 def rank(index: int, port: int, out: str) -> None:

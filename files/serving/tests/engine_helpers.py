@@ -4,9 +4,11 @@ test_staticdecode). A plain module, not conftest.py: it holds no fixtures."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
+from metalserve import staticdecode
 from metalserve.engine import Engine, Event, Sequence, TextDelta, generate_once
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
@@ -97,3 +99,53 @@ def llama_relative(model_type: str, **extra: object) -> torch.nn.Module:
             if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
                 param.add_(torch.randn_like(param) * 0.3)
     return model
+
+
+# Two right-padded prompts of different lengths (token ids of llama_relative's vocabulary).
+SPLIT_IDS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
+
+
+@torch.inference_mode()
+def split_greedy(
+    model_type: str, tp: Any, device: torch.device, dtype: torch.dtype, steps: int
+) -> dict[str, Any] | None:
+    """llama_relative(model_type) on the static path, split over ``tp`` (a TensorParallel, or
+    None): rank 0 (or the one process) prefills SPLIT_IDS and runs ``steps`` greedy decode steps,
+    measuring each step's logits against a whole model's own transformers forward; the other
+    ranks follow and return None. Returns the tokens and the worst relative logit error."""
+    reference = llama_relative(model_type).to(device, dtype)
+    decoder = staticdecode.StaticDecoder(
+        llama_relative(model_type).to(device, dtype),  # the same seed: the same weights
+        slots=2,
+        max_length=256,
+        device=device,
+        dtype=dtype,
+        cuda_graphs=False,
+        tp=tp,
+    )
+    if tp is not None and tp.rank != 0:
+        decoder.follow()
+        return None
+    sequences = [list(p) for p in SPLIT_IDS]
+    ids = torch.zeros((2, max(len(p) for p in SPLIT_IDS)), dtype=torch.long)
+    for row, prompt in enumerate(SPLIT_IDS):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(p) for p in SPLIT_IDS])
+    logits = decoder.prefill(ids, lengths, 0)
+    worst = 0.0
+    for step in range(steps):
+        for row, seq in enumerate(sequences):
+            expected = reference(input_ids=torch.tensor([seq], device=device)).logits[0, -1]
+            error = (logits[row].float() - expected.float()).abs().max() / expected.abs().max()
+            worst = max(worst, float(error))
+        chosen = logits.argmax(-1)
+        if step == 0:
+            decoder.admit(0, chosen, lengths)
+        else:
+            decoder.advance(2, chosen)
+        for seq, token in zip(sequences, chosen.tolist(), strict=True):
+            seq.append(token)
+        logits = decoder.decode(2, max(len(s) for s in sequences) - 1)
+    decoder.stop_followers()
+    tokens = [seq[len(p) :] for seq, p in zip(sequences, SPLIT_IDS, strict=True)]
+    return {"tokens": tokens, "worst_rel_err": worst}

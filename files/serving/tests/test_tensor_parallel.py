@@ -6,20 +6,20 @@ import datetime
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing
 
 from conftest import MODEL, Store
-from engine_helpers import PROMPTS, Collector, alone, llama_relative
+from engine_helpers import PROMPTS, Collector, alone, llama_relative, split_greedy
 from metalserve import staticdecode, tensor_parallel
 from metalserve.engine import Sequence, StaticBatch
 from metalserve.loader import LoadedModel, load_version
 from metalserve.sampling import SamplingParams
 from metalserve.tensor_parallel import TensorParallel
 
-IDS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
 # A rank whose peer died stops waiting for it (and the test fails) after this long.
 PEER_TIMEOUT = datetime.timedelta(seconds=60)
 STEPS = 6
@@ -43,44 +43,8 @@ def _join(rank: int, world: int, port: int) -> None:
     )
 
 
-@torch.inference_mode()
-def _greedy(model_type: str, tp: TensorParallel | None) -> list[list[int]]:
-    """Prefill then greedy decode steps of IDS on the static path (split over ``tp``: rank 0
-    drives, the others follow and return nothing), each step's logits checked against a whole
-    model's own transformers forward."""
-    reference = llama_relative(model_type)
-    decoder = staticdecode.StaticDecoder(
-        llama_relative(model_type),  # the same seed: the same weights
-        slots=2,
-        max_length=256,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cuda_graphs=False,
-        tp=tp,
-    )
-    if tp is not None and tp.rank != 0:
-        decoder.follow()
-        return []
-    sequences = [list(p) for p in IDS]
-    ids = torch.zeros((2, max(len(p) for p in IDS)), dtype=torch.long)
-    for row, prompt in enumerate(IDS):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-    lengths = torch.tensor([len(p) for p in IDS])
-    logits = decoder.prefill(ids, lengths, 0)
-    for step in range(STEPS):
-        for row, seq in enumerate(sequences):
-            expected = reference(input_ids=torch.tensor([seq])).logits[0, -1]
-            torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
-        chosen = logits.argmax(-1)
-        if step == 0:
-            decoder.admit(0, chosen, lengths)
-        else:
-            decoder.advance(2, chosen)
-        for seq, token in zip(sequences, chosen.tolist(), strict=True):
-            seq.append(token)
-        logits = decoder.decode(2, max(len(s) for s in sequences) - 1)
-    decoder.stop_followers()
-    return [seq[len(prompt) :] for seq, prompt in zip(sequences, IDS, strict=True)]
+def _greedy(model_type: str, tp: TensorParallel | None) -> dict[str, Any] | None:
+    return split_greedy(model_type, tp, torch.device("cpu"), torch.float32, STEPS)
 
 
 MODEL_TYPES = ["llama", "qwen2", "qwen3"]
@@ -100,12 +64,16 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_ranks_decode_as_one(tmp_path: Path) -> None:
     """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) split over two gloo ranks, rank 1
-    repeating rank 0's steps: the logits match the whole model's transformers forward at each
-    step, and the greedy tokens equal one process's (tp=1)."""
+    repeating rank 0's steps: the logits stay within 1e-5 (relative) of the whole model's
+    transformers forward at each step, and the greedy tokens equal one process's (tp=1)."""
     out = tmp_path / "tokens.json"
     torch.multiprocessing.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2)
-    alone = {kind: _greedy(kind, None) for kind in MODEL_TYPES}
-    assert json.loads(out.read_text()) == alone
+    split = json.loads(out.read_text())
+    for kind in MODEL_TYPES:
+        alone = _greedy(kind, None)
+        assert alone is not None
+        assert split[kind]["worst_rel_err"] < 1e-5, (kind, split[kind])
+        assert split[kind]["tokens"] == alone["tokens"], kind
 
 
 def test_a_shape_that_does_not_split_is_named() -> None:
