@@ -814,9 +814,10 @@ def test_lb_drain_waits_for_requests_in_flight_fails_or_cuts_on_time_and_enables
     haproxy: Callable[..., Listeners], tmp_path: Path
 ) -> None:
     """Role lb_drain on a real HAProxy (tests/fixtures/lb_drain/drain.yml): a drain waits for a
-    4 s request and leaves the server in maintenance without cutting it; with 2 s for a 20 s
+    4 s request and leaves the server in maintenance without cutting it, saved in the
+    server-state file a restarted HAProxy loads; with 2 s for a 20 s
     request it fails naming the server and lb_drain_cut_sessions, and with that set cuts it; a
-    DOWN server drains at once; enable waits until the server is UP."""
+    DOWN server drains at once; enable waits until the server is UP, and saves that."""
     if shutil.which("socat") is None:
         pytest.fail("socat is not installed: `make deps` installs it (HOST_PACKAGES)")
     server = StandInServer(("127.0.0.1", 0), StandIn)
@@ -836,6 +837,7 @@ def test_lb_drain_waits_for_requests_in_flight_fails_or_cuts_on_time_and_enables
             "lb_key": str(KEYS[0]["key"]),
             "lb_drain_loadbalancers": ["localhost"],
             "lb_drain_socket": str(listeners.certificate.with_name("admin.sock")),
+            "lb_drain_state_file": str(listeners.certificate.with_name("server-state")),
             "lb_drain_backend": f"metalserve_{MODELS[0]}",
             "lb_drain_up_timeout": 20,
         }
