@@ -13,3 +13,4 @@ class ExitCode(enum.IntEnum):
     VERSION_NOT_FOUND = 4  # unknown or ambiguous version id / prefix
     LOAD_FAILED = 5  # the version verified but could not be loaded or warmed up
     NOT_CACHED = 6  # cache-fill: the version does not fit the node's cache beside what it keeps
+    RANK_FAILED = 7  # serve --tensor-parallel: another rank of the replica exited

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metalserve import store
+from metalserve import ranks, store
 from metalserve.cache import Lease, VersionCache
-from metalserve.engine import Engine, generate_once
+from metalserve.engine import WARMUP_PROMPT, WARMUP_TOKENS, Engine, generate_once
 from metalserve.errors import ApiError
 from metalserve.exitcodes import ExitCode
 from metalserve.loader import LoadedModel, LoadError, import_libraries, load_version
@@ -32,8 +32,6 @@ from metalserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-WARMUP_PROMPT = "Hello"
-WARMUP_TOKENS = 4
 LOAD_THREAD = "metalserve-load"
 
 
@@ -100,6 +98,10 @@ class Replica:
         self._leases: dict[str, Lease] = {}
         # Where the time to ready went (seconds by phase), once ready.
         self.startup: dict[str, float] = {}
+        # serve --tensor-parallel: the other ranks, and what each rank loaded (rank order).
+        self.ranks: ranks.Ranks | None = None
+        self.rank_infos: list[dict[str, Any]] = []
+        self._loaded_from: dict[str, Path] = {}
 
     # --- state ----------------------------------------------------------------------------
 
@@ -184,6 +186,7 @@ class Replica:
         if cache is not None and lease is not None:
             try:
                 bundle = load_from(lease.root)
+                self._loaded_from[version_id] = lease.root
             except store.VerificationError as exc:
                 # Never served: dropped, then the store's copy is loaded (and cached again).
                 log.error("the cached copy failed verification: %s", exc)
@@ -196,6 +199,7 @@ class Replica:
                 log.info("loaded %s from the node's cache", version_id[: store.SHORT_ID_LEN])
                 return bundle
         bundle = load_from(settings.store)
+        self._loaded_from[version_id] = settings.store
         if cache is not None:
             self.metrics.cache_loads.labels(result="miss").inc()
             threading.Thread(
@@ -231,6 +235,10 @@ class Replica:
             bundle = await in_daemon_thread(
                 LOAD_THREAD, self.load_and_warm, self.version_id, timings
             )
+            if self.settings.tensor_parallel > 1:
+                started = time.monotonic()
+                await in_daemon_thread(LOAD_THREAD, self._start_ranks, bundle)
+                timings["ranks"] = time.monotonic() - started
             switching = time.monotonic()
             await asyncio.wrap_future(self.engine.swap(bundle))
         except store.VerificationError as exc:
@@ -255,6 +263,38 @@ class Replica:
                 bundle.version_id,
                 ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.startup.items()),
             )
+
+    def _start_ranks(self, bundle: LoadedModel) -> None:
+        """Rank 0: start the other ranks on the version just loaded (from the same root), join
+        their group, and wait until each has loaded and split it (blocking: run in a thread).
+        A rank that exits from then on fails the replica."""
+        settings = self.settings
+        world = settings.tensor_parallel
+        self.ranks = ranks.Ranks.start(
+            world,
+            root=str(self._loaded_from[bundle.version_id]),
+            model=settings.model,
+            version_id=bundle.version_id,
+            device=settings.device,
+            dtype=settings.dtype,
+            chunk_size=settings.read_chunk_mib * 1024 * 1024,
+            slots=settings.batch_limit,
+            quantization=settings.quantization,
+            log_level=settings.log_level,
+        )
+        self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))
+        tp = ranks.join_group(self.ranks.spec, 0)
+        self.rank_infos = ranks.exchange(ranks.rank_info(0, bundle), world)
+        mismatched = [i for i in self.rank_infos if i["version_id"] != bundle.version_id]
+        if mismatched:
+            raise LoadError(f"ranks loaded other versions than {bundle.short_id}: {mismatched}")
+        log.info("every rank of %d loaded %s", world, bundle.short_id)
+        self.engine.tensor_parallel = tp
+
+    def stop_ranks(self) -> None:
+        """After the engine stopped (which ends the other ranks' steps): wait for them."""
+        if self.ranks is not None:
+            self.ranks.stop()
 
     def _fatal(self, code: ExitCode, message: str) -> None:
         log.error("cannot serve: %s", message)
@@ -293,6 +333,14 @@ class Replica:
             raise ApiError(409, f"cannot reload while {self.state()}", code="not_ready")
         if self.reload_lock.locked():
             raise ApiError(409, "another reload is in progress", code="reload_in_progress")
+        world = self.settings.tensor_parallel
+        if world > 1:
+            raise ApiError(
+                409,
+                f"hot reload is not available with tensor parallelism ({world} ranks): restart "
+                "the replica on the new version",
+                code="reload_unsupported",
+            )
         async with self.reload_lock:
             return await self._reload(ref)
 

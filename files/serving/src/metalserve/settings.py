@@ -118,6 +118,15 @@ class ServeSettings(BaseSettings):
         "(E4M3, one scale per output channel, quantized when the model goes live: half the "
         "bytes a decode step reads; CUDA compute capability 8.9+ with bfloat16, or the CPU)",
     )
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="ranks of this replica: its model's layers split over that many processes "
+        "(torch.distributed: NCCL over GPUs cuda:0..N-1 of CUDA_VISIBLE_DEVICES, gloo on the "
+        "CPU), this one serving HTTP; greedy output equals one rank's (the static decode path, "
+        "eager; no hot reload: restart with the new version)",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"
@@ -199,6 +208,21 @@ class ServeSettings(BaseSettings):
                 raise ValueError(
                     f"quantization {self.quantization} on CUDA needs dtype bfloat16 or auto, "
                     f"not {self.dtype}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> ServeSettings:
+        if self.tensor_parallel > 1:
+            if self.device not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"tensor_parallel {self.tensor_parallel} takes device cpu or cuda (rank N "
+                    f"runs on cuda:N of CUDA_VISIBLE_DEVICES), not {self.device}"
+                )
+            if self.decode_mode in ("dynamic", "cuda-graphs") or self.decode_compile == "on":
+                raise ValueError(
+                    f"tensor_parallel {self.tensor_parallel} runs the static decode path, eager: "
+                    "decode_mode static or auto, decode_compile off or auto"
                 )
         return self
 

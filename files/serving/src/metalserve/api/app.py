@@ -31,6 +31,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not loader.done():
             loader.cancel()
         await asyncio.to_thread(replica.engine.stop)
+        await asyncio.to_thread(replica.stop_ranks)
         if replica.tracing is not None:
             await asyncio.to_thread(replica.tracing.shutdown)  # flushes the last spans
 

@@ -53,6 +53,9 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "quantization": replica.engine.quantization,
         "weight_bytes": replica.engine.weight_bytes,
         "max_batch_size": replica.engine.max_batch_size,
+        # serve --tensor-parallel: what each rank loaded and verified (empty with one rank).
+        "tensor_parallel": replica.settings.tensor_parallel,
+        "ranks": replica.rank_infos,
         "server_version": __version__,
         "state": replica.state(),
     }

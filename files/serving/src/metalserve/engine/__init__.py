@@ -15,7 +15,14 @@ go to the sinks as they happen, on the engine thread; ``flush_events`` runs afte
 so a sink may batch them.
 """
 
-from metalserve.engine.batches import Batch, DynamicBatch, StaticBatch, generate_once
+from metalserve.engine.batches import (
+    WARMUP_PROMPT,
+    WARMUP_TOKENS,
+    Batch,
+    DynamicBatch,
+    StaticBatch,
+    generate_once,
+)
 from metalserve.engine.loop import (
     DECODE_MODES,
     IDLE_WAIT_SECONDS,
@@ -37,6 +44,8 @@ __all__ = [
     "DECODE_MODES",
     "IDLE_WAIT_SECONDS",
     "MAX_CONSECUTIVE_FAILURES",
+    "WARMUP_PROMPT",
+    "WARMUP_TOKENS",
     "Batch",
     "DynamicBatch",
     "Engine",

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from metalserve.staticdecode import StaticDecoder
 
 
+# The warm-up that proves a model generates before it serves (and, with tensor parallelism,
+# that its ranks together give the whole model's greedy text).
+WARMUP_PROMPT = "Hello"
+WARMUP_TOKENS = 4
+
+
 class Batch(Protocol):
     """What the engine loop needs of a batch: the active sequences of one model, advanced one
     forward pass at a time by the engine thread (``DynamicBatch`` and ``StaticBatch``)."""
@@ -326,14 +332,19 @@ def _generator(seq: Sequence) -> torch.Generator:
 
 
 def generate_once(
-    bundle: LoadedModel, prompt_ids: list[int], params: SamplingParams, step_delay: float = 0.0
+    bundle: LoadedModel,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    step_delay: float = 0.0,
+    batch: Batch | None = None,
 ) -> str:
     """Run one sequence to completion outside the engine (warm-up of a model being loaded).
 
-    Here, not in the loop module: it drives a ``DynamicBatch`` directly, with no thread or queue."""
+    Here, not in the loop module: it drives a batch directly (default: a ``DynamicBatch``), with
+    no thread or queue."""
     events: list[Event] = []
     seq = Sequence(bundle=bundle, prompt_ids=prompt_ids, params=params, sink=events.append)
-    batch = DynamicBatch(bundle)
+    batch = DynamicBatch(bundle) if batch is None else batch
     batch.add([seq])
     while batch.seqs:
         time.sleep(step_delay)

@@ -6,7 +6,9 @@ every active sequence. Finished and cancelled sequences leave between steps.
 
 Decode path (``decode_mode``): the engine picks the batch kind when a model goes live
 (``_new_batch``) and falls back to ``DynamicBatch`` (with a warning) when the model or the device
-memory does not allow ``StaticBatch``.
+memory does not allow ``StaticBatch``. With ``tensor_parallel`` (rank 0 of a replica split over
+processes) it is the static path, eager, with no fallback: the other ranks repeat this decoder's
+steps, and the engine's end stops them.
 
 Hot reload (double buffer): ``swap()`` hands over a fully loaded model. Sequences prepared for
 the current model (everything queued before the swap was requested) still run on it; once the
@@ -35,12 +37,21 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from metalserve.engine.batches import Batch, DynamicBatch, StaticBatch
+from metalserve.engine.batches import (
+    WARMUP_PROMPT,
+    WARMUP_TOKENS,
+    Batch,
+    DynamicBatch,
+    StaticBatch,
+    generate_once,
+)
 from metalserve.engine.sequence import EngineObserver, Sequence
 from metalserve.loader import LoadError
+from metalserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from metalserve.loader import LoadedModel
+    from metalserve.tensor_parallel import TensorParallel
 
 # The package's name, as when this was one module: log lines keep their logger name.
 log = logging.getLogger("metalserve.engine")
@@ -105,6 +116,8 @@ class Engine:
         self.decode_compile = decode_compile
         self.quantization = quantization
         self.idle_wait = idle_wait
+        # Rank 0 of a tensor-parallel replica: set before its first model goes live.
+        self.tensor_parallel: TensorParallel | None = None
         # Called after every engine iteration: sinks may buffer events until then (one hand-off
         # to the event loop per step instead of one per token).
         self._flush_events = flush_events or (lambda: None)
@@ -257,6 +270,16 @@ class Engine:
                     self._wedge[1].set_exception(RuntimeError("the engine stopped"))
                 self._wedge = None
             self._flush_events()
+            self._stop_other_ranks()
+
+    def _stop_other_ranks(self) -> None:
+        """Tensor parallelism: end the other ranks' steps (they exit)."""
+        if self.tensor_parallel is None or not isinstance(self._batch, StaticBatch):
+            return
+        try:
+            self._batch.decoder.stop_followers()
+        except Exception:
+            log.exception("stopping the other ranks failed (they die with this process)")
 
     def _loop(self) -> None:
         failures = 0
@@ -378,14 +401,16 @@ class Engine:
                 log.critical("the new model cannot go live, the engine stops: %s", exc)
                 with self._cond:
                     self._pending, self._switching = None, False
-                future.set_exception(exc)
+                if not future.cancelled():  # the caller gave up (the server shuts down)
+                    future.set_exception(exc)
                 return False
         with self._cond:
             old = self._current
             self._current, self._batch, self._pending = bundle, batch, None
             self._switching = False
             log.info("now serving version %s", bundle.short_id)
-            future.set_result(old)
+            if not future.cancelled():
+                future.set_result(old)
             self._cond.notify_all()
         return True
 
@@ -416,6 +441,8 @@ class Engine:
     def _new_batch(self, bundle: LoadedModel) -> Batch:
         """The batch of a model on the decode path ``decode_mode`` asks for and the model and
         device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
+        if self.tensor_parallel is not None:
+            return self._tensor_parallel_batch(bundle, self.tensor_parallel)
         mode = self.decode_mode
         on_cuda = bundle.device.type == "cuda"
         quantized = self.quantization != "none"
@@ -467,6 +494,41 @@ class Engine:
             decoder.weight_bytes / 2**30,
         )
         return StaticBatch(bundle, decoder, self.observer)
+
+    def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
+        """The static path split over the replica's ranks, eager, proven by a warm-up whose
+        greedy text must equal the whole model's (run here first, before the split)."""
+        from metalserve import staticdecode
+
+        prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
+        params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+        whole = generate_once(bundle, prompt, params)
+        try:
+            decoder = staticdecode.StaticDecoder(
+                bundle.model,
+                slots=self.max_batch_size,
+                max_length=bundle.max_context,
+                device=bundle.device,
+                dtype=bundle.dtype,
+                cuda_graphs=False,
+                compile_layers=False,
+                quantization=self.quantization,
+                tp=tp,
+            )
+        except staticdecode.StaticDecodeUnavailable as exc:
+            raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
+        batch = StaticBatch(bundle, decoder, self.observer)
+        split = generate_once(bundle, prompt, params, batch=batch)
+        if split != whole:
+            raise LoadError(
+                f"the {tp.world} ranks' warm-up gave {split!r}, the whole model {whole!r}"
+            )
+        log.info(
+            "decode path: static over %d ranks, weights %.2f GiB on this one",
+            tp.world,
+            decoder.weight_bytes / 2**30,
+        )
+        return batch
 
     def _fail_batch(self, status: int, message: str) -> None:
         if self._batch is not None:

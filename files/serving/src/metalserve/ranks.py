@@ -1,0 +1,222 @@
+"""The other ranks of a tensor-parallel replica (``serve --tensor-parallel N``, issue 21).
+
+Rank 0 is the server process: it loads and verifies its version, then starts ranks 1..N-1 as
+processes of its own (multiprocessing's spawn: nothing of rank 0's threads or CUDA state is
+inherited). Each loads the same version from the same root (the node's cache, which rank 0 just
+filled, or the store), verifies it, joins the process group (NCCL on ``cuda:<rank>``, gloo on the
+CPU), keeps its share of every layer (``metalserve.tensor_parallel``) and repeats rank 0's
+decoder steps until rank 0 stops it. Before serving, every rank tells the others what it loaded
+(``/version`` lists them).
+
+A rank's death takes the replica down whole, never half: rank 0 watches the others' processes
+and fails the replica when one exits (systemd restarts the unit); the others exit once rank 0's
+process is gone, so a restart never finds a stale rank holding a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# How long rank 0 waits for a stopped rank to exit before killing it.
+STOP_SECONDS = 10.0
+# How often a rank looks whether rank 0 still runs.
+PARENT_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank needs to load and split its version (picklable: it crosses the spawn)."""
+
+    world: int
+    init_method: str
+    root: str
+    model: str
+    version_id: str
+    device: str  # "cpu" or "cuda": rank r runs on cuda:r
+    dtype: str
+    chunk_size: int
+    slots: int
+    quantization: str
+    log_level: str
+
+    def device_of(self, rank: int) -> str:
+        return f"cuda:{rank}" if self.device == "cuda" else "cpu"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
+
+
+def rank_info(rank: int, bundle: Any) -> dict[str, Any]:
+    """What a rank reports of itself to the others (``/version``'s ``ranks``)."""
+    return {
+        "rank": rank,
+        "pid": os.getpid(),
+        "device": str(bundle.device),
+        "version_id": bundle.version_id,
+        "verified": True,
+    }
+
+
+def join_group(spec: RankSpec, rank: int) -> Any:
+    """Join the replica's process group as ``rank``; its ``TensorParallel``."""
+    import torch.distributed as dist
+
+    from metalserve.tensor_parallel import TensorParallel
+
+    if spec.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(spec.device_of(rank))
+    dist.init_process_group(
+        spec.backend, init_method=spec.init_method, rank=rank, world_size=spec.world
+    )
+    return TensorParallel(rank, spec.world)
+
+
+def exchange(info: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's ``info``, in rank order (a collective: every rank calls it once)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, info)
+    return gathered
+
+
+def follow(spec: RankSpec, rank: int, parent: int) -> None:
+    """A rank other than 0, in its own process: load, split, report, then follow rank 0."""
+    _die_with_parent(parent)
+    logging.basicConfig(
+        level=spec.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
+    )
+    import torch
+    import torch.distributed as dist
+
+    from metalserve import staticdecode
+    from metalserve.loader import load_version
+
+    tp = join_group(spec, rank)
+    bundle = load_version(
+        Path(spec.root),
+        spec.model,
+        spec.version_id,
+        device=spec.device_of(rank),
+        dtype=spec.dtype,
+        chunk_size=spec.chunk_size,
+    )
+    decoder = staticdecode.StaticDecoder(
+        bundle.model,
+        slots=spec.slots,
+        max_length=bundle.max_context,
+        device=bundle.device,
+        dtype=bundle.dtype,
+        cuda_graphs=False,
+        compile_layers=False,
+        quantization=spec.quantization,
+        tp=tp,
+    )
+    exchange(rank_info(rank, bundle), spec.world)
+    log.info("rank %d of %d follows rank 0 on %s", rank, spec.world, bundle.device)
+    decoder.follow()
+    log.info("rank %d stops", rank)
+    del decoder, bundle
+    if spec.device == "cuda":
+        torch.cuda.synchronize()
+    dist.destroy_process_group()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit at once when rank 0's process is gone (this one was given to another parent),
+    whatever this rank was doing: a thread watches. (Not prctl's parent-death signal: it fires
+    when the thread that started the rank ends, and rank 0's loader thread does.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="metalserve-parent", daemon=True).start()
+
+
+class Ranks:
+    """Rank 0's handle on ranks 1..world-1: start, watch, stop."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        self._dir = Path(spec.init_method.removeprefix("file://")).parent
+        context = multiprocessing.get_context("spawn")
+        self.processes = [
+            context.Process(
+                target=follow, args=(spec, rank, os.getpid()), name=f"metalserve-rank-{rank}"
+            )
+            for rank in range(1, spec.world)
+        ]
+        self._stopping = threading.Event()
+        self.failure: str | None = None
+
+    @classmethod
+    def start(cls, world: int, **fields: Any) -> Ranks:
+        """Start ranks 1..world-1 on the version rank 0 loaded (``fields``: ``RankSpec``'s)."""
+        # The group meets in a file of a private directory: no port to pick, nothing to leak.
+        private = tempfile.mkdtemp(prefix="metalserve-ranks-")
+        spec = RankSpec(world=world, init_method=f"file://{private}/group", **fields)
+        ranks = cls(spec)
+        for process in ranks.processes:
+            process.start()
+        pids = ", ".join(str(p.pid) for p in ranks.processes)
+        log.info("started ranks 1..%d (pids %s)", world - 1, pids)
+        return ranks
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Call ``on_death`` (once, from a daemon thread) when a rank exits unasked."""
+
+        def run() -> None:
+            sentinels = {p.sentinel: p for p in self.processes}
+            ended = wait(list(sentinels))
+            process = sentinels[ended[0]]  # type: ignore[index]
+            process.join(1)
+            # A rank exits 0 only after rank 0's STOP (the engine's end).
+            if self._stopping.is_set() or process.exitcode == 0:
+                return
+            self.failure = (
+                f"rank {process.name.rsplit('-', 1)[1]} (pid {process.pid}) exited with "
+                f"{_exit_text(process.exitcode)}: the replica stops whole"
+            )
+            log.error("%s", self.failure)
+            on_death(self.failure)
+
+        threading.Thread(target=run, name="metalserve-ranks", daemon=True).start()
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """After rank 0 sent STOP (or failed): wait for the ranks, kill what remains."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                log.warning("rank %s did not stop in %.0fs: killed", process.name, timeout)
+                process.kill()
+                process.join(5)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -1,0 +1,97 @@
+"""``metalserve serve --tensor-parallel 2`` on the CPU (gloo): one replica of two processes,
+its contract unchanged from outside, and a rank's death taking it down whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import (
+    ADMIN_TOKEN,
+    Server,
+    Store,
+    complete,
+    serve_args,
+    wait_all_ready,
+)
+from metalserve.exitcodes import ExitCode
+
+PROMPTS = ["The model store says", "Once upon a time", "1 2 3 4"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _exits(server: Server, timeout: float) -> int | None:
+    assert server.proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return server.proc.returncode
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_two_ranks_serve_the_one_rank_text_and_stop_together(
+    model_store: Store,
+    admin_token_file: Path,
+    api_server: Server,
+    tmp_path: Path,
+) -> None:
+    """Two replicas of two ranks each, started together: the first answers like a one-rank
+    replica (the session's api server) and lists both ranks' verified versions, refuses a hot
+    reload, and stops both its processes on SIGTERM; the second loses its rank 1 to SIGKILL and
+    exits with RANK_FAILED, naming it."""
+    flags = {"tensor_parallel": 2, "no_access_log": True, "max_new_tokens": 64}
+    served = Server(
+        serve_args(model_store, admin_token_file=admin_token_file, **flags), tmp_path / "a.log"
+    ).start()
+    doomed = Server(serve_args(model_store, **flags), tmp_path / "b.log").start()
+    try:
+        wait_all_ready(served, doomed, timeout=150)
+        with httpx.Client(base_url=served.url, timeout=30.0) as client:
+            version = client.get("/version").json()
+            assert version["tensor_parallel"] == 2
+            assert [r["rank"] for r in version["ranks"]] == [0, 1], version
+            assert {r["version_id"] for r in version["ranks"]} == {model_store.v1}
+            assert all(r["verified"] for r in version["ranks"])
+            assert version["decode_path"] == "static", version
+            pids = [r["pid"] for r in version["ranks"]]
+            assert pids[0] == served.proc.pid  # type: ignore[union-attr]
+            assert pids[1] != pids[0]
+            with httpx.Client(base_url=api_server.url, timeout=30.0) as one_rank:
+                for prompt in PROMPTS:
+                    got = complete(client, prompt)["choices"][0]["text"]
+                    assert got == complete(one_rank, prompt)["choices"][0]["text"], prompt
+            reload = client.post(
+                "/admin/reload",
+                json={"version": model_store.v2},
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+            assert reload.status_code == 409, reload.text
+            assert reload.json()["error"]["code"] == "reload_unsupported"
+        assert served.stop() == ExitCode.OK, served.log()[-3000:]
+        assert not _alive(pids[1]), "rank 1 outlived the replica's stop"
+
+        with httpx.Client(base_url=doomed.url, timeout=30.0) as client:
+            rank1 = client.get("/version").json()["ranks"][1]["pid"]
+        os.kill(rank1, signal.SIGKILL)
+        code = _exits(doomed, 30)
+        log = doomed.log()
+        assert code == ExitCode.RANK_FAILED, (code, log[-3000:])
+        assert f"rank 1 (pid {rank1}) exited with signal SIGKILL" in log, log[-3000:]
+    finally:
+        served.stop()
+        doomed.stop()
