@@ -1,0 +1,95 @@
+"""Role model_replica's systemd units for replicas over one GPU and over several: rendered by the
+role's own templates (tests/fixtures/model_replica/render.yml) and checked by systemd-analyze."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repo_helpers import run_playbook
+
+
+def render(tmp_path: Path, **settings: object) -> Path:
+    out = tmp_path / "units"
+    out.mkdir()
+    # The unit's ExecStart: systemd-analyze verify wants an executable there.
+    prefix = tmp_path / "prefix"
+    (prefix / "venv/bin").mkdir(parents=True)
+    (prefix / "venv/bin/metalserve").write_text("#!/bin/sh\n")
+    (prefix / "venv/bin/metalserve").chmod(0o755)
+    extra = {
+        "ansible_python_interpreter": sys.executable,
+        "render_dir": str(out),
+        "metalserve_prefix": str(prefix),
+        **settings,
+    }
+    result = run_playbook(
+        "tests/fixtures/model_replica/render.yml", "localhost,", "-c", "local", "--extra-vars", json.dumps(extra)
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return out
+
+
+def environment(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def verify(units: Path, instance: int) -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify of one instance, with its drop-ins, from the rendered directory."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing (package systemd)")
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}
+    return subprocess.run(
+        ["systemd-analyze", "verify", f"{units}/metalserve@.service", f"metalserve@{instance}.service"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_replica_over_two_gpus_gets_its_gpus_its_ranks_and_only_their_devices(tmp_path: Path) -> None:
+    units = render(
+        tmp_path,
+        model_replica_device="cuda",
+        model_replica_gpus_per_replica=2,
+        model_replica_instances=2,
+    )
+    second = environment(units / "replica-1.env")
+    assert second["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert second["METALSERVE_DEVICE"] == "cuda"
+    assert second["METALSERVE_TENSOR_PARALLEL"] == "2"
+    assert environment(units / "replica-0.env")["CUDA_VISIBLE_DEVICES"] == "0,1"
+    unit = (units / "metalserve@.service").read_text()
+    assert "DeviceAllow=/dev/nvidia%i" not in unit
+    dropin = (units / "metalserve@1.service.d/gpus.conf").read_text()
+    assert [line for line in dropin.splitlines() if line.startswith("DeviceAllow=")] == [
+        "DeviceAllow=/dev/nvidia2 rw",
+        "DeviceAllow=/dev/nvidia3 rw",
+    ]
+    result = verify(units, 1)
+    # systemd ignores a bad line with a warning only: none may be printed.
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_a_replica_over_one_gpu_keeps_its_own_gpu_and_no_drop_in(tmp_path: Path) -> None:
+    units = render(tmp_path, model_replica_device="cuda", model_replica_instances=2)
+    second = environment(units / "replica-1.env")
+    assert second["CUDA_VISIBLE_DEVICES"] == "1"
+    assert second["METALSERVE_DEVICE"] == "cuda:0"
+    assert "METALSERVE_TENSOR_PARALLEL" not in second
+    assert "DeviceAllow=/dev/nvidia%i rw" in (units / "metalserve@.service").read_text()
+    assert not list(units.glob("*.service.d"))
+    result = verify(units, 1)
+    # systemd ignores a bad line with a warning only: none may be printed.
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
