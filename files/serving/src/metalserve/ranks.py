@@ -1,12 +1,13 @@
 """The other ranks of a tensor-parallel replica (``serve --tensor-parallel N``, issue 21).
 
-Rank 0 is the server process: it loads and verifies its version, then starts ranks 1..N-1 as
-processes of its own (multiprocessing's spawn: nothing of rank 0's threads or CUDA state is
-inherited). Each loads the same version from the same root (the node's cache, which rank 0 just
-filled, or the store), verifies it, joins the process group (NCCL on ``cuda:<rank>``, gloo on the
-CPU), keeps its share of every layer (``metalserve.tensor_parallel``) and repeats rank 0's
-decoder steps until rank 0 stops it. Before serving, every rank tells the others what it loaded
-(``/version`` lists them).
+Rank 0 is the server process. It starts ranks 1..N-1 at once, as processes of its own
+(multiprocessing's spawn: nothing of rank 0's threads or CUDA state is inherited), so that their
+imports overlap its own and its load; they join the process group (NCCL on ``cuda:<rank>``, gloo
+on the CPU) and wait. Once rank 0 has loaded and verified its version it joins too and sends the
+version and the root it loaded from (the node's cache, which it just filled, or the store); each
+rank verifies and loads the same, keeps its share of every layer
+(``metalserve.tensor_parallel``) and repeats rank 0's decoder steps until rank 0 stops it. Before
+serving, every rank tells the others what it loaded (``/version`` lists them).
 
 A rank's death takes the replica down whole, never half: rank 0 watches the others' processes
 and fails the replica when one exits (systemd restarts the unit); the others exit once rank 0's
@@ -43,9 +44,7 @@ class RankSpec:
 
     world: int
     init_method: str
-    root: str
     model: str
-    version_id: str
     device: str  # "cpu" or "cuda": rank r runs on cuda:r
     dtype: str
     chunk_size: int
@@ -88,6 +87,15 @@ def join_group(spec: RankSpec, rank: int) -> Any:
     return TensorParallel(rank, spec.world)
 
 
+def share_version(root: str = "", version_id: str = "") -> tuple[str, str]:
+    """Rank 0's root and version id, on every rank (rank 0 passes them; a collective)."""
+    import torch.distributed as dist
+
+    shared: list[Any] = [root, version_id]
+    dist.broadcast_object_list(shared, src=0)
+    return str(shared[0]), str(shared[1])
+
+
 def exchange(info: dict[str, Any], world: int) -> list[dict[str, Any]]:
     """Every rank's ``info``, in rank order (a collective: every rank calls it once)."""
     import torch.distributed as dist
@@ -111,10 +119,11 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
     from metalserve.loader import load_version
 
     tp = join_group(spec, rank)
+    root, version_id = share_version()
     bundle = load_version(
-        Path(spec.root),
+        Path(root),
         spec.model,
-        spec.version_id,
+        version_id,
         device=spec.device_of(rank),
         dtype=spec.dtype,
         chunk_size=spec.chunk_size,
@@ -171,7 +180,7 @@ class Ranks:
 
     @classmethod
     def start(cls, world: int, **fields: Any) -> Ranks:
-        """Start ranks 1..world-1 on the version rank 0 loaded (``fields``: ``RankSpec``'s)."""
+        """Start ranks 1..world-1 (``fields``: ``RankSpec``'s); they wait for rank 0's version."""
         # The group meets in a file of a private directory: no port to pick, nothing to leak.
         private = tempfile.mkdtemp(prefix="metalserve-ranks-")
         spec = RankSpec(world=world, init_method=f"file://{private}/group", **fields)

@@ -232,12 +232,14 @@ class Replica:
     async def load_initial(self) -> None:
         timings = {"process_start": process_seconds()}
         try:
+            if self.settings.tensor_parallel > 1:
+                self._start_ranks()
             bundle = await in_daemon_thread(
                 LOAD_THREAD, self.load_and_warm, self.version_id, timings
             )
             if self.settings.tensor_parallel > 1:
                 started = time.monotonic()
-                await in_daemon_thread(LOAD_THREAD, self._start_ranks, bundle)
+                await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
                 timings["ranks"] = time.monotonic() - started
             switching = time.monotonic()
             await asyncio.wrap_future(self.engine.swap(bundle))
@@ -264,17 +266,13 @@ class Replica:
                 ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.startup.items()),
             )
 
-    def _start_ranks(self, bundle: LoadedModel) -> None:
-        """Rank 0: start the other ranks on the version just loaded (from the same root), join
-        their group, and wait until each has loaded and split it (blocking: run in a thread).
-        A rank that exits from then on fails the replica."""
+    def _start_ranks(self) -> None:
+        """Rank 0: start the other ranks now (their imports overlap this one's load); they wait
+        for its version. A rank that exits from now on fails the replica."""
         settings = self.settings
-        world = settings.tensor_parallel
         self.ranks = ranks.Ranks.start(
-            world,
-            root=str(self._loaded_from[bundle.version_id]),
+            settings.tensor_parallel,
             model=settings.model,
-            version_id=bundle.version_id,
             device=settings.device,
             dtype=settings.dtype,
             chunk_size=settings.read_chunk_mib * 1024 * 1024,
@@ -283,7 +281,14 @@ class Replica:
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))
+
+    def _join_ranks(self, bundle: LoadedModel) -> None:
+        """Rank 0, its version loaded: join the other ranks' group, send them the version and
+        where it was loaded from, and wait until each has loaded and split it (blocking)."""
+        assert self.ranks is not None
+        world = self.settings.tensor_parallel
         tp = ranks.join_group(self.ranks.spec, 0)
+        ranks.share_version(str(self._loaded_from[bundle.version_id]), bundle.version_id)
         self.rank_infos = ranks.exchange(ranks.rank_info(0, bundle), world)
         mismatched = [i for i in self.rank_infos if i["version_id"] != bundle.version_id]
         if mismatched:
