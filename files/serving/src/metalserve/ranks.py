@@ -71,6 +71,24 @@ def rank_info(rank: int, bundle: Any) -> dict[str, Any]:
     }
 
 
+def split_decoder(bundle: Any, slots: int, quantization: str, tp: Any) -> Any:
+    """The static decoder of ``tp``'s rank: eager, its share of every layer. Every rank builds
+    it here, so that they agree on everything but the share (slots, context, quantization)."""
+    from metalserve import staticdecode
+
+    return staticdecode.StaticDecoder(
+        bundle.model,
+        slots=slots,
+        max_length=bundle.max_context,
+        device=bundle.device,
+        dtype=bundle.dtype,
+        cuda_graphs=False,
+        compile_layers=False,
+        quantization=quantization,
+        tp=tp,
+    )
+
+
 def join_group(spec: RankSpec, rank: int) -> Any:
     """Join the replica's process group as ``rank``; its ``TensorParallel``."""
     import torch.distributed as dist
@@ -115,7 +133,6 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from metalserve import staticdecode
     from metalserve.loader import load_version
 
     tp = join_group(spec, rank)
@@ -128,17 +145,7 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
         dtype=spec.dtype,
         chunk_size=spec.chunk_size,
     )
-    decoder = staticdecode.StaticDecoder(
-        bundle.model,
-        slots=spec.slots,
-        max_length=bundle.max_context,
-        device=bundle.device,
-        dtype=bundle.dtype,
-        cuda_graphs=False,
-        compile_layers=False,
-        quantization=spec.quantization,
-        tp=tp,
-    )
+    decoder = split_decoder(bundle, spec.slots, spec.quantization, tp)
     exchange(rank_info(rank, bundle), spec.world)
     log.info("rank %d of %d follows rank 0 on %s", rank, spec.world, bundle.device)
     decoder.follow()

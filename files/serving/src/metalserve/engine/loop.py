@@ -498,23 +498,13 @@ class Engine:
     def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
         """The static path split over the replica's ranks, eager, proven by a warm-up whose
         greedy text must equal the whole model's (run here first, before the split)."""
-        from metalserve import staticdecode
+        from metalserve import ranks, staticdecode
 
         prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
         params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
         whole = generate_once(bundle, prompt, params)
         try:
-            decoder = staticdecode.StaticDecoder(
-                bundle.model,
-                slots=self.max_batch_size,
-                max_length=bundle.max_context,
-                device=bundle.device,
-                dtype=bundle.dtype,
-                cuda_graphs=False,
-                compile_layers=False,
-                quantization=self.quantization,
-                tp=tp,
-            )
+            decoder = ranks.split_decoder(bundle, self.max_batch_size, self.quantization, tp)
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
         batch = StaticBatch(bundle, decoder, self.observer)
