@@ -78,6 +78,43 @@ def test_unit_tests_hold_the_thresholds(tmp_path: Path) -> None:
     assert "alertname: MetalserveVersionSkew" in result.stdout + result.stderr
 
 
+def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
+    """The replicas are file_sd targets (deploy.yml rewrites the file when a host moves to another
+    backend): Prometheus' own discovery finds each, labelled with its host, name and pool's
+    backend."""
+    targets = tmp_path / "metalserve-replicas.json"
+    endpoint = {"name": "localhost-0", "address": "198.18.0.32", "port": 8000, "metrics_port": 9500}
+    render_role_templates(
+        "monitoring",
+        {"prometheus.yml.j2": tmp_path / "prometheus.yml", "replica_targets.json.j2": targets},
+        {
+            "monitoring_replica_group": "all",
+            "monitoring_node_groups": [],
+            "__monitoring_replica_targets": str(targets),
+            "__monitoring_rules_dir": str(tmp_path / "rules"),
+            "model_replica_endpoints": [
+                {**endpoint, "model": "tiny-chat", "variant": "b"},
+                {**endpoint, "name": "localhost-1", "port": 8001, "metrics_port": 9501, "model": "tiny-llama"},
+            ],
+        },
+        tmp_path,
+    )
+    config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "metalserve"]
+    assert job["file_sd_configs"] == [{"files": [str(targets)]}]
+    result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Prometheus' own file discovery reads the file: the targets as it would scrape them.
+    result = promtool("check", "service-discovery", "--timeout=5s", "prometheus.yml", "metalserve", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    labels = [target["labels"] for target in json.loads(result.stdout)]
+    found = {(one["instance"], one["host"], one["replica"], one["backend"]) for one in labels}
+    assert found == {
+        ("198.18.0.32:9500", "localhost", "localhost-0", f"{HAPROXY_BACKEND_PREFIX}tiny-chat:b"),
+        ("198.18.0.32:9501", "localhost", "localhost-1", HAPROXY_BACKEND),
+    }
+
+
 # --- metric names -------------------------------------------------------------------------
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"} | {"and", "or", "unless", "bool", "offset"}
