@@ -62,17 +62,6 @@ def test_a_bad_version_is_named_before_any_host_is_contacted(inventory: Path, ve
     assert "UNREACHABLE" not in output
 
 
-def test_a_reload_rollout_of_replicas_over_several_gpus_is_refused(tmp_path: Path) -> None:
-    multi_gpu = write_inventory(
-        tmp_path, GOOD_GROUPS, {**GOOD_VARS, "model_replica_gpus_per_replica": 2, "ansible_host": "x.invalid"}
-    )
-    code, output = rollout(multi_gpu, {"version_id": "8386b9ac7214", "rollout_strategy": "reload"})
-    assert code != 0
-    assert "the replicas of gpu-a" in output
-    assert "use rollout_strategy restart" in output
-    assert "UNREACHABLE" not in output
-
-
 def test_the_target_defaults_to_the_inventory_pin(tmp_path: Path) -> None:
     # No version_id: the pin is the target, checked like one given with -e.
     bad_pin = write_inventory(

@@ -51,9 +51,9 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
     tmp_path: Path,
 ) -> None:
     """Two replicas of two ranks each, started together: the first answers like a one-rank
-    replica (the session's api server) and lists both ranks' verified versions, refuses a hot
-    reload, and stops both its processes on SIGTERM; the second loses its rank 1 to SIGKILL and
-    exits with RANK_FAILED, naming it."""
+    replica (the session's api server) and lists both ranks' verified versions, reloads another
+    version and back across both ranks, and stops both its processes on SIGTERM; the second loses
+    its rank 1 to SIGKILL and exits with RANK_FAILED, naming it."""
     flags = {"tensor_parallel": 2, "no_access_log": True, "max_new_tokens": 64}
     served = Server(
         serve_args(model_store, admin_token_file=admin_token_file, **flags), tmp_path / "a.log"
@@ -75,13 +75,24 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
                 for prompt in PROMPTS:
                     got = complete(client, prompt)["choices"][0]["text"]
                     assert got == complete(one_rank, prompt)["choices"][0]["text"], prompt
-            reload = client.post(
-                "/admin/reload",
-                json={"version": model_store.v2},
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            )
-            assert reload.status_code == 409, reload.text
-            assert reload.json()["error"]["code"] == "reload_unsupported"
+            # Hot reload across the ranks: there and back, each rank on the version each time,
+            # rank 1 the same process, and the text again the one-rank replica's.
+            for version in (model_store.v2, model_store.v1):
+                reload = client.post(
+                    "/admin/reload",
+                    json={"version": version},
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                )
+                assert reload.status_code == 200, reload.text
+                assert reload.json()["version_id"] == version, reload.text
+                ranks = client.get("/version").json()["ranks"]
+                assert [(r["pid"], r["version_id"]) for r in ranks] == [(p, version) for p in pids]
+                if version == model_store.v2:
+                    assert complete(client, PROMPTS[0])["system_fingerprint"].endswith(version[:12])
+            with httpx.Client(base_url=api_server.url, timeout=30.0) as one_rank:
+                for prompt in PROMPTS:
+                    got = complete(client, prompt)["choices"][0]["text"]
+                    assert got == complete(one_rank, prompt)["choices"][0]["text"], prompt
         assert served.stop() == ExitCode.OK, served.log()[-3000:]
         assert not _alive(pids[1]), "rank 1 outlived the replica's stop"
 

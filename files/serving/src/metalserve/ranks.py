@@ -7,7 +7,10 @@ on the CPU) and wait. Once rank 0 has loaded and verified its version it joins t
 version and the root it loaded from (the node's cache, which it just filled, or the store); each
 rank verifies and loads the same, keeps its share of every layer
 (``metalserve.tensor_parallel``) and repeats rank 0's decoder steps until rank 0 stops it. Before
-serving, every rank tells the others what it loaded (``/version`` lists them).
+serving, every rank tells the others what it loaded (``/version`` lists them). A hot reload ends
+the old version's steps (RELOAD) and sends the next version the same way, once rank 0 has loaded,
+verified and warmed it up and the old version's requests are done: each rank drops its old share
+first, so a rank never holds two versions (requests wait meanwhile).
 
 A rank's death takes the replica down whole, never half: rank 0 watches the others' processes
 and fails the replica when one exits (systemd restarts the unit); the others exit once rank 0's
@@ -16,6 +19,7 @@ process is gone, so a restart never finds a stale rank holding a GPU.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -114,6 +118,14 @@ def share_version(root: str = "", version_id: str = "") -> tuple[str, str]:
     return str(shared[0]), str(shared[1])
 
 
+def announce_reload(tp: Any, device: Any, root: str, version_id: str) -> None:
+    """Rank 0: end the other ranks' steps of the version they follow, and send them the next."""
+    from metalserve import tensor_parallel
+
+    tp.send_step(tensor_parallel.RELOAD, [], [], device)
+    share_version(root, version_id)
+
+
 def exchange(info: dict[str, Any], world: int) -> list[dict[str, Any]]:
     """Every rank's ``info``, in rank order (a collective: every rank calls it once)."""
     import torch.distributed as dist
@@ -134,25 +146,38 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
     import torch.distributed as dist
 
     from metalserve.loader import load_version
+    from metalserve.tensor_parallel import RELOAD
 
     tp = join_group(spec, rank)
-    root, version_id = share_version()
-    bundle = load_version(
-        Path(root),
-        spec.model,
-        version_id,
-        device=spec.device_of(rank),
-        dtype=spec.dtype,
-        chunk_size=spec.chunk_size,
-    )
-    decoder = split_decoder(bundle, spec.slots, spec.quantization, tp)
-    exchange(rank_info(rank, bundle), spec.world)
-    log.info("rank %d of %d follows rank 0 on %s", rank, spec.world, bundle.device)
-    decoder.follow()
+    while True:
+        root, version_id = share_version()
+        bundle = load_version(
+            Path(root),
+            spec.model,
+            version_id,
+            device=spec.device_of(rank),
+            dtype=spec.dtype,
+            chunk_size=spec.chunk_size,
+        )
+        decoder = split_decoder(bundle, spec.slots, spec.quantization, tp)
+        exchange(rank_info(rank, bundle), spec.world)
+        log.info(
+            "rank %d of %d follows rank 0 on %s, version %s",
+            rank,
+            spec.world,
+            bundle.device,
+            bundle.short_id,
+        )
+        ended = decoder.follow()
+        # This version's share goes before the next one loads.
+        del decoder, bundle
+        gc.collect()
+        if spec.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        if ended != RELOAD:
+            break
     log.info("rank %d stops", rank)
-    del decoder, bundle
-    if spec.device == "cuda":
-        torch.cuda.synchronize()
     dist.destroy_process_group()
 
 

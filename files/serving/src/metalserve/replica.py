@@ -286,15 +286,28 @@ class Replica:
         """Rank 0, its version loaded: join the other ranks' group, send them the version and
         where it was loaded from, and wait until each has loaded and split it (blocking)."""
         assert self.ranks is not None
-        world = self.settings.tensor_parallel
         tp = ranks.join_group(self.ranks.spec, 0)
         ranks.share_version(str(self._loaded_from[bundle.version_id]), bundle.version_id)
+        self._check_ranks(bundle)
+        self.engine.tensor_parallel = tp
+        self.engine.tensor_parallel_switch = self._switch_ranks
+
+    def _switch_ranks(self, bundle: LoadedModel) -> None:
+        """Rank 0, on the engine's thread during a hot reload (the old version's requests done,
+        new ones waiting): the other ranks drop the old version, then load and split this one."""
+        assert self.engine.tensor_parallel is not None
+        root = str(self._loaded_from[bundle.version_id])
+        ranks.announce_reload(self.engine.tensor_parallel, bundle.device, root, bundle.version_id)
+        self._check_ranks(bundle)
+
+    def _check_ranks(self, bundle: LoadedModel) -> None:
+        """Wait until every rank has loaded and split ``bundle``'s version; keep what each says."""
+        world = self.settings.tensor_parallel
         self.rank_infos = ranks.exchange(ranks.rank_info(0, bundle), world)
         mismatched = [i for i in self.rank_infos if i["version_id"] != bundle.version_id]
         if mismatched:
             raise LoadError(f"ranks loaded other versions than {bundle.short_id}: {mismatched}")
         log.info("every rank of %d loaded %s", world, bundle.short_id)
-        self.engine.tensor_parallel = tp
 
     def stop_ranks(self) -> None:
         """After the engine stopped (which ends the other ranks' steps): wait for them."""
@@ -338,14 +351,6 @@ class Replica:
             raise ApiError(409, f"cannot reload while {self.state()}", code="not_ready")
         if self.reload_lock.locked():
             raise ApiError(409, "another reload is in progress", code="reload_in_progress")
-        world = self.settings.tensor_parallel
-        if world > 1:
-            raise ApiError(
-                409,
-                f"hot reload is not available with tensor parallelism ({world} ranks): restart "
-                "the replica on the new version",
-                code="reload_unsupported",
-            )
         async with self.reload_lock:
             return await self._reload(ref)
 

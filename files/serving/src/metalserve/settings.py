@@ -125,7 +125,7 @@ class ServeSettings(BaseSettings):
         description="ranks of this replica: its model's layers split over that many processes "
         "(torch.distributed: NCCL over GPUs cuda:0..N-1 of CUDA_VISIBLE_DEVICES, gloo on the "
         "CPU), this one serving HTTP; greedy output equals one rank's (the static decode path, "
-        "eager; no hot reload: restart with the new version)",
+        "eager; a hot reload reloads every rank)",
     )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(

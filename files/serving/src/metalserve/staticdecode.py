@@ -564,8 +564,9 @@ class StaticDecoder:
         if self.tp is not None and self.tp.rank == 0:
             self.tp.send_step(op, numbers, tensors, self.device)
 
-    def follow(self) -> None:
-        """Ranks other than 0: run rank 0's steps as it announces them, until it stops."""
+    def follow(self) -> int:
+        """Ranks other than 0: run rank 0's steps as it announces them, until it stops (STOP)
+        or swaps versions (RELOAD); returns which."""
         if self.tp is None or self.tp.rank == 0:
             raise RuntimeError("only a tensor-parallel rank other than 0 follows")
         steps = {
@@ -578,8 +579,8 @@ class StaticDecoder:
         with torch.inference_mode():
             while True:
                 op, numbers, tensors = self.tp.receive_step(self.device)
-                if op == tensor_parallel.STOP:
-                    return
+                if op in (tensor_parallel.STOP, tensor_parallel.RELOAD):
+                    return op
                 steps[op](numbers, tensors)
 
     def stop_followers(self) -> None:

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 # A step's header: its operation, numbers and tensor shapes (int64s, broadcast first).
 HEADER_LENGTH = 16
-# The steps rank 0 announces (StaticDecoder's methods of the same names), and the end.
-STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE = range(6)
+# The steps rank 0 announces (StaticDecoder's methods of the same names), the end, and the end
+# of a version's steps before the next (a hot reload).
+STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE, RELOAD = range(7)
 
 
 @dataclass(frozen=True)

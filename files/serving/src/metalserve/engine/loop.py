@@ -8,7 +8,8 @@ Decode path (``decode_mode``): the engine picks the batch kind when a model goes
 (``_new_batch``) and falls back to ``DynamicBatch`` (with a warning) when the model or the device
 memory does not allow ``StaticBatch``. With ``tensor_parallel`` (rank 0 of a replica split over
 processes) it is the static path, eager, with no fallback: the other ranks repeat this decoder's
-steps, and the engine's end stops them.
+steps, and the engine's end stops them; at a hot reload's switch ``tensor_parallel_switch`` has
+them load the new version (their load is part of the switch).
 
 Hot reload (double buffer): ``swap()`` hands over a fully loaded model. Sequences prepared for
 the current model (everything queued before the swap was requested) still run on it; once the
@@ -118,6 +119,9 @@ class Engine:
         self.idle_wait = idle_wait
         # Rank 0 of a tensor-parallel replica: set before its first model goes live.
         self.tensor_parallel: TensorParallel | None = None
+        # Tensor parallelism, a hot reload: called on this thread, the old version's work done,
+        # so that the other ranks leave its steps and load the new one before the split.
+        self.tensor_parallel_switch: Callable[[LoadedModel], None] | None = None
         # Called after every engine iteration: sinks may buffer events until then (one hand-off
         # to the event loop per step instead of one per token).
         self._flush_events = flush_events or (lambda: None)
@@ -503,6 +507,8 @@ class Engine:
         prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
         params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
         whole = generate_once(bundle, prompt, params)
+        if self._current is not None and self.tensor_parallel_switch is not None:
+            self.tensor_parallel_switch(bundle)
         try:
             decoder = ranks.split_decoder(bundle, self.max_batch_size, self.quantization, tp)
         except staticdecode.StaticDecodeUnavailable as exc:
