@@ -20,8 +20,10 @@ SCRIPT = REPO / "roles" / "common" / "files" / "metalserve_hardware.fact"
 FIXTURES = REPO / "tests" / "fixtures" / "verify_gpu"
 
 
-def run_fact(root: Path | None, *, via_env: bool = False) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "METALSERVE_SYSFS_ROOT"}
+def run_fact(root: Path | None, *, via_env: bool = False, smi: Path | None = None) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k not in ("METALSERVE_SYSFS_ROOT", "METALSERVE_NVIDIA_SMI")}
+    if smi is not None:
+        env["METALSERVE_NVIDIA_SMI"] = str(smi)
     args = [sys.executable, str(SCRIPT)]
     if root is not None and via_env:
         env["METALSERVE_SYSFS_ROOT"] = str(root)
@@ -93,9 +95,11 @@ def test_hgx_node_gpus_switches_and_rdma(tmp_path: Path) -> None:
     add_rdma_port(tmp_path, "mlx5_0", 1, "4: ACTIVE", "InfiniBand", "400 Gb/sec (4X NDR)")
     add_rdma_port(tmp_path, "mlx5_1", 1, "1: DOWN", "Ethernet", "200 Gb/sec (4X HDR)", netdev="ens1f0np0")
 
-    fact = run_fact(tmp_path, via_env=True)
+    fact = run_fact(tmp_path, via_env=True, smi=fake_smi(tmp_path, HGX_TOPOLOGY))
 
     assert fact["gpu_count"] == 8
+    # NVSwitches: every GPU has NVLink to every other.
+    assert fact["gpu_nvlink_peers"] == [[j for j in range(8) if j != i] for i in range(8)]
     assert fact["gpu_device_ids"] == ["0x2330"]
     assert [g["pci_address"] for g in fact["gpus"]][:2] == ["0000:18:00.0", "0000:19:00.0"]
     assert fact["gpus"][4]["numa_node"] == 1
@@ -140,7 +144,50 @@ def test_real_h100_pci_listing_matches_the_device_report(tmp_path: Path) -> None
         add_pci(tmp_path, address, vendor, device, pci_class, numa="-1")
     expected = json.loads((FIXTURES / "h100-2026-11-21-hardware-fact.json").read_text())
     fact = run_fact(tmp_path)
-    ignore = {"sysfs_root", "gpus"}
+    # gpu_nvlink_peers came after that capture (and needs nvidia-smi, which the tree lacks).
+    ignore = {"sysfs_root", "gpus", "gpu_nvlink_peers"}
     assert {k: v for k, v in fact.items() if k not in ignore} == {k: v for k, v in expected.items() if k not in ignore}
     # The tree has no driver links; everything else of each GPU matches.
     assert [{**g, "driver": None} for g in fact["gpus"]] == [{**g, "driver": None} for g in expected["gpus"]]
+
+
+# `nvidia-smi topo -m` of an 8-GPU HGX H100 (NVSwitches) and of a PCIe box with NVLink bridges
+# across cards 0-2 and 1-3 (driver 535-580 layout: GPU columns, then NICs and affinities).
+HGX_TOPOLOGY = "\t" + "\t".join(f"GPU{i}" for i in range(8)) + "\tNIC0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\n"
+HGX_TOPOLOGY += "".join(
+    f"GPU{i}\t" + "\t".join(" X " if j == i else "NV18" for j in range(8)) + f"\tPXB\t0-55\t{i // 4}\t\tN/A\n"
+    for i in range(8)
+)
+HGX_TOPOLOGY += "NIC0\t" + "\t".join(["PXB"] * 8) + "\t X \n\nLegend:\n\n  X    = Self\n"
+HGX_TOPOLOGY += "  NV#  = Connection traversing a bonded set of # NVLinks\n"
+BRIDGED_TOPOLOGY = """\tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID
+GPU0\t X \tSYS\tNV4\tSYS\t0-15\t0\t\tN/A
+GPU1\tSYS\t X \tSYS\tNV4\t16-31\t1\t\tN/A
+GPU2\tNV4\tSYS\t X \tSYS\t0-15\t0\t\tN/A
+GPU3\tSYS\tNV4\tSYS\t X \t16-31\t1\t\tN/A
+
+Legend:
+
+  X    = Self
+  SYS  = Connection traversing PCIe as well as the SMP interconnect between NUMA nodes (e.g., QPI/UPI)
+  NV#  = Connection traversing a bonded set of # NVLinks
+"""
+
+
+def fake_smi(tmp_path: Path, topology: str, code: int = 0) -> Path:
+    """An nvidia-smi that prints ``topology`` for `topo -m`."""
+    (tmp_path / "topo.txt").write_text(topology)
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\n[ "$1 $2" = "topo -m" ] || exit 9\ncat {tmp_path / "topo.txt"}\nexit {code}\n')
+    smi.chmod(0o755)
+    return smi
+
+
+def test_nvlink_bridges_are_read_from_nvidia_smi(tmp_path: Path) -> None:
+    for i in range(4):
+        add_pci(tmp_path, f"0000:{0x18 + i:02x}:00.0", "0x10de", "0x2330", "0x030200", numa=str(i % 2))
+    assert run_fact(tmp_path, smi=fake_smi(tmp_path, BRIDGED_TOPOLOGY))["gpu_nvlink_peers"] == [[2], [3], [0], [1]]
+    # Unknown, never guessed: no nvidia-smi, a failing one, or one that counts other GPUs than PCI.
+    assert run_fact(tmp_path)["gpu_nvlink_peers"] is None
+    assert run_fact(tmp_path, smi=fake_smi(tmp_path, BRIDGED_TOPOLOGY, code=1))["gpu_nvlink_peers"] is None
+    assert run_fact(tmp_path, smi=fake_smi(tmp_path, HGX_TOPOLOGY))["gpu_nvlink_peers"] is None

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from repo_helpers import run_playbook
+from repo_helpers import REPO, run_playbook
+
+sys.path.insert(0, str(REPO / "roles" / "model_replica" / "filter_plugins"))
+
+from metalserve_gpus import metalserve_gpu_groups
 
 
 def render(tmp_path: Path, **settings: object) -> Path:
@@ -93,3 +97,50 @@ def test_a_replica_over_one_gpu_keeps_its_own_gpu_and_no_drop_in(tmp_path: Path)
     # systemd ignores a bad line with a warning only: none may be printed.
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
+
+
+def test_a_replica_gets_gpus_with_nvlink_to_each_other_on_one_numa_node(tmp_path: Path) -> None:
+    """The hardware fact's topology (NVLink bridges across cards 0-2 and 1-3, two NUMA nodes)
+    picks each instance's GPUs, in its environment and its drop-in alike."""
+    hardware = {
+        "gpu_count": 4,
+        "gpu_nvlink_peers": [[2], [3], [0], [1]],
+        "gpus": [{"numa_node": i % 2} for i in range(4)],
+    }
+    units = render(
+        tmp_path,
+        model_replica_device="cuda",
+        model_replica_gpus_per_replica=2,
+        ansible_local={"metalserve_hardware": hardware},
+    )
+    assert environment(units / "replica-0.env")["CUDA_VISIBLE_DEVICES"] == "0,2"
+    assert environment(units / "replica-1.env")["CUDA_VISIBLE_DEVICES"] == "1,3"
+    dropin = (units / "metalserve@1.service.d/gpus.conf").read_text()
+    assert [line for line in dropin.splitlines() if line.startswith("DeviceAllow=")] == [
+        "DeviceAllow=/dev/nvidia1 rw",
+        "DeviceAllow=/dev/nvidia3 rw",
+    ]
+
+
+MESH = [[j for j in range(8) if j != i] for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "peers", "numa", "groups"),
+    [
+        pytest.param(8, 4, MESH, [0] * 4 + [1] * 4, [[0, 1, 2, 3], [4, 5, 6, 7]], id="nvswitch"),
+        pytest.param(8, 2, None, None, [[0, 1], [2, 3], [4, 5], [6, 7]], id="nothing-known"),
+        pytest.param(4, 2, [[2], [3], [0], [1]], None, [[0, 2], [1, 3]], id="bridges-across"),
+        pytest.param(4, 2, None, [0, 1, 0, 1], [[0, 2], [1, 3]], id="numa-only"),
+        # NVLink wins over NUMA when both cannot hold.
+        pytest.param(4, 2, [[1], [0], [3], [2]], [0, 1, 0, 1], [[0, 1], [2, 3]], id="nvlink-over-numa"),
+        # No NVLink at all (PCIe only): contiguous, not no replica.
+        pytest.param(4, 2, [[], [], [], []], [0, 0, 0, 0], [[0, 1], [2, 3]], id="pcie-only"),
+        pytest.param(5, 2, None, None, [[0, 1], [2, 3]], id="a-gpu-left-over"),
+        pytest.param(3, 1, None, None, [[0], [1], [2]], id="one-each"),
+    ],
+)
+def test_gpu_groups(
+    count: int, size: int, peers: list[list[int]] | None, numa: list[int] | None, groups: list[list[int]]
+) -> None:
+    assert metalserve_gpu_groups(count, size, nvlink_peers=peers, numa_nodes=numa) == groups
