@@ -153,7 +153,9 @@ def test_real_h100_pci_listing_matches_the_device_report(tmp_path: Path) -> None
 
 # `nvidia-smi topo -m` of an 8-GPU HGX H100 (NVSwitches) and of a PCIe box with NVLink bridges
 # across cards 0-2 and 1-3 (driver 535-580 layout: GPU columns, then NICs and affinities).
-HGX_TOPOLOGY = "\t" + "\t".join(f"GPU{i}" for i in range(8)) + "\tNIC0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\n"
+# The header underlined with terminal escapes, as nvidia-smi prints it even into a pipe.
+HGX_TOPOLOGY = "\t\x1b[4m" + "\t".join(f"GPU{i}" for i in range(8))
+HGX_TOPOLOGY += "\tNIC0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
 HGX_TOPOLOGY += "".join(
     f"GPU{i}\t" + "\t".join(" X " if j == i else "NV18" for j in range(8)) + f"\tPXB\t0-55\t{i // 4}\t\tN/A\n"
     for i in range(8)
@@ -174,6 +176,10 @@ Legend:
 """
 
 
+# What the H200 machine's nvidia-smi printed (driver 580.159.04, one GPU).
+H200_TOPOLOGY = (FIXTURES / "h200-2026-12-04-nvidia-smi-topo.txt").read_text()
+
+
 def fake_smi(tmp_path: Path, topology: str, code: int = 0) -> Path:
     """An nvidia-smi that prints ``topology`` for `topo -m`."""
     (tmp_path / "topo.txt").write_text(topology)
@@ -191,3 +197,8 @@ def test_nvlink_bridges_are_read_from_nvidia_smi(tmp_path: Path) -> None:
     assert run_fact(tmp_path)["gpu_nvlink_peers"] is None
     assert run_fact(tmp_path, smi=fake_smi(tmp_path, BRIDGED_TOPOLOGY, code=1))["gpu_nvlink_peers"] is None
     assert run_fact(tmp_path, smi=fake_smi(tmp_path, HGX_TOPOLOGY))["gpu_nvlink_peers"] is None
+
+
+def test_the_h200_machines_topology_is_read(tmp_path: Path) -> None:
+    add_pci(tmp_path, "0000:00:06.0", "0x10de", "0x2335", "0x030200", numa="-1")
+    assert run_fact(tmp_path, smi=fake_smi(tmp_path, H200_TOPOLOGY))["gpu_nvlink_peers"] == [[]]
