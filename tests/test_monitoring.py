@@ -92,6 +92,7 @@ def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
             "monitoring_node_groups": [],
             "__monitoring_replica_targets": str(targets),
             "__monitoring_rules_dir": str(tmp_path / "rules"),
+            "monitoring_targets_from_deploy": True,
             "model_replica_endpoints": [
                 {**endpoint, "model": "tiny-chat", "variant": "b"},
                 {**endpoint, "name": "localhost-1", "port": 8001, "metrics_port": 9501, "model": "tiny-llama"},
@@ -113,6 +114,25 @@ def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
         ("198.18.0.32:9500", "localhost", "localhost-0", f"{HAPROXY_BACKEND_PREFIX}tiny-chat:b"),
         ("198.18.0.32:9501", "localhost", "localhost-1", HAPROXY_BACKEND),
     }
+
+
+def test_the_targets_file_reads_the_hosts_records_not_a_cached_fact(tmp_path: Path) -> None:
+    """monitoring.yml lists each host's record gathered in its run: a fact cache's older
+    model_replica_endpoints (the host moved since, by a run without that cache) must not win."""
+    targets = tmp_path / "metalserve-replicas.json"
+    record = {"name": "localhost-0", "address": "198.18.0.32", "port": 8000, "metrics_port": 9500}
+    render_role_templates(
+        "monitoring",
+        {"replica_targets.json.j2": targets},
+        {
+            "monitoring_replica_group": "all",
+            "ansible_local": {"metalserve_endpoints": {"endpoints": [{**record, "model": "tiny-chat"}]}},
+            "model_replica_endpoints": [{**record, "model": "tiny-llama"}],
+        },
+        tmp_path,
+    )
+    (target,) = json.loads(targets.read_text())
+    assert target["labels"]["backend"] == f"{HAPROXY_BACKEND_PREFIX}tiny-chat"
 
 
 # --- metric names -------------------------------------------------------------------------
