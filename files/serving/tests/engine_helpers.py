@@ -107,7 +107,14 @@ SPLIT_IDS = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]
 
 @torch.inference_mode()
 def split_greedy(
-    model_type: str, tp: Any, device: torch.device, dtype: torch.dtype, steps: int
+    model_type: str,
+    tp: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    *,
+    compile_layers: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any] | None:
     """llama_relative(model_type) on the static path, split over ``tp`` (a TensorParallel, or
     None): rank 0 (or the one process) prefills SPLIT_IDS and runs ``steps`` greedy decode steps,
@@ -120,9 +127,11 @@ def split_greedy(
         max_length=256,
         device=device,
         dtype=dtype,
-        cuda_graphs=False,
+        cuda_graphs=cuda_graphs,
+        compile_layers=compile_layers,
         tp=tp,
     )
+    decoder.capture_all()  # every rank: compiles the layer (the same collectives on each)
     if tp is not None and tp.rank != 0:
         decoder.follow()
         return None

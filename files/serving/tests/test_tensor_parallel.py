@@ -44,10 +44,15 @@ def _join(rank: int, world: int, port: int) -> None:
 
 
 def _greedy(model_type: str, tp: TensorParallel | None) -> dict[str, Any] | None:
-    return split_greedy(model_type, tp, torch.device("cpu"), torch.float32, STEPS)
+    """``model_type``'s greedy run; ``llama-compiled``: Llama with the compiled layer (the ranks'
+    all-reduce traced into the compiled graph)."""
+    kind, _, compiled = model_type.partition("-")
+    return split_greedy(
+        kind, tp, torch.device("cpu"), torch.float32, STEPS, compile_layers=bool(compiled)
+    )
 
 
-MODEL_TYPES = ["llama", "qwen2", "qwen3"]
+MODEL_TYPES = ["llama", "qwen2", "qwen3", "llama-compiled"]
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
@@ -63,9 +68,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_decode_as_one(tmp_path: Path) -> None:
-    """Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) split over two gloo ranks, rank 1
-    repeating rank 0's steps: the logits stay within 1e-5 (relative) of the whole model's
-    transformers forward at each step, and the greedy tokens equal one process's (tp=1)."""
+    """Llama, Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Llama with the compiled layer split
+    over two gloo ranks, rank 1 repeating rank 0's steps: the logits stay within 1e-5
+    (relative) of the whole model's transformers forward at each step, and the greedy tokens
+    equal one process's (tp=1)."""
     out = tmp_path / "tokens.json"
     torch.multiprocessing.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2)
     split = json.loads(out.read_text())
@@ -88,25 +94,31 @@ def test_a_shape_that_does_not_split_is_named() -> None:
     ("world", "flags", "refusal"),
     [
         (4, {}, "do not split over 4 ranks"),
-        (2, {"compile_layers": True}, "eagerly for now"),
-        (2, {"cuda_graphs": True}, "eagerly for now"),
+        (2, {"cuda_graphs": True}, "CUDA graphs over tensor-parallel ranks need NCCL, not gloo"),
     ],
-    ids=["4-ranks-of-2-kv-heads", "compiled-layer", "cuda-graphs"],
+    ids=["4-ranks-of-2-kv-heads", "cuda-graphs-over-gloo"],
 )
-def test_the_decoder_refuses_what_it_cannot_split_yet(
+def test_the_decoder_refuses_what_it_cannot_split(
     world: int, flags: dict[str, bool], refusal: str
 ) -> None:
     settings: dict[str, bool] = {"cuda_graphs": False, **flags}
-    with pytest.raises(staticdecode.StaticDecodeUnavailable, match=refusal):
-        staticdecode.StaticDecoder(
-            llama_relative("llama"),
-            slots=1,
-            max_length=64,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            tp=TensorParallel(0, world),
-            **settings,
-        )
+    # A group of this process alone: its backend is what the decoder asks.
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(staticdecode.StaticDecodeUnavailable, match=refusal):
+            staticdecode.StaticDecoder(
+                llama_relative("llama"),
+                slots=1,
+                max_length=64,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                tp=TensorParallel(0, world),
+                **settings,
+            )
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # Different lengths: sequences finish at different steps, and the last ones move into the slots
@@ -166,3 +178,66 @@ def test_rank_0_serves_a_batch_the_other_rank_follows(model_store: Store, tmp_pa
         for prompt, length in zip(PROMPTS[: len(LENGTHS)], LENGTHS, strict=True)
     ]
     assert json.loads(out.read_text()) == expected
+
+
+# The store's smallest blocks: a tiny layer's tensors then span several, and a rank's rows
+# whole blocks of their own.
+SMALL_BLOCKS = 4096
+SPLIT = "model.layers.0.mlp.gate_proj.weight"  # split on rows: each rank reads half of it
+
+
+def _rank_1_only_block(shard: Path) -> int:
+    """A block of ``shard`` that lies inside rank 1's rows of SPLIT (of two ranks)."""
+    from metalserve import weights
+
+    spec = next(s for s in weights.read_header(shard) if s.name == SPLIT)
+    rows = spec.shape[0]
+    first = spec.begin + rows // 2 * (spec.nbytes // rows)
+    block = -(-first // SMALL_BLOCKS)
+    assert (block + 1) * SMALL_BLOCKS <= spec.end, "the tiny model's rows fill no whole block"
+    return block
+
+
+def test_each_rank_reads_and_verifies_only_its_part(
+    model_dirs: dict[int, Path], tmp_path: Path
+) -> None:
+    """``load_version(tensor_parallel=...)``: every projection holds the rank's rows or columns
+    of the whole model's tensor (the rest whole); a block that only rank 1's rows lie in is
+    never read by rank 0 (corrupted, rank 0 still loads) and fails rank 1's verification."""
+    from metalserve import store
+
+    root = tmp_path / "store"
+    version = store.publish(model_dirs[1], root, MODEL, block_size=SMALL_BLOCKS)
+    whole = dict(load_version(root, MODEL, version).model.named_parameters())
+    shard = store.version_dir(root, MODEL, version) / "model.safetensors"
+    block = _rank_1_only_block(shard)
+    corrupt = bytearray(shard.read_bytes())
+    corrupt[block * SMALL_BLOCKS + 7] ^= 0xFF
+    shard.chmod(0o644)
+    shard.write_bytes(corrupt)
+
+    part = load_version(root, MODEL, version, tensor_parallel=TensorParallel(0, 2))
+    assert part.part_of == (0, 2)
+    params = dict(part.model.named_parameters())
+    assert params.keys() == whole.keys()
+    split = 0
+    for name, tensor in params.items():
+        expected = whole[name]
+        if tensor.shape != expected.shape:
+            split += 1
+            pairs = enumerate(zip(tensor.shape, expected.shape, strict=True))
+            dim = next(d for d, (a, b) in pairs if a != b)
+            expected = expected.narrow(dim, 0, tensor.shape[dim])
+        assert torch.equal(tensor, expected), name
+    # q, k, v, o, gate, up and down of each of the 2 layers
+    assert split == 7 * 2
+
+    with pytest.raises(store.VerificationError, match=f"in block {block} "):
+        load_version(root, MODEL, version, tensor_parallel=TensorParallel(1, 2))
+
+
+def test_a_model_that_does_not_split_is_refused_before_loading(model_store: Store) -> None:
+    from metalserve.loader import LoadError
+
+    with pytest.raises(LoadError, match="4 attention heads do not split over 3 ranks"):
+        load_version(model_store.root, MODEL, model_store.v1, tensor_parallel=TensorParallel(0, 3))

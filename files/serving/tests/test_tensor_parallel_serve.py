@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,13 +51,15 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
     api_server: Server,
     tmp_path: Path,
 ) -> None:
-    """Two replicas of two ranks each, started together: the first answers like a one-rank
-    replica (the session's api server) and lists both ranks' verified versions, reloads another
-    version and back across both ranks, and stops both its processes on SIGTERM; the second loses
-    its rank 1 to SIGKILL and exits with RANK_FAILED, naming it."""
-    flags = {"tensor_parallel": 2, "no_access_log": True, "max_new_tokens": 64}
+    """Two replicas of two ranks each, started together: the first, its layer compiled on both
+    ranks (the all-reduce in the compiled graph), answers like a one-rank replica (the session's
+    api server) and lists both ranks' verified versions, reloads another version and back across
+    both ranks, and stops both its processes on SIGTERM; the second, eager, loses its rank 1 to
+    SIGKILL and exits with RANK_FAILED, naming it."""
+    flags: dict[str, Any] = {"tensor_parallel": 2, "no_access_log": True, "max_new_tokens": 64}
     served = Server(
-        serve_args(model_store, admin_token_file=admin_token_file, **flags), tmp_path / "a.log"
+        serve_args(model_store, admin_token_file=admin_token_file, decode_compile="on", **flags),
+        tmp_path / "a.log",
     ).start()
     doomed = Server(serve_args(model_store, **flags), tmp_path / "b.log").start()
     try:
@@ -68,6 +71,7 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
             assert {r["version_id"] for r in version["ranks"]} == {model_store.v1}
             assert all(r["verified"] for r in version["ranks"])
             assert version["decode_path"] == "static", version
+            assert version["decode_compiled"] is True, version
             pids = [r["pid"] for r in version["ranks"]]
             assert pids[0] == served.proc.pid  # type: ignore[union-attr]
             assert pids[1] != pids[0]

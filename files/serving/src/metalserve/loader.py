@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from metalserve.tensor_parallel import TensorParallel
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -54,6 +56,9 @@ class LoadedModel:
     files: tuple[str, ...]
     load_seconds: float
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # (rank, world): the model holds that rank's part of each layer's projections only, and
+    # runs only as the static path's share of a tensor-parallel replica.
+    part_of: tuple[int, int] | None = None
 
     @property
     def short_id(self) -> str:
@@ -88,8 +93,14 @@ def load_version(
     device: str = "cpu",
     dtype: str = "auto",
     chunk_size: int = store.CHUNK_SIZE,
+    tensor_parallel: TensorParallel | None = None,
 ) -> LoadedModel:
-    """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file."""
+    """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
+
+    With ``tensor_parallel`` (a rank of more than one) only that rank's part of each layer's
+    projections is read, verified and placed on the device (``metalserve.tensor_parallel``);
+    the rest of the model whole."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.initialization import no_init_weights
 
@@ -129,20 +140,35 @@ def load_version(
         raise LoadError("only fast (tokenizer.json) tokenizers are supported")
     torch_dtype = _resolve_dtype(dtype, config, torch_device)
 
-    # Build the module directly on the device, skipping the random init the weights replace.
-    with no_init_weights(), torch_device:
+    split = tensor_parallel is not None and tensor_parallel.world > 1
+    # Build the module directly on the device, skipping the random init the weights replace;
+    # a rank's part on the meta device first, its tensors then made at their parts' sizes.
+    with no_init_weights(), torch.device("meta") if split else torch_device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval().requires_grad_(False)
+    parts: dict[str, tuple[int, int, int]] = {}
+    part_of = None
+    if split:
+        assert tensor_parallel is not None
+        parts = _materialize_part(model, config, torch_device, tensor_parallel)
+        part_of = (tensor_parallel.rank, tensor_parallel.world)
 
     params = model.state_dict(keep_vars=True)
     expected = set(params)
+
+    def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part | None:
+        tensor: torch.Tensor | None = params.get(spec.name)
+        if tensor is None or spec.name not in parts:
+            return tensor
+        return weights.Part(tensor, *parts[spec.name])
+
     try:
         loaded = set(
             weights.load_weights(
                 root,
                 shards,
                 version_id,
-                lambda spec: params.get(spec.name),
+                destination,
                 device=torch_device,
                 chunk_size=chunk_size,
             )
@@ -172,6 +198,7 @@ def load_version(
         vocab_size=int(model.get_input_embeddings().num_embeddings),
         files=tuple(e.path for e in manifest.files),
         load_seconds=time.monotonic() - started,
+        part_of=part_of,
     )
     log.info(
         "loaded %s version %s on %s (%s) in %.1fs",
@@ -182,6 +209,58 @@ def load_version(
         loaded_model.load_seconds,
     )
     return loaded_model
+
+
+def _materialize_part(
+    model: Any, config: Any, device: torch.device, tp: TensorParallel
+) -> dict[str, tuple[int, int, int]]:
+    """Give a model built on the meta device empty tensors on ``device``: each projection at
+    its part's size for rank ``tp`` (tied tensors stay tied), every other tensor whole, the
+    rotary embedding's angles recomputed. Returns each split tensor's ``(dim, start, stop)``."""
+    import torch
+
+    from metalserve import staticdecode, tensor_parallel
+
+    reason = staticdecode.unsupported_reason(model) or tensor_parallel.unsupported_reason(
+        int(config.num_attention_heads),
+        int(config.num_key_value_heads),
+        int(config.intermediate_size),
+        tp.world,
+    )
+    if reason is not None:
+        raise LoadError(f"tensor parallelism over {tp.world} ranks: {reason}")
+    head_dim = staticdecode.config_head_dim(config)
+    units = {
+        "heads": int(config.num_attention_heads),
+        "kv_heads": int(config.num_key_value_heads),
+        "intermediate": int(config.intermediate_size),
+    }
+    per_unit = {"heads": head_dim, "kv_heads": head_dim, "intermediate": 1}
+    parts: dict[str, tuple[int, int, int]] = {}
+    made: dict[int, torch.nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for attr, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            part = tensor_parallel.checkpoint_part(name, param.dim(), units, per_unit, tp)
+            shape = list(param.shape)
+            if part is not None:
+                dim, start, stop = part
+                shape[dim] = stop - start
+                parts[name] = part
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(
+                    torch.empty(shape, dtype=param.dtype, device=device), requires_grad=False
+                )
+            module._parameters[attr] = made[id(param)]
+    inner = model.model
+    with device:
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise LoadError(f"cannot make {left[:3]} on {device} for a rank's part")
+    return parts
 
 
 def _torch_device(device: str) -> torch.device:

@@ -4,9 +4,9 @@ Rank 0 is the server process. It starts ranks 1..N-1 at once, as processes of it
 (multiprocessing's spawn: nothing of rank 0's threads or CUDA state is inherited), so that their
 imports overlap its own and its load; they join the process group (NCCL on ``cuda:<rank>``, gloo
 on the CPU) and wait. Once rank 0 has loaded and verified its version it joins too and sends the
-version and the root it loaded from (the node's cache, which it just filled, or the store); each
-rank verifies and loads the same, keeps its share of every layer
-(``metalserve.tensor_parallel``) and repeats rank 0's decoder steps until rank 0 stops it. Before
+version and the root it loaded from (the node's cache, or the store); each rank reads, verifies
+and loads its share of every layer from there (``metalserve.tensor_parallel``), and the rest of
+the model whole, and repeats rank 0's decoder steps until rank 0 stops it. Before
 serving, every rank tells the others what it loaded (``/version`` lists them). A hot reload ends
 the old version's steps (RELOAD) and sends the next version the same way, once rank 0 has loaded,
 verified and warmed it up and the old version's requests are done: each rank drops its old share
@@ -54,6 +54,8 @@ class RankSpec:
     chunk_size: int
     slots: int
     quantization: str
+    decode_mode: str
+    decode_compile: str
     log_level: str
 
     def device_of(self, rank: int) -> str:
@@ -75,22 +77,32 @@ def rank_info(rank: int, bundle: Any) -> dict[str, Any]:
     }
 
 
-def split_decoder(bundle: Any, slots: int, quantization: str, tp: Any) -> Any:
-    """The static decoder of ``tp``'s rank: eager, its share of every layer. Every rank builds
-    it here, so that they agree on everything but the share (slots, context, quantization)."""
+def split_decoder(
+    bundle: Any, slots: int, quantization: str, decode_mode: str, decode_compile: str, tp: Any
+) -> Any:
+    """The static decoder of ``tp``'s rank, its share of every layer, its graphs captured (or
+    its compiled layer compiled). Every rank builds it here, so that they agree on everything
+    but the share (slots, context, quantization, graphs, compilation) and run the same
+    collectives in the same order while capturing. On CUDA (``decode_mode`` auto or cuda-graphs)
+    the steps are CUDA graphs with NCCL's collectives in them and the layer compiled
+    (``decode_compile`` auto or on), as for one GPU; on the CPU eager unless compile is on. No
+    fallback: every rank must run the same path."""
     from metalserve import staticdecode
 
-    return staticdecode.StaticDecoder(
+    graphs = bundle.device.type == "cuda" and decode_mode in ("auto", "cuda-graphs")
+    decoder = staticdecode.StaticDecoder(
         bundle.model,
         slots=slots,
         max_length=bundle.max_context,
         device=bundle.device,
         dtype=bundle.dtype,
-        cuda_graphs=False,
-        compile_layers=False,
+        cuda_graphs=graphs,
+        compile_layers=decode_compile == "on" or (decode_compile == "auto" and graphs),
         quantization=quantization,
         tp=tp,
     )
+    decoder.capture_all()
+    return decoder
 
 
 def join_group(spec: RankSpec, rank: int) -> Any:
@@ -158,9 +170,12 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
             device=spec.device_of(rank),
             dtype=spec.dtype,
             chunk_size=spec.chunk_size,
+            tensor_parallel=tp,
         )
-        decoder = split_decoder(bundle, spec.slots, spec.quantization, tp)
         exchange(rank_info(rank, bundle), spec.world)
+        decoder = split_decoder(
+            bundle, spec.slots, spec.quantization, spec.decode_mode, spec.decode_compile, tp
+        )
         log.info(
             "rank %d of %d follows rank 0 on %s, version %s",
             rank,

@@ -157,6 +157,9 @@ class Replica:
         timings["imports"] = time.monotonic() - started
         bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
+        if bundle.part_of is not None:
+            # A rank's part runs only with the other ranks: the engine warms them up together.
+            return bundle
         started = time.monotonic()
         text = generate_once(
             bundle,
@@ -171,6 +174,12 @@ class Replica:
     def _load(self, version_id: str) -> LoadedModel:
         settings = self.settings
 
+        part = None
+        if settings.tensor_parallel > 1:
+            from metalserve.tensor_parallel import TensorParallel
+
+            part = TensorParallel(0, settings.tensor_parallel)
+
         def load_from(root: Path) -> LoadedModel:
             return load_version(
                 root,
@@ -179,6 +188,7 @@ class Replica:
                 device=settings.device,
                 dtype=settings.dtype,
                 chunk_size=settings.read_chunk_mib * 1024 * 1024,
+                tensor_parallel=part,
             )
 
         cache = self.cache
@@ -278,6 +288,8 @@ class Replica:
             chunk_size=settings.read_chunk_mib * 1024 * 1024,
             slots=settings.batch_limit,
             quantization=settings.quantization,
+            decode_mode=settings.decode_mode,
+            decode_compile=settings.decode_compile,
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))

@@ -219,10 +219,15 @@ class ServeSettings(BaseSettings):
                     f"tensor_parallel {self.tensor_parallel} takes device cpu or cuda (rank N "
                     f"runs on cuda:N of CUDA_VISIBLE_DEVICES), not {self.device}"
                 )
-            if self.decode_mode in ("dynamic", "cuda-graphs") or self.decode_compile == "on":
+            if self.decode_mode == "dynamic":
                 raise ValueError(
-                    f"tensor_parallel {self.tensor_parallel} runs the static decode path, eager: "
-                    "decode_mode static or auto, decode_compile off or auto"
+                    f"tensor_parallel {self.tensor_parallel} runs the static decode path: "
+                    "decode_mode static, cuda-graphs or auto, not dynamic"
+                )
+            if self.decode_mode == "cuda-graphs" and self.device != "cuda":
+                raise ValueError(
+                    f"tensor_parallel {self.tensor_parallel} with decode_mode cuda-graphs "
+                    "needs device cuda (NCCL collectives in the graphs)"
                 )
         return self
 

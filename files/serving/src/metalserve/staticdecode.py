@@ -158,12 +158,12 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 def cache_bytes(config: Any, slots: int, max_length: int, dtype: torch.dtype) -> int:
     """Bytes of the static keys and values of ``slots`` sequences of ``max_length`` tokens."""
-    head_dim = _head_dim(config)
+    head_dim = config_head_dim(config)
     per_token = 2 * int(config.num_hidden_layers) * int(config.num_key_value_heads) * head_dim
     return per_token * slots * max_length * torch.empty((), dtype=dtype).element_size()
 
 
-def _head_dim(config: Any) -> int:
+def config_head_dim(config: Any) -> int:
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim or config.hidden_size // config.num_attention_heads)
 
@@ -445,11 +445,13 @@ class StaticDecoder:
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         self.tp = tp if tp is not None and tp.world > 1 else None
-        if self.tp is not None and (cuda_graphs or compile_layers):
-            # NCCL inside captured graphs and collectives in the compiled layer: issue 22's run.
-            raise StaticDecodeUnavailable(
-                "tensor parallelism runs the layers eagerly for now (no CUDA graphs, no compile)"
-            )
+        if self.tp is not None and cuda_graphs:
+            backend = torch.distributed.get_backend(self.tp.group)
+            if backend != "nccl":
+                # NCCL's collectives can be captured in a CUDA graph; gloo's run on the host.
+                raise StaticDecodeUnavailable(
+                    f"CUDA graphs over tensor-parallel ranks need NCCL, not {backend}"
+                )
         reason = unsupported_reason(model)
         if reason is not None:
             raise StaticDecodeUnavailable(reason)
@@ -469,7 +471,7 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = _head_dim(config)
+        self.head_dim = config_head_dim(config)
         inner = model.model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)

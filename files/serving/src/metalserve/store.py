@@ -44,7 +44,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -387,7 +387,18 @@ def check_blocks(entry: FileEntry, size: int, digests: Sequence[str]) -> str | N
     expected = entry.blocks.digests
     if len(digests) != len(expected):
         return f"{entry.path}: {len(digests)} blocks read, manifest lists {len(expected)}"
-    bad = [i for i, (got, want) in enumerate(zip(digests, expected, strict=True)) if got != want]
+    return check_some_blocks(entry, dict(enumerate(digests)))
+
+
+def check_some_blocks(entry: FileEntry, digests: Mapping[int, str]) -> str | None:
+    """Like ``check_blocks`` for the blocks of a file that were read (block index -> digest):
+    a reader of parts of a file verifies what it read (its size is checked apart)."""
+    assert entry.blocks is not None
+    expected = entry.blocks.digests
+    outside = [i for i in digests if not 0 <= i < len(expected)]
+    if outside:
+        return f"{entry.path}: block {outside[0]} read, manifest lists {len(expected)}"
+    bad = sorted(i for i, got in digests.items() if got != expected[i])
     if not bad:
         return None
     first = bad[0]

@@ -107,6 +107,37 @@ def unsupported_reason(heads: int, kv_heads: int, intermediate: int, world: int)
     return None
 
 
+# A checkpoint's projections by the suffix of their names: split on rows (the output features:
+# q/k/v heads, gate/up rows) or on columns (o_proj's and down's inputs), and by which unit.
+_PROJECTIONS = {
+    "self_attn.q_proj": (0, "heads"),
+    "self_attn.k_proj": (0, "kv_heads"),
+    "self_attn.v_proj": (0, "kv_heads"),
+    "self_attn.o_proj": (1, "heads"),
+    "mlp.gate_proj": (0, "intermediate"),
+    "mlp.up_proj": (0, "intermediate"),
+    "mlp.down_proj": (1, "intermediate"),
+}
+
+
+def checkpoint_part(
+    name: str, ndim: int, units: dict[str, int], per_unit: dict[str, int], tp: TensorParallel
+) -> tuple[int, int, int] | None:
+    """This rank's part ``(dim, start, stop)`` of the checkpoint tensor ``name`` (a layer's
+    projection weight, or a bias split with its rows), or None when every rank keeps it whole
+    (norms, embeddings, the LM head, o_proj's and down's biases, added on rank 0 only).
+    ``units`` counts heads, key/value heads and MLP rows; ``per_unit`` the features of each."""
+    module, _, kind = name.rpartition(".")
+    for suffix, (dim, unit) in _PROJECTIONS.items():
+        if module.endswith("." + suffix) and kind in ("weight", "bias"):
+            if dim >= ndim:  # a bias of a column split: whole
+                return None
+            share = tp.part(units[unit])
+            size = per_unit[unit]
+            return dim, share.start * size, share.stop * size
+    return None
+
+
 def _rows(weight: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """Rows ``parts`` of ``weight``, in one new contiguous tensor."""
     return torch.cat([weight[p] for p in parts]).contiguous()
@@ -117,7 +148,9 @@ def _bias_rows(bias: torch.Tensor | None, parts: list[slice]) -> torch.Tensor | 
 
 
 def shard_layer(w: LayerWeights, shape: LayerShape, tp: TensorParallel) -> LayerWeights:
-    """This rank's part of one layer's weights (``shape`` is the whole layer's)."""
+    """This rank's part of one layer's weights (``shape`` is the whole layer's). Weights loaded
+    as the rank's part already (``load_version(tensor_parallel=...)``) keep their projections;
+    o_proj's and down's biases stay on rank 0 only."""
     qkv, o_proj, gate_up, down = w.qkv, w.o_proj, w.gate_up, w.down
     if not (
         isinstance(qkv, torch.Tensor)
@@ -127,6 +160,11 @@ def shard_layer(w: LayerWeights, shape: LayerShape, tp: TensorParallel) -> Layer
     ):
         raise ValueError("FP8 projections are quantized after the split, not before")
     hd = shape.head_dim
+    first = tp.rank == 0
+    if qkv.shape[0] == (shape.heads + 2 * shape.kv_heads) // tp.world * hd:
+        return w._replace(
+            o_bias=w.o_bias if first else None, down_bias=w.down_bias if first else None
+        )
     q_heads, kv = tp.part(shape.heads), tp.part(shape.kv_heads)
     # Fused q/k/v rows: every query head, then every key head, then every value head.
     keys_at, values_at = shape.heads * hd, (shape.heads + shape.kv_heads) * hd
@@ -139,7 +177,6 @@ def shard_layer(w: LayerWeights, shape: LayerShape, tp: TensorParallel) -> Layer
     intermediate = gate_up.shape[0] // 2
     mlp = tp.part(intermediate)
     gate_up_parts = [mlp, slice(intermediate + mlp.start, intermediate + mlp.stop)]
-    first = tp.rank == 0
     head_columns = slice(q_heads.start * hd, q_heads.stop * hd)
     return w._replace(
         qkv=_rows(qkv, qkv_parts),

@@ -202,14 +202,39 @@ def read_header(path: Path) -> list[TensorSpec]:
 # --- streaming --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Part:
+    """A destination for part of a 2-D tensor (a tensor-parallel rank's share): rows (``dim``
+    0; a 1-D tensor's elements) or columns (``dim`` 1) ``[start, stop)`` go to ``dest``. Rows are
+    contiguous bytes of the file: only they (and the blocks around them) are read. A column
+    touches every row: the whole tensor is read, and only the columns are kept."""
+
+    dest: torch.Tensor
+    dim: int
+    start: int
+    stop: int
+
+    def shape_of(self, whole: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's shape in a tensor of shape ``whole``."""
+        if self.dim not in (0, 1) or self.dim >= len(whole) or len(whole) > 2:
+            raise WeightsError(f"a part along dimension {self.dim} of a tensor of shape {whole}")
+        if not 0 <= self.start < self.stop <= whole[self.dim]:
+            raise WeightsError(f"part {self.start}..{self.stop} of dimension {self.dim} of {whole}")
+        shape = list(whole)
+        shape[self.dim] = self.stop - self.start
+        return tuple(shape)
+
+
 @dataclass(eq=False)
 class _Target:
     """Where one tensor's bytes go: straight into the destination, or via a staging buffer when
-    the destination needs a dtype conversion or is not contiguous."""
+    the destination needs a dtype conversion, is not contiguous, or keeps some ``columns`` of
+    the tensor only."""
 
     spec: TensorSpec
     dest: torch.Tensor
     direct: bool
+    columns: tuple[int, int] | None = None
     staging: torch.Tensor | None = None
     filled: int = 0
 
@@ -225,7 +250,8 @@ class _Target:
         self.filled += count
         if self.filled == self.spec.nbytes and not self.direct:
             assert self.staging is not None
-            self.dest.copy_(self.staging.view(self.spec.dtype).view(self.spec.shape))
+            whole = self.staging.view(self.spec.dtype).view(self.spec.shape)
+            self.dest.copy_(whole if self.columns is None else whole[:, slice(*self.columns)])
             self.staging = None
 
 
@@ -243,6 +269,8 @@ class _Job:
     begin: int = 0
     end: int | None = None
     device_hash: bool = False  # blocks hashed on the device (BLAKE3), not on the host
+    # The byte ranges that must be read (the header, the tensors or parts wanted), or None: all.
+    spans: list[tuple[int, int]] | None = None
     ends: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -250,12 +278,23 @@ class _Job:
 
     def ranges(self, size: int, range_size: int) -> list[_Job]:
         """This shard as jobs of about ``range_size`` bytes each, in whole blocks, that several
-        readers may stream at once; itself alone when it has no block digests (a whole-file hash
-        reads in order) or a tensor that must be converted after all its bytes arrived."""
-        if self.blocks is None or size <= range_size or not all(t.direct for t in self.targets):
+        readers may stream at once, covering only the blocks its ``spans`` touch; itself alone
+        when it has no block digests (a whole-file hash reads everything, in order). A tensor
+        that must be converted after all its bytes arrived is never cut between jobs."""
+        if self.blocks is None:
             return [self]
+        covered = _covering_blocks(self.spans or [(0, size)], self.blocks.size, size)
+        cut = all(t.direct for t in self.targets)
         step = self.blocks.size * max(1, range_size // self.blocks.size)
-        bounds = [*range(0, size, step), size]
+        bounds = [
+            (lo, hi)
+            for begin, end in covered
+            for lo, hi in (
+                itertools.pairwise([*range(begin, end, step), end]) if cut else [(begin, end)]
+            )
+        ]
+        if bounds == [(0, size)]:
+            return [self]
         return [
             _Job(
                 self.index,
@@ -268,15 +307,31 @@ class _Job:
                 hi,
                 self.device_hash,
             )
-            for lo, hi in itertools.pairwise(bounds)
+            for lo, hi in bounds
         ]
+
+
+def _covering_blocks(
+    spans: Sequence[tuple[int, int]], block_size: int, size: int
+) -> list[tuple[int, int]]:
+    """The whole blocks that hold ``spans`` (sorted, merged): what must be read to verify them."""
+    covered: list[tuple[int, int]] = []
+    for begin, end in sorted(spans):
+        lo = begin // block_size * block_size
+        hi = min(-(-end // block_size) * block_size, size)
+        if covered and lo <= covered[-1][1]:
+            covered[-1] = (covered[-1][0], max(covered[-1][1], hi))
+        else:
+            covered.append((lo, hi))
+    return covered
 
 
 @dataclass(frozen=True, slots=True)
 class StreamResult:
-    size: int
+    size: int  # bytes read
     sha256: str | None  # the whole file's, when it was hashed whole
-    blocks: tuple[str, ...] | None = None  # each block's, when it was hashed block by block
+    blocks: tuple[str, ...] | None = None  # each block's read, when hashed block by block ...
+    block_indices: tuple[int, ...] = ()  # ... and their indices (every block, unless spans)
 
 
 class _Slot:
@@ -520,7 +575,7 @@ def read_size(blocks: store.Blocks | None, chunk_size: int) -> int:
 
 
 def stream_shards(
-    jobs: Sequence[tuple[Path, Sequence[tuple[TensorSpec, torch.Tensor]]]],
+    jobs: Sequence[tuple[Path, Sequence[tuple[TensorSpec, torch.Tensor | Part]]]],
     *,
     device: torch.device,
     chunk_size: int = store.CHUNK_SIZE,
@@ -530,8 +585,13 @@ def stream_shards(
     hash_threads: int | None = None,
     range_size: int = RANGE_SIZE,
     verify_on: str | None = None,
+    spans: Sequence[list[tuple[int, int]] | None] | None = None,
 ) -> list[StreamResult]:
     """Stream every (file, [(tensor spec, destination)]) job; return each file's size and hashes.
+
+    With ``spans`` (one per job: byte ranges, or None for the whole file) a file with block
+    digests is read only in the blocks that hold its spans, and only those blocks are hashed
+    (``StreamResult.block_indices``); a file without block digests is read whole.
 
     ``blocks`` (one per job, None for a file without block digests) makes the reads whole blocks,
     lets several readers stream ranges of ``range_size`` bytes of one file at once and, with
@@ -545,8 +605,9 @@ def stream_shards(
         # "cuda" means the current device; tensors report theirs with its index.
         device = torch.device("cuda", torch.cuda.current_device())
     layouts = list(blocks) if blocks is not None else [None] * len(jobs)
-    if len(layouts) != len(jobs):
-        raise ValueError(f"{len(layouts)} block layouts for {len(jobs)} files")
+    wanted = list(spans) if spans is not None else [None] * len(jobs)
+    if len(layouts) != len(jobs) or len(wanted) != len(jobs):
+        raise ValueError(f"{len(layouts)} block layouts, {len(wanted)} spans for {len(jobs)} files")
     on_device = verify and _hash_on_device(
         device,
         verify_on or VERIFY_ON,
@@ -560,8 +621,9 @@ def stream_shards(
             layout,
             read_size(layout, chunk_size),
             device_hash=on_device and layout is not None and layout.algorithm == "blake3",
+            spans=span,
         )
-        for i, ((path, targets), layout) in enumerate(zip(jobs, layouts, strict=True))
+        for i, ((path, targets), layout, span) in enumerate(zip(jobs, layouts, wanted, strict=True))
     ]
     if not built:
         return []
@@ -640,7 +702,8 @@ def _shard_result(job: _Job, parts: list[StreamResult]) -> StreamResult:
     """One shard's size and hashes from what its ranges read."""
     size = sum(part.size for part in parts)
     if job.blocks is not None and job.digests:
-        return StreamResult(size, None, tuple(job.digests[i] for i in sorted(job.digests)))
+        indices = tuple(sorted(job.digests))
+        return StreamResult(size, None, tuple(job.digests[i] for i in indices), indices)
     return StreamResult(size, parts[0].sha256 if len(parts) == 1 else None)
 
 
@@ -659,20 +722,41 @@ def _run_worker(
         worker.close()
 
 
-def _target(spec: TensorSpec, dest: torch.Tensor, device: torch.device) -> _Target:
-    if tuple(dest.shape) != spec.shape:
+def _target(spec: TensorSpec, dest: torch.Tensor | Part, device: torch.device) -> _Target:
+    columns = None
+    if isinstance(dest, Part):
+        part, dest = dest, dest.dest
+        expected = part.shape_of(spec.shape)
+        if part.dim == 0:  # rows: contiguous bytes, a smaller tensor of the file
+            row = spec.nbytes // spec.shape[0]
+            spec = TensorSpec(
+                spec.name,
+                spec.dtype,
+                expected,
+                spec.begin + part.start * row,
+                spec.begin + part.stop * row,
+            )
+        else:
+            columns = (part.start, part.stop)
+    else:
+        expected = spec.shape
+    if tuple(dest.shape) != expected:
         raise WeightsError(
-            f"tensor {spec.name!r} has shape {list(spec.shape)}, "
-            f"the model expects {list(dest.shape)}"
+            f"tensor {spec.name!r} has shape {list(expected)}, the model expects {list(dest.shape)}"
         )
     dest = dest.detach()
-    direct = dest.dtype == spec.dtype and dest.is_contiguous() and dest.device == device
-    return _Target(spec, dest, direct)
+    direct = (
+        columns is None
+        and dest.dtype == spec.dtype
+        and dest.is_contiguous()
+        and dest.device == device
+    )
+    return _Target(spec, dest, direct, columns)
 
 
 # --- verified loading from the store -----------------------------------------------------------
 
-Destination = Callable[[TensorSpec], "torch.Tensor | None"]
+Destination = Callable[[TensorSpec], "torch.Tensor | Part | None"]
 
 
 def load_weights(
@@ -691,15 +775,18 @@ def load_weights(
 ) -> list[str]:
     """Stream the shards ``entries`` of a version into the tensors ``destination`` names.
 
-    ``destination(spec)`` returns the tensor to fill (new on ``device``, or a parameter) or None
-    for a tensor the caller does not know. Returns the names loaded. Raises ``VerificationError``
+    ``destination(spec)`` returns the tensor to fill (new on ``device``, or a parameter), a
+    ``Part`` of it to fill (a shard with parts is read only where its header and the tensors and
+    rows wanted lie, and only the blocks read are verified), or None for a tensor the caller does
+    not know. Returns the names loaded. Raises ``VerificationError``
     naming every shard that does not match the manifest, and ``WeightsError`` for intact shards
     that cannot be used. ``verify=False`` (benchmarks only) skips hashing. Entries with block
     digests are verified block by block: BLAKE3 blocks on a CUDA device by the device itself
     (``verify_on``, default ``VERIFY_ON``: "auto"), others on ``hash_threads`` threads (default:
     the cores the readers leave).
     """
-    jobs: list[tuple[Path, list[tuple[TensorSpec, torch.Tensor]]]] = []
+    jobs: list[tuple[Path, list[tuple[TensorSpec, torch.Tensor | Part]]]] = []
+    spans: list[list[tuple[int, int]] | None] = []
     names: list[str] = []
     for entry in entries:
         path = root / entry.path
@@ -713,6 +800,7 @@ def load_weights(
             _raise_if_tampered(root, entry, version_id, verify, hash_threads)
             raise WeightsError(f"{entry.path}: {exc}") from exc
         names.extend(spec.name for spec, _ in jobs[-1][1])
+        spans.append(_spans(path, jobs[-1][1]))
 
     results = stream_shards(
         jobs,
@@ -724,6 +812,7 @@ def load_weights(
         hash_threads=hash_threads,
         range_size=range_size,
         verify_on=verify_on,
+        spans=spans,
     )
     if verify:
         problems = [
@@ -738,24 +827,52 @@ def load_weights(
 
 def _problem(entry: store.FileEntry, result: StreamResult) -> str | None:
     if entry.blocks is not None:
+        if result.size < entry.size:  # parts: the blocks read (the size was checked before)
+            return store.check_some_blocks(
+                entry, dict(zip(result.block_indices, result.blocks or (), strict=True))
+            )
         return store.check_blocks(entry, result.size, result.blocks or ())
     return store.check_entry(entry, result.size, result.sha256 or "")
 
 
-def _plan(path: Path, destination: Destination) -> list[tuple[TensorSpec, torch.Tensor]]:
+def _spans(
+    path: Path, targets: Sequence[tuple[TensorSpec, torch.Tensor | Part]]
+) -> list[tuple[int, int]] | None:
+    """The bytes of ``path`` to read when some destinations are parts (its header, the tensors
+    and the parts' rows; a part's columns need the whole tensor), or None: the whole file."""
+    if not any(isinstance(dest, Part) for _, dest in targets):
+        return None
+    with path.open("rb", buffering=0) as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+    wanted = [(0, 8 + length)]
+    for spec, dest in targets:
+        if isinstance(dest, Part) and dest.dim == 0:
+            row = spec.nbytes // spec.shape[0]
+            wanted.append((spec.begin + dest.start * row, spec.begin + dest.stop * row))
+        else:
+            wanted.append((spec.begin, spec.end))
+    return wanted
+
+
+def _plan(path: Path, destination: Destination) -> list[tuple[TensorSpec, torch.Tensor | Part]]:
     targets = []
     unexpected = []
     for spec in read_header(path):
         dest = destination(spec)
         if dest is None:
             unexpected.append(spec.name)
-        elif tuple(dest.shape) != spec.shape:
-            raise WeightsError(
-                f"tensor {spec.name!r} has shape {list(spec.shape)}, "
-                f"the model expects {list(dest.shape)}"
-            )
+            continue
+        if isinstance(dest, Part):
+            expected, shape = dest.shape_of(spec.shape), tuple(dest.dest.shape)
+            of_part = f" (its part {list(expected)})"
         else:
-            targets.append((spec, dest))
+            expected, shape, of_part = spec.shape, tuple(dest.shape), ""
+        if shape != expected:
+            raise WeightsError(
+                f"tensor {spec.name!r} has shape {list(spec.shape)}{of_part}, "
+                f"the model expects {list(shape)}"
+            )
+        targets.append((spec, dest))
     if unexpected:
         raise WeightsError(f"unexpected tensors {sorted(unexpected)[:5]}")
     return targets

@@ -7,7 +7,8 @@ every active sequence. Finished and cancelled sequences leave between steps.
 Decode path (``decode_mode``): the engine picks the batch kind when a model goes live
 (``_new_batch``) and falls back to ``DynamicBatch`` (with a warning) when the model or the device
 memory does not allow ``StaticBatch``. With ``tensor_parallel`` (rank 0 of a replica split over
-processes) it is the static path, eager, with no fallback: the other ranks repeat this decoder's
+processes) it is the static path (CUDA graphs and the compiled layer on CUDA, as on one GPU), with
+no fallback: the other ranks repeat this decoder's
 steps, and the engine's end stops them; at a hot reload's switch ``tensor_parallel_switch`` has
 them load the new version (their load is part of the switch).
 
@@ -500,29 +501,32 @@ class Engine:
         return StaticBatch(bundle, decoder, self.observer)
 
     def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
-        """The static path split over the replica's ranks, eager, proven by a warm-up whose
-        greedy text must equal the whole model's (run here first, before the split)."""
+        """The static path split over the replica's ranks, eager, proven by a warm-up the ranks
+        run together (each holds its part of the model only: nothing runs it whole)."""
         from metalserve import ranks, staticdecode
 
-        prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
-        params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
-        whole = generate_once(bundle, prompt, params)
         if self._current is not None and self.tensor_parallel_switch is not None:
             self.tensor_parallel_switch(bundle)
         try:
-            decoder = ranks.split_decoder(bundle, self.max_batch_size, self.quantization, tp)
+            decoder = ranks.split_decoder(
+                bundle,
+                self.max_batch_size,
+                self.quantization,
+                self.decode_mode,
+                self.decode_compile,
+                tp,
+            )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
         batch = StaticBatch(bundle, decoder, self.observer)
-        split = generate_once(bundle, prompt, params, batch=batch)
-        if split != whole:
-            raise LoadError(
-                f"the {tp.world} ranks' warm-up gave {split!r}, the whole model {whole!r}"
-            )
+        prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
+        params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+        text = generate_once(bundle, prompt, params, batch=batch)
         log.info(
-            "decode path: static over %d ranks, weights %.2f GiB on this one",
+            "decode path: static over %d ranks, weights %.2f GiB on this one; warm-up %r",
             tp.world,
             decoder.weight_bytes / 2**30,
+            text,
         )
         return batch
 
