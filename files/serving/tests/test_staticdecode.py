@@ -71,7 +71,11 @@ def test_unsupported_models_are_named() -> None:
 
 
 def _decoder(
-    bundle: LoadedModel, slots: int = 4, compile_layers: bool = False, bucketed: bool = False
+    bundle: LoadedModel,
+    slots: int = 4,
+    compile_layers: bool = False,
+    bucketed: bool = False,
+    attention: str = "auto",
 ) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
@@ -82,24 +86,35 @@ def _decoder(
         cuda_graphs=False,
         compile_layers=compile_layers,
         bucketed_prefill=bucketed,
+        attention=attention,
     )
 
 
 @pytest.mark.parametrize(
-    ("compile_layers", "bucketed"),
-    [(False, False), (True, False), (False, True)],
-    ids=["eager", "compiled", "bucketed-prefill"],
+    ("compile_layers", "bucketed", "attention"),
+    [
+        (False, False, "bucketed"),
+        (True, False, "bucketed"),
+        (False, True, "bucketed"),
+        (True, False, "own"),
+    ],
+    ids=["eager", "compiled", "bucketed-prefill", "own-lengths-compiled"],
 )
 @torch.inference_mode()
 def test_logits_match_the_transformers_forward(
-    v1: LoadedModel, compile_layers: bool, bucketed: bool
+    v1: LoadedModel,
+    compile_layers: bool,
+    bucketed: bool,
+    attention: str,
 ) -> None:
     """Prefill of right-padded prompts of different lengths, then decode steps with every row at
     its own position, give the logits of a full transformers forward over each sequence alone;
-    also with the decode step's layer compiled (torch.compile, here for the CPU), and with the
+    also with the decode step's layer compiled (torch.compile, here for the CPU), with the
     prefill padded to its bucket (3 rows to 4, the prompts to a length bucket: what a prefill
-    graph runs on CUDA)."""
-    decoder = _decoder(v1, compile_layers=compile_layers, bucketed=bucketed)
+    graph runs on CUDA), and with the decode attention over each row's own length (the
+    ``decode_attention`` operator, compiled: what runs on CUDA)."""
+    decoder = _decoder(v1, compile_layers=compile_layers, bucketed=bucketed, attention=attention)
+    assert decoder.own_lengths == (attention == "own")
     prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
     longest = max(len(p) for p in prompts)
     ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)

@@ -56,6 +56,7 @@ class RankSpec:
     quantization: str
     decode_mode: str
     decode_compile: str
+    decode_attention: str
     log_level: str
 
     def device_of(self, rank: int) -> str:
@@ -78,7 +79,14 @@ def rank_info(rank: int, bundle: Any) -> dict[str, Any]:
 
 
 def split_decoder(
-    bundle: Any, slots: int, quantization: str, decode_mode: str, decode_compile: str, tp: Any
+    bundle: Any,
+    slots: int,
+    tp: Any,
+    *,
+    quantization: str,
+    decode_mode: str,
+    decode_compile: str,
+    decode_attention: str,
 ) -> Any:
     """The static decoder of ``tp``'s rank, its share of every layer, its graphs captured (or
     its compiled layer compiled). Every rank builds it here, so that they agree on everything
@@ -99,6 +107,7 @@ def split_decoder(
         cuda_graphs=graphs,
         compile_layers=decode_compile == "on" or (decode_compile == "auto" and graphs),
         quantization=quantization,
+        attention=decode_attention,
         tp=tp,
     )
     decoder.capture_all()
@@ -174,7 +183,13 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
         )
         exchange(rank_info(rank, bundle), spec.world)
         decoder = split_decoder(
-            bundle, spec.slots, spec.quantization, spec.decode_mode, spec.decode_compile, tp
+            bundle,
+            spec.slots,
+            tp,
+            quantization=spec.quantization,
+            decode_mode=spec.decode_mode,
+            decode_compile=spec.decode_compile,
+            decode_attention=spec.decode_attention,
         )
         log.info(
             "rank %d of %d follows rank 0 on %s, version %s",

@@ -69,6 +69,7 @@ class Replica:
             step_delay=settings.debug_step_delay,
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
+            decode_attention=settings.decode_attention,
             quantization=settings.quantization,
             flush_events=self.relay.flush,
         )
@@ -290,6 +291,7 @@ class Replica:
             quantization=settings.quantization,
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
+            decode_attention=settings.decode_attention,
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))

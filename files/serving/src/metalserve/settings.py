@@ -112,6 +112,12 @@ class ServeSettings(BaseSettings):
         "kernels; the first start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); auto: on "
         "with cuda-graphs",
     )
+    decode_attention: Literal["auto", "bucketed"] = Field(
+        "auto",
+        description="the static path's decode attention: auto reads each row's keys and values "
+        "up to the row's own length where the kernel runs (CUDA with Triton; one graph per batch "
+        "size), bucketed up to the attention-length bucket (torch's attention, masked)",
+    )
     quantization: Literal["none", "fp8"] = Field(
         "none",
         description="weights of the static path's projections: none (the model's dtype) or fp8 "

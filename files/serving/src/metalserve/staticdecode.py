@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import fp8, tensor_parallel
+from metalserve import decode_attention, fp8, tensor_parallel
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -195,12 +195,18 @@ def _rms_norm_of(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 class LayerShape(NamedTuple):
-    """What every decoder layer of a model shares."""
+    """What every decoder layer of a model shares (``own_lengths``: the decode step's attention
+    reads each row up to its own length, ``decode_attention``, not the length bucket)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     scaling: float
+    own_lengths: bool = False
+
+
+# The decode step's attention (``StaticDecoder(attention=...)``).
+ATTENTIONS = ("auto", "bucketed", "own")
 
 
 class LayerWeights(NamedTuple):
@@ -292,6 +298,9 @@ def decode_layer(
     rows = torch.arange(batch, device=x.device)
     keys[rows, :, positions] = k
     values[rows, :, positions] = v
+    if shape.own_lengths:
+        out = decode_attention.attend(q, keys, values, positions + 1, shape.scaling)
+        return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, reduce)
     # Grouped-query attention of each row's one query over its slot's first ``length`` entries,
     # masked beyond its own position (measured on an H200 at 8B: a little faster than matmul,
     # masked softmax, matmul, compiled or not).
@@ -303,7 +312,17 @@ def decode_layer(
         scale=shape.scaling,
         enable_gqa=True,
     )
-    attended = fp8.linear(out.reshape(batch, heads * head_dim), w.o_proj, w.o_bias)
+    return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, reduce)
+
+
+def _decode_layer_rest(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    w: LayerWeights,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """``decode_layer`` after the attention (``out``: [batch, heads x head_dim])."""
+    attended = fp8.linear(out, w.o_proj, w.o_bias)
     x = x + (attended if reduce is None else reduce(attended))
     gate, up = fp8.linear(
         _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
@@ -440,10 +459,17 @@ class StaticDecoder:
         compile_layers: bool = False,
         bucketed_prefill: bool | None = None,
         quantization: str = "none",
+        attention: str = "auto",
         tp: tensor_parallel.TensorParallel | None = None,
     ) -> None:
+        """``attention``, the decode step's: "auto" reads each row up to its own length where
+        the kernel runs (CUDA with Triton: ``decode_attention``), "bucketed" up to the length
+        bucket, "own" each row's own length everywhere (without the kernel: torch's attention
+        over the whole cache, masked; slow, for tests)."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}")
         self.tp = tp if tp is not None and tp.world > 1 else None
         if self.tp is not None and cuda_graphs:
             backend = torch.distributed.get_backend(self.tp.group)
@@ -479,7 +505,14 @@ class StaticDecoder:
         self.lm_head = model.lm_head
         self.scaling = float(self.layers[0].self_attn.scaling)
         self.batch_sizes = batch_buckets(slots)
-        self.lengths = length_buckets(max_length)
+        # Each row's own length where the kernel runs: then one length bucket (one graph per
+        # batch size), as every length runs the same kernel.
+        self.own_lengths = attention == "own" or (
+            attention == "auto"
+            and decode_attention.kernel_available(device)
+            and decode_attention.supported(self.head_dim, self.heads, self.kv_heads)
+        )
+        self.lengths = [max_length] if self.own_lengths else length_buckets(max_length)
         # Per layer: q, k and v in one GEMM; gate and up in one GEMM.
         with torch.no_grad():
             self.layer_weights = [_layer_weights(layer) for layer in self.layers]
@@ -551,7 +584,7 @@ class StaticDecoder:
         )
         if reason is not None:
             raise StaticDecodeUnavailable(reason)
-        whole = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling)
+        whole = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling, self.own_lengths)
         with torch.no_grad():
             for index, layer in enumerate(self.layers):
                 self.layer_weights[index] = tensor_parallel.shard_layer(
@@ -738,7 +771,7 @@ class StaticDecoder:
         visible = self.key_index[:length].unsqueeze(0) <= positions.unsqueeze(1)
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
         bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
-        shape = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling)
+        shape = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling, self.own_lengths)
         for index in range(len(self.layers)):
             x = self._layer_step(
                 x,

@@ -61,6 +61,7 @@ log = logging.getLogger("metalserve.engine")
 DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
 # Whether the static path's decoder layer is compiled (torch.compile); auto: with CUDA graphs.
 DECODE_COMPILE = ("auto", "on", "off")
+DECODE_ATTENTION = ("auto", "bucketed", "own")  # staticdecode.ATTENTIONS
 # Weights of the static path's projections (metalserve.fp8); quantized when a model goes live.
 QUANTIZATIONS = ("none", "fp8")
 # A model switch (static cache, compiling the decode layer, capturing graphs) is one long step of
@@ -94,6 +95,7 @@ class Engine:
         step_delay: float = 0.0,
         decode_mode: str = "auto",
         decode_compile: str = "auto",
+        decode_attention: str = "auto",
         quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
@@ -104,6 +106,8 @@ class Engine:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}")
         if decode_compile not in DECODE_COMPILE:
             raise ValueError(f"decode_compile must be one of {', '.join(DECODE_COMPILE)}")
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if quantization != "none" and decode_mode == "dynamic":
@@ -116,6 +120,7 @@ class Engine:
         self.step_delay = step_delay
         self.decode_mode = decode_mode
         self.decode_compile = decode_compile
+        self.decode_attention = decode_attention
         self.quantization = quantization
         self.idle_wait = idle_wait
         # Rank 0 of a tensor-parallel replica: set before its first model goes live.
@@ -474,6 +479,7 @@ class Engine:
                 cuda_graphs=mode == "cuda-graphs",
                 compile_layers=compiled,
                 quantization=self.quantization,
+                attention=self.decode_attention,
             )
             try:
                 decoder.capture_all()
@@ -511,10 +517,11 @@ class Engine:
             decoder = ranks.split_decoder(
                 bundle,
                 self.max_batch_size,
-                self.quantization,
-                self.decode_mode,
-                self.decode_compile,
                 tp,
+                quantization=self.quantization,
+                decode_mode=self.decode_mode,
+                decode_compile=self.decode_compile,
+                decode_attention=self.decode_attention,
             )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc

@@ -1,0 +1,373 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs
+# (the Triton kernel below takes untyped parameters: Triton reads annotations as types)
+"""Decode attention over each row's own length (issue 17): one query token per row, grouped-query.
+
+The decode step's attention read, per layer, every row's keys and values up to the attention
+length bucket (``scaled_dot_product_attention`` over ``keys[:batch, :, :bucket]`` with a mask):
+a row at position 70 in the 256 bucket read 256 positions, and each bucket was a graph of its
+own. ``attend`` reads each row's slot up to that row's length only (``lengths``, on the device:
+the same kernel serves every length, so one graph per batch size serves every length too).
+
+On CUDA with Triton: one program per (row, key/value head) computes the attention of that head's
+``group`` query heads at once (each key and value read once for all of them), an online softmax
+over blocks of ``BLOCK_N`` positions, in float32. Elsewhere (the CPU, no Triton) the same result
+from ``scaled_dot_product_attention`` with a mask: the reference the kernel is checked against.
+
+``attend`` is a custom operator (``metalserve::decode_attention``), so the compiled decode layer
+calls it as one opaque step and CUDA graphs capture its launch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton  # type: ignore[import-not-found, unused-ignore]
+    import triton.language as tl  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # no Triton: the project's CI and CPU-only hosts
+    triton = None
+    tl = None
+
+# Positions per block of the kernel's loop, and its warps (H200, 8B shapes, 2026-12-04).
+BLOCK_N = 64
+WARPS = 4
+STAGES = 2
+# tl.dot needs 16 rows at least: the query heads of a group are padded to this many.
+MIN_DOT_ROWS = 16
+
+
+def reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``attend``'s result by torch's own attention: ``q`` [batch, heads, head_dim] over the
+    first ``lengths[b]`` positions of slot ``b`` of ``keys``/``values`` [slots, kv_heads,
+    positions, head_dim]; [batch, heads, head_dim]."""
+    batch = q.shape[0]
+    longest = keys.shape[2]
+    visible = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        keys[:batch],
+        values[:batch],
+        attn_mask=bias,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the Triton kernel runs on ``device``."""
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        lengths_ptr,
+        out_ptr,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        scale,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        length = tl.load(lengths_ptr + row).to(tl.int32)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        in_group = g < GROUP
+        heads = kv_head * GROUP + g
+        q = tl.load(
+            q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=in_group[:, None],
+            other=0.0,
+        )
+        k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for start in range(0, length, BLOCK):
+            n = start + tl.arange(0, BLOCK)
+            visible = n < length
+            k = tl.load(
+                k_base + n[:, None] * stride_kn + d[None, :], mask=visible[:, None], other=0.0
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = tl.where(visible[None, :], s * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(s - new_best[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            # Zeros past the length: their weight is 0, and 0 x NaN would not be.
+            v = tl.load(
+                v_base + n[:, None] * stride_vn + d[None, :], mask=visible[:, None], other=0.0
+            )
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            best = new_best
+        out = acc / total[:, None]
+        tl.store(
+            out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=in_group[:, None],
+        )
+
+    @triton.jit
+    def _decode_attention_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        lengths_ptr,
+        out_ptr,
+        part_ptr,
+        stat_ptr,
+        counter_ptr,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        kv_heads,
+        scale,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # Flash-decoding: SPLITS programs per (row, key/value head), each over its share of the
+        # row's length; the last to finish (an atomic count) combines the shares and resets
+        # the count, so the whole attention stays one launch (and one graph node).
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lengths_ptr + row).to(tl.int32)
+        share = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        begin = split * share
+        end = tl.minimum(begin + share, length)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        in_group = g < GROUP
+        heads = kv_head * GROUP + g
+        q = tl.load(
+            q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=in_group[:, None],
+            other=0.0,
+        )
+        k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for start in range(begin, end, BLOCK):
+            n = start + tl.arange(0, BLOCK)
+            visible = n < end
+            k = tl.load(
+                k_base + n[:, None] * stride_kn + d[None, :], mask=visible[:, None], other=0.0
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = tl.where(visible[None, :], s * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(s - new_best[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            v = tl.load(
+                v_base + n[:, None] * stride_vn + d[None, :], mask=visible[:, None], other=0.0
+            )
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            best = new_best
+        pair = row * kv_heads + kv_head
+        mine = pair * SPLITS + split
+        tl.store(part_ptr + mine * GROUP_PAD * HEAD_DIM + g[:, None] * HEAD_DIM + d[None, :], acc)
+        tl.store(stat_ptr + (mine * 2) * GROUP_PAD + g, best)
+        tl.store(stat_ptr + (mine * 2 + 1) * GROUP_PAD + g, total)
+        # Every warp's stores first, then the count (release): whoever sees it sees them.
+        tl.debug_barrier()
+        finished = tl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
+        if finished == SPLITS - 1:
+            first = pair * SPLITS
+            top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            for other in range(SPLITS):
+                top = tl.maximum(
+                    top,
+                    tl.load(stat_ptr + ((first + other) * 2) * GROUP_PAD + g, cache_modifier=".cg"),
+                )
+            weight = tl.zeros([GROUP_PAD], tl.float32)
+            mixed = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            for other in range(SPLITS):
+                at = first + other
+                factor = tl.exp(
+                    tl.load(stat_ptr + (at * 2) * GROUP_PAD + g, cache_modifier=".cg") - top
+                )
+                weight += factor * tl.load(
+                    stat_ptr + (at * 2 + 1) * GROUP_PAD + g, cache_modifier=".cg"
+                )
+                part = tl.load(
+                    part_ptr + at * GROUP_PAD * HEAD_DIM + g[:, None] * HEAD_DIM + d[None, :],
+                    cache_modifier=".cg",
+                )
+                mixed += factor[:, None] * part
+            out = mixed / weight[:, None]
+            tl.store(
+                out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=in_group[:, None],
+            )
+            tl.store(counter_ptr + pair, 0)
+
+
+# Each device's counters of finished shares (split kernel): zero between calls (the last share
+# resets its own), so one buffer serves every call and every graph replay.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_kernel(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    splits: int = 4,
+    block: int = BLOCK_N,
+    warps: int = WARPS,
+    stages: int = STAGES,
+) -> torch.Tensor:
+    """``attend`` by the split (flash-decoding) kernel: ``splits`` programs per row and head."""
+    batch, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    pad = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
+    counters = _COUNTERS.get(q.device)
+    if counters is None or counters.numel() < batch * kv_heads:
+        counters = _COUNTERS[q.device] = torch.zeros(
+            max(batch * kv_heads, 4096), dtype=torch.int32, device=q.device
+        )
+    part = torch.empty(batch * kv_heads * splits * pad * head_dim, device=q.device)
+    stat = torch.empty(batch * kv_heads * splits * 2 * pad, device=q.device)
+    out = torch.empty_like(q)
+    _decode_attention_split_kernel[(batch, kv_heads, splits)](
+        q,
+        keys,
+        values,
+        lengths,
+        out,
+        part,
+        stat,
+        counters,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        out.stride(0),
+        out.stride(1),
+        kv_heads,
+        scale,
+        GROUP=group,
+        GROUP_PAD=pad,
+        HEAD_DIM=head_dim,
+        BLOCK=block,
+        SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def kernel(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    block: int = BLOCK_N,
+    warps: int = WARPS,
+    stages: int = STAGES,
+) -> torch.Tensor:
+    """The Triton kernel's ``attend`` (CUDA tensors; ``block``, ``warps``, ``stages``: its
+    tuning, for the probe)."""
+    batch, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    _decode_attention_kernel[(batch, kv_heads)](
+        q,
+        keys,
+        values,
+        lengths,
+        out,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        GROUP=group,
+        GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK=block,
+        # float32 products in full precision (TF32's would stray from the reference).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+@torch.library.custom_op("metalserve::decode_attention", mutates_args=())
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of ``q`` [batch, heads, head_dim] (one token per row) over the first
+    ``lengths[b]`` positions of slot ``b`` of ``keys``/``values`` [slots, kv_heads, positions,
+    head_dim] (``heads`` a multiple of ``kv_heads``; ``lengths`` int64 on the device, each at
+    least 1); [batch, heads, head_dim] in ``q``'s dtype."""
+    if kernel_available(q.device) and q.stride(-1) == 1 and keys.stride(-1) == 1:
+        return kernel(q, keys, values, lengths, scale)
+    return reference(q, keys, values, lengths, scale)
+
+
+@attend.register_fake
+def _(q, keys, values, lengths, scale):
+    return torch.empty_like(q)
+
+
+def supported(head_dim: int, heads: int, kv_heads: int) -> bool:
+    """Whether the kernel takes these shapes (a power-of-two head size of 16 or more)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
