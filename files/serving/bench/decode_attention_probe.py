@@ -27,15 +27,8 @@ REPLAYS = 20
 # (batch, shortest, longest row, length bucket): bench serve's 64-token prompts and 128 new
 # tokens, and a long-context case.
 CASES = [(32, 64, 192, 256), (8, 64, 192, 256), (64, 64, 192, 256), (32, 900, 1900, 2048)]
-# (splits, block, warps, stages): one program per row and head (splits 0), or several.
-TUNINGS = [
-    (0, 64, 4, 3),
-    (0, 128, 4, 3),
-    (2, 64, 4, 3),
-    (4, 64, 4, 3),
-    (8, 64, 4, 3),
-    (4, 32, 4, 3),
-]
+# (block, warps, stages) of the kernel; the first is its default.
+TUNINGS = [(64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3)]
 
 
 def timed(run: Any) -> float:
@@ -92,25 +85,17 @@ def case(batch: int, shortest: int, longest: int, length: int) -> dict[str, Any]
         "kv_bytes_at_own_lengths": read,
         "sdpa_bucket_us": timed(bucketed),
     }
-    for splits, block, warps, stages in TUNINGS:
+    for block, warps, stages in TUNINGS:
         tuning = {"block": block, "warps": warps, "stages": stages}
 
-        def own(splits: int = splits, tuning: dict[str, int] = tuning) -> None:
+        def own(tuning: dict[str, int] = tuning) -> None:
             for k, v in zip(keys, values, strict=True):
-                if splits:
-                    decode_attention.split_kernel(q, k, v, lengths, scale, splits=splits, **tuning)
-                else:
-                    decode_attention.kernel(q, k, v, lengths, scale, **tuning)
+                decode_attention.kernel(q, k, v, lengths, scale, **tuning)
 
-        name = f"kernel_p{splits}_b{block}_w{warps}_s{stages}"
+        name = f"kernel_b{block}_w{warps}_s{stages}"
         result[f"{name}_us"] = timed(own)
         got = decode_attention.reference(q, keys[1], values[1], lengths, scale).float()
-        if splits:
-            mine = decode_attention.split_kernel(
-                q, keys[1], values[1], lengths, scale, splits=splits, **tuning
-            )
-        else:
-            mine = decode_attention.kernel(q, keys[1], values[1], lengths, scale, **tuning)
+        mine = decode_attention.kernel(q, keys[1], values[1], lengths, scale, **tuning)
         result[f"{name}_max_abs_err"] = float((mine.float() - got).abs().max())
     expected = decode_attention.reference(q, keys[0], values[0], lengths, scale).float()
     got = decode_attention.attend(q, keys[0], values[0], lengths, scale).float()

@@ -28,10 +28,13 @@ except ImportError:  # no Triton: the project's CI and CPU-only hosts
     triton = None
     tl = None
 
-# Positions per block of the kernel's loop, and its warps (H200, 8B shapes, 2026-12-04).
+# Positions per block of the kernel's loop, its warps and pipeline stages: the fastest of those
+# tried at the 8B preset's shapes on an H200 (2026-12-04, bench/decode_attention_probe.py). A
+# split of each row over several programs (flash-decoding, the last program combining the
+# parts) was slower at these lengths, and is not kept.
 BLOCK_N = 64
 WARPS = 4
-STAGES = 2
+STAGES = 3
 # tl.dot needs 16 rows at least: the query heads of a group are padded to this many.
 MIN_DOT_ROWS = 16
 
@@ -130,178 +133,6 @@ if triton is not None:
             out.to(out_ptr.dtype.element_ty),
             mask=in_group[:, None],
         )
-
-    @triton.jit
-    def _decode_attention_split_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        lengths_ptr,
-        out_ptr,
-        part_ptr,
-        stat_ptr,
-        counter_ptr,
-        stride_qb,
-        stride_qh,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_vb,
-        stride_vh,
-        stride_vn,
-        stride_ob,
-        stride_oh,
-        kv_heads,
-        scale,
-        GROUP: tl.constexpr,
-        GROUP_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        # Flash-decoding: SPLITS programs per (row, key/value head), each over its share of the
-        # row's length; the last to finish (an atomic count) combines the shares and resets
-        # the count, so the whole attention stays one launch (and one graph node).
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        length = tl.load(lengths_ptr + row).to(tl.int32)
-        share = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
-        begin = split * share
-        end = tl.minimum(begin + share, length)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        in_group = g < GROUP
-        heads = kv_head * GROUP + g
-        q = tl.load(
-            q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
-            mask=in_group[:, None],
-            other=0.0,
-        )
-        k_base = k_ptr + row * stride_kb + kv_head * stride_kh
-        v_base = v_ptr + row * stride_vb + kv_head * stride_vh
-        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        total = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for start in range(begin, end, BLOCK):
-            n = start + tl.arange(0, BLOCK)
-            visible = n < end
-            k = tl.load(
-                k_base + n[:, None] * stride_kn + d[None, :], mask=visible[:, None], other=0.0
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            s = tl.where(visible[None, :], s * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, 1))
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * rescale + tl.sum(p, 1)
-            v = tl.load(
-                v_base + n[:, None] * stride_vn + d[None, :], mask=visible[:, None], other=0.0
-            )
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            best = new_best
-        pair = row * kv_heads + kv_head
-        mine = pair * SPLITS + split
-        tl.store(part_ptr + mine * GROUP_PAD * HEAD_DIM + g[:, None] * HEAD_DIM + d[None, :], acc)
-        tl.store(stat_ptr + (mine * 2) * GROUP_PAD + g, best)
-        tl.store(stat_ptr + (mine * 2 + 1) * GROUP_PAD + g, total)
-        # Every warp's stores first, then the count (release): whoever sees it sees them.
-        tl.debug_barrier()
-        finished = tl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
-        if finished == SPLITS - 1:
-            first = pair * SPLITS
-            top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            for other in range(SPLITS):
-                top = tl.maximum(
-                    top,
-                    tl.load(stat_ptr + ((first + other) * 2) * GROUP_PAD + g, cache_modifier=".cg"),
-                )
-            weight = tl.zeros([GROUP_PAD], tl.float32)
-            mixed = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-            for other in range(SPLITS):
-                at = first + other
-                factor = tl.exp(
-                    tl.load(stat_ptr + (at * 2) * GROUP_PAD + g, cache_modifier=".cg") - top
-                )
-                weight += factor * tl.load(
-                    stat_ptr + (at * 2 + 1) * GROUP_PAD + g, cache_modifier=".cg"
-                )
-                part = tl.load(
-                    part_ptr + at * GROUP_PAD * HEAD_DIM + g[:, None] * HEAD_DIM + d[None, :],
-                    cache_modifier=".cg",
-                )
-                mixed += factor[:, None] * part
-            out = mixed / weight[:, None]
-            tl.store(
-                out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=in_group[:, None],
-            )
-            tl.store(counter_ptr + pair, 0)
-
-
-# Each device's counters of finished shares (split kernel): zero between calls (the last share
-# resets its own), so one buffer serves every call and every graph replay.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_kernel(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-    *,
-    splits: int = 4,
-    block: int = BLOCK_N,
-    warps: int = WARPS,
-    stages: int = STAGES,
-) -> torch.Tensor:
-    """``attend`` by the split (flash-decoding) kernel: ``splits`` programs per row and head."""
-    batch, heads, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    pad = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
-    counters = _COUNTERS.get(q.device)
-    if counters is None or counters.numel() < batch * kv_heads:
-        counters = _COUNTERS[q.device] = torch.zeros(
-            max(batch * kv_heads, 4096), dtype=torch.int32, device=q.device
-        )
-    part = torch.empty(batch * kv_heads * splits * pad * head_dim, device=q.device)
-    stat = torch.empty(batch * kv_heads * splits * 2 * pad, device=q.device)
-    out = torch.empty_like(q)
-    _decode_attention_split_kernel[(batch, kv_heads, splits)](
-        q,
-        keys,
-        values,
-        lengths,
-        out,
-        part,
-        stat,
-        counters,
-        q.stride(0),
-        q.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
-        out.stride(0),
-        out.stride(1),
-        kv_heads,
-        scale,
-        GROUP=group,
-        GROUP_PAD=pad,
-        HEAD_DIM=head_dim,
-        BLOCK=block,
-        SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps,
-        num_stages=stages,
-    )
-    return out
 
 
 def kernel(
