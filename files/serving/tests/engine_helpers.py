@@ -4,11 +4,12 @@ test_staticdecode). A plain module, not conftest.py: it holds no fixtures."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from metalserve import staticdecode
+from metalserve import staticdecode, weights
 from metalserve.engine import Engine, Event, Sequence, TextDelta, generate_once
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
@@ -158,3 +159,29 @@ def split_greedy(
     decoder.stop_followers()
     tokens = [seq[len(p) :] for seq, p in zip(sequences, SPLIT_IDS, strict=True)]
     return {"tokens": tokens, "worst_rel_err": worst}
+
+
+# The store's smallest blocks: a tiny layer's tensors then span several, and a rank's rows
+# whole blocks of their own.
+SMALL_BLOCKS = 4096
+SPLIT = "model.layers.0.mlp.gate_proj.weight"  # split on rows: each rank reads half of it
+
+
+def rank_1_only_block(shard: Path) -> int:
+    """A block of ``shard`` that lies inside rank 1's rows of SPLIT (of two ranks)."""
+    spec = next(s for s in weights.read_header(shard) if s.name == SPLIT)
+    rows = spec.shape[0]
+    first = spec.begin + rows // 2 * (spec.nbytes // rows)
+    block = -(-first // SMALL_BLOCKS)
+    assert (block + 1) * SMALL_BLOCKS <= spec.end, "the tiny model's rows fill no whole block"
+    return block
+
+
+def corrupt_rank_1_only_block(shard: Path) -> int:
+    """Flip a byte of ``rank_1_only_block(shard)``; return the block."""
+    block = rank_1_only_block(shard)
+    data = bytearray(shard.read_bytes())
+    data[block * SMALL_BLOCKS + 7] ^= 0xFF
+    shard.chmod(0o644)
+    shard.write_bytes(data)
+    return block

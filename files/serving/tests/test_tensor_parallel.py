@@ -13,7 +13,15 @@ import torch
 import torch.multiprocessing
 
 from conftest import MODEL, Store
-from engine_helpers import PROMPTS, Collector, alone, llama_relative, split_greedy
+from engine_helpers import (
+    PROMPTS,
+    SMALL_BLOCKS,
+    Collector,
+    alone,
+    corrupt_rank_1_only_block,
+    llama_relative,
+    split_greedy,
+)
 from metalserve import staticdecode, tensor_parallel
 from metalserve.engine import Sequence, StaticBatch
 from metalserve.loader import LoadedModel, load_version
@@ -180,24 +188,6 @@ def test_rank_0_serves_a_batch_the_other_rank_follows(model_store: Store, tmp_pa
     assert json.loads(out.read_text()) == expected
 
 
-# The store's smallest blocks: a tiny layer's tensors then span several, and a rank's rows
-# whole blocks of their own.
-SMALL_BLOCKS = 4096
-SPLIT = "model.layers.0.mlp.gate_proj.weight"  # split on rows: each rank reads half of it
-
-
-def _rank_1_only_block(shard: Path) -> int:
-    """A block of ``shard`` that lies inside rank 1's rows of SPLIT (of two ranks)."""
-    from metalserve import weights
-
-    spec = next(s for s in weights.read_header(shard) if s.name == SPLIT)
-    rows = spec.shape[0]
-    first = spec.begin + rows // 2 * (spec.nbytes // rows)
-    block = -(-first // SMALL_BLOCKS)
-    assert (block + 1) * SMALL_BLOCKS <= spec.end, "the tiny model's rows fill no whole block"
-    return block
-
-
 def test_each_rank_reads_and_verifies_only_its_part(
     model_dirs: dict[int, Path], tmp_path: Path
 ) -> None:
@@ -210,11 +200,7 @@ def test_each_rank_reads_and_verifies_only_its_part(
     version = store.publish(model_dirs[1], root, MODEL, block_size=SMALL_BLOCKS)
     whole = dict(load_version(root, MODEL, version).model.named_parameters())
     shard = store.version_dir(root, MODEL, version) / "model.safetensors"
-    block = _rank_1_only_block(shard)
-    corrupt = bytearray(shard.read_bytes())
-    corrupt[block * SMALL_BLOCKS + 7] ^= 0xFF
-    shard.chmod(0o644)
-    shard.write_bytes(corrupt)
+    block = corrupt_rank_1_only_block(shard)
 
     part = load_version(root, MODEL, version, tensor_parallel=TensorParallel(0, 2))
     assert part.part_of == (0, 2)

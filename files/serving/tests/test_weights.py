@@ -239,7 +239,7 @@ def test_block_verified_stream_equals_load_file(
     assert loaded.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(loaded[name], tensor), name
-    # Converted tensors are finished by the one reader of their shard: it is not cut.
+    # Converted tensors are finished by the one job that reads them: ranges are cut between.
     converted = _load_version(
         root, version_id, dtype=torch.float32, verify=False, range_size=range_size
     )
@@ -371,3 +371,41 @@ def test_readers_take_every_core_when_none_hashes(monkeypatch: pytest.MonkeyPatc
     assert weights.default_workers(3, host_hashing=False) == 3
     monkeypatch.setattr(store, "default_threads", lambda: 64)
     assert weights.default_workers(64, host_hashing=False) == weights.MAX_READERS
+
+
+def _target(name: str, begin: int, end: int, *, direct: bool) -> weights._Target:
+    spec = weights.TensorSpec(name, torch.uint8, (end - begin,), begin, end)
+    return weights._Target(spec, torch.empty(end - begin, dtype=torch.uint8), direct)
+
+
+def test_ranges_never_cut_a_converted_tensor_and_cover_only_the_spans() -> None:
+    """Ranges of 4 blocks of 100 bytes: the converted tensor over bytes 350..920 is read by one
+    job (the cut moves to the first block boundary after it); with spans, only the blocks that
+    hold them are read."""
+    blocks = store.Blocks(100, ("x",) * 20, "blake3")
+    targets = [
+        _target("a", 0, 350, direct=True),
+        _target("b", 350, 920, direct=False),
+        _target("c", 920, 2000, direct=True),
+    ]
+    job = weights._Job(0, Path("shard"), targets, blocks, 100)
+    bounds = [(part.begin, part.end) for part in job.ranges(2000, 400)]
+    assert bounds == [(0, 1000), (1000, 1400), (1400, 1800), (1800, 2000)]
+    job.spans = [(0, 40), (1210, 1290), (1290, 1350)]
+    assert [(p.begin, p.end) for p in job.ranges(2000, 400)] == [(0, 100), (1200, 1400)]
+
+
+def test_a_part_read_short_is_refused() -> None:
+    """Parts: the blocks read must be every block that holds a span (a file cut short after its
+    size was checked reads fewer, and would otherwise pass)."""
+    blocks = store.Blocks(100, ("d0", "d1", "d2", "d3"), "blake3")
+    entry = store.FileEntry("s.safetensors", 400, "0" * 64, blocks)
+    spans = [(0, 50), (210, 390)]
+    whole = weights.StreamResult(300, None, ("d0", "d2", "d3"), (0, 2, 3))
+    assert weights._problem(entry, whole, spans) is None
+    short = weights.StreamResult(100, None, ("d0",), (0,))
+    assert "1 blocks (100 bytes) read of the 3 (300 bytes)" in (
+        weights._problem(entry, short, spans) or ""
+    )
+    bad = weights.StreamResult(300, None, ("d0", "xx", "d3"), (0, 2, 3))
+    assert "in block 2 " in (weights._problem(entry, bad, spans) or "")

@@ -92,8 +92,9 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        # 64-bit offsets: a layer's cache may hold more than 2**31 elements.
+        row = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1).to(tl.int64)
         length = tl.load(lengths_ptr + row).to(tl.int32)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
@@ -199,6 +200,11 @@ def _(q, keys, values, lengths, scale):
     return torch.empty_like(q)
 
 
+# Head sizes the kernel takes: powers of two (Triton's ranges), at most 128 (its key and value
+# tiles, pipelined, fit every GPU's shared memory; larger heads keep torch's attention).
+HEAD_DIMS = (16, 32, 64, 128)
+
+
 def supported(head_dim: int, heads: int, kv_heads: int) -> bool:
-    """Whether the kernel takes these shapes (a power-of-two head size of 16 or more)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
+    """Whether the kernel takes these shapes."""
+    return head_dim in HEAD_DIMS and heads % kv_heads == 0

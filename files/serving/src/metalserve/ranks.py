@@ -49,6 +49,7 @@ class RankSpec:
     world: int
     init_method: str
     model: str
+    store: str  # where a rank loads from when the node cache's copy of its part is bad
     device: str  # "cpu" or "cuda": rank r runs on cuda:r
     dtype: str
     chunk_size: int
@@ -67,14 +68,16 @@ class RankSpec:
         return "nccl" if self.device == "cuda" else "gloo"
 
 
-def rank_info(rank: int, bundle: Any) -> dict[str, Any]:
-    """What a rank reports of itself to the others (``/version``'s ``ranks``)."""
+def rank_info(rank: int, bundle: Any, *, cache_copy_failed: bool = False) -> dict[str, Any]:
+    """What a rank reports of itself to the others (``/version``'s ``ranks``;
+    ``cache_copy_failed``: its part of the node cache's copy was bad, the store's was loaded)."""
     return {
         "rank": rank,
         "pid": os.getpid(),
         "device": str(bundle.device),
         "version_id": bundle.version_id,
         "verified": True,
+        "cache_copy_failed": cache_copy_failed,
     }
 
 
@@ -166,22 +169,36 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from metalserve import store
     from metalserve.loader import load_version
     from metalserve.tensor_parallel import RELOAD
 
     tp = join_group(spec, rank)
     while True:
         root, version_id = share_version()
-        bundle = load_version(
-            Path(root),
-            spec.model,
-            version_id,
-            device=spec.device_of(rank),
-            dtype=spec.dtype,
-            chunk_size=spec.chunk_size,
-            tensor_parallel=tp,
-        )
-        exchange(rank_info(rank, bundle), spec.world)
+
+        def load(source: str, version_id: str = version_id) -> Any:
+            return load_version(
+                Path(source),
+                spec.model,
+                version_id,
+                device=spec.device_of(rank),
+                dtype=spec.dtype,
+                chunk_size=spec.chunk_size,
+                tensor_parallel=tp,
+            )
+
+        cache_copy_failed = False
+        try:
+            bundle = load(root)
+        except store.VerificationError as exc:
+            if Path(root) == Path(spec.store):
+                raise
+            # Rank 0 verified only its own part of the node cache's copy: this rank's is bad.
+            log.error("the node cache's copy failed verification, loading the store's: %s", exc)
+            bundle = load(spec.store)
+            cache_copy_failed = True
+        exchange(rank_info(rank, bundle, cache_copy_failed=cache_copy_failed), spec.world)
         decoder = split_decoder(
             bundle,
             spec.slots,

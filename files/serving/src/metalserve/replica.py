@@ -159,6 +159,8 @@ class Replica:
         bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
         if bundle.part_of is not None:
+            if self.engine.tensor_parallel is not None:
+                self._verify_version(version_id)
             # A rank's part runs only with the other ranks: the engine warms them up together.
             return bundle
         started = time.monotonic()
@@ -171,6 +173,30 @@ class Replica:
         timings["warmup"] = time.monotonic() - started
         log.info("warm-up of %s passed: %r", bundle.short_id, text)
         return bundle
+
+    def _verify_version(self, version_id: str) -> None:
+        """A hot reload over tensor-parallel ranks: the other ranks drop the version they serve
+        before they load their parts of the next, so every block of it is verified here first
+        (host threads), and a bad version is refused while the old one still serves. A bad
+        copy in the node's cache is dropped: the next attempt loads the store's."""
+        root = self._loaded_from[version_id]
+        model = self.settings.model
+        entries = store.read_manifest(root, model, version_id).files
+        problems = store.verify_files(store.version_dir(root, model, version_id), entries)
+        if problems:
+            if root != self.settings.store:
+                self._drop_cached(version_id)
+            raise store.VerificationError(version_id, problems)
+
+    def _drop_cached(self, version_id: str) -> None:
+        """The node cache's copy of ``version_id`` failed verification: give it up."""
+        lease = self._leases.pop(version_id, None)
+        if lease is not None:
+            lease.release()
+        if self.cache is not None:
+            self.cache.drop(self.settings.model, version_id)
+        self.metrics.cache_loads.labels(result="corrupt").inc()
+        log.error("dropped the node cache's copy of %s", version_id[: store.SHORT_ID_LEN])
 
     def _load(self, version_id: str) -> LoadedModel:
         settings = self.settings
@@ -201,9 +227,8 @@ class Replica:
             except store.VerificationError as exc:
                 # Never served: dropped, then the store's copy is loaded (and cached again).
                 log.error("the cached copy failed verification: %s", exc)
-                lease.release()
-                cache.drop(settings.model, version_id)
-                self.metrics.cache_loads.labels(result="corrupt").inc()
+                self._leases[version_id] = lease
+                self._drop_cached(version_id)
             else:
                 self._leases[version_id] = lease
                 self.metrics.cache_loads.labels(result="hit").inc()
@@ -288,6 +313,7 @@ class Replica:
             dtype=settings.dtype,
             chunk_size=settings.read_chunk_mib * 1024 * 1024,
             slots=settings.batch_limit,
+            store=str(settings.store),
             quantization=settings.quantization,
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
@@ -321,6 +347,9 @@ class Replica:
         mismatched = [i for i in self.rank_infos if i["version_id"] != bundle.version_id]
         if mismatched:
             raise LoadError(f"ranks loaded other versions than {bundle.short_id}: {mismatched}")
+        if any(info["cache_copy_failed"] for info in self.rank_infos):
+            # A rank found its part of the cached copy bad and loaded the store's instead.
+            self._drop_cached(bundle.version_id)
         log.info("every rank of %d loaded %s", world, bundle.short_id)
 
     def stop_ranks(self) -> None:

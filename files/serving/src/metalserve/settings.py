@@ -130,8 +130,9 @@ class ServeSettings(BaseSettings):
         le=8,
         description="ranks of this replica: its model's layers split over that many processes "
         "(torch.distributed: NCCL over GPUs cuda:0..N-1 of CUDA_VISIBLE_DEVICES, gloo on the "
-        "CPU), this one serving HTTP; greedy output equals one rank's (the static decode path, "
-        "eager; a hot reload reloads every rank)",
+        "CPU), this one serving HTTP, each rank reading and verifying only its part of the "
+        "weights (the static decode path, CUDA graphs and the compiled layer on CUDA; a hot "
+        "reload reloads every rank)",
     )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(

@@ -13,9 +13,12 @@ sizes a step costs more host time than GPU time. This module runs the same model
 * the active sequences occupy slots ``0..n-1``; when one leaves, the last one moves into its slot
   (one copy of that slot's used cache), so the step always runs over a prefix of the slots;
 * a decode step reads its inputs (token and position of every slot) from device buffers and is
-  captured as a CUDA graph for every pair of a batch-size bucket and an attention-length bucket;
-  the batch is padded to its bucket (padding rows compute on free slots, whose results nobody
-  reads) and attention reads the cache up to the length bucket only. A replay is one launch.
+  captured as a CUDA graph for every batch-size bucket; the batch is padded to its bucket
+  (padding rows compute on free slots, whose results nobody reads). Its attention reads each
+  row's cache up to the row's own length (``decode_attention``'s kernel, the lengths being device
+  data: one graph serves every length); with ``attention="bucketed"`` (or where the kernel does
+  not run) torch's attention reads up to an attention-length bucket, and there is a graph for
+  every pair of batch and length buckets. A replay is one launch.
 
 Prefill is one forward per admitted group (right-padded, causal attention through SDPA) that
 writes the prompt's keys and values straight into the group's slots. With CUDA graphs the group

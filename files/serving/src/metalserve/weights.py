@@ -283,16 +283,18 @@ class _Job:
         that must be converted after all its bytes arrived is never cut between jobs."""
         if self.blocks is None:
             return [self]
-        covered = _covering_blocks(self.spans or [(0, size)], self.blocks.size, size)
-        cut = all(t.direct for t in self.targets)
-        step = self.blocks.size * max(1, range_size // self.blocks.size)
-        bounds = [
-            (lo, hi)
-            for begin, end in covered
-            for lo, hi in (
-                itertools.pairwise([*range(begin, end, step), end]) if cut else [(begin, end)]
-            )
-        ]
+        block = self.blocks.size
+        covered = _covering_blocks(self.spans or [(0, size)], block, size)
+        step = block * max(1, range_size // block)
+        # A tensor converted once all its bytes arrived (``_Target.written``) is read by one job.
+        whole = [(t.spec.begin, t.spec.end) for t in self.targets if not t.direct]
+        bounds = []
+        for begin, end in covered:
+            lo = begin
+            while lo < end:
+                hi = _past(min(lo + step, end), whole, block, end)
+                bounds.append((lo, hi))
+                lo = hi
         if bounds == [(0, size)]:
             return [self]
         return [
@@ -309,6 +311,17 @@ class _Job:
             )
             for lo, hi in bounds
         ]
+
+
+def _past(at: int, whole: list[tuple[int, int]], block: int, end: int) -> int:
+    """``at``, or the first block boundary after it (at most ``end``) inside none of ``whole``."""
+    moved = True
+    while moved and at < end:
+        moved = False
+        for begin, stop in whole:
+            if begin < at < stop:
+                at, moved = min(-(-stop // block) * block, end), True
+    return at
 
 
 def _covering_blocks(
@@ -817,22 +830,34 @@ def load_weights(
     if verify:
         problems = [
             problem
-            for entry, result in zip(entries, results, strict=True)
-            if (problem := _problem(entry, result))
+            for entry, result, span in zip(entries, results, spans, strict=True)
+            if (problem := _problem(entry, result, span))
         ]
         if problems:
             raise store.VerificationError(version_id, problems)
     return names
 
 
-def _problem(entry: store.FileEntry, result: StreamResult) -> str | None:
-    if entry.blocks is not None:
-        if result.size < entry.size:  # parts: the blocks read (the size was checked before)
-            return store.check_some_blocks(
-                entry, dict(zip(result.block_indices, result.blocks or (), strict=True))
-            )
+def _problem(
+    entry: store.FileEntry, result: StreamResult, spans: list[tuple[int, int]] | None
+) -> str | None:
+    if entry.blocks is None:
+        return store.check_entry(entry, result.size, result.sha256 or "")
+    if spans is None:
         return store.check_blocks(entry, result.size, result.blocks or ())
-    return store.check_entry(entry, result.size, result.sha256 or "")
+    # Parts: exactly the blocks that hold the spans must have been read, each as the manifest
+    # says (a file cut short after its size was checked reads fewer).
+    size = entry.blocks.size
+    covered = _covering_blocks(spans, size, entry.size)
+    wanted = {i for lo, hi in covered for i in range(lo // size, -(-hi // size))}
+    read = dict(zip(result.block_indices, result.blocks or (), strict=True))
+    expected = sum(hi - lo for lo, hi in covered)
+    if read.keys() != wanted or result.size != expected:
+        return (
+            f"{entry.path}: {len(read)} blocks ({result.size} bytes) read of the "
+            f"{len(wanted)} ({expected} bytes) that hold this rank's part"
+        )
+    return store.check_some_blocks(entry, read)
 
 
 def _spans(

@@ -507,8 +507,10 @@ class Engine:
         return StaticBatch(bundle, decoder, self.observer)
 
     def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
-        """The static path split over the replica's ranks, eager, proven by a warm-up the ranks
-        run together (each holds its part of the model only: nothing runs it whole)."""
+        """The static path split over the replica's ranks (every rank captures its graphs and
+        compiles its layer alike), proven by a warm-up the ranks run together: it must generate
+        without an error (each rank holds its part of the model only, so nothing can run it
+        whole for a comparison; the tests compare with one rank)."""
         from metalserve import ranks, staticdecode
 
         if self._current is not None and self.tensor_parallel_switch is not None:
