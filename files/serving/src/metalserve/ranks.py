@@ -8,9 +8,9 @@ version and the root it loaded from (the node's cache, or the store); each rank 
 and loads its share of every layer from there (``metalserve.tensor_parallel``), and the rest of
 the model whole, and repeats rank 0's decoder steps until rank 0 stops it. Before
 serving, every rank tells the others what it loaded (``/version`` lists them). A hot reload ends
-the old version's steps (RELOAD) and sends the next version the same way, once rank 0 has loaded,
-verified and warmed it up and the old version's requests are done: each rank drops its old share
-first, so a rank never holds two versions (requests wait meanwhile).
+the old version's steps (RELOAD) and sends the next version the same way, once rank 0 has loaded
+its part and verified every block of it, and the old version's requests are done: each rank
+drops its old share first, so a rank never holds two versions (requests wait meanwhile).
 
 A rank's death takes the replica down whole, never half: rank 0 watches the others' processes
 and fails the replica when one exits (systemd restarts the unit); the others exit once rank 0's

@@ -227,7 +227,7 @@ class Replica:
             except store.VerificationError as exc:
                 # Never served: dropped, then the store's copy is loaded (and cached again).
                 log.error("the cached copy failed verification: %s", exc)
-                self._leases[version_id] = lease
+                lease.release()
                 self._drop_cached(version_id)
             else:
                 self._leases[version_id] = lease

@@ -214,6 +214,17 @@ class Part:
     start: int
     stop: int
 
+    def rows_of(self, spec: TensorSpec) -> TensorSpec:
+        """The rows of ``spec`` this part keeps (``dim`` 0): a smaller tensor of the file."""
+        row = spec.nbytes // spec.shape[0]
+        return TensorSpec(
+            spec.name,
+            spec.dtype,
+            self.shape_of(spec.shape),
+            spec.begin + self.start * row,
+            spec.begin + self.stop * row,
+        )
+
     def shape_of(self, whole: tuple[int, ...]) -> tuple[int, ...]:
         """The part's shape in a tensor of shape ``whole``."""
         if self.dim not in (0, 1) or self.dim >= len(whole) or len(whole) > 2:
@@ -740,15 +751,8 @@ def _target(spec: TensorSpec, dest: torch.Tensor | Part, device: torch.device) -
     if isinstance(dest, Part):
         part, dest = dest, dest.dest
         expected = part.shape_of(spec.shape)
-        if part.dim == 0:  # rows: contiguous bytes, a smaller tensor of the file
-            row = spec.nbytes // spec.shape[0]
-            spec = TensorSpec(
-                spec.name,
-                spec.dtype,
-                expected,
-                spec.begin + part.start * row,
-                spec.begin + part.stop * row,
-            )
+        if part.dim == 0:
+            spec = part.rows_of(spec)
         else:
             columns = (part.start, part.stop)
     else:
@@ -871,11 +875,8 @@ def _spans(
         (length,) = struct.unpack("<Q", fh.read(8))
     wanted = [(0, 8 + length)]
     for spec, dest in targets:
-        if isinstance(dest, Part) and dest.dim == 0:
-            row = spec.nbytes // spec.shape[0]
-            wanted.append((spec.begin + dest.start * row, spec.begin + dest.stop * row))
-        else:
-            wanted.append((spec.begin, spec.end))
+        read = dest.rows_of(spec) if isinstance(dest, Part) and dest.dim == 0 else spec
+        wanted.append((read.begin, read.end))
     return wanted
 
 
