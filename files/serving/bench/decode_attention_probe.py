@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from metalserve import decode_attention
+from metalserve import decode_attention, graph_timing
 
 DEVICE = torch.device("cuda", 0)
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 32, 8, 128
@@ -33,23 +33,7 @@ TUNINGS = [(64, 4, 3), (128, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3)]
 
 def timed(run: Any) -> float:
     """Microseconds of one ``run`` (all layers), as a CUDA graph replayed REPLAYS times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / REPLAYS
+    return graph_timing.graph_micros(run, REPLAYS)
 
 
 def case(batch: int, shortest: int, longest: int, length: int) -> dict[str, Any]:

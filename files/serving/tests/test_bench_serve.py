@@ -69,6 +69,9 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert server["client_processes"] == 3
     assert 0 < server["server_ttft_mean_s"] <= server["ttft_mean_s"]
     assert 0 <= server["server_queue_time_mean_s"] <= server["server_ttft_mean_s"]
+    # ...and its first byte (request in to first body byte out) lies between the two.
+    first_byte = server["server_first_byte_mean_s"]
+    assert server["server_ttft_mean_s"] <= first_byte <= server["ttft_mean_s"]
     assert report["decode_roofline"] == {
         "bandwidth_gb_per_s": None,
         "reason": "needs the server arm on CUDA",

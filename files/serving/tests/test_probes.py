@@ -28,6 +28,7 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert "model.safetensors" in version["files"]
     # The CPU default: the dynamic path, nothing compiled.
     assert (version["decode_path"], version["decode_compiled"]) == ("dynamic", False)
+    assert version["decode_gemm"] == []  # nothing timed: no CUDA
     # Where the time to ready went: the phases after the process's start add up to at most it.
     startup = version["startup_seconds"]
     phases = ["process_start", "imports", "load", "warmup", "decode_path"]
@@ -38,6 +39,12 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
 
 
 def test_metrics(client: httpx.Client, model_store: Store) -> None:
+    first_byte = (
+        "metalserve_time_to_first_byte_seconds_{}",
+        (("endpoint", "/v1/completions"),),
+    )
+    ttft = ("metalserve_time_to_first_token_seconds_{}", (("endpoint", "completions"),))
+    before = metric_samples(client)
     complete(client, "Hi")
     client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
     response = client.get("/metrics")
@@ -46,6 +53,7 @@ def test_metrics(client: httpx.Client, model_store: Store) -> None:
         "metalserve_requests",
         "metalserve_request_duration_seconds",
         "metalserve_time_to_first_token_seconds",
+        "metalserve_time_to_first_byte_seconds",
         "metalserve_prompt_tokens",
         "metalserve_generated_tokens",
         "metalserve_batch_size",
@@ -68,6 +76,15 @@ def test_metrics(client: httpx.Client, model_store: Store) -> None:
     assert samples[not_found] >= 1
     assert samples[("metalserve_generated_tokens_total", ())] >= 12
     assert samples[("metalserve_in_flight_requests", ())] == 0
+
+    # The answer's first byte was timed (the 404 was not), from the request's arrival: no
+    # sooner than its first token, which is timed from the sequence's submission.
+    def grew(metric: tuple[str, tuple[tuple[str, str], ...]], kind: str) -> float:
+        key = (metric[0].format(kind), metric[1])
+        return samples[key] - before.get(key, 0.0)
+
+    assert grew(first_byte, "count") == grew(ttft, "count") == 1
+    assert grew(first_byte, "sum") >= grew(ttft, "sum") > 0
 
 
 def test_liveness_follows_the_engine_thread(model_store: Store) -> None:

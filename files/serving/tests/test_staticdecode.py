@@ -91,14 +91,21 @@ def _decoder(
 
 
 @pytest.mark.parametrize(
-    ("compile_layers", "bucketed", "attention"),
+    ("compile_layers", "bucketed", "attention", "skinny"),
     [
-        (False, False, "bucketed"),
-        (True, False, "bucketed"),
-        (False, True, "bucketed"),
-        (True, False, "own"),
+        (False, False, "bucketed", False),
+        (True, False, "bucketed", False),
+        (False, True, "bucketed", False),
+        (True, False, "own", False),
+        (True, False, "own", True),
     ],
-    ids=["eager", "compiled", "bucketed-prefill", "own-lengths-compiled"],
+    ids=[
+        "eager",
+        "compiled",
+        "bucketed-prefill",
+        "own-lengths-compiled",
+        "own-lengths-skinny-compiled",
+    ],
 )
 @torch.inference_mode()
 def test_logits_match_the_transformers_forward(
@@ -106,15 +113,19 @@ def test_logits_match_the_transformers_forward(
     compile_layers: bool,
     bucketed: bool,
     attention: str,
+    skinny: bool,
 ) -> None:
     """Prefill of right-padded prompts of different lengths, then decode steps with every row at
     its own position, give the logits of a full transformers forward over each sequence alone;
     also with the decode step's layer compiled (torch.compile, here for the CPU), with the
     prefill padded to its bucket (3 rows to 4, the prompts to a length bucket: what a prefill
     graph runs on CUDA), and with the decode attention over each row's own length (the
-    ``decode_attention`` operator, compiled: what runs on CUDA)."""
+    ``decode_attention`` operator, compiled: what runs on CUDA), and with the projections
+    through the ``skinny_linear`` operator as on CUDA (here untuned: torch's linear in it)."""
     decoder = _decoder(v1, compile_layers=compile_layers, bucketed=bucketed, attention=attention)
     assert decoder.own_lengths == (attention == "own")
+    assert not decoder.skinny  # the CPU: no kernel to tune
+    decoder.skinny = skinny
     prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
     longest = max(len(p) for p in prompts)
     ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)

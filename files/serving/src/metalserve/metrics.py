@@ -42,6 +42,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # What a client's TTFT is made of on the server: the engine's part is the histogram
+        # above; the rest (parsing, tokenizing, handing the token to the event loop, framing
+        # and writing it) is this one's minus that one's.
+        self.time_to_first_byte = Histogram(
+            "metalserve_time_to_first_byte_seconds",
+            "Time from request to first response body byte (completions and chat)",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "metalserve_prompt_tokens", "Prompt tokens of finished sequences", registry=r
         )

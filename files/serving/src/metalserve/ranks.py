@@ -58,6 +58,7 @@ class RankSpec:
     decode_mode: str
     decode_compile: str
     decode_attention: str
+    decode_gemm: str
     log_level: str
 
     def device_of(self, rank: int) -> str:
@@ -90,6 +91,7 @@ def split_decoder(
     decode_mode: str,
     decode_compile: str,
     decode_attention: str,
+    decode_gemm: str,
 ) -> Any:
     """The static decoder of ``tp``'s rank, its share of every layer, its graphs captured (or
     its compiled layer compiled). Every rank builds it here, so that they agree on everything
@@ -111,6 +113,7 @@ def split_decoder(
         compile_layers=decode_compile == "on" or (decode_compile == "auto" and graphs),
         quantization=quantization,
         attention=decode_attention,
+        gemm=decode_gemm,
         tp=tp,
     )
     decoder.capture_all()
@@ -207,6 +210,7 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
             decode_mode=spec.decode_mode,
             decode_compile=spec.decode_compile,
             decode_attention=spec.decode_attention,
+            decode_gemm=spec.decode_gemm,
         )
         log.info(
             "rank %d of %d follows rank 0 on %s, version %s",

@@ -70,6 +70,7 @@ class Replica:
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
             decode_attention=settings.decode_attention,
+            decode_gemm=settings.decode_gemm,
             quantization=settings.quantization,
             flush_events=self.relay.flush,
         )
@@ -318,6 +319,7 @@ class Replica:
             decode_mode=settings.decode_mode,
             decode_compile=settings.decode_compile,
             decode_attention=settings.decode_attention,
+            decode_gemm=settings.decode_gemm,
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))

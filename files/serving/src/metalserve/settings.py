@@ -118,6 +118,13 @@ class ServeSettings(BaseSettings):
         "up to the row's own length where the kernel runs (CUDA with Triton; one graph per batch "
         "size), bucketed up to the attention-length bucket (torch's attention, masked)",
     )
+    decode_gemm: Literal["auto", "torch"] = Field(
+        "auto",
+        description="the static path's decode projections: auto times our kernel for few rows "
+        "against cuBLAS per projection (and the LM head) on the device when the decode path is "
+        "built (CUDA graphs, Triton, bfloat16 or float16 weights) and uses it where it is "
+        "faster; torch: cuBLAS always",
+    )
     quantization: Literal["none", "fp8"] = Field(
         "none",
         description="weights of the static path's projections: none (the model's dtype) or fp8 "

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import decode_attention, fp8, tensor_parallel
+from metalserve import decode_attention, fp8, skinny_linear, tensor_parallel
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -199,17 +199,23 @@ def _rms_norm_of(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 class LayerShape(NamedTuple):
     """What every decoder layer of a model shares (``own_lengths``: the decode step's attention
-    reads each row up to its own length, ``decode_attention``, not the length bucket)."""
+    reads each row up to its own length, ``decode_attention``, not the length bucket;
+    ``skinny``: its projections go through ``skinny_linear``'s operator, which runs its kernel
+    where ``tune`` found it faster)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     scaling: float
     own_lengths: bool = False
+    skinny: bool = False
 
 
 # The decode step's attention (``StaticDecoder(attention=...)``).
 ATTENTIONS = ("auto", "bucketed", "own")
+# The decode step's projections (``StaticDecoder(gemm=...)``): "auto" tunes ``skinny_linear``'s
+# kernel against cuBLAS per product where it runs; "torch" is torch's linear (cuBLAS) always.
+GEMMS = ("auto", "torch")
 
 
 class LayerWeights(NamedTuple):
@@ -295,7 +301,7 @@ def decode_layer(
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     batch, length = x.shape[0], bias.shape[-1]
     h = _rms_norm_of(x, w.input_norm, w.input_eps)
-    qkv = fp8.linear(h, w.qkv, w.qkv_bias).view(batch, heads + 2 * kv_heads, head_dim)
+    qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
     qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
     q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
     rows = torch.arange(batch, device=x.device)
@@ -303,7 +309,7 @@ def decode_layer(
     values[rows, :, positions] = v
     if shape.own_lengths:
         out = decode_attention.attend(q, keys, values, positions + 1, shape.scaling)
-        return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, reduce)
+        return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, shape, reduce)
     # Grouped-query attention of each row's one query over its slot's first ``length`` entries,
     # masked beyond its own position (measured on an H200 at 8B: a little faster than matmul,
     # masked softmax, matmul, compiled or not).
@@ -315,22 +321,41 @@ def decode_layer(
         scale=shape.scaling,
         enable_gqa=True,
     )
-    return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, reduce)
+    return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, shape, reduce)
+
+
+def _project(
+    x: torch.Tensor,
+    w: torch.Tensor | fp8.Fp8Weight,
+    bias: torch.Tensor | None,
+    shape: LayerShape,
+) -> torch.Tensor:
+    """One projection of a decode step: ``skinny_linear``'s operator for the model's own
+    weights without a bias where the decoder tuned it, else ``fp8.linear``."""
+    if shape.skinny and bias is None and isinstance(w, torch.Tensor):
+        result: torch.Tensor = skinny_linear.linear(x, w)
+        return result
+    return fp8.linear(x, w, bias)
 
 
 def _decode_layer_rest(
     x: torch.Tensor,
     out: torch.Tensor,
     w: LayerWeights,
+    shape: LayerShape,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     """``decode_layer`` after the attention (``out``: [batch, heads x head_dim])."""
-    attended = fp8.linear(out, w.o_proj, w.o_bias)
+    attended = _project(out, w.o_proj, w.o_bias, shape)
     x = x + (attended if reduce is None else reduce(attended))
-    gate, up = fp8.linear(
-        _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
-    ).chunk(2, dim=-1)
-    out_mlp = fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
+    normed = _rms_norm_of(x, w.post_norm, w.post_eps)
+    gate, up = _project(normed, w.gate_up, w.gate_up_bias, shape).chunk(2, dim=-1)
+    activated = torch.nn.functional.silu(gate) * up
+    if shape.skinny and reduce is None and w.down_bias is None and isinstance(w.down, torch.Tensor):
+        # The residual added by the projection's own kernel (no kernel of its own).
+        added: torch.Tensor = skinny_linear.linear_add(activated, w.down, x)
+        return added
+    out_mlp = _project(activated, w.down, w.down_bias, shape)
     result: torch.Tensor = x + (out_mlp if reduce is None else reduce(out_mlp))
     return result
 
@@ -463,16 +488,21 @@ class StaticDecoder:
         bucketed_prefill: bool | None = None,
         quantization: str = "none",
         attention: str = "auto",
+        gemm: str = "auto",
         tp: tensor_parallel.TensorParallel | None = None,
     ) -> None:
         """``attention``, the decode step's: "auto" reads each row up to its own length where
         the kernel runs (CUDA with Triton: ``decode_attention``), "bucketed" up to the length
         bucket, "own" each row's own length everywhere (without the kernel: torch's attention
-        over the whole cache, masked; slow, for tests)."""
+        over the whole cache, masked; slow, for tests). ``gemm``, its projections' (``GEMMS``;
+        "auto" tunes ``skinny_linear`` in ``capture_all``, with CUDA graphs and the model's own
+        bfloat16 or float16 weights)."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}")
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {', '.join(GEMMS)}")
         self.tp = tp if tp is not None and tp.world > 1 else None
         if self.tp is not None and cuda_graphs:
             backend = torch.distributed.get_backend(self.tp.group)
@@ -524,6 +554,14 @@ class StaticDecoder:
         self.quantization = quantization
         if quantization == "fp8":
             self._quantize_layers()
+        self.skinny = (
+            gemm == "auto"
+            and cuda_graphs
+            and quantization == "none"
+            and dtype in skinny_linear.DTYPES
+            and skinny_linear.kernel_available(device)
+        )
+        self.gemm_tuning: list[dict[str, Any]] = []
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
         # decode_layer's last argument: the sum over the ranks, with tensor parallelism.
@@ -555,6 +593,13 @@ class StaticDecoder:
             self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
             self.positions = torch.zeros(slots, dtype=torch.long, device=device)
             self.key_index = torch.arange(max_length, device=device)
+            # With graphs and each row's own length, one length bucket: the decode step's mask
+            # is never read, and a step need not build it (a few kernels a step).
+            self._unread_mask = (
+                torch.zeros((slots, 1, 1, max_length), dtype=torch.float32, device=device)
+                if self.own_lengths and cuda_graphs
+                else None
+            )
             # The same angles transformers computes per forward, once for every position.
             anchor = torch.zeros((), dtype=dtype, device=device)
             cos, sin = inner.rotary_emb(anchor, self.key_index[None])
@@ -686,6 +731,8 @@ class StaticDecoder:
         started = time.monotonic()
         first: float | None = None
         with torch.inference_mode():
+            if self.skinny:
+                self._tune_projections()
             for length in reversed(self.lengths):
                 for size in reversed(self.batch_sizes):
                     self._graph(size, length)
@@ -708,6 +755,34 @@ class StaticDecoder:
             len(self._prefill_graphs),
             self.capture_seconds - decode_seconds,
             self.cache_bytes / 2**30,
+        )
+
+    def _tune_projections(self) -> None:
+        """Time ``skinny_linear``'s kernel against cuBLAS for each projection and the LM head
+        at the batch buckets' row blocks, over the layers' own weights (before any capture:
+        the graphs capture whichever won)."""
+        started = time.monotonic()
+        first = self.layer_weights[0]
+        products = [
+            [getattr(w, name) for w in self.layer_weights]
+            for name, bias in (
+                ("qkv", first.qkv_bias),
+                ("o_proj", first.o_bias),
+                ("gate_up", first.gate_up_bias),
+                ("down", first.down_bias),
+            )
+            if bias is None  # with a bias: torch's linear (cuBLAS adds it in its epilogue)
+        ]
+        if self.lm_head.bias is None:
+            products.append([self.lm_head.weight])
+        self.gemm_tuning = skinny_linear.tune(products, self.batch_sizes)
+        log.info(
+            "decode projections tuned in %.1fs: the kernel for %d of %d (shape, rows), "
+            "cuBLAS for the others: %s",
+            time.monotonic() - started,
+            sum(1 for t in self.gemm_tuning if t["used"]),
+            len(self.gemm_tuning),
+            self.gemm_tuning,
         )
 
     def _graph(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -770,11 +845,17 @@ class StaticDecoder:
         x = self.embed(tokens)  # [batch, hidden]
         cos = self.cos[positions].unsqueeze(1)  # [batch, 1, head_dim]
         signed_sin = self.signed_sin[positions].unsqueeze(1)
-        # 0 where a row may look, -inf elsewhere (beyond its own position).
-        visible = self.key_index[:length].unsqueeze(0) <= positions.unsqueeze(1)
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
-        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
-        shape = LayerShape(self.heads, self.kv_heads, self.head_dim, self.scaling, self.own_lengths)
+        if self._unread_mask is not None:
+            # Each row's own length (the kernel's): the mask is not read, only its sizes.
+            bias = self._unread_mask[:batch]
+        else:
+            # 0 where a row may look, -inf elsewhere (beyond its own position).
+            visible = self.key_index[:length].unsqueeze(0) <= positions.unsqueeze(1)
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
+            bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        shape = LayerShape(
+            self.heads, self.kv_heads, self.head_dim, self.scaling, self.own_lengths, self.skinny
+        )
         for index in range(len(self.layers)):
             x = self._layer_step(
                 x,
@@ -788,7 +869,11 @@ class StaticDecoder:
                 shape,
                 *self._layer_reduce,
             )
-        logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, x))
+        normed = _rms_norm(self.norm, x)
+        if self.skinny and self.lm_head.bias is None:
+            head: torch.Tensor = skinny_linear.linear(normed, self.lm_head.weight)
+            return head
+        logits: torch.Tensor = self.lm_head(normed)
         return logits
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Request metrics, the in-flight count that the drain waits on, request spans (tracing), the
-request id (``X-Request-Id``: HAProxy's, else made here; in every log line written for the
-request and in the response) and one access line per request.
+"""Request metrics (an inference request's time to its first body byte too), the in-flight
+count that the drain waits on, request spans (tracing), the request id (``X-Request-Id``:
+HAProxy's, else made here; in every log line written for the request and in the response) and
+one access line per request.
 
 Pure ASGI, not ``BaseHTTPMiddleware``: streamed responses are timed to their last byte.
 """
@@ -45,12 +46,19 @@ class ObservabilityMiddleware:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             trace = tracing.begin(scope["method"], scope["path"], headers)
 
+        first_byte = not inference  # only inference answers' first byte is timed, not errors
+
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, first_byte
             if message["type"] == "http.response.start":
                 status = message["status"]
                 id_header = (b"x-request-id", request_id.encode())
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
+            elif not first_byte and status < 400 and message.get("body"):
+                first_byte = True
+                self.replica.metrics.time_to_first_byte.labels(endpoint=scope["path"]).observe(
+                    time.perf_counter() - started
+                )
             await send(message)
 
         try:

@@ -50,6 +50,8 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
         "decode_path": replica.engine.decode_path,
         "decode_compiled": replica.engine.decode_compiled,
+        # Per projection and row block: cuBLAS' and the kernel's microseconds, and which runs.
+        "decode_gemm": replica.engine.decode_gemm_tuning,
         "quantization": replica.engine.quantization,
         "weight_bytes": replica.engine.weight_bytes,
         "max_batch_size": replica.engine.max_batch_size,

@@ -333,6 +333,7 @@ def _prof(bundle: LoadedModel) -> dict[str, Any]:
 
         if cuda:
             out["kernels_eager_b32_l192"] = kernel_times(lambda: dec._decode(32, position + 1))
+            out["kernels_graph_b32_l256"] = graph_kernels(lambda: dec.decode(32, position))
 
         def full_step() -> list[int]:
             chosen = dec.decode(32, position).argmax(-1)
@@ -371,8 +372,8 @@ def _prof(bundle: LoadedModel) -> dict[str, Any]:
 
 def kernel_times(fn: Callable[[], object], steps: int = 5, top: int = 12) -> dict[str, Any]:
     """Where one call's device time goes: torch.profiler's CUDA kernels over ``steps`` calls
-    (after a warm-up), in milliseconds per call: the total, GEMMs (names with gemm/gemv/cutlass/
-    nvjet) and attention (flash/sdpa/attention), and the ``top`` kernels by time."""
+    (after a warm-up), in milliseconds per call: the total, GEMMs and attention (``_kind``), and
+    the ``top`` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -387,17 +388,80 @@ def kernel_times(fn: Callable[[], object], steps: int = 5, top: int = 12) -> dic
         if micros > 0 and event.key:
             per_kernel[event.key] = per_kernel.get(event.key, 0.0) + micros / 1000 / steps
 
-    def share(*words: str) -> float:
-        return round(
-            sum(ms for name, ms in per_kernel.items() if any(w in name.lower() for w in words)), 3
-        )
+    def share(kind: str) -> float:
+        return round(sum(ms for name, ms in per_kernel.items() if _kind(name) == kind), 3)
 
     ranked = sorted(per_kernel.items(), key=lambda item: -item[1])
     return {
         "total_ms": round(sum(per_kernel.values()), 3),
-        "gemm_ms": share("gemm", "gemv", "cutlass", "nvjet", "matmul"),
-        "attention_ms": share("flash", "sdpa", "attention", "fmha"),
+        "gemm_ms": share("gemm"),
+        "attention_ms": share("attention"),
         "top": [[name[:120], round(ms, 3)] for name, ms in ranked[:top]],
+    }
+
+
+def _kind(name: str) -> str:
+    """gemm, attention or other: by the kernel's name (Inductor's fused element-wise kernels,
+    ``triton_poi_...``/``triton_red_...``, name the operators they replace)."""
+    lowered = name.lower()
+    if lowered.startswith(("triton_poi", "triton_red", "triton_per")):
+        return "other"
+    if any(word in lowered for word in ("gemm", "gemv", "cutlass", "nvjet", "matmul")):
+        return "gemm"
+    if any(word in lowered for word in ("flash", "sdpa", "attention", "fmha")):
+        return "attention"
+    return "other"
+
+
+def graph_kernels(fn: Callable[[], object], steps: int = 5, top: int = 12) -> dict[str, Any]:
+    """One call's kernels on the device's timeline (e.g. a CUDA-graph replay, whose kernels the
+    profiler sees one by one), the median of ``steps`` calls: how many, their time by kind, and
+    the idle time between the first kernel's start and the last one's end (what launching one
+    kernel after another costs beyond the kernels' own time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    calls = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = [
+            (event.name, event.time_range.start, event.time_range.end)
+            for event in prof.events()
+            if event.device_type == DeviceType.CUDA
+            and event.time_range.end > event.time_range.start
+        ]
+        if kernels:
+            calls.append(kernels)
+    if not calls:
+        return {"reason": "the profiler saw no kernels"}
+    kernels = sorted(calls, key=lambda ks: max(e for _, _, e in ks) - min(s for _, s, _ in ks))[
+        len(calls) // 2
+    ]
+    span = max(end for _, _, end in kernels) - min(start for _, start, _ in kernels)
+    busy = sum(end - start for _, start, end in kernels)
+    by_kind: dict[str, list[float]] = {}
+    others: dict[str, list[float]] = {}
+    for name, start, end in kernels:
+        by_kind.setdefault(_kind(name), []).append(end - start)
+        if _kind(name) == "other":
+            others.setdefault(name, []).append(end - start)
+    ranked = sorted(others.items(), key=lambda item: -sum(item[1]))
+    return {
+        "kernels": len(kernels),
+        "span_ms": round(span / 1000, 3),
+        "busy_ms": round(busy / 1000, 3),
+        "idle_ms": round((span - busy) / 1000, 3),
+        "by_kind": {
+            kind: {"count": len(times), "ms": round(sum(times) / 1000, 3)}
+            for kind, times in sorted(by_kind.items())
+        },
+        "top_other": [
+            [name[:120], len(times), round(sum(times) / 1000, 3)] for name, times in ranked[:top]
+        ],
     }
 
 

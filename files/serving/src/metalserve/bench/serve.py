@@ -383,11 +383,14 @@ def _server_arm(
         {
             "clients": options.clients,
             "client_processes": processes,
-            # The server's own view (request received to first token queued for sending, and
-            # waiting for a batch slot), against the clients' mean: the gap is HTTP and clients.
+            # The server's own view (request received to first token queued for sending,
+            # waiting for a batch slot, and request in to first body byte out), against the
+            # clients' mean: first byte minus TTFT is the server's HTTP side, the rest the
+            # clients' and the loopback's.
             "ttft_mean_s": round(sum(samples.ttft) / len(samples.ttft), 4),
             "server_ttft_mean_s": _mean(passes, "ttft"),
             "server_queue_time_mean_s": _mean(passes, "queue"),
+            "server_first_byte_mean_s": _mean(passes, "first_byte"),
             # Garbage collections during the timed run (each stops the engine thread too).
             "server_gc_pauses": {
                 f"generation_{g}": {
@@ -405,6 +408,7 @@ def _server_arm(
             "server_startup_seconds": served.get("startup_seconds"),
             "decode_path": served.get("decode_path"),
             "decode_compiled": served.get("decode_compiled"),
+            "decode_gemm": served.get("decode_gemm"),
             "max_batch_size": served.get("max_batch_size"),
             "forward_passes": {
                 "prefill": passes.get("prefill_passes", 0.0),
@@ -556,6 +560,8 @@ _MEANS = {
     "metalserve_time_to_first_token_seconds_count": "ttft_count",
     "metalserve_request_queue_time_seconds_sum": "queue_sum",
     "metalserve_request_queue_time_seconds_count": "queue_count",
+    "metalserve_time_to_first_byte_seconds_sum": "first_byte_sum",
+    "metalserve_time_to_first_byte_seconds_count": "first_byte_count",
 }
 
 

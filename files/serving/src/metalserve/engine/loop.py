@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from metalserve.engine.batches import (
     WARMUP_PROMPT,
@@ -62,6 +62,7 @@ DECODE_MODES = ("auto", "dynamic", "static", "cuda-graphs")
 # Whether the static path's decoder layer is compiled (torch.compile); auto: with CUDA graphs.
 DECODE_COMPILE = ("auto", "on", "off")
 DECODE_ATTENTION = ("auto", "bucketed", "own")  # staticdecode.ATTENTIONS
+DECODE_GEMM = ("auto", "torch")  # staticdecode.GEMMS
 # Weights of the static path's projections (metalserve.fp8); quantized when a model goes live.
 QUANTIZATIONS = ("none", "fp8")
 # A model switch (static cache, compiling the decode layer, capturing graphs) is one long step of
@@ -96,6 +97,7 @@ class Engine:
         decode_mode: str = "auto",
         decode_compile: str = "auto",
         decode_attention: str = "auto",
+        decode_gemm: str = "auto",
         quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
@@ -108,6 +110,8 @@ class Engine:
             raise ValueError(f"decode_compile must be one of {', '.join(DECODE_COMPILE)}")
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}")
+        if decode_gemm not in DECODE_GEMM:
+            raise ValueError(f"decode_gemm must be one of {', '.join(DECODE_GEMM)}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if quantization != "none" and decode_mode == "dynamic":
@@ -121,6 +125,7 @@ class Engine:
         self.decode_mode = decode_mode
         self.decode_compile = decode_compile
         self.decode_attention = decode_attention
+        self.decode_gemm = decode_gemm
         self.quantization = quantization
         self.idle_wait = idle_wait
         # Rank 0 of a tensor-parallel replica: set before its first model goes live.
@@ -181,6 +186,13 @@ class Engine:
         """Whether the current model's decode layer runs compiled (torch.compile)."""
         batch = self._batch
         return isinstance(batch, StaticBatch) and batch.decoder.compiled
+
+    @property
+    def decode_gemm_tuning(self) -> list[dict[str, Any]]:
+        """What the current model's decode projections were timed at, and which ran the
+        kernel (``staticdecode``'s ``gemm_tuning``; empty where nothing was tuned)."""
+        batch = self._batch
+        return batch.decoder.gemm_tuning if isinstance(batch, StaticBatch) else []
 
     @property
     def weight_bytes(self) -> int | None:
@@ -480,6 +492,7 @@ class Engine:
                 compile_layers=compiled,
                 quantization=self.quantization,
                 attention=self.decode_attention,
+                gemm=self.decode_gemm,
             )
             try:
                 decoder.capture_all()
@@ -524,6 +537,7 @@ class Engine:
                 decode_mode=self.decode_mode,
                 decode_compile=self.decode_compile,
                 decode_attention=self.decode_attention,
+                decode_gemm=self.decode_gemm,
             )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
