@@ -8,7 +8,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, TEST_DEVICE, Store, assert_openai_error, complete, metric_samples
+from conftest import (
+    GREEDY,
+    MODEL,
+    TEST_DEVICE,
+    Store,
+    assert_openai_error,
+    complete,
+    metric_samples,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +47,39 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
 
 
 def test_metrics(client: httpx.Client, model_store: Store) -> None:
-    first_byte = (
-        "metalserve_time_to_first_byte_seconds_{}",
-        (("endpoint", "/v1/completions"),),
-    )
+    first_event = ("metalserve_time_to_first_byte_seconds_{}", (("endpoint", "completions"),))
     ttft = ("metalserve_time_to_first_token_seconds_{}", (("endpoint", "completions"),))
-    before = metric_samples(client)
+
+    def grew(
+        metric: tuple[str, tuple[tuple[str, str], ...]],
+        kind: str,
+        before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+        after: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    ) -> float:
+        key = (metric[0].format(kind), metric[1])
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # A streamed completion's first event is timed from the request's arrival: no sooner than
+    # its first token, which is timed from the sequence's submission.
+    start = metric_samples(client)
+    streaming = {**GREEDY, "prompt": "Hi", "stream": True}
+    with client.stream("POST", "/v1/completions", json=streaming) as r:
+        assert r.status_code == 200
+        r.read()
+    streamed = metric_samples(client)
+    assert grew(first_event, "count", start, streamed) == grew(ttft, "count", start, streamed) == 1
+    assert grew(first_event, "sum", start, streamed) >= grew(ttft, "sum", start, streamed) > 0
+    # Not timed: an answer not streamed (its first byte is its last), a chat stream (its first
+    # event announces the role, before any token), an error.
     complete(client, "Hi")
+    chat = {**GREEDY, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=chat) as r:
+        assert r.status_code == 200
+        r.read()
     client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})
+    rest = metric_samples(client)
+    assert grew(first_event, "count", streamed, rest) == 0
+    assert grew(ttft, "count", streamed, rest) == 1
     response = client.get("/metrics")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     for name in [
@@ -76,15 +109,6 @@ def test_metrics(client: httpx.Client, model_store: Store) -> None:
     assert samples[not_found] >= 1
     assert samples[("metalserve_generated_tokens_total", ())] >= 12
     assert samples[("metalserve_in_flight_requests", ())] == 0
-
-    # The answer's first byte was timed (the 404 was not), from the request's arrival: no
-    # sooner than its first token, which is timed from the sequence's submission.
-    def grew(metric: tuple[str, tuple[tuple[str, str], ...]], kind: str) -> float:
-        key = (metric[0].format(kind), metric[1])
-        return samples[key] - before.get(key, 0.0)
-
-    assert grew(first_byte, "count") == grew(ttft, "count") == 1
-    assert grew(first_byte, "sum") >= grew(ttft, "sum") > 0
 
 
 def test_liveness_follows_the_engine_thread(model_store: Store) -> None:

@@ -39,7 +39,8 @@ def test_row_blocks() -> None:
 def test_untuned_products_are_torch_linear() -> None:
     x, w, residual = torch.randn(8, 32), torch.randn(48, 32), torch.randn(8, 48)
     assert torch.equal(skinny_linear.linear(x, w), torch.nn.functional.linear(x, w))
-    assert torch.equal(skinny_linear.linear_add(x, w, residual), torch.addmm(residual, x, w.t()))
+    added = skinny_linear.linear_add(x, w, residual)
+    assert torch.equal(added, residual + torch.nn.functional.linear(x, w))
 
 
 def test_tune_leaves_the_cpu_to_torch() -> None:
@@ -51,9 +52,9 @@ def test_tune_leaves_the_cpu_to_torch() -> None:
 def test_the_kernel_computes_only_the_products_tuned_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The operator looks its product up by (device, dtype, outputs, inputs, row block): the
-    kernel for what ``tune`` found faster, torch's linear for anything else (another shape,
-    another row block, more rows than the kernel takes, float32)."""
+    """The operator looks its product up by (device, dtype, outputs, inputs, rows): the kernel
+    for what ``tune`` found faster, torch's linear for anything else (another shape, another
+    row count, more rows than the kernel takes, float32)."""
     calls: list[tuple[tuple[int, ...], Tuning]] = []
     residuals: list[torch.Tensor | None] = []
 
@@ -67,12 +68,13 @@ def test_the_kernel_computes_only_the_products_tuned_for_it(
     monkeypatch.setattr(skinny_linear, "kernel_available", lambda device: True)
     monkeypatch.setattr(skinny_linear, "kernel", fake_kernel)
     tuning = skinny_linear.CANDIDATES[1]
+    skinny_linear._TUNED[Key(0, torch.bfloat16, 48, 32, 24)] = tuning
     skinny_linear._TUNED[Key(0, torch.bfloat16, 48, 32, 32)] = tuning
     w = torch.randn(48, 32, dtype=torch.bfloat16)
-    for rows in (17, 32):  # the 32-row block
+    for rows in (24, 32):
         skinny_linear.linear(torch.randn(rows, 32, dtype=torch.bfloat16), w)
     assert calls == [((48, 32), tuning), ((48, 32), tuning)]
-    skinny_linear.linear(torch.randn(8, 32, dtype=torch.bfloat16), w)  # the 16-row block
+    skinny_linear.linear(torch.randn(16, 32, dtype=torch.bfloat16), w)  # not tuned for 16
     skinny_linear.linear(torch.randn(65, 32, dtype=torch.bfloat16), w)  # too many rows
     skinny_linear.linear(torch.randn(32, 32, dtype=torch.bfloat16), w[:40])  # another shape
     skinny_linear.linear(torch.randn(32, 32), w.float())  # float32

@@ -44,10 +44,10 @@ class Metrics:
         )
         # What a client's TTFT is made of on the server: the engine's part is the histogram
         # above; the rest (parsing, tokenizing, handing the token to the event loop, framing
-        # and writing it) is this one's minus that one's.
+        # and writing it) is this one's minus that one's (label "completions" of both).
         self.time_to_first_byte = Histogram(
             "metalserve_time_to_first_byte_seconds",
-            "Time from request to first response body byte (completions and chat)",
+            "Time from request to a streamed completion's first event written",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

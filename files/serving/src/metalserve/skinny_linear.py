@@ -13,11 +13,13 @@ Here one kernel does it all: program (i, s) computes output columns ``i*BLOCK_N 
 ``s``-th of ``SPLIT`` parts of the inner dimension, weights as the MMA's wide operand (the rows
 are the narrow one). With ``SPLIT`` above 1 each program writes its float32 partial sums, counts
 itself in on a per-tile counter, and the last program of a tile adds the parts in a fixed order
-(so the result does not depend on which program finished first: replicas stay bit-identical),
-writes the output and resets the counter for the next call.
+(so the result does not depend on which program finished first: the same inputs give the same
+bits every time), writes the output and resets the counter for the next call.
 
-``tune`` times cuBLAS and a few tunings of the kernel per product and row block on the device,
-over the model's own weights, once before the decode graphs are captured; ``linear`` (the
+``tune`` times cuBLAS and a few tunings of the kernel per product and row count on the device,
+over the model's own weights, once before the decode graphs are captured (the choice follows the
+timings, so two replicas may choose differently where the two are close: their results then
+differ by rounding, which the consistency check counts as a tie, not a difference); ``linear`` (the
 custom operator ``metalserve::skinny_linear``, so a compiled layer calls it as one opaque step
 and CUDA graphs capture its launch) runs the kernel only where it won, else
 ``torch.nn.functional.linear``, as everywhere else (the CPU, no Triton, more rows).
@@ -80,7 +82,7 @@ class Key(NamedTuple):
     dtype: torch.dtype
     out_features: int
     in_features: int
-    block_m: int  # rows rounded up to the kernel's row block: 16, 32 or 64
+    rows: int  # a decode step's batch bucket
 
 
 # The products ``tune`` found the kernel faster for, and its tuning for each.
@@ -225,7 +227,7 @@ def _key(x: torch.Tensor, w: torch.Tensor) -> Key | None:
         and w.stride(-1) == 1
     ):
         return None
-    return Key(x.device.index or 0, x.dtype, w.shape[0], w.shape[1], block_rows(x.shape[0]))
+    return Key(x.device.index or 0, x.dtype, w.shape[0], w.shape[1], x.shape[0])
 
 
 @torch.library.custom_op("metalserve::skinny_linear", mutates_args=())
@@ -247,12 +249,13 @@ def _(x, w):
 @torch.library.custom_op("metalserve::skinny_linear_add", mutates_args=())
 def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + x @ w.T`` (a residual connection after a projection) in one kernel where
-    ``tune`` found the kernel faster for ``x @ w.T``, else by ``torch.addmm``."""
+    ``tune`` found the kernel faster for ``x @ w.T``, else torch's linear and an add."""
     key = _key(x, w)
     tuning = _TUNED.get(key) if key is not None else None
     if tuning is not None and residual.stride(-1) == 1:
         return kernel(x, w, tuning, residual)
-    return torch.addmm(residual, x, w.t())
+    # Rounded as the kernel and the model's own forward round: the product, then the sum.
+    return residual + torch.nn.functional.linear(x, w)
 
 
 @linear_add.register_fake
@@ -275,21 +278,22 @@ def _micros(run: Callable[[], object]) -> float:
 
 
 def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, Any]]:
-    """For each product (``weights``: per product, its weight in several layers), and each row
-    block of ``rows``: time cuBLAS and every ``CANDIDATES`` tuning, over the layers' own weights
-    (none of them in L2), and use the kernel from now on where the fastest tuning beats cuBLAS
-    by ``MIN_GAIN``. Returns what was measured (logged by the caller)."""
+    """For each product (``weights``: per product, its weight in several layers): time every
+    ``CANDIDATES`` tuning at each row block (its time does not depend on the rows within the
+    block), and cuBLAS at each row count of ``rows`` (it picks its algorithm by the row count),
+    over the layers' own weights (none of them in L2); use the kernel from now on for a row
+    count where its block's fastest tuning beats cuBLAS by ``MIN_GAIN``. Returns what was
+    measured (logged by the caller)."""
     found: list[dict[str, Any]] = []
+    counts = sorted({r for r in rows if 0 < r <= MAX_ROWS})
     for layers in weights:
         w0 = layers[0]
         if not kernel_available(w0.device) or w0.dtype not in DTYPES:
             continue
         n, k = w0.shape
         cycle = [layers[i % len(layers)] for i in range(TIMED_LAUNCHES)]
-        for block_m in sorted({block_rows(r) for r in rows if 0 < r <= MAX_ROWS}):
+        for block_m in sorted({block_rows(r) for r in counts}):
             x = torch.randn(block_m, k, device=w0.device, dtype=w0.dtype)
-
-            baseline = _micros(functools.partial(_each, torch.nn.functional.linear, x, cycle))
             times: dict[Tuning, float] = {}
             for tuning in CANDIDATES:
                 try:
@@ -297,22 +301,27 @@ def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, A
                     times[tuning] = _micros(functools.partial(_each, ours, x, cycle))
                 except Exception:  # noqa: BLE001, S112 - a tuning the device cannot run
                     continue
-            key = Key(w0.device.index or 0, w0.dtype, n, k, block_m)
             best = min(times, key=times.__getitem__) if times else None
-            used = best is not None and baseline >= MIN_GAIN * times[best]
-            if used and best is not None:
-                _TUNED[key] = best
-            else:
-                _TUNED.pop(key, None)
-            found.append(
-                {
-                    "out": n,
-                    "in": k,
-                    "rows": block_m,
-                    "cublas_us": round(baseline, 2),
-                    "kernel_us": round(times[best], 2) if best is not None else None,
-                    "tuning": list(best) if best is not None else None,
-                    "used": used,
-                }
-            )
+            for count in (r for r in counts if block_rows(r) == block_m):
+                rows_x = x[:count]
+                baseline = _micros(
+                    functools.partial(_each, torch.nn.functional.linear, rows_x, cycle)
+                )
+                key = Key(w0.device.index or 0, w0.dtype, n, k, count)
+                used = best is not None and baseline >= MIN_GAIN * times[best]
+                if used and best is not None:
+                    _TUNED[key] = best
+                else:
+                    _TUNED.pop(key, None)
+                found.append(
+                    {
+                        "out": n,
+                        "in": k,
+                        "rows": count,
+                        "cublas_us": round(baseline, 2),
+                        "kernel_us": round(times[best], 2) if best is not None else None,
+                        "tuning": list(best) if best is not None else None,
+                        "used": used,
+                    }
+                )
     return found

@@ -732,7 +732,12 @@ class StaticDecoder:
         first: float | None = None
         with torch.inference_mode():
             if self.skinny:
-                self._tune_projections()
+                try:
+                    self._tune_projections()
+                except Exception:
+                    # Not a reason to lose the static path: cuBLAS for every projection.
+                    log.exception("timing the decode projections failed; cuBLAS runs them all")
+                    self.skinny = False
             for length in reversed(self.lengths):
                 for size in reversed(self.batch_sizes):
                     self._graph(size, length)
@@ -759,8 +764,8 @@ class StaticDecoder:
 
     def _tune_projections(self) -> None:
         """Time ``skinny_linear``'s kernel against cuBLAS for each projection and the LM head
-        at the batch buckets' row blocks, over the layers' own weights (before any capture:
-        the graphs capture whichever won)."""
+        at the batch buckets, over the layers' own weights (before any capture: the graphs
+        capture whichever won)."""
         started = time.monotonic()
         first = self.layer_weights[0]
         products = [
@@ -777,7 +782,7 @@ class StaticDecoder:
             products.append([self.lm_head.weight])
         self.gemm_tuning = skinny_linear.tune(products, self.batch_sizes)
         log.info(
-            "decode projections tuned in %.1fs: the kernel for %d of %d (shape, rows), "
+            "decode projections tuned in %.1fs: the kernel for %d of %d (shape, batch), "
             "cuBLAS for the others: %s",
             time.monotonic() - started,
             sum(1 for t in self.gemm_tuning if t["used"]),

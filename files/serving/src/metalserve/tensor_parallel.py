@@ -9,7 +9,8 @@ CUDA, gloo on CPU). Each rank keeps its share of every decoder layer:
 
 o_proj's and down's outputs are then partial sums, added up across the ranks (one all-reduce
 each per layer); their biases are added on rank 0 only. Norms, the embedding and the LM head are
-whole on every rank, so every rank computes the same logits.
+whole on every rank, so every rank computes the logits (equal up to rounding: each rank times
+its own kernels for its shares, ``skinny_linear``); rank 0's tokens are the ones used.
 
 Rank 0 runs the engine; the others repeat its decoder's steps (``StaticDecoder.follow``): before
 each step rank 0 broadcasts what it is (``send_step``: an operation, its numbers and its integer

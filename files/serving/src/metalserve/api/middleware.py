@@ -1,4 +1,4 @@
-"""Request metrics (an inference request's time to its first body byte too), the in-flight
+"""Request metrics (a streamed completion's time to its first event too), the in-flight
 count that the drain waits on, request spans (tracing), the request id (``X-Request-Id``:
 HAProxy's, else made here; in every log line written for the request and in the response) and
 one access line per request.
@@ -19,6 +19,8 @@ from metalserve.replica import Replica
 access_log = logging.getLogger("metalserve.access")
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+FIRST_EVENT_TIMED = "/v1/completions"
+SSE = b"text/event-stream"
 
 
 class ObservabilityMiddleware:
@@ -46,17 +48,26 @@ class ObservabilityMiddleware:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             trace = tracing.begin(scope["method"], scope["path"], headers)
 
-        first_byte = not inference  # only inference answers' first byte is timed, not errors
+        # Timed: a streamed completion's first event, which carries its first token (a chat
+        # stream's first event announces the role before any token; an answer not streamed
+        # comes whole at the end).
+        timing_first_event = False
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status, first_byte
+            nonlocal status, timing_first_event
             if message["type"] == "http.response.start":
                 status = message["status"]
                 id_header = (b"x-request-id", request_id.encode())
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
-            elif not first_byte and status < 400 and message.get("body"):
-                first_byte = True
-                self.replica.metrics.time_to_first_byte.labels(endpoint=scope["path"]).observe(
+                timing_first_event = (
+                    scope["path"] == FIRST_EVENT_TIMED
+                    and status == 200
+                    and (b"content-type", SSE)
+                    in ((name.lower(), value.split(b";")[0]) for name, value in message["headers"])
+                )
+            elif timing_first_event and message.get("body"):
+                timing_first_event = False
+                self.replica.metrics.time_to_first_byte.labels(endpoint="completions").observe(
                     time.perf_counter() - started
                 )
             await send(message)

@@ -50,7 +50,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
         "decode_path": replica.engine.decode_path,
         "decode_compiled": replica.engine.decode_compiled,
-        # Per projection and row block: cuBLAS' and the kernel's microseconds, and which runs.
+        # Per projection and batch bucket: cuBLAS' and the kernel's microseconds, which runs.
         "decode_gemm": replica.engine.decode_gemm_tuning,
         "quantization": replica.engine.quantization,
         "weight_bytes": replica.engine.weight_bytes,
