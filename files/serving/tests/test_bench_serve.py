@@ -29,6 +29,8 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "tiny",
         "--prompt-tokens",
         "8",
+        "--shared-prefix-tokens",
+        "32",
         "--new-tokens",
         "8",
         "--clients",
@@ -57,6 +59,14 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert (plain["quantization"], fp8["quantization"]) == ("none", "fp8")
     assert fp8["decode_path"] == "static"
     assert 0 < fp8["weight_bytes"] < plain["weight_bytes"]
+    # Every prompt starts with the same 32 tokens, two blocks of the static path's prefix cache
+    # (the dynamic path has none): after the untimed warm-up requests, every request reuses them.
+    assert plain["prefix_cache_tokens"] is None
+    assert fp8["prefix_cache_tokens"] == {
+        "queried": 40 * fp8["requests"],
+        "reused": 32 * fp8["requests"],
+    }
+    assert report["options"]["shared_prefix_tokens"] == 32
     assert report["ratios"]["server_fp8_vs_server_weight_bytes"] == pytest.approx(
         fp8["weight_bytes"] / plain["weight_bytes"], abs=0.001
     )

@@ -76,6 +76,7 @@ def _decoder(
     compile_layers: bool = False,
     bucketed: bool = False,
     attention: str = "auto",
+    prefix_cache_tokens: int = 0,
 ) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
@@ -87,6 +88,7 @@ def _decoder(
         compile_layers=compile_layers,
         bucketed_prefill=bucketed,
         attention=attention,
+        prefix_cache_tokens=prefix_cache_tokens,
     )
 
 
@@ -133,11 +135,23 @@ def test_logits_match_the_transformers_forward(
         ids[row, : len(prompt)] = torch.tensor(prompt)
     lengths = torch.tensor([len(p) for p in prompts])
     # Slot 0 stays free: the group starts at slot 1.
-    logits = decoder.prefill(ids, lengths, 1)
+    _decode_like_transformers(v1, decoder, prompts, decoder.prefill(ids, lengths, 1), steps=6)
+
+
+def _decode_like_transformers(
+    bundle: LoadedModel,
+    decoder: staticdecode.StaticDecoder,
+    prompts: list[list[int]],
+    logits: torch.Tensor,
+    steps: int,
+) -> None:
+    """After a prefill of three ``prompts`` into slots 1-3 (``logits``): greedy decode steps of
+    all four slots, each row's logits those of transformers' forward over its sequence alone."""
     sequences = [list(p) for p in prompts]
-    for step in range(6):
+    lengths = torch.tensor([len(p) for p in prompts])
+    for step in range(steps):
         for row, seq in enumerate(sequences):
-            reference = v1.model(input_ids=torch.tensor([seq])).logits[0, -1]
+            reference = bundle.model(input_ids=torch.tensor([seq])).logits[0, -1]
             torch.testing.assert_close(logits[row], reference, rtol=1e-4, atol=1e-4)
         chosen = logits.argmax(-1)
         if step == 0:
@@ -146,8 +160,7 @@ def test_logits_match_the_transformers_forward(
             decoder.advance(4, torch.cat([decoder.tokens[:1], chosen]))
         for seq, token in zip(sequences, chosen.tolist(), strict=True):
             seq.append(token)
-        last = max(len(s) for s in sequences) - 1
-        logits = decoder.decode(4, last)[1:]
+        logits = decoder.decode(4, max(len(s) for s in sequences) - 1)[1:]
 
 
 @torch.inference_mode()
@@ -200,6 +213,86 @@ def test_move_keeps_a_sequence_intact(v1: LoadedModel) -> None:
     logits = decoder.decode(4, len(prompt))
     torch.testing.assert_close(logits[0], logits[2])
     torch.testing.assert_close(logits[0], logits[3])
+
+
+SYSTEM = "You are a helpful assistant on metal servers. Answer briefly and kindly, please."
+
+
+def _prefix_prompts(bundle: LoadedModel) -> list[list[int]]:
+    """Prompts that share a system prompt of more than two blocks, and one that does not."""
+    system = bundle.encode(SYSTEM, add_special_tokens=True)
+    assert len(system) > 2 * 16, "the shared part must span whole blocks"
+    asked = [bundle.encode(f" {p}", add_special_tokens=False) for p in PROMPTS[:3]]
+    return [system + a for a in asked] + [bundle.encode(PROMPTS[3], add_special_tokens=True)]
+
+
+@torch.inference_mode()
+def test_prefix_cache_prefills_only_what_follows_a_cached_prefix(v1: LoadedModel) -> None:
+    """The first group fills the cache; a later group of the same system prompt with other
+    questions (one prompt without it) starts from the cached blocks, at slot 1 (slot 0 keeps a
+    live sequence's cache untouched), and its logits, then its decode steps, are those of the
+    full transformers forward over each sequence alone."""
+    decoder = _decoder(v1, slots=5, prefix_cache_tokens=256)
+    assert decoder.prefix is not None
+    prompts = _prefix_prompts(v1)
+    system = len(v1.encode(SYSTEM, add_special_tokens=True))
+    _, reused = decoder.prefill_prompts(prompts[:1], 0)
+    assert reused == 0
+    assert len(decoder.prefix) == len(prompts[0]) // 16
+    for cache in (*decoder.keys, *decoder.values):
+        cache[0].fill_(float("nan"))  # a live sequence's: not to be written
+        cache[1:].fill_(7.0)  # stale entries: not to be read (masked; finite, as real ones)
+    group = prompts[1:]
+    logits, reused = decoder.prefill_prompts(group, 1)
+    assert reused == 2 * (system // 16 * 16)  # the two that share it: its whole blocks
+    for cache in (*decoder.keys, *decoder.values):
+        assert cache[0].isnan().all(), "slot 0 was written"
+    _decode_like_transformers(v1, decoder, group, logits, steps=4)
+
+
+@torch.inference_mode()
+def test_prefix_cache_leaves_a_prompt_one_token_to_prefill(v1: LoadedModel) -> None:
+    """A prompt that is exactly whole cached blocks reuses all of them but the last (the
+    logits after its last token must be computed), and a prompt shorter than a block none."""
+    decoder = _decoder(v1, slots=2, prefix_cache_tokens=64)
+    prompt = v1.encode(SYSTEM, add_special_tokens=True)[:32]
+    decoder.prefill_prompts([prompt], 0)
+    logits, reused = decoder.prefill_prompts([prompt], 1)
+    assert reused == 16
+    reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+    assert decoder.prefill_prompts([prompt[:15]], 0)[1] == 0
+
+
+def test_prefix_cache_engine_outputs_and_metrics(v1: LoadedModel) -> None:
+    """Through the engine: requests sharing a system prompt give the texts they give alone,
+    and the metrics count the prompt tokens the cache saved (off: nothing counted)."""
+    from metalserve.metrics import Metrics
+
+    texts = [f"{SYSTEM} {p}" for p in PROMPTS[:4]]
+    expected = [alone(v1, t) for t in texts]
+    for tokens in (0, 512):
+        metrics = Metrics()
+        eng = Engine(
+            max_batch_size=2, decode_mode="static", observer=metrics, prefix_cache_tokens=tokens
+        )
+        eng.start()
+        try:
+            eng.swap(v1).result(timeout=10)
+            assert eng.prefix_cache_tokens_held == tokens
+            sinks = [submit(eng, v1, t)[1] for t in texts]
+            assert [s.wait() and s.text for s in sinks] == expected
+        finally:
+            eng.stop()
+        queried = metrics.registry.get_sample_value("metalserve_prefix_cache_queries_total")
+        hits = metrics.registry.get_sample_value("metalserve_prefix_cache_hits_total")
+        if tokens:
+            prompt_tokens = sum(len(v1.encode(t, add_special_tokens=True)) for t in texts)
+            assert queried == prompt_tokens
+            assert hits is not None
+            assert hits >= 2 * 16
+        else:
+            assert queried == hits == 0
 
 
 @pytest.fixture

@@ -98,6 +98,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # As vLLM's vllm:prefix_cache_queries and vllm:prefix_cache_hits (in tokens): their
+        # ratio is the hit rate.
+        self.prefix_cache_queries = Counter(
+            "metalserve_prefix_cache_queries",
+            "Prompt tokens prefilled where the prefix cache is on",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "metalserve_prefix_cache_hits",
+            "Prompt tokens whose keys and values came from the prefix cache (not computed)",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "metalserve_in_flight_requests", "Inference requests being served", registry=r
         )
@@ -181,6 +193,10 @@ class Metrics:
 
     def request_queued(self, seconds: float) -> None:
         self.request_queue_time.observe(seconds)
+
+    def prefix_cache(self, prompt_tokens: int, reused_tokens: int) -> None:
+        self.prefix_cache_queries.inc(prompt_tokens)
+        self.prefix_cache_hits.inc(reused_tokens)
 
     def first_token(self, endpoint: str, seconds: float) -> None:
         self.time_to_first_token.labels(endpoint=endpoint).observe(seconds)

@@ -71,6 +71,7 @@ class Replica:
             decode_compile=settings.decode_compile,
             decode_attention=settings.decode_attention,
             decode_gemm=settings.decode_gemm,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
             quantization=settings.quantization,
             flush_events=self.relay.flush,
         )

@@ -125,6 +125,15 @@ class ServeSettings(BaseSettings):
         "built (CUDA graphs, Triton, bfloat16 or float16 weights) and uses it where it is "
         "faster; torch: cuBLAS always",
     )
+    prefix_cache_tokens: int = Field(
+        8192,
+        ge=0,
+        description="the static path's prefix cache: keys and values of up to this many prompt "
+        "tokens (whole blocks of 16) kept on the device, so that a prompt that starts as an "
+        "earlier one did (a shared system prompt, a chat's turns so far) prefills only the rest; "
+        "least recently used blocks go first; 0: off (also off with tensor_parallel > 1, and "
+        "where the device memory does not hold it beside the KV cache)",
+    )
     quantization: Literal["none", "fp8"] = Field(
         "none",
         description="weights of the static path's projections: none (the model's dtype) or fp8 "

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import decode_attention, fp8, skinny_linear, tensor_parallel
+from metalserve import decode_attention, fp8, prefixcache, skinny_linear, tensor_parallel
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -169,6 +169,25 @@ def cache_bytes(config: Any, slots: int, max_length: int, dtype: torch.dtype) ->
 def config_head_dim(config: Any) -> int:
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim or config.hidden_size // config.num_attention_heads)
+
+
+class _After(NamedTuple):
+    """A prefill after cached prefixes: row ``i`` (slot ``rows.start + i``) holds its first
+    ``starts[i]`` positions already, and no row is longer than ``span`` in all (the positions
+    its queries read)."""
+
+    starts: torch.Tensor
+    span: int
+    rows: slice
+
+
+def _right_padded(prompts: list[list[int]]) -> torch.Tensor:
+    """``prompts`` as one [n, longest] tensor, right-padded (with zeros: causal attention keeps
+    every real token from reading the padding)."""
+    ids = torch.zeros((len(prompts), max(len(p) for p in prompts)), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    return ids
 
 
 @functools.cache
@@ -489,6 +508,7 @@ class StaticDecoder:
         quantization: str = "none",
         attention: str = "auto",
         gemm: str = "auto",
+        prefix_cache_tokens: int = 0,
         tp: tensor_parallel.TensorParallel | None = None,
     ) -> None:
         """``attention``, the decode step's: "auto" reads each row up to its own length where
@@ -496,7 +516,9 @@ class StaticDecoder:
         bucket, "own" each row's own length everywhere (without the kernel: torch's attention
         over the whole cache, masked; slow, for tests). ``gemm``, its projections' (``GEMMS``;
         "auto" tunes ``skinny_linear`` in ``capture_all``, with CUDA graphs and the model's own
-        bfloat16 or float16 weights)."""
+        bfloat16 or float16 weights). ``prefix_cache_tokens``: the keys and values of up to this
+        many prompt tokens kept for prompts that start alike (``prefill_prompts``; one rank
+        only, and only where the device memory holds them beside the cache: else none)."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         if attention not in ATTENTIONS:
@@ -582,14 +604,31 @@ class StaticDecoder:
         needed = cache_bytes(config, slots + 1, cached_positions, dtype) // (
             self.tp.world if self.tp is not None else 1
         )
-        self._check_memory(needed)
+        blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS if self.tp is None else 0
+        pool_bytes = cache_bytes(config, blocks, prefixcache.BLOCK_TOKENS, dtype)
+        try:
+            self._check_memory(needed + pool_bytes)
+        except StaticDecodeUnavailable as exc:
+            if not blocks:
+                raise
+            # A default that does not fit must not cost the static path itself.
+            log.warning("no prefix cache: %s", exc)
+            self._check_memory(needed)
+            blocks = pool_bytes = 0
         self.cache_bytes = needed
+        self.prefix = prefixcache.PrefixIndex(blocks) if blocks else None
+        self.prefix_cache_bytes = pool_bytes
         # One tensor per layer, not one for all: a compiled layer step then sees the same
         # tensor layout (no storage offset) in every layer, and compiles once.
         shape = (slots + 1, self.kv_heads, cached_positions, self.head_dim)
         with torch.inference_mode():
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+            # The prefix cache's pool: per layer [block, position in block, kv_heads, head_dim]
+            # (the order in which ``_copy_blocks`` indexes a slot's block).
+            pool = (blocks, prefixcache.BLOCK_TOKENS, self.kv_heads, self.head_dim)
+            self.pool_keys = [torch.zeros(pool, dtype=dtype, device=device) for _ in self.layers]
+            self.pool_values = [torch.zeros(pool, dtype=dtype, device=device) for _ in self.layers]
             self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
             self.positions = torch.zeros(slots, dtype=torch.long, device=device)
             self.key_index = torch.arange(max_length, device=device)
@@ -881,6 +920,85 @@ class StaticDecoder:
         logits: torch.Tensor = self.lm_head(normed)
         return logits
 
+    def prefill_prompts(
+        self, prompts: list[list[int]], first_slot: int
+    ) -> tuple[torch.Tensor, int]:
+        """Prefill ``prompts`` into slots ``first_slot..``: the logits after each prompt's last
+        token, and how many prompt tokens came from the prefix cache.
+
+        With a prefix cache, each prompt's longest cached run of whole blocks (all but its last
+        token at most) is copied into its slot, and only the rest runs through the model
+        (``_prefill`` after ``starts``: eagerly, not as a graph); afterwards the prompts' blocks
+        that were not cached yet are. Reused keys and values were computed in another prefill,
+        whose shape may round them differently in the last bits (as any batch change does)."""
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if self.prefix is None:
+            return self.prefill(_right_padded(prompts), lengths, first_slot), 0
+        size = self.prefix.block_tokens
+        names = [self.prefix.names(p) for p in prompts]
+        found = [
+            self.prefix.match(n[: (len(p) - 1) // size])
+            for n, p in zip(names, prompts, strict=True)
+        ]
+        starts = [len(blocks) * size for blocks in found]
+        self._copy_blocks(
+            [
+                (first_slot + row, number, block)
+                for row, blocks in enumerate(found)
+                for number, block in enumerate(blocks)
+            ],
+            into_pool=False,
+        )
+        if any(starts):
+            logits = self._prefill_after(prompts, starts, first_slot)
+        else:
+            logits = self.prefill(_right_padded(prompts), lengths, first_slot)
+        claimed: set[int] = set()
+        self._copy_blocks(
+            [
+                (first_slot + row, number, block)
+                for row, row_names in enumerate(names)
+                for number, block in self.prefix.claim(row_names, claimed)
+            ],
+            into_pool=True,
+        )
+        return logits, sum(starts)
+
+    def _copy_blocks(self, copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:
+        """Copy (slot, block number, pool block) triples between slots and the prefix pool:
+        two indexed copies per layer for all of them."""
+        if not copies:
+            return
+        size = prefixcache.BLOCK_TOKENS
+        where = torch.tensor(copies, dtype=torch.long).to(self.device)
+        slots = where[:, 0, None]  # [copies, 1]
+        positions = where[:, 1, None] * size + torch.arange(size, device=self.device)
+        blocks = where[:, 2]
+        caches = zip((*self.keys, *self.values), (*self.pool_keys, *self.pool_values), strict=True)
+        for cache, pool in caches:
+            # cache[slots, :, positions]: [copies, size, kv_heads, head_dim], as a pool block.
+            if into_pool:
+                pool[blocks] = cache[slots, :, positions]
+            else:
+                cache[slots, :, positions] = pool[blocks]
+
+    def _prefill_after(
+        self, prompts: list[list[int]], starts: list[int], first_slot: int
+    ) -> torch.Tensor:
+        """Prefill what follows each prompt's first ``starts`` tokens (already in its slot)."""
+        rests = [p[start:] for p, start in zip(prompts, starts, strict=True)]
+        span = max(len(p) for p in prompts)
+        if span > self.max_length:
+            raise ValueError(f"a prompt of {span} tokens exceeds the cache ({self.max_length})")
+        device = self.device
+        slots = torch.arange(first_slot, first_slot + len(prompts), device=device)
+        last = torch.tensor([len(r) - 1 for r in rests], device=device)
+        ids = _right_padded(rests).to(device)
+        after = _After(
+            torch.tensor(starts).to(device), span, slice(first_slot, first_slot + len(prompts))
+        )
+        return self._prefill(ids, slots, last, after)
+
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
         """Run right-padded prompts ``ids`` ([n, longest], on the host) into slots
         ``first_slot..first_slot+n-1``; return the logits after each prompt's last token.
@@ -926,16 +1044,39 @@ class StaticDecoder:
         fitting = [(r, n) for r, n in self.prefill_shapes if r >= count and n >= longest]
         return min(fitting, key=lambda s: s[0] * s[1], default=None)
 
-    def _prefill(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def _prefill(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        last: torch.Tensor,
+        after: _After | None = None,
+    ) -> torch.Tensor:
         """The prefill forward as plain tensor operations (what a prefill graph captures): token
         ``ids`` [n, length] into cache slots ``slots`` [n]; logits at index ``last`` [n] of each
-        row."""
+        row. ``after`` (its ``slots`` then contiguous): each row's tokens follow positions it
+        already holds (``_After``)."""
         from torch.nn.attention import sdpa_kernel
 
         count, longest = ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids)  # [n, longest, hidden]
         cos, signed_sin = self.cos[:longest], self.signed_sin[:longest]  # over [n, h, longest, d]
+        mask: torch.Tensor | None = None
+        if after is not None:
+            positions = after.starts[:, None] + torch.arange(longest, device=self.device)
+            # A padding token beyond the cache writes to the spare position (nobody reads it).
+            written = positions.clamp(max=self.max_length)
+            rotated = positions.clamp(max=self.max_length - 1)
+            cos, signed_sin = self.cos[rotated][:, None], self.signed_sin[rotated][:, None]
+            # Grouped-query attention as one query head per key/value head, each of ``groups``
+            # times the queries (torch's fused attention takes no grouped heads with a mask, and
+            # its math path runs in float32: measured 3x slower at 8B on an H200); each query
+            # reads its slot up to its own position: [n, 1, groups x longest, span], additive.
+            groups = heads // kv_heads
+            hidden = self.key_index[: after.span] > positions[:, None, :, None]
+            mask = torch.zeros(hidden.shape, dtype=x.dtype, device=self.device)
+            mask = mask.masked_fill_(hidden, -torch.inf).repeat(1, 1, groups, 1)
+            rows = torch.arange(count, device=self.device)[:, None]
         # As the decode step: fused norms, q/k/v and gate/up in one GEMM each, RoPE on q and k
         # together, grouped-query attention without repeated keys. A prefill is launch-bound
         # for short prompts (about 30 ms of launches for an 8B model eagerly): fewer kernels.
@@ -949,12 +1090,25 @@ class StaticDecoder:
                 )  # [n, heads + 2 kv_heads, longest, head_dim]
                 qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
                 q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
-                self.keys[index][slots, :, :longest] = k
-                self.values[index][slots, :, :longest] = v
-                # Right padding: a real token's causal window holds real tokens only.
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True
-                )
+                if mask is None:
+                    self.keys[index][slots, :, :longest] = k
+                    self.values[index][slots, :, :longest] = v
+                    # Right padding: a real token's causal window holds real tokens only.
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True
+                    )
+                else:
+                    assert after is not None
+                    keys, values = self.keys[index][after.rows], self.values[index][after.rows]
+                    keys[rows, :, written] = k.transpose(1, 2)
+                    values[rows, :, written] = v.transpose(1, 2)
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        q.reshape(count, kv_heads, groups * longest, head_dim),
+                        keys[:, :, : after.span],
+                        values[:, :, : after.span],
+                        attn_mask=mask,
+                        scale=self.scaling,
+                    ).reshape(count, heads, longest, head_dim)
                 out = out.transpose(1, 2).reshape(count, longest, heads * head_dim)
                 x = x + self._reduce(fp8.linear(out, w.o_proj, w.o_bias))
                 gate, up = fp8.linear(

@@ -53,6 +53,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         # Per projection and batch bucket: cuBLAS' and the kernel's microseconds, which runs.
         "decode_gemm": replica.engine.decode_gemm_tuning,
         "quantization": replica.engine.quantization,
+        "prefix_cache_tokens": replica.engine.prefix_cache_tokens_held,
         "weight_bytes": replica.engine.weight_bytes,
         "max_batch_size": replica.engine.max_batch_size,
         # serve --tensor-parallel: what each rank loaded and verified (empty with one rank).

@@ -212,6 +212,12 @@ class BenchServeSettings(CommandSettings):
         "850m", description="model size (8b: Llama-3-8B's shape; tiny: tests)"
     )
     prompt_tokens: PositiveInt = Field(64, ge=1)
+    shared_prefix_tokens: int = Field(
+        0,
+        ge=0,
+        description="tokens every prompt starts with before its own prompt_tokens (the same "
+        "seeded tokens for all: a shared system prompt, what the server's prefix cache reuses)",
+    )
     new_tokens: PositiveInt = Field(128, ge=1)
     clients: PositiveInt = Field(
         32, ge=1, description="concurrent HTTP clients, and the static batch size"
@@ -245,6 +251,11 @@ class BenchServeSettings(CommandSettings):
     @classmethod
     def _arms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return _subset(value, SERVE_ARMS)
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of every prompt: the shared prefix and its own."""
+        return self.shared_prefix_tokens + self.prompt_tokens
 
     @field_validator("server_args", mode="before")
     @classmethod

@@ -232,12 +232,17 @@ def write_model(src: Path, preset: dict[str, Any], seed: int, init_device: str) 
 
 
 def make_prompts(options: BenchServeSettings, vocab_size: int) -> torch.Tensor:
-    """Seeded random prompts of ordinary (non-special) token ids, one row per request."""
+    """Seeded random prompts of ordinary (non-special) token ids, one row per request, each
+    after the same ``shared_prefix_tokens``."""
     count = max(options.requests_for(arm) for arm in common.SERVE_ARMS)
     generator = torch.Generator().manual_seed(options.seed + 1)
-    return torch.randint(
+    own = torch.randint(
         len(SPECIAL_TOKENS), vocab_size, (count, options.prompt_tokens), generator=generator
     )
+    shared = torch.randint(
+        len(SPECIAL_TOKENS), vocab_size, (1, options.shared_prefix_tokens), generator=generator
+    )
+    return torch.cat([shared.expand(count, -1), own], dim=1)
 
 
 def _free_device_memory(device: str) -> None:
@@ -301,7 +306,7 @@ def _generate_arm(
         output = generate(prompts[rows], new_tokens, timer)
         _sync(device)
         done = time.perf_counter()
-        generated = output.shape[1] - options.prompt_tokens
+        generated = output.shape[1] - options.prompt_length
         if generated != new_tokens or len(timer.times) < 2:
             raise BenchError(f"{arm}: generate() made {generated} tokens, not {new_tokens}")
         result.requests += len(rows)
@@ -420,6 +425,15 @@ def _server_arm(
             "mean_decode_step_s": (
                 round(passes.get("decode_seconds", 0.0) / decode_passes, 6)
                 if decode_passes
+                else None
+            ),
+            # Prompt tokens the prefix cache saw and reused (None: none seen, no prefix cache).
+            "prefix_cache_tokens": (
+                {
+                    "queried": passes["prefix_queried_tokens"],
+                    "reused": passes.get("prefix_reused_tokens", 0.0),
+                }
+                if passes.get("prefix_queried_tokens")
                 else None
             ),
             "mean_prefill_step_s": (
@@ -543,6 +557,8 @@ def _scrape(url: str) -> dict[str, float]:
                 values["decode_rows"] = sample.value
             elif sample.name == "metalserve_forward_pass_duration_seconds_sum" and phase:
                 values[f"{phase}_seconds"] = sample.value
+            elif sample.name in _COUNTERS:
+                values[_COUNTERS[sample.name]] = sample.value
             elif sample.name in _MEANS:
                 key = _MEANS[sample.name]
                 values[key] = values.get(key, 0.0) + sample.value
@@ -554,6 +570,10 @@ def _scrape(url: str) -> dict[str, float]:
     return values
 
 
+_COUNTERS = {
+    "metalserve_prefix_cache_queries_total": "prefix_queried_tokens",
+    "metalserve_prefix_cache_hits_total": "prefix_reused_tokens",
+}
 # Histograms whose mean over the timed run the report shows (summed over their labels).
 _MEANS = {
     "metalserve_time_to_first_token_seconds_sum": "ttft_sum",
@@ -597,6 +617,7 @@ def _report(
             "dir": str(options.dir),
             "preset": options.preset,
             "prompt_tokens": options.prompt_tokens,
+            "shared_prefix_tokens": options.shared_prefix_tokens,
             "new_tokens": options.new_tokens,
             "clients": options.clients,
             "requests": {arm: options.requests_for(arm) for arm in options.arms},
@@ -664,7 +685,7 @@ def decode_roofline(
         int(config["num_hidden_layers"]) * 2 * int(config["num_key_value_heads"]) * head_dim
     ) * element
     rows = float(server["mean_decode_batch"])
-    context = options.prompt_tokens + (options.new_tokens - 1) / 2
+    context = options.prompt_length + (options.new_tokens - 1) / 2
     kv_bytes = rows * context * kv_per_token
     floor_s = (weight_bytes + kv_bytes) / (bandwidth * common.GB)
     step_s = float(server["mean_decode_step_s"])
@@ -711,11 +732,13 @@ def render(report: dict[str, Any]) -> str:
             ]
         )
     env, model, opts = report["environment"], report["model"], report["options"]
+    shared = opts.get("shared_prefix_tokens")
+    shared = f" after {shared} shared ones" if shared else ""
     lines = [
         f"metalserve bench serve on {env['device_name']} ({env['device']}), {env['date']}",
         f"model: {model['preset']} ({model['parameters'] / 1e6:.1f}M parameters, bf16 checkpoint, "
         f"run in {', '.join(sorted({a.get('dtype', '?') for a in report['arms'].values()}))}), "
-        f"{opts['prompt_tokens']}-token prompts, {opts['new_tokens']} new tokens, "
+        f"{opts['prompt_tokens']}-token prompts{shared}, {opts['new_tokens']} new tokens, "
         f"{opts['clients']} clients / batch",
         common.render_table(rows),
         *(

@@ -245,13 +245,13 @@ class StaticBatch:
         started = time.perf_counter()
         with torch.inference_mode():
             first = len(self.seqs)
-            longest = max(len(s.prompt_ids) for s in new)
-            ids = torch.full((len(new), longest), self.bundle.pad_token_id, dtype=torch.long)
-            for row, seq in enumerate(new):
+            for seq in new:
                 seq.start()
-                ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-            lengths = torch.tensor([len(s.prompt_ids) for s in new], dtype=torch.long)
-            logits = self.decoder.prefill(ids, lengths, first)
+            prompts = [s.prompt_ids for s in new]
+            logits, reused = self.decoder.prefill_prompts(prompts, first)
+            if self.decoder.prefix is not None and self.observer is not None:
+                self.observer.prefix_cache(sum(len(p) for p in prompts), reused)
+            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
             params = [s.params for s in new]
             chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in new])
             logprobs = token_logprobs(logits, chosen, params)

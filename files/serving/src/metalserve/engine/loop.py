@@ -98,6 +98,7 @@ class Engine:
         decode_compile: str = "auto",
         decode_attention: str = "auto",
         decode_gemm: str = "auto",
+        prefix_cache_tokens: int = 0,
         quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
@@ -112,6 +113,8 @@ class Engine:
             raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}")
         if decode_gemm not in DECODE_GEMM:
             raise ValueError(f"decode_gemm must be one of {', '.join(DECODE_GEMM)}")
+        if prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be >= 0")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if quantization != "none" and decode_mode == "dynamic":
@@ -126,6 +129,7 @@ class Engine:
         self.decode_compile = decode_compile
         self.decode_attention = decode_attention
         self.decode_gemm = decode_gemm
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.quantization = quantization
         self.idle_wait = idle_wait
         # Rank 0 of a tensor-parallel replica: set before its first model goes live.
@@ -193,6 +197,15 @@ class Engine:
         kernel (``staticdecode``'s ``gemm_tuning``; empty where nothing was tuned)."""
         batch = self._batch
         return batch.decoder.gemm_tuning if isinstance(batch, StaticBatch) else []
+
+    @property
+    def prefix_cache_tokens_held(self) -> int:
+        """Prompt tokens the current model's prefix cache holds at most (0: it has none: the
+        dynamic path, tensor parallelism, off, or no device memory for it)."""
+        batch = self._batch
+        if isinstance(batch, StaticBatch) and batch.decoder.prefix is not None:
+            return batch.decoder.prefix.blocks * batch.decoder.prefix.block_tokens
+        return 0
 
     @property
     def weight_bytes(self) -> int | None:
@@ -493,6 +506,7 @@ class Engine:
                 quantization=self.quantization,
                 attention=self.decode_attention,
                 gemm=self.decode_gemm,
+                prefix_cache_tokens=self.prefix_cache_tokens,
             )
             try:
                 decoder.capture_all()
@@ -511,11 +525,12 @@ class Engine:
             log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
             return DynamicBatch(bundle, self.observer)
         log.info(
-            "decode path: %s%s%s, weights %.2f GiB",
+            "decode path: %s%s%s, weights %.2f GiB, prefix cache %s",
             mode,
             ", compiled" if decoder.compiled else "",
             f", {self.quantization} weights" if quantized else "",
             decoder.weight_bytes / 2**30,
+            f"{decoder.prefix_cache_bytes / 2**30:.2f} GiB" if decoder.prefix else "off",
         )
         return StaticBatch(bundle, decoder, self.observer)
 
