@@ -75,6 +75,12 @@ def main() -> None:
         own = staticdecode._right_padded(suffixes)
         own_lengths = torch.tensor([len(p) for p in suffixes])
         report["own_graph_s"] = timed(lambda: decoder.prefill(own, own_lengths, 0))
+        # The same size, never seen: what the cache costs where nothing matches (names, the
+        # blocks' copies into the pool) beside the graph's prefill above.
+        unseen = iter([_questions(config.vocab_size) for _ in range(REPEATS + 2)])
+        report["own_unseen_via_cache_s"] = timed(
+            lambda: decoder.prefill_prompts([q[SHARED:] for q in next(unseen)], 0)
+        )
         decoder.cuda_graphs = False
         decoder.prefill_shapes = []
         report["own_eager_s"] = timed(lambda: decoder.prefill(own, own_lengths, 0))

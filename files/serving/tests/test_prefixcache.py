@@ -47,6 +47,27 @@ def test_eviction_drops_the_deepest_blocks_of_a_prefix_first() -> None:
     assert index.match(other) != []
 
 
+def test_a_prefix_stored_once_keeps_its_first_blocks_longest() -> None:
+    """Claimed and never matched since: others' blocks evict its deepest blocks first, so what
+    is left of it is still a prefix that serves."""
+    index = PrefixIndex(4, block_tokens=1)
+    chat = index.names([1, 2, 3, 4])
+    index.claim(chat, set())
+    index.claim(index.names([8, 9]), set())
+    assert len(index.match(chat)) == 2
+
+
+def test_forgotten_blocks_are_free_again() -> None:
+    index = PrefixIndex(2, block_tokens=1)
+    claimed: set[int] = set()
+    names = index.names([1, 2])
+    index.claim(names, claimed)
+    index.forget(claimed)  # e.g. their copy into the pool failed
+    assert len(index) == 0
+    assert index.match(names) == []
+    assert len(index.claim(index.names([5, 6]), set())) == 2  # without evicting anything
+
+
 def test_a_claim_never_evicts_what_this_prefill_claimed() -> None:
     index = PrefixIndex(2, block_tokens=1)
     claimed: set[int] = set()

@@ -66,6 +66,8 @@ def test_every_field_has_a_flag_and_an_env_var() -> None:
         ["--request-timeout", "0"],
         ["--port", "9000", "--metrics-port", "9000"],
         ["--tensor-parallel", "9"],
+        ["--prefix-cache-tokens", "15"],  # less than one block
+        ["--prefix-cache-tokens", "-1"],
         # Tensor parallelism: rank N on cuda:N, the static path, graphs on CUDA only.
         ["--tensor-parallel", "2", "--device", "cuda:1"],
         ["--tensor-parallel", "2", "--decode-mode", "cuda-graphs"],

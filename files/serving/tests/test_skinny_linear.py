@@ -4,6 +4,7 @@ its error, and the same bits twice); here, what decides which products it comput
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -15,11 +16,14 @@ from metalserve.skinny_linear import Key, Tuning
 
 @pytest.fixture(autouse=True)
 def _empty_table() -> Iterator[None]:
-    saved = dict(skinny_linear._TUNED)
+    saved, measured = dict(skinny_linear._TUNED), dict(skinny_linear._MEASURED)
     skinny_linear._TUNED.clear()
+    skinny_linear._MEASURED.clear()
     yield
     skinny_linear._TUNED.clear()
     skinny_linear._TUNED.update(saved)
+    skinny_linear._MEASURED.clear()
+    skinny_linear._MEASURED.update(measured)
 
 
 def test_row_blocks() -> None:
@@ -34,6 +38,49 @@ def test_row_blocks() -> None:
         64,
         64,
     ]
+
+
+def test_a_second_tuning_of_the_same_shapes_reuses_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hot reload of a version of the same shapes: ``tune`` times nothing again, reports what
+    it measured the first time and restores its choices. Timings are stubbed (no GPU here): the
+    kernel 10 us, cuBLAS 20 us for one product, 10 us (a tie: cuBLAS kept) for the other."""
+    timed: list[object] = []
+
+    def micros(run: functools.partial[None]) -> float:
+        timed.append(run)
+        product, _, cycle = run.args
+        if product is torch.nn.functional.linear:
+            return 20.0 if cycle[0].shape[0] == 48 else 10.0
+        return 10.0
+
+    monkeypatch.setattr(skinny_linear, "kernel_available", lambda device: True)
+    monkeypatch.setattr(skinny_linear, "_micros", micros)
+    weights = [
+        [torch.randn(48, 32, dtype=torch.bfloat16)],
+        [torch.randn(64, 32, dtype=torch.bfloat16)],
+    ]
+    first = skinny_linear.tune(weights, [1, 8, 32])
+    assert len(timed) == 2 * (2 * len(skinny_linear.CANDIDATES) + 3)  # 2 row blocks, 3 counts
+    assert [(e["out"], e["rows"], e["used"]) for e in first] == [
+        (48, 1, True),
+        (48, 8, True),
+        (48, 32, True),
+        (64, 1, False),
+        (64, 8, False),
+        (64, 32, False),
+    ]
+    chosen = dict(skinny_linear._TUNED)
+    assert len(chosen) == 3
+    skinny_linear._TUNED.clear()
+    timed.clear()
+    assert skinny_linear.tune(weights, [1, 8, 32]) == first
+    assert timed == []
+    assert chosen == skinny_linear._TUNED
+    # Other row counts are other measurements.
+    skinny_linear.tune(weights, [1, 8])
+    assert timed != []
 
 
 def test_untuned_products_are_torch_linear() -> None:

@@ -264,12 +264,52 @@ def test_prefix_cache_leaves_a_prompt_one_token_to_prefill(v1: LoadedModel) -> N
     assert decoder.prefill_prompts([prompt[:15]], 0)[1] == 0
 
 
+@torch.inference_mode()
+def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose attention mask would pass MAX_MASK_BYTES prefills its whole prompts (the
+    same logits, nothing reused); blocks whose copy into the pool failed are not named."""
+    decoder = _decoder(v1, slots=2, prefix_cache_tokens=256)
+    assert decoder.prefix is not None
+    prompt = v1.encode(SYSTEM, add_special_tokens=True)
+    decoder.prefill_prompts([prompt], 0)
+    cached = len(decoder.prefix)
+    monkeypatch.setattr(staticdecode, "MAX_MASK_BYTES", 0)
+    logits, reused = decoder.prefill_prompts([prompt], 1)
+    assert reused == 0
+    reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+
+    def failing(copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:
+        if into_pool:
+            raise RuntimeError("device error")
+
+    monkeypatch.setattr(decoder, "_copy_blocks", failing)
+    other = v1.encode(PROMPTS[2] + " " + PROMPTS[5], add_special_tokens=True)
+    assert len(other) >= 16
+    with pytest.raises(RuntimeError, match="device error"):
+        decoder.prefill_prompts([other], 0)
+    assert len(decoder.prefix) == cached
+
+
+def _reusable(bundle: LoadedModel, prompt: str, earlier: str) -> int:
+    """Tokens of ``prompt`` the prefix cache can serve after ``earlier`` was prefilled."""
+    ids, before = (bundle.encode(t, add_special_tokens=True) for t in (prompt, earlier))
+    pairs = enumerate(zip(ids, before, strict=False))
+    common = next((i for i, (a, b) in pairs if a != b), min(len(ids), len(before)))
+    return min(common, len(ids) - 1) // 16 * 16
+
+
 def test_prefix_cache_engine_outputs_and_metrics(v1: LoadedModel) -> None:
-    """Through the engine: requests sharing a system prompt give the texts they give alone,
-    and the metrics count the prompt tokens the cache saved (off: nothing counted)."""
+    """Through the engine (two slots): requests sharing a system prompt, then others that
+    overwrite those slots with another long prompt, then the system prompt again, give the
+    texts they give alone, and the metrics count the prompt tokens the cache saved (off:
+    nothing counted)."""
     from metalserve.metrics import Metrics
 
-    texts = [f"{SYSTEM} {p}" for p in PROMPTS[:4]]
+    other = "Metal servers hum in the data center while models answer questions all night."
+    texts = [f"{start} {p}" for start in (SYSTEM, other, SYSTEM) for p in PROMPTS[:2]]
     expected = [alone(v1, t) for t in texts]
     for tokens in (0, 512):
         metrics = Metrics()
@@ -289,8 +329,9 @@ def test_prefix_cache_engine_outputs_and_metrics(v1: LoadedModel) -> None:
         if tokens:
             prompt_tokens = sum(len(v1.encode(t, add_special_tokens=True)) for t in texts)
             assert queried == prompt_tokens
+            # At least the last two reuse the first's blocks (earlier rows may reuse others').
             assert hits is not None
-            assert hits >= 2 * 16
+            assert hits >= sum(_reusable(v1, t, texts[0]) for t in texts[4:]) >= 2 * 32
         else:
             assert queried == hits == 0
 

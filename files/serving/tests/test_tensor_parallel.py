@@ -150,10 +150,13 @@ def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: 
         )
         if rank != 0:
             decoder.follow()
-            return
-        texts = _serve(bundle, decoder)
-        decoder.stop_followers()
-        Path(out).write_text(json.dumps(texts))
+        else:
+            texts = _serve(bundle, decoder)
+            decoder.stop_followers()
+            Path(out).write_text(json.dumps(texts))
+        # No rank tears its group down while another still reads the last step: gloo aborts a
+        # process whose peer closed mid-receive (seen as a SIGABRT of rank 1 here).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -9,8 +9,8 @@ new sequence's slot and prefills only the rest.
 A block is named by a hash of every token from the prompt's start to the block's end (a chain),
 so it is reused only after the very same prefix; a block whose earlier blocks were evicted stays
 valid (its name still says what it holds) until it is evicted itself. Eviction is least recently
-used; a lookup touches its blocks deepest first, so a prefix's first blocks outlive its later
-ones.
+used; a lookup or a store touches its blocks deepest first, so a prefix's first blocks outlive
+its later ones.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 
 BLOCK_TOKENS = 16
+# The serving default (``serve --prefix-cache-tokens``; the engine's too).
+DEFAULT_TOKENS = 8192
 
 
 class PrefixIndex:
@@ -55,8 +58,7 @@ class PrefixIndex:
             if block is None:
                 break
             found.append(block)
-        for name in reversed(names[: len(found)]):
-            self._where.move_to_end(name)
+        self._touch(names[: len(found)])
         return found
 
     def claim(self, names: list[bytes], claimed: set[int]) -> list[tuple[int, int]]:
@@ -73,7 +75,21 @@ class PrefixIndex:
             self._where[name] = block
             claimed.add(block)
             taken.append((number, block))
+        self._touch(names)
         return taken
+
+    def forget(self, blocks: Iterable[int]) -> None:
+        """Drop whatever names ``blocks`` (claimed, their contents never written)."""
+        doomed = set(blocks)
+        for name in [n for n, b in self._where.items() if b in doomed]:
+            del self._where[name]
+        self._free.extend(doomed)
+
+    def _touch(self, names: list[bytes]) -> None:
+        """Mark ``names`` used, deepest first: a prefix's first blocks become the most recent."""
+        for name in reversed(names):
+            if name in self._where:
+                self._where.move_to_end(name)
 
     def _take(self, claimed: set[int]) -> int | None:
         if self._free:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from metalserve import store
+from metalserve import prefixcache, store
 from metalserve.autoscale.policy import Policy
 from metalserve.flags import Arg, CommandSettings
 from metalserve.loader import validate_device
@@ -126,7 +126,7 @@ class ServeSettings(BaseSettings):
         "faster; torch: cuBLAS always",
     )
     prefix_cache_tokens: int = Field(
-        8192,
+        prefixcache.DEFAULT_TOKENS,
         ge=0,
         description="the static path's prefix cache: keys and values of up to this many prompt "
         "tokens (whole blocks of 16) kept on the device, so that a prompt that starts as an "
@@ -213,6 +213,15 @@ class ServeSettings(BaseSettings):
         if self.max_batch_size is not None:
             return self.max_batch_size
         return CUDA_MAX_BATCH_SIZE if self.device.startswith("cuda") else CPU_MAX_BATCH_SIZE
+
+    @field_validator("prefix_cache_tokens")
+    @classmethod
+    def _whole_blocks(cls, value: int) -> int:
+        if 0 < value < prefixcache.BLOCK_TOKENS:
+            raise ValueError(
+                f"must be 0 (off) or at least one block of {prefixcache.BLOCK_TOKENS} tokens"
+            )
+        return value
 
     @field_validator("device")
     @classmethod

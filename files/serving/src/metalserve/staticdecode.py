@@ -63,6 +63,10 @@ CACHE_MEMORY_FRACTION = 0.8
 # prompt exceeds the largest bucket, prefills eagerly at its own shape (compute-bound anyway).
 PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
 PREFILL_GRAPH_TOKENS = 2048  # 32 prompts of 64 tokens; each graph's capture runs it once
+# A prefill after cached prefixes masks its attention: rows x query heads per KV head x tokens x
+# the longest prompt. Beyond this many mask bytes the group prefills its whole prompts instead
+# (no mask: flash attention), so that a long group cannot run the device out of memory.
+MAX_MASK_BYTES = 256 * 2**20
 
 
 class StaticDecodeUnavailable(Exception):
@@ -934,6 +938,8 @@ class StaticDecoder:
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.prefix is None:
             return self.prefill(_right_padded(prompts), lengths, first_slot), 0
+        if first_slot + len(prompts) > self.slots:
+            raise ValueError(f"{first_slot + len(prompts)} sequences do not fit {self.slots} slots")
         size = self.prefix.block_tokens
         names = [self.prefix.names(p) for p in prompts]
         found = [
@@ -941,6 +947,10 @@ class StaticDecoder:
             for n, p in zip(names, prompts, strict=True)
         ]
         starts = [len(blocks) * size for blocks in found]
+        rest = max(len(p) - start for p, start in zip(prompts, starts, strict=True))
+        mask_bytes = len(prompts) * (self.heads // self.kv_heads) * rest * max(map(len, prompts))
+        if mask_bytes * self.dtype.itemsize > MAX_MASK_BYTES:
+            found, starts = [[] for _ in prompts], [0 for _ in prompts]  # whole prompts, no mask
         self._copy_blocks(
             [
                 (first_slot + row, number, block)
@@ -954,14 +964,16 @@ class StaticDecoder:
         else:
             logits = self.prefill(_right_padded(prompts), lengths, first_slot)
         claimed: set[int] = set()
-        self._copy_blocks(
-            [
-                (first_slot + row, number, block)
-                for row, row_names in enumerate(names)
-                for number, block in self.prefix.claim(row_names, claimed)
-            ],
-            into_pool=True,
-        )
+        stores = [
+            (first_slot + row, number, block)
+            for row, row_names in enumerate(names)
+            for number, block in self.prefix.claim(row_names, claimed)
+        ]
+        try:
+            self._copy_blocks(stores, into_pool=True)
+        except BaseException:
+            self.prefix.forget(claimed)  # named, but not (wholly) written
+            raise
         return logits, sum(starts)
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from metalserve import prefixcache
 from metalserve.engine.batches import (
     WARMUP_PROMPT,
     WARMUP_TOKENS,
@@ -98,7 +99,7 @@ class Engine:
         decode_compile: str = "auto",
         decode_attention: str = "auto",
         decode_gemm: str = "auto",
-        prefix_cache_tokens: int = 0,
+        prefix_cache_tokens: int = prefixcache.DEFAULT_TOKENS,
         quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
