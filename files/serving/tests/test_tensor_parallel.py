@@ -134,8 +134,19 @@ def test_the_decoder_refuses_what_it_cannot_split(
 LENGTHS = [5, 17, 9, 12]
 
 
-def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: str) -> None:
-    """Rank 0 serves PROMPTS through a StaticBatch on its decoder; the other ranks follow."""
+# Before each prompt in the prefix-cache variant: more than two 16-token blocks.
+SYSTEM = "You are a helpful assistant on metal servers. Answer briefly and kindly, please."
+
+
+def _prompts(start: str) -> list[str]:
+    return [f"{start} {p}" if start else p for p in PROMPTS[: len(LENGTHS)]]
+
+
+def _batch_rank(
+    rank: int, world: int, port: int, root: str, version: str, out: str, start: str
+) -> None:
+    """Rank 0 serves ``_prompts(start)`` through a StaticBatch on its decoder (a prefix cache
+    on every rank); the other ranks follow."""
     _join(rank, world, port)
     try:
         bundle = load_version(Path(root), MODEL, version)
@@ -146,14 +157,15 @@ def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: 
             device=bundle.device,
             dtype=bundle.dtype,
             cuda_graphs=False,
+            prefix_cache_tokens=256,
             tp=TensorParallel(rank, world),
         )
         if rank != 0:
             decoder.follow()
         else:
-            texts = _serve(bundle, decoder)
+            texts, reused = _serve(bundle, decoder, _prompts(start))
             decoder.stop_followers()
-            Path(out).write_text(json.dumps(texts))
+            Path(out).write_text(json.dumps({"texts": texts, "reused": reused}))
         # No rank tears its group down while another still reads the last step: gloo aborts a
         # process whose peer closed mid-receive (seen as a SIGABRT of rank 1 here).
         torch.distributed.barrier()
@@ -161,10 +173,16 @@ def _batch_rank(rank: int, world: int, port: int, root: str, version: str, out: 
         torch.distributed.destroy_process_group()
 
 
-def _serve(bundle: LoadedModel, decoder: staticdecode.StaticDecoder) -> list[str]:
-    batch = StaticBatch(bundle, decoder)
+def _serve(
+    bundle: LoadedModel, decoder: staticdecode.StaticDecoder, prompts: list[str]
+) -> tuple[list[str], float]:
+    """The texts, one prompt admitted after the other, and the prompt tokens reused."""
+    from metalserve.metrics import Metrics
+
+    metrics = Metrics()
+    batch = StaticBatch(bundle, decoder, metrics)
     sinks = []
-    for prompt, length in zip(PROMPTS[: len(LENGTHS)], LENGTHS, strict=True):
+    for prompt, length in zip(prompts, LENGTHS, strict=True):
         sink = Collector()
         params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
         prompt_ids = bundle.encode(prompt, add_special_tokens=True)
@@ -173,22 +191,30 @@ def _serve(bundle: LoadedModel, decoder: staticdecode.StaticDecoder) -> list[str
     for _ in range(max(LENGTHS)):
         batch.step()
     assert len(batch) == 0
-    return [sink.text for sink in sinks]
+    reused = metrics.registry.get_sample_value("metalserve_prefix_cache_hits_total")
+    return [sink.text for sink in sinks], reused or 0.0
 
 
-def test_rank_0_serves_a_batch_the_other_rank_follows(model_store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["", SYSTEM], ids=["own-prompts", "shared-system-prompt"])
+def test_rank_0_serves_a_batch_the_other_rank_follows(
+    model_store: Store, tmp_path: Path, start: str
+) -> None:
     """The engine's StaticBatch on rank 0 of two gloo ranks (prefills, decode steps, sequences
     ending at different steps and moving slots; the other rank repeats each step): each text
-    equals the whole model's own greedy generation."""
+    equals the whole model's own greedy generation. With a shared system prompt the later
+    prompts start from the prefix cache's blocks, copied and prefilled after on every rank."""
     out = tmp_path / "texts.json"
-    args = (2, _free_port(), str(model_store.root), model_store.v1, str(out))
+    args = (2, _free_port(), str(model_store.root), model_store.v1, str(out), start)
     torch.multiprocessing.spawn(_batch_rank, args=args, nprocs=2)
     bundle = load_version(model_store.root, MODEL, model_store.v1)
     expected = [
         alone(bundle, prompt, SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True))
-        for prompt, length in zip(PROMPTS[: len(LENGTHS)], LENGTHS, strict=True)
+        for prompt, length in zip(_prompts(start), LENGTHS, strict=True)
     ]
-    assert json.loads(out.read_text()) == expected
+    served = json.loads(out.read_text())
+    assert served["texts"] == expected
+    # Three prompts after the first reuse its two whole blocks of the system prompt.
+    assert served["reused"] == (3 * 32 if start else 0)
 
 
 def test_each_rank_reads_and_verifies_only_its_part(

@@ -59,6 +59,7 @@ class RankSpec:
     decode_compile: str
     decode_attention: str
     decode_gemm: str
+    prefix_cache_tokens: int
     log_level: str
 
     def device_of(self, rank: int) -> str:
@@ -92,6 +93,7 @@ def split_decoder(
     decode_compile: str,
     decode_attention: str,
     decode_gemm: str,
+    prefix_cache_tokens: int,
 ) -> Any:
     """The static decoder of ``tp``'s rank, its share of every layer, its graphs captured (or
     its compiled layer compiled). Every rank builds it here, so that they agree on everything
@@ -114,6 +116,7 @@ def split_decoder(
         quantization=quantization,
         attention=decode_attention,
         gemm=decode_gemm,
+        prefix_cache_tokens=prefix_cache_tokens,
         tp=tp,
     )
     decoder.capture_all()
@@ -211,6 +214,7 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
             decode_compile=spec.decode_compile,
             decode_attention=spec.decode_attention,
             decode_gemm=spec.decode_gemm,
+            prefix_cache_tokens=spec.prefix_cache_tokens,
         )
         log.info(
             "rank %d of %d follows rank 0 on %s, version %s",

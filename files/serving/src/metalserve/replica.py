@@ -321,6 +321,7 @@ class Replica:
             decode_compile=settings.decode_compile,
             decode_attention=settings.decode_attention,
             decode_gemm=settings.decode_gemm,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))

@@ -131,8 +131,9 @@ class ServeSettings(BaseSettings):
         description="the static path's prefix cache: keys and values of up to this many prompt "
         "tokens (whole blocks of 16) kept on the device, so that a prompt that starts as an "
         "earlier one did (a shared system prompt, a chat's turns so far) prefills only the rest; "
-        "least recently used blocks go first; 0: off (also off with tensor_parallel > 1, and "
-        "where the device memory does not hold it beside the KV cache)",
+        "least recently used blocks go first; 0: off (also off where the device memory does not "
+        "hold it beside the KV cache; with tensor_parallel > 1 every rank holds its part, and a "
+        "rank without the memory for it fails the load)",
     )
     quantization: Literal["none", "fp8"] = Field(
         "none",

@@ -521,8 +521,9 @@ class StaticDecoder:
         over the whole cache, masked; slow, for tests). ``gemm``, its projections' (``GEMMS``;
         "auto" tunes ``skinny_linear`` in ``capture_all``, with CUDA graphs and the model's own
         bfloat16 or float16 weights). ``prefix_cache_tokens``: the keys and values of up to this
-        many prompt tokens kept for prompts that start alike (``prefill_prompts``; one rank
-        only, and only where the device memory holds them beside the cache: else none)."""
+        many prompt tokens kept for prompts that start alike (``prefill_prompts``), where the
+        device memory holds them beside the cache: else none, or with tensor parallelism (where
+        every rank must hold the same blocks) refused."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         if attention not in ATTENTIONS:
@@ -608,13 +609,20 @@ class StaticDecoder:
         needed = cache_bytes(config, slots + 1, cached_positions, dtype) // (
             self.tp.world if self.tp is not None else 1
         )
-        blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS if self.tp is None else 0
-        pool_bytes = cache_bytes(config, blocks, prefixcache.BLOCK_TOKENS, dtype)
+        blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS
+        pool_bytes = cache_bytes(config, blocks, prefixcache.BLOCK_TOKENS, dtype) // (
+            self.tp.world if self.tp is not None else 1
+        )
         try:
             self._check_memory(needed + pool_bytes)
         except StaticDecodeUnavailable as exc:
             if not blocks:
                 raise
+            if self.tp is not None:
+                raise StaticDecodeUnavailable(
+                    f"{exc}, with a prefix cache of {blocks * prefixcache.BLOCK_TOKENS} tokens "
+                    "(every rank needs it: set prefix_cache_tokens lower, or 0)"
+                ) from None
             # A default that does not fit must not cost the static path itself.
             log.warning("no prefix cache: %s", exc)
             self._check_memory(needed)
@@ -701,6 +709,10 @@ class StaticDecoder:
             tensor_parallel.DECODE: lambda n, t: self.decode(n[0], n[1]),
             tensor_parallel.ADVANCE: lambda n, t: self.advance(n[0], t[0]),
             tensor_parallel.MOVE: lambda n, t: self.move(t[0].tolist(), t[1].tolist(), n[0]),
+            tensor_parallel.PREFIX_COPY: lambda n, t: self._copy_where(t[0], into_pool=bool(n[0])),
+            tensor_parallel.PREFILL_AFTER: lambda n, t: self._prefill_after_tensors(
+                t[0], t[1], t[2], n[0], n[1]
+            ),
         }
         with torch.inference_mode():
             while True:
@@ -981,8 +993,13 @@ class StaticDecoder:
         two indexed copies per layer for all of them."""
         if not copies:
             return
+        where = torch.tensor(copies, dtype=torch.long)
+        self._announce(tensor_parallel.PREFIX_COPY, [int(into_pool)], [where])
+        self._copy_where(where.to(self.device), into_pool=into_pool)
+
+    def _copy_where(self, where: torch.Tensor, *, into_pool: bool) -> None:
+        """``_copy_blocks`` of ``where`` ([copies, 3] on the device)."""
         size = prefixcache.BLOCK_TOKENS
-        where = torch.tensor(copies, dtype=torch.long).to(self.device)
         slots = where[:, 0, None]  # [copies, 1]
         positions = where[:, 1, None] * size + torch.arange(size, device=self.device)
         blocks = where[:, 2]
@@ -1002,14 +1019,25 @@ class StaticDecoder:
         span = max(len(p) for p in prompts)
         if span > self.max_length:
             raise ValueError(f"a prompt of {span} tokens exceeds the cache ({self.max_length})")
-        device = self.device
-        slots = torch.arange(first_slot, first_slot + len(prompts), device=device)
-        last = torch.tensor([len(r) - 1 for r in rests], device=device)
-        ids = _right_padded(rests).to(device)
-        after = _After(
-            torch.tensor(starts).to(device), span, slice(first_slot, first_slot + len(prompts))
+        last = torch.tensor([len(r) - 1 for r in rests])
+        return self._prefill_after_tensors(
+            _right_padded(rests), torch.tensor(starts), last, first_slot, span
         )
-        return self._prefill(ids, slots, last, after)
+
+    def _prefill_after_tensors(
+        self,
+        ids: torch.Tensor,
+        starts: torch.Tensor,
+        last: torch.Tensor,
+        first_slot: int,
+        span: int,
+    ) -> torch.Tensor:
+        """``_prefill_after`` of right-padded ``ids`` after ``starts``, logits at ``last``."""
+        self._announce(tensor_parallel.PREFILL_AFTER, [first_slot, span], [ids, starts, last])
+        count, device = ids.shape[0], self.device
+        slots = torch.arange(first_slot, first_slot + count, device=device)
+        after = _After(starts.to(device), span, slice(first_slot, first_slot + count))
+        return self._prefill(ids.to(device), slots, last.to(device), after)
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
         """Run right-padded prompts ``ids`` ([n, longest], on the host) into slots

@@ -15,7 +15,8 @@ its own kernels for its shares, ``skinny_linear``); rank 0's tokens are the ones
 Rank 0 runs the engine; the others repeat its decoder's steps (``StaticDecoder.follow``): before
 each step rank 0 broadcasts what it is (``send_step``: an operation, its numbers and its integer
 tensors, such as the prompts or the tokens it chose), so every rank's cache holds the same
-sequences and every collective is entered by all ranks in the same order.
+sequences and every collective is entered by all ranks in the same order. The prefix cache's
+index of blocks lives on rank 0 alone; its copies between the pool and the slots are steps too.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
 
 # A step's header: its operation, numbers and tensor shapes (int64s, broadcast first).
 HEADER_LENGTH = 16
-# The steps rank 0 announces (StaticDecoder's methods of the same names), the end, and the end
-# of a version's steps before the next (a hot reload).
-STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE, RELOAD = range(7)
+# The steps rank 0 announces (StaticDecoder's methods of the same names; PREFIX_COPY and
+# PREFILL_AFTER: the prefix cache's copies and a prefill after cached prefixes), the end, and
+# the end of a version's steps before the next (a hot reload).
+STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE, RELOAD, PREFIX_COPY, PREFILL_AFTER = range(9)
 
 
 @dataclass(frozen=True)

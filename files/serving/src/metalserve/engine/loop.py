@@ -554,6 +554,7 @@ class Engine:
                 decode_compile=self.decode_compile,
                 decode_attention=self.decode_attention,
                 decode_gemm=self.decode_gemm,
+                prefix_cache_tokens=self.prefix_cache_tokens,
             )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
