@@ -92,6 +92,34 @@ def test_failed_steps_fail_requests_then_stop_the_engine(v1: LoadedModel) -> Non
         eng.stop()
 
 
+def test_a_failed_step_stops_a_tensor_parallel_engine_at_once(v1: LoadedModel) -> None:
+    """Rank 0 of a tensor-parallel replica (here the rank of one): after a failed step the other
+    ranks may be inside its collectives or past it, so the engine stops on the first failure
+    (the replica reports dead and restarts whole), not after MAX_CONSECUTIVE_FAILURES."""
+    from metalserve.tensor_parallel import TensorParallel
+
+    eng = Engine(max_batch_size=2, decode_mode="static")
+    eng.tensor_parallel = TensorParallel(0, 1)
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=30)
+        assert eng.decode_path == "static"
+
+        def fail() -> None:
+            raise RuntimeError("a collective failed")
+
+        eng._batch.step = fail  # type: ignore[method-assign, union-attr]
+        event = submit(eng, v1, "Hi")[1].wait()
+        assert isinstance(event, Failed)
+        assert event.status == 500
+        deadline = time.monotonic() + 10
+        while eng.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not eng.is_alive(), "one failed step stops a tensor-parallel engine"
+    finally:
+        eng.stop()
+
+
 def test_the_engine_reports_running_waiting_and_cache_usage(v1: LoadedModel) -> None:
     """With one slot and two requests: one runs, one waits, the running one fills its slot's
     share of the capacity; at the end nothing runs or waits and both were queued."""

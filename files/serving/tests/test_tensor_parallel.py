@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,13 @@ def _batch_rank(
             texts, reused = _serve(bundle, decoder, _prompts(start))
             decoder.stop_followers()
             Path(out).write_text(json.dumps({"texts": texts, "reused": reused}))
-        # No rank tears its group down while another still reads the last step: gloo aborts a
-        # process whose peer closed mid-receive (seen as a SIGABRT of rank 1 here).
+        # No rank tears its group down while another still reads the last step.
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    # Past its work, a rank leaves at once: the interpreter's teardown of gloo's threads
+    # aborted rank 1 now and then ("terminate called without an active exception", SIGABRT).
+    os._exit(0)
 
 
 def _serve(

@@ -132,8 +132,8 @@ class ServeSettings(BaseSettings):
         "tokens (whole blocks of 16) kept on the device, so that a prompt that starts as an "
         "earlier one did (a shared system prompt, a chat's turns so far) prefills only the rest; "
         "least recently used blocks go first; 0: off (also off where the device memory does not "
-        "hold it beside the KV cache; with tensor_parallel > 1 every rank holds its part, and a "
-        "rank without the memory for it fails the load)",
+        "hold it beside the KV cache; with tensor_parallel > 1 every rank holds its part, or "
+        "none where one rank lacks the memory)",
     )
     quantization: Literal["none", "fp8"] = Field(
         "none",

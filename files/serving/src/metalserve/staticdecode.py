@@ -65,7 +65,8 @@ PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512)
 PREFILL_GRAPH_TOKENS = 2048  # 32 prompts of 64 tokens; each graph's capture runs it once
 # A prefill after cached prefixes masks its attention: rows x query heads per KV head x tokens x
 # the longest prompt. Beyond this many mask bytes the group prefills its whole prompts instead
-# (no mask: flash attention), so that a long group cannot run the device out of memory.
+# (no mask: flash attention), so that a long group's mask, and the fused attention over it,
+# cannot run the device out of memory (torch's math attention would also hold the scores).
 MAX_MASK_BYTES = 256 * 2**20
 
 
@@ -522,8 +523,8 @@ class StaticDecoder:
         "auto" tunes ``skinny_linear`` in ``capture_all``, with CUDA graphs and the model's own
         bfloat16 or float16 weights). ``prefix_cache_tokens``: the keys and values of up to this
         many prompt tokens kept for prompts that start alike (``prefill_prompts``), where the
-        device memory holds them beside the cache: else none, or with tensor parallelism (where
-        every rank must hold the same blocks) refused."""
+        device memory holds them beside the cache (with tensor parallelism: every rank's), else
+        none."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         if attention not in ATTENTIONS:
@@ -613,18 +614,19 @@ class StaticDecoder:
         pool_bytes = cache_bytes(config, blocks, prefixcache.BLOCK_TOKENS, dtype) // (
             self.tp.world if self.tp is not None else 1
         )
+        short: StaticDecodeUnavailable | None = None
         try:
             self._check_memory(needed + pool_bytes)
         except StaticDecodeUnavailable as exc:
             if not blocks:
                 raise
-            if self.tp is not None:
-                raise StaticDecodeUnavailable(
-                    f"{exc}, with a prefix cache of {blocks * prefixcache.BLOCK_TOKENS} tokens "
-                    "(every rank needs it: set prefix_cache_tokens lower, or 0)"
-                ) from None
+            short = exc
+        # Ranks hold the same blocks (rank 0's copies are every rank's): all of them or none.
+        if blocks and self.tp is not None and not self.tp.all_agree(short is None, device):
+            short = short or StaticDecodeUnavailable("another rank lacks the memory for it")
+        if short is not None:
             # A default that does not fit must not cost the static path itself.
-            log.warning("no prefix cache: %s", exc)
+            log.warning("no prefix cache: %s", short)
             self._check_memory(needed)
             blocks = pool_bytes = 0
         self.cache_bytes = needed

@@ -52,6 +52,14 @@ class TensorParallel:
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} of {self.world}: need 0 <= rank < world")
 
+    def all_agree(self, yes: bool, device: torch.device) -> bool:
+        """Whether every rank says ``yes`` (a collective: every rank asks, in the same order)."""
+        if self.world == 1:
+            return yes
+        flag = torch.tensor([int(yes)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's ``partial`` (in place)."""
         if self.world > 1:

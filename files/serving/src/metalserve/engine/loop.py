@@ -202,7 +202,7 @@ class Engine:
     @property
     def prefix_cache_tokens_held(self) -> int:
         """Prompt tokens the current model's prefix cache holds at most (0: it has none: the
-        dynamic path, tensor parallelism, off, or no device memory for it)."""
+        dynamic path, off, or no device memory for it)."""
         batch = self._batch
         if isinstance(batch, StaticBatch) and batch.decoder.prefix is not None:
             return batch.decoder.prefix.blocks * batch.decoder.prefix.block_tokens
@@ -354,6 +354,11 @@ class Engine:
                         self._fail_batch(500, "internal error during generation")
                     if failures >= MAX_CONSECUTIVE_FAILURES:
                         log.critical("engine stops after %d failed steps", failures)
+                        return
+                    if self.tensor_parallel is not None:
+                        # The other ranks may be inside the failed step's collectives, or past
+                        # it: no later step would meet theirs. The replica restarts whole.
+                        log.critical("a failed step leaves the other ranks out of step: stop")
                         return
             finally:
                 self._flush_events()
