@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from conftest import MODEL, Store
-from metalserve import server
+from metalserve import server, skinny_linear
 from metalserve.errors import ApiError
 from metalserve.replica import Replica, _free_memory, read_token
 from metalserve.settings import ServeSettings
@@ -32,6 +32,25 @@ def test_read_token(tmp_path: Path) -> None:
     path.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         read_token(path)
+
+
+def test_a_load_keeps_the_decode_timings_in_the_file_named(
+    model_store: Store, tmp_path: Path
+) -> None:
+    """``--decode-tuning-file`` reaches the tuner once torch is imported (on CUDA the decode
+    path built next reads and extends it; ``test_skinny_linear`` tests the file itself)."""
+    path = tmp_path / "decode-tuning.json"
+    settings = ServeSettings(
+        store=model_store.root, model=MODEL, version=model_store.v1, decode_tuning_file=path
+    )
+    try:
+        timings: dict[str, float] = {}
+        bundle = Replica(settings, model_store.v1).load_and_warm(model_store.v1, timings)
+        assert bundle.version_id == model_store.v1
+        assert set(timings) == {"imports", "load", "warmup"}
+        assert skinny_linear._file == path
+    finally:
+        skinny_linear.remember_in(None)
 
 
 def test_admission_needs_a_ready_replica(replica: Replica) -> None:

@@ -5,7 +5,10 @@ its error, and the same bits twice); here, what decides which products it comput
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +23,34 @@ def _empty_table() -> Iterator[None]:
     skinny_linear._TUNED.clear()
     skinny_linear._MEASURED.clear()
     yield
+    skinny_linear.remember_in(None)
     skinny_linear._TUNED.clear()
     skinny_linear._TUNED.update(saved)
     skinny_linear._MEASURED.clear()
     skinny_linear._MEASURED.update(measured)
+
+
+def _stub_timings(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Timings stubbed (no GPU here): the kernel 10 us; cuBLAS 20 us for a product of 48
+    outputs, 10 us (a tie: cuBLAS kept) for any other. Returns the list of runs timed."""
+    timed: list[object] = []
+
+    def micros(run: functools.partial[None]) -> float:
+        timed.append(run)
+        product, _, cycle = run.args
+        if product is torch.nn.functional.linear:
+            return 20.0 if cycle[0].shape[0] == 48 else 10.0
+        return 10.0
+
+    monkeypatch.setattr(skinny_linear, "kernel_available", lambda device: True)
+    monkeypatch.setattr(skinny_linear, "_micros", micros)
+    return timed
+
+
+WEIGHTS = [
+    [torch.randn(48, 32, dtype=torch.bfloat16)],
+    [torch.randn(64, 32, dtype=torch.bfloat16)],
+]
 
 
 def test_row_blocks() -> None:
@@ -44,24 +71,10 @@ def test_a_second_tuning_of_the_same_shapes_reuses_the_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A hot reload of a version of the same shapes: ``tune`` times nothing again, reports what
-    it measured the first time and restores its choices. Timings are stubbed (no GPU here): the
-    kernel 10 us, cuBLAS 20 us for one product, 10 us (a tie: cuBLAS kept) for the other."""
-    timed: list[object] = []
+    it measured the first time and restores its choices."""
+    timed = _stub_timings(monkeypatch)
 
-    def micros(run: functools.partial[None]) -> float:
-        timed.append(run)
-        product, _, cycle = run.args
-        if product is torch.nn.functional.linear:
-            return 20.0 if cycle[0].shape[0] == 48 else 10.0
-        return 10.0
-
-    monkeypatch.setattr(skinny_linear, "kernel_available", lambda device: True)
-    monkeypatch.setattr(skinny_linear, "_micros", micros)
-    weights = [
-        [torch.randn(48, 32, dtype=torch.bfloat16)],
-        [torch.randn(64, 32, dtype=torch.bfloat16)],
-    ]
-    first = skinny_linear.tune(weights, [1, 8, 32])
+    first = skinny_linear.tune(WEIGHTS, [1, 8, 32])
     assert len(timed) == 2 * (2 * len(skinny_linear.CANDIDATES) + 3)  # 2 row blocks, 3 counts
     assert [(e["out"], e["rows"], e["used"]) for e in first] == [
         (48, 1, True),
@@ -75,11 +88,11 @@ def test_a_second_tuning_of_the_same_shapes_reuses_the_first(
     assert len(chosen) == 3
     skinny_linear._TUNED.clear()
     timed.clear()
-    assert skinny_linear.tune(weights, [1, 8, 32]) == first
+    assert skinny_linear.tune(WEIGHTS, [1, 8, 32]) == first
     assert timed == []
     assert chosen == skinny_linear._TUNED
     # Other row counts are other measurements.
-    skinny_linear.tune(weights, [1, 8])
+    skinny_linear.tune(WEIGHTS, [1, 8])
     assert timed != []
 
 
@@ -132,3 +145,97 @@ def test_the_kernel_computes_only_the_products_tuned_for_it(
     assert len(calls) == 3
     assert residuals[-1] is not None
     assert torch.equal(residuals[-1], residual)
+
+
+def test_a_restart_reuses_the_timings_kept_in_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ``remember_in``, a new process (the table emptied) times nothing that an earlier
+    one timed on the same kind of device, and makes the same choices; shapes it never timed are
+    timed and added to the file."""
+    timed = _stub_timings(monkeypatch)
+    path = tmp_path / "tuning" / "decode.json"
+    skinny_linear.remember_in(path)
+    first = skinny_linear.tune(WEIGHTS, [1, 8, 32])
+    assert timed != []
+    chosen = dict(skinny_linear._TUNED)
+    saved = json.loads(path.read_text())
+    assert [(e["out"], e["in"], e["rows"]) for e in saved] == [
+        (48, 32, [1, 8, 32]),
+        (64, 32, [1, 8, 32]),
+    ]
+
+    # The next process.
+    skinny_linear._TUNED.clear()
+    skinny_linear._MEASURED.clear()
+    timed.clear()
+    skinny_linear.remember_in(path)
+    assert skinny_linear.tune(WEIGHTS, [1, 8, 32]) == first
+    assert timed == []
+    assert chosen == skinny_linear._TUNED
+    # A shape never timed: timed, and kept beside the others.
+    skinny_linear.tune([[torch.randn(80, 32, dtype=torch.bfloat16)]], [1, 8, 32])
+    assert timed != []
+    assert [e["out"] for e in json.loads(path.read_text())] == [48, 64, 80]
+
+
+def test_timings_of_another_kind_of_device_or_kernel_are_not_reused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The file's timings hold for the device, kernel source and libraries that took them
+    (``_device_kind``): anything else times again."""
+    timed = _stub_timings(monkeypatch)
+    path = tmp_path / "decode.json"
+    skinny_linear.remember_in(path)
+    skinny_linear.tune(WEIGHTS, [1, 8])
+    entries = json.loads(path.read_text())
+    for entry in entries:
+        entry["device"] = entry["device"].replace("kernel ", "kernel 0")
+    path.write_text(json.dumps(entries))
+    skinny_linear._MEASURED.clear()
+    timed.clear()
+    skinny_linear.remember_in(path)
+    skinny_linear.tune(WEIGHTS, [1, 8])
+    assert len(timed) == 2 * (len(skinny_linear.CANDIDATES) + 2)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'[{"device": "x", "dtype": "bfloat16", "out": 48, "in": 32, "rows": [1]}]',
+        b'[{"device": "x", "dtype": "bfloat16", "out": 48, "in": 32, "rows": [1], "found": '
+        b'[{"out": 48, "in": 32, "rows": 1, "cublas_us": 1, "kernel_us": 1, "tuning": [1, 2], '
+        b'"used": true}]}]',
+    ],
+    ids=["not-json", "no-found", "short-tuning"],
+)
+def test_a_file_that_cannot_be_read_is_timed_over_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+) -> None:
+    timed = _stub_timings(monkeypatch)
+    path = tmp_path / "decode.json"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="metalserve.skinny_linear"):
+        skinny_linear.remember_in(path)
+    assert f"ignoring the decode projections' timings in {path}" in caplog.text
+    skinny_linear.tune(WEIGHTS, [1])
+    assert timed != []
+    assert [e["out"] for e in json.loads(path.read_text())] == [48, 64]
+
+
+def test_a_file_that_cannot_be_written_costs_a_warning_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _stub_timings(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    skinny_linear.remember_in(blocker / "decode.json")  # its directory cannot be made
+    with caplog.at_level(logging.WARNING, logger="metalserve.skinny_linear"):
+        found = skinny_linear.tune(WEIGHTS, [1])
+    assert [e["used"] for e in found] == [True, False]
+    assert "cannot keep the decode projections' timings" in caplog.text
+    assert list(tmp_path.iterdir()) == [blocker]

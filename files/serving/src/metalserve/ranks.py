@@ -60,6 +60,7 @@ class RankSpec:
     decode_attention: str
     decode_gemm: str
     prefix_cache_tokens: int
+    decode_tuning_file: Path | None
     log_level: str
 
     def device_of(self, rank: int) -> str:
@@ -179,6 +180,10 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
     from metalserve.loader import load_version
     from metalserve.tensor_parallel import RELOAD
 
+    if spec.decode_tuning_file is not None:
+        from metalserve import skinny_linear
+
+        skinny_linear.remember_in(spec.decode_tuning_file)
     tp = join_group(spec, rank)
     while True:
         root, version_id = share_version()

@@ -158,6 +158,10 @@ class Replica:
         started = time.monotonic()
         import_libraries()
         timings["imports"] = time.monotonic() - started
+        if self.settings.decode_tuning_file is not None:
+            from metalserve import skinny_linear
+
+            skinny_linear.remember_in(self.settings.decode_tuning_file)
         bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
         if bundle.part_of is not None:
@@ -322,6 +326,7 @@ class Replica:
             decode_attention=settings.decode_attention,
             decode_gemm=settings.decode_gemm,
             prefix_cache_tokens=settings.prefix_cache_tokens,
+            decode_tuning_file=settings.decode_tuning_file,
             log_level=settings.log_level,
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))

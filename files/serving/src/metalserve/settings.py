@@ -125,6 +125,12 @@ class ServeSettings(BaseSettings):
         "built (CUDA graphs, Triton, bfloat16 or float16 weights) and uses it where it is "
         "faster; torch: cuBLAS always",
     )
+    decode_tuning_file: Path | None = Field(
+        None,
+        description="keep what decode_gemm auto timed in this JSON file and reuse it at the next "
+        "start on the same kind of GPU with the same kernel and libraries (the systemd unit: "
+        "its cache directory; tensor-parallel ranks share it); default: timed at every start",
+    )
     prefix_cache_tokens: int = Field(
         prefixcache.DEFAULT_TOKENS,
         ge=0,

@@ -22,16 +22,25 @@ timings, so two replicas may choose differently where the two are close: their r
 differ by rounding, which the consistency check counts as a tie, not a difference); ``linear`` (the
 custom operator ``metalserve::skinny_linear``, so a compiled layer calls it as one opaque step
 and CUDA graphs capture its launch) runs the kernel only where it won, else
-``torch.nn.functional.linear``, as everywhere else (the CPU, no Triton, more rows).
+``torch.nn.functional.linear``, as everywhere else (the CPU, no Triton, more rows). What ``tune``
+measured is kept for the process (a hot reload times nothing again) and, where ``remember_in``
+names a file, for the next processes on the same kind of device with the same kernel source and
+libraries (a restart's decode path then times nothing either).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from metalserve import graph_timing
 
@@ -41,6 +50,8 @@ try:
 except ImportError:  # no Triton: the project's CI and CPU-only hosts
     triton = None
     tl = None
+
+log = logging.getLogger(__name__)
 
 # The most rows the kernel takes (a decode step's batch bucket); more rows: cuBLAS.
 MAX_ROWS = 64
@@ -277,10 +288,116 @@ def _micros(run: Callable[[], object]) -> float:
     return graph_timing.graph_micros(run, REPLAYS) / TIMED_LAUNCHES
 
 
-# What ``tune`` measured, per (device, dtype, out, in, row counts): a hot reload of a version of
-# the same shapes reuses it instead of timing again (its decode path 2.1 s, not 3.8, at 8B on
-# an H200).
-_MEASURED: dict[tuple[int, torch.dtype, int, int, tuple[int, ...]], list[dict[str, Any]]] = {}
+class _Measured(NamedTuple):
+    device: str  # ``_device_kind``: the same kind of device, kernel and libraries
+    dtype: str
+    out_features: int
+    in_features: int
+    rows: tuple[int, ...]
+
+
+# What ``tune`` measured: a hot reload of a version of the same shapes reuses it instead of
+# timing again (its decode path 2.1 s, not 3.8, at 8B on an H200), and so does a restart where
+# ``remember_in`` named a file.
+_MEASURED: dict[_Measured, list[dict[str, Any]]] = {}
+_file: Path | None = None
+
+
+class _Found(BaseModel):
+    """One (product, row count) of ``tune``'s report."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    out: int = Field(gt=0)
+    in_: int = Field(gt=0, alias="in")
+    rows: int = Field(gt=0, le=MAX_ROWS)
+    cublas_us: float
+    kernel_us: float | None
+    tuning: tuple[int, int, int, int, int] | None
+    used: bool
+
+
+class _Entry(BaseModel):
+    """One product's measurements in the file ``remember_in`` names."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str
+    dtype: str
+    out: int
+    in_: int = Field(alias="in")
+    rows: tuple[int, ...]
+    found: list[_Found]
+
+
+_ENTRIES = TypeAdapter(list[_Entry])
+
+
+@functools.cache
+def _device_kind(device: torch.device) -> str:
+    """What a measurement holds for: the device's model, this kernel's source (its tunings
+    and thresholds included) and the libraries that compile and time it."""
+    name = device.type
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return (
+        f"{name}; kernel {source}; torch {torch.__version__} cuda {torch.version.cuda}; "
+        f"triton {getattr(triton, '__version__', None)}"
+    )
+
+
+def remember_in(path: Path | None) -> None:
+    """Keep what ``tune`` measures in ``path`` (JSON, rewritten whole after each new
+    measurement) and reuse what it holds now: a restart's decode path then times only shapes
+    it never timed on this kind of device (``_device_kind``). A file that cannot be read is
+    measured over, with a warning. None: this process only."""
+    global _file
+    _file = path
+    if path is None:
+        return
+    try:
+        entries = _ENTRIES.validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, ValidationError) as exc:
+        log.warning("ignoring the decode projections' timings in %s: %s", path, exc)
+        return
+    for entry in entries:
+        key = _Measured(entry.device, entry.dtype, entry.out, entry.in_, entry.rows)
+        _MEASURED[key] = [found.model_dump(by_alias=True, mode="json") for found in entry.found]
+
+
+def _save() -> None:
+    """Write every measurement to the file ``remember_in`` named, atomically (a reader never
+    sees half a file); a failure is logged, not raised: the timings are only a shortcut."""
+    if _file is None:
+        return
+    entries = [
+        _Entry.model_validate(
+            {
+                "device": key.device,
+                "dtype": key.dtype,
+                "out": key.out_features,
+                "in": key.in_features,
+                "rows": key.rows,
+                "found": found,
+            }
+        )
+        for key, found in _MEASURED.items()
+    ]
+    try:
+        _file.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=_file.parent, prefix=f".{_file.name}.")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(_ENTRIES.dump_json(entries, by_alias=True, indent=1))
+            tmp.replace(_file)
+        except BaseException:
+            tmp.unlink()
+            raise
+    except OSError as exc:
+        log.warning("cannot keep the decode projections' timings in %s: %s", _file, exc)
 
 
 def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, Any]]:
@@ -293,15 +410,18 @@ def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, A
     not timed again (``_MEASURED``)."""
     found: list[dict[str, Any]] = []
     counts = sorted({r for r in rows if 0 < r <= MAX_ROWS})
+    timed_any = False
     for layers in weights:
         w0 = layers[0]
         if not kernel_available(w0.device) or w0.dtype not in DTYPES:
             continue
         n, k = w0.shape
-        measured = (w0.device.index or 0, w0.dtype, n, k, tuple(counts))
+        index = w0.device.index or 0
+        dtype = str(w0.dtype).removeprefix("torch.")
+        measured = _Measured(_device_kind(w0.device), dtype, n, k, tuple(counts))
         if measured in _MEASURED:
             for entry in _MEASURED[measured]:
-                key = Key(measured[0], w0.dtype, n, k, entry["rows"])
+                key = Key(index, w0.dtype, n, k, entry["rows"])
                 if entry["used"]:
                     _TUNED[key] = Tuning(*entry["tuning"])
                 else:
@@ -325,7 +445,7 @@ def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, A
                 baseline = _micros(
                     functools.partial(_each, torch.nn.functional.linear, rows_x, cycle)
                 )
-                key = Key(w0.device.index or 0, w0.dtype, n, k, count)
+                key = Key(index, w0.dtype, n, k, count)
                 used = best is not None and baseline >= MIN_GAIN * times[best]
                 if used and best is not None:
                     _TUNED[key] = best
@@ -343,4 +463,7 @@ def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, A
                     }
                 )
         _MEASURED[measured] = found[first:]
+        timed_any = True
+    if timed_any:
+        _save()
     return found
