@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,135 @@ def test_bfloat16_and_tied_embeddings(tmp_path: Path) -> None:
         == model.get_input_embeddings().weight.data_ptr()
     )
     assert model.get_input_embeddings().weight.abs().sum() > 0
+
+
+def _publish(
+    tmp_path: Path, model: torch.nn.Module, name: str, edit: Callable[[Path], None] | None = None
+) -> tuple[Path, str]:
+    """Save ``model`` with the tiny tokenizer, let ``edit`` change the files, publish them."""
+    from metalserve.tiny_model import build_tokenizer
+
+    source = tmp_path / f"{name}-src"
+    model.save_pretrained(source)  # type: ignore[operator]
+    build_tokenizer().save_pretrained(source)
+    if edit is not None:
+        edit(source)
+    return tmp_path / "store", store.publish(source, tmp_path / "store", name)
+
+
+def _small(model_type: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metalserve.tiny_model import build_tokenizer
+
+    vocab = len(build_tokenizer())
+    if model_type == "gpt2":
+        sizes = {"n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 64}
+    else:
+        sizes = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 64,
+        }
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **sizes)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "qwen3"])
+def test_models_with_other_parameters_and_buffers_load_as_from_pretrained(
+    tmp_path: Path, model_type: str
+) -> None:
+    """The model is built with its parameters on the meta device while the weights stream, and
+    takes the loaded tensors after: GPT-2's Conv1D weights and learned positions, Gemma's
+    embedding scale (a buffer no checkpoint holds), Qwen3's q/k norms, every rotary embedding's
+    angles all end up as ``from_pretrained`` makes them."""
+    from transformers import AutoModelForCausalLM
+
+    root, version_id = _publish(tmp_path, _small(model_type), model_type)
+    loaded = load_version(root, model_type, version_id)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / f"{model_type}-src").eval()
+    ours = dict(loaded.model.named_buffers()) | dict(loaded.model.named_parameters())
+    theirs = dict(reference.named_buffers()) | dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, msg=name)
+    ids = torch.tensor([loaded.encode("The quick brown fox", add_special_tokens=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits)
+
+
+def _edit_weights(source: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = source / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            lambda t: t.update(stray=torch.zeros(2)),
+            r"unexpected tensors \['stray'\]",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": torch.zeros(3)}),
+            r"tensor 'model.norm.weight' has shape \[3\], the model expects \[32\]",
+        ),
+        (
+            lambda t: t.pop("model.norm.weight"),
+            r"weights missing from the safetensors files: \['model.norm.weight'\]",
+        ),
+    ],
+    ids=["unexpected", "misshapen", "missing"],
+)
+def test_checkpoints_that_do_not_fit_the_model_are_refused_naming_the_tensor(
+    tmp_path: Path, change: Callable[[dict[str, torch.Tensor]], None], error: str
+) -> None:
+    root, version_id = _publish(
+        tmp_path, _small("llama"), "unfit", lambda source: _edit_weights(source, change)
+    )
+    with pytest.raises(LoadError, match=error):
+        load_version(root, "unfit", version_id)
+
+
+def test_a_config_transformers_cannot_read_is_refused_after_the_weights_verdict(
+    tmp_path: Path,
+) -> None:
+    """transformers reads the config while the weights stream: its error is raised once the
+    weights are through, and a tampered shard's verification error comes first."""
+
+    def unknown_type(source: Path) -> None:
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps(config | {"model_type": "no-such"}))
+
+    root, version_id = _publish(tmp_path, _small("llama"), "odd", unknown_type)
+    with pytest.raises(LoadError, match=f"cannot read config/tokenizer of {version_id[:12]}"):
+        load_version(root, "odd", version_id)
+    corrupt_weights(store.version_dir(root, "odd", version_id) / "model.safetensors")
+    with pytest.raises(store.VerificationError, match=r"model\.safetensors: blake3"):
+        load_version(root, "odd", version_id)
+
+
+def test_parameters_go_to_meta_only_in_the_thread_that_asked() -> None:
+    """A hot reload builds its model while the engine serves: only the loading thread's new
+    parameters are put on the meta device."""
+    from metalserve.loader import _parameters_on_meta
+
+    built: dict[str, torch.nn.Linear] = {}
+    with _parameters_on_meta():
+        built["here"] = torch.nn.Linear(2, 2)
+        other = threading.Thread(target=lambda: built.update(there=torch.nn.Linear(2, 2)))
+        other.start()
+        other.join()
+    after = torch.nn.Linear(2, 2)
+    assert built["here"].weight.is_meta
+    assert not built["there"].weight.is_meta
+    assert not after.weight.is_meta

@@ -5,20 +5,28 @@ page faults at first use) and hashed while read; nothing is used before its hash
 manifest. Small files (config, tokenizer) are checked first (whole-file sha256, which format 2
 manifests keep) and then materialized. Weight shards are streamed by ``metalserve.weights``: read
 into a few reused (on CUDA pinned) host buffers, hashed block by block on a pool of threads
-(format 2; format 1: whole files, one thread each) and copied straight into the model's
-parameters, several shards at once, so host memory stays at a few buffers per shard in flight
-whatever the model's size.
+(format 2; format 1: whole files, one thread each) and copied straight into tensors made on the
+device from the shards' headers, several shards at once, so host memory stays at a few buffers per
+shard in flight whatever the model's size. Meanwhile transformers is imported (seconds at a start:
+issue 17, item 4), the config and tokenizer read and the model built with its parameters on the
+meta device; the loaded tensors then become its parameters.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from metalserve import store
@@ -32,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PATCHING = threading.Lock()
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -55,6 +64,9 @@ class LoadedModel:
     vocab_size: int
     files: tuple[str, ...]
     load_seconds: float
+    # The weights' stream alone (read, verified, on the device), which the rest of the load
+    # (transformers' import, config, tokenizer, the model's modules) runs beside.
+    weights_seconds: float = 0.0
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # (rank, world): the model holds that rank's part of each layer's projections only, and
     # runs only as the static path's share of a tensor-parallel replica.
@@ -79,10 +91,19 @@ def validate_device(device: str) -> str:
 
 
 def import_libraries() -> None:
-    """Import what a load needs (torch, transformers' auto classes) now: a cold start's first
-    seconds, worth timing apart from the load itself."""
+    """Import torch now: a cold start's first seconds, worth timing apart from the load
+    (transformers' import runs beside the weights' read, in ``load_version``)."""
     import torch  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+@dataclass
+class _Prepared:
+    """What ``load_version`` makes while the weights stream: all but the weights."""
+
+    config: Any
+    tokenizer: Any
+    generation_config: Any
+    model: Any
 
 
 def load_version(
@@ -97,17 +118,20 @@ def load_version(
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
 
-    With ``tensor_parallel`` (a rank of more than one) only that rank's part of each layer's
-    projections is read, verified and placed on the device (``metalserve.tensor_parallel``);
-    the rest of the model whole."""
+    The weights stream (read, verified, copied to the device) into tensors made from their
+    headers while this thread imports transformers, reads the config and tokenizer and builds
+    the model with its parameters on the meta device; the loaded tensors then become its
+    parameters. With ``tensor_parallel`` (a rank of more than one) only that rank's part of
+    each layer's projections is read, verified and placed on the device
+    (``metalserve.tensor_parallel``); the rest of the model whole."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.initialization import no_init_weights
 
     from metalserve import weights
 
     started = time.monotonic()
     torch_device = _torch_device(device)
+    if dtype not in DTYPES:
+        raise LoadError(f"dtype must be one of {', '.join(DTYPES)}")
     root = store.version_dir(store_path, model_name, version_id)
     if not root.is_dir():
         raise store.VersionNotFoundError(f"{root} does not exist")
@@ -118,6 +142,7 @@ def load_version(
     if not shards:
         raise LoadError(f"version {version_id[:12]} has no *.safetensors weights")
     others = [e for e in manifest.files if not e.path.endswith(".safetensors")]
+    split = tensor_parallel is not None and tensor_parallel.world > 1
 
     with tempfile.TemporaryDirectory(prefix="metalserve-") as tmp:
         # Small files (config, tokenizer) are verified, then materialized from the verified
@@ -127,61 +152,60 @@ def load_version(
             target = Path(tmp) / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        try:
-            config = AutoConfig.from_pretrained(tmp, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
-        generation_config = None
-        if (Path(tmp) / "generation_config.json").is_file():
-            generation_config = GenerationConfig.from_pretrained(tmp, local_files_only=True)
+        raw_config = _raw_config(Path(tmp), version_id)
+        torch_dtype = _resolve_dtype(dtype, raw_config, torch_device)
+        parts_of = _parts_of(raw_config, tensor_parallel) if tensor_parallel and split else None
+        tensors: dict[str, torch.Tensor] = {}
+        parts: dict[str, tuple[int, int, int]] = {}
+        # The weights stream on another thread: the device this one means by "cuda", named, and
+        # made current there (a rank on cuda:1 must not touch cuda:0: a context costs memory).
+        on = torch_device
+        if on.type == "cuda" and on.index is None:
+            on = torch.device("cuda", torch.cuda.current_device())
 
-    if not getattr(tokenizer, "is_fast", False):
-        raise LoadError("only fast (tokenizer.json) tokenizers are supported")
-    torch_dtype = _resolve_dtype(dtype, config, torch_device)
+        def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
+            part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
+            shape = list(spec.shape)
+            if part is not None:
+                shape[part[0]] = part[2] - part[1]
+                parts[spec.name] = part
+            kept = torch_dtype if spec.dtype.is_floating_point else spec.dtype
+            tensor = tensors[spec.name] = torch.empty(shape, dtype=kept, device=on)
+            return weights.Part(tensor, *part) if part is not None else tensor
 
-    split = tensor_parallel is not None and tensor_parallel.world > 1
-    # Build the module directly on the device, skipping the random init the weights replace;
-    # a rank's part on the meta device first, its tensors then made at their parts' sizes.
-    with no_init_weights(), torch.device("meta") if split else torch_device:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.eval().requires_grad_(False)
-    parts: dict[str, tuple[int, int, int]] = {}
-    part_of = None
-    if split:
-        assert tensor_parallel is not None
-        parts = _materialize_part(model, config, torch_device, tensor_parallel)
-        part_of = (tensor_parallel.rank, tensor_parallel.world)
+        def stream() -> float:
+            """The weights' seconds: read, verified and on the device."""
+            begun = time.monotonic()
+            with torch.cuda.device(on) if on.type == "cuda" else nullcontext():
+                weights.load_weights(
+                    root, shards, version_id, destination, device=on, chunk_size=chunk_size
+                )
+            return time.monotonic() - begun
 
-    params = model.state_dict(keep_vars=True)
-    expected = set(params)
+        with ThreadPoolExecutor(1, thread_name_prefix="metalserve-weights") as pool:
+            streaming = pool.submit(stream)
+            failed: Exception | None = None
+            try:
+                prepared = _prepare(Path(tmp), version_id, torch_dtype)
+            except Exception as exc:  # noqa: BLE001 - raised once the weights' outcome is known
+                failed = exc
+            try:
+                weights_seconds = streaming.result()
+            except weights.WeightsError as exc:
+                raise LoadError(str(exc)) from exc
+    if failed is not None:
+        raise failed
+    config, tokenizer, model = prepared.config, prepared.tokenizer, prepared.model
+    if tensor_parallel is not None and split:
+        from metalserve import staticdecode
 
-    def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part | None:
-        tensor: torch.Tensor | None = params.get(spec.name)
-        if tensor is None or spec.name not in parts:
-            return tensor
-        return weights.Part(tensor, *parts[spec.name])
+        reason = staticdecode.unsupported_reason(model)
+        if reason is not None:
+            raise LoadError(f"tensor parallelism over {tensor_parallel.world} ranks: {reason}")
+    _assign(model, tensors, parts, torch_device)
+    part_of = (tensor_parallel.rank, tensor_parallel.world) if tensor_parallel and split else None
 
-    try:
-        loaded = set(
-            weights.load_weights(
-                root,
-                shards,
-                version_id,
-                destination,
-                device=torch_device,
-                chunk_size=chunk_size,
-            )
-        )
-    except weights.WeightsError as exc:
-        raise LoadError(str(exc)) from exc
-    # Checkpoints store tied weights (lm_head = embeddings) once; from_config does not tie.
-    model.tie_weights()
-    missing = _untied(expected - loaded, loaded, model)
-    if missing:
-        raise LoadError(f"weights missing from the safetensors files: {sorted(missing)[:5]}")
-
-    eos = _eos_token_ids(config, generation_config, tokenizer)
+    eos = _eos_token_ids(config, prepared.generation_config, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = min(eos) if eos else 0
@@ -198,6 +222,7 @@ def load_version(
         vocab_size=int(model.get_input_embeddings().num_embeddings),
         files=tuple(e.path for e in manifest.files),
         load_seconds=time.monotonic() - started,
+        weights_seconds=weights_seconds,
         part_of=part_of,
     )
     log.info(
@@ -211,56 +236,153 @@ def load_version(
     return loaded_model
 
 
-def _materialize_part(
-    model: Any, config: Any, device: torch.device, tp: TensorParallel
-) -> dict[str, tuple[int, int, int]]:
-    """Give a model built on the meta device empty tensors on ``device``: each projection at
-    its part's size for rank ``tp`` (tied tensors stay tied), every other tensor whole, the
-    rotary embedding's angles recomputed. Returns each split tensor's ``(dim, start, stop)``."""
-    import torch
+def _raw_config(folder: Path, version_id: str) -> dict[str, Any]:
+    """``config.json`` as written: what the weights' dtype and parts need before transformers
+    is imported."""
+    try:
+        raw = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: not a JSON object")
+    return raw
 
+
+def _parts_of(
+    raw_config: dict[str, Any], tp: TensorParallel
+) -> Callable[[str, int], tuple[int, int, int] | None]:
+    """Rank ``tp``'s part ``(dim, start, stop)`` of a checkpoint tensor, by its name and
+    dimensions (None: whole); refuses a model whose layers do not split over the ranks."""
     from metalserve import staticdecode, tensor_parallel
 
-    reason = staticdecode.unsupported_reason(model) or tensor_parallel.unsupported_reason(
-        int(config.num_attention_heads),
-        int(config.num_key_value_heads),
-        int(config.intermediate_size),
-        tp.world,
+    try:
+        heads = int(raw_config["num_attention_heads"])
+        units = {
+            "heads": heads,
+            "kv_heads": int(raw_config.get("num_key_value_heads") or heads),
+            "intermediate": int(raw_config["intermediate_size"]),
+        }
+        head_dim = staticdecode.config_head_dim(SimpleNamespace(**raw_config))
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        raise LoadError(
+            f"tensor parallelism over {tp.world} ranks: config.json lacks {exc}"
+        ) from exc
+    reason = tensor_parallel.unsupported_reason(
+        units["heads"], units["kv_heads"], units["intermediate"], tp.world
     )
     if reason is not None:
         raise LoadError(f"tensor parallelism over {tp.world} ranks: {reason}")
-    head_dim = staticdecode.config_head_dim(config)
-    units = {
-        "heads": int(config.num_attention_heads),
-        "kv_heads": int(config.num_key_value_heads),
-        "intermediate": int(config.intermediate_size),
-    }
     per_unit = {"heads": head_dim, "kv_heads": head_dim, "intermediate": 1}
-    parts: dict[str, tuple[int, int, int]] = {}
+    return lambda name, ndim: tensor_parallel.checkpoint_part(name, ndim, units, per_unit, tp)
+
+
+def _prepare(folder: Path, version_id: str, dtype: torch.dtype) -> _Prepared:
+    """Import transformers, read the config and tokenizer in ``folder`` and build the model
+    with its parameters on the meta device (the loaded tensors replace them) and its buffers
+    (rotary angles, scales) computed on the CPU (moved to the device with the weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoadError("only fast (tokenizer.json) tokenizers are supported")
+    generation_config = None
+    if (folder / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return _Prepared(config, tokenizer, generation_config, model)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules this thread builds inside keep their parameters on the meta device (each made,
+    then given up at once: no memory held) and their buffers as built. accelerate's
+    ``init_empty_weights(include_buffers=False)`` does the same; it is not a dependency here."""
+    import torch
+
+    with _PATCHING:  # one patch at a time: each restores what it replaced
+        thread = threading.get_ident()
+        register = torch.nn.Module.register_parameter
+
+        def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            register(module, name, param)
+            if param is not None and not param.is_meta and threading.get_ident() == thread:
+                meta = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+                module._parameters[name] = meta
+
+        torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _assign(
+    model: Any,
+    tensors: dict[str, torch.Tensor],
+    parts: dict[str, tuple[int, int, int]],
+    device: torch.device,
+) -> None:
+    """Make the loaded ``tensors`` the parameters (and persistent buffers) of ``model``, built
+    with its parameters on the meta device, and move its other buffers to ``device``; tied
+    parameters stay tied. ``parts``: the names loaded as a rank's part ``(dim, start, stop)``.
+    Raises ``LoadError`` naming unexpected, misshapen or missing tensors."""
+    import torch
+
+    unexpected = sorted(set(tensors) - set(model.state_dict(keep_vars=True)))
+    if unexpected:
+        raise LoadError(f"unexpected tensors {unexpected[:5]}")
     made: dict[int, torch.nn.Parameter] = {}
     for prefix, module in model.named_modules():
         for attr, param in list(module._parameters.items()):
             if param is None:
                 continue
+            if id(param) in made:
+                module._parameters[attr] = made[id(param)]
+                continue
             name = f"{prefix}.{attr}" if prefix else attr
-            part = tensor_parallel.checkpoint_part(name, param.dim(), units, per_unit, tp)
-            shape = list(param.shape)
-            if part is not None:
-                dim, start, stop = part
-                shape[dim] = stop - start
-                parts[name] = part
-            if id(param) not in made:
-                made[id(param)] = torch.nn.Parameter(
-                    torch.empty(shape, dtype=param.dtype, device=device), requires_grad=False
-                )
-            module._parameters[attr] = made[id(param)]
-    inner = model.model
-    with device:
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)
-    left = [name for name, b in model.named_buffers() if b.is_meta]
-    if left:
-        raise LoadError(f"cannot make {left[:3]} on {device} for a rank's part")
-    return parts
+            tensor = tensors.get(name)
+            if tensor is None:
+                continue  # tied below, or missing
+            _check_shape(name, tensor, param.shape, parts.get(name))
+            made[id(param)] = module._parameters[attr] = torch.nn.Parameter(
+                tensor.to(param.dtype), requires_grad=False
+            )
+        for attr, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            if name in tensors:
+                _check_shape(name, tensors[name], buffer.shape, None)
+                module._buffers[attr] = tensors[name].to(buffer.dtype)
+            else:
+                module._buffers[attr] = buffer.to(device)
+    # Checkpoints store tied weights (lm_head = embeddings) once; from_config does not tie.
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing:
+        raise LoadError(f"weights missing from the safetensors files: {sorted(missing)[:5]}")
+
+
+def _check_shape(
+    name: str, tensor: torch.Tensor, shape: Any, part: tuple[int, int, int] | None
+) -> None:
+    expected = list(shape)
+    of_part = ""
+    if part is not None:
+        expected[part[0]] = part[2] - part[1]
+        of_part = f" (its part of {list(shape)})"
+    if list(tensor.shape) != expected:
+        raise LoadError(
+            f"tensor {name!r} has shape {list(tensor.shape)}, the model expects {expected}{of_part}"
+        )
 
 
 def _torch_device(device: str) -> torch.device:
@@ -276,18 +398,17 @@ def _torch_device(device: str) -> torch.device:
     return dev
 
 
-def _resolve_dtype(dtype: str, config: Any, device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype: str, raw_config: dict[str, Any], device: torch.device) -> torch.dtype:
     import torch
 
-    if dtype not in DTYPES:
-        raise LoadError(f"dtype must be one of {', '.join(DTYPES)}")
     if dtype != "auto":
         resolved: torch.dtype = getattr(torch, dtype)
         return resolved
     if device.type == "cpu":
         # Half precision matmuls on CPU are slow and numerically fragile.
         return torch.float32
-    configured = getattr(config, "dtype", None)
+    # transformers 5 writes "dtype", earlier versions "torch_dtype".
+    configured = raw_config.get("dtype") or raw_config.get("torch_dtype")
     if isinstance(configured, str):
         configured = getattr(torch, configured, None)
     # Keep a float16 checkpoint in float16; everything else runs in bfloat16 on GPUs.
@@ -310,22 +431,6 @@ def _read_verified(root: Path, entry: store.FileEntry, version_id: str, chunk_si
     if problem:
         raise store.VerificationError(version_id, [problem])
     return data
-
-
-def _untied(missing: set[str], loaded: set[str], model: PreTrainedModel) -> set[str]:
-    """The missing names that do not share storage with a loaded tensor."""
-    names_by_storage: dict[int, set[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names_by_storage.setdefault(tensor.data_ptr(), set()).add(name)
-    return {
-        name
-        for name in missing
-        if not any(
-            names_by_storage[ptr] & loaded
-            for ptr, names in names_by_storage.items()
-            if name in names
-        )
-    }
 
 
 def _eos_token_ids(config: Any, generation_config: Any, tokenizer: Any) -> set[int]:

@@ -47,6 +47,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "dtype": str(current.dtype).removeprefix("torch.") if current else settings.dtype,
         "loaded_at": current.loaded_at.isoformat() if current else None,
         "load_seconds": round(current.load_seconds, 3) if current else None,
+        "weights_seconds": round(current.weights_seconds, 3) if current else None,
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
         "decode_path": replica.engine.decode_path,
         "decode_compiled": replica.engine.decode_compiled,

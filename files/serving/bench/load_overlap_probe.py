@@ -1,0 +1,73 @@
+"""Issue 17 item 4: what loading a version beside transformers' import saves at a start.
+
+Fresh interpreters, alternately: "sequential" imports torch and transformers' auto classes and
+then calls ``load_version`` (the order before the overlap: nothing left to overlap), "overlapped"
+imports torch and calls ``load_version``, which imports transformers while the weights stream.
+Each reports seconds from its start to the model loaded. Run after ``bench serve`` made a store
+(the weights then in the page cache, as at a warm start):
+``python bench/load_overlap_probe.py STORE_ROOT VERSION_ID DEVICE OUT.json [RUNS]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, sys, time
+started = time.monotonic()
+import torch
+if sys.argv[1] == "sequential":
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+imported = time.monotonic()
+from pathlib import Path
+from metalserve.bench.serve import MODEL
+from metalserve.loader import load_version
+bundle = load_version(Path(sys.argv[2]), MODEL, sys.argv[3], device=sys.argv[4])
+if bundle.device.type == "cuda":
+    torch.cuda.synchronize()
+done = time.monotonic()
+print(json.dumps({"imports_s": imported - started, "to_loaded_s": done - started,
+                  "load_seconds": bundle.load_seconds, "weights_seconds": bundle.weights_seconds}))
+"""
+
+
+def run(order: str, root: str, version_id: str, device: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, order, root, version_id, device],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    found: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return found
+
+
+def main(root: str, version_id: str, device: str, out: str, runs: int) -> None:
+    results: dict[str, list[dict[str, float]]] = {"sequential": [], "overlapped": []}
+    run("sequential", root, version_id, device)  # untimed: page cache, compiled bytecode
+    for _ in range(runs):
+        for order in results:
+            results[order].append(run(order, root, version_id, device))
+    medians = {
+        order: statistics.median(r["to_loaded_s"] for r in found)
+        for order, found in results.items()
+    }
+    report = {
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "device": device},
+        "runs": results,
+        "median_to_loaded_s": medians,
+        "overlapped_over_sequential": medians["overlapped"] / medians["sequential"],
+    }
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5], runs=int(sys.argv[5]) if len(sys.argv) > 5 else 5)
