@@ -91,6 +91,8 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
             assert [r["rank"] for r in version["ranks"]] == [0, 1], version
             assert {r["version_id"] for r in version["ranks"]} == {model_store.v1}
             assert all(r["verified"] for r in version["ranks"])
+            # Each rank's own load (issue 22 asks for it per rank), rank 1's beside rank 0's.
+            assert all(r["load_seconds"] >= r["weights_seconds"] > 0 for r in version["ranks"])
             assert version["decode_path"] == "static", version
             assert version["decode_compiled"] is True, version
             pids = [r["pid"] for r in version["ranks"]]

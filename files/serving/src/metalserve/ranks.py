@@ -3,10 +3,11 @@
 Rank 0 is the server process. It starts ranks 1..N-1 at once, as processes of its own
 (multiprocessing's spawn: nothing of rank 0's threads or CUDA state is inherited), so that their
 imports overlap its own and its load; they join the process group (NCCL on ``cuda:<rank>``, gloo
-on the CPU) and wait. Once rank 0 has loaded and verified its version it joins too and sends the
-version and the root it loaded from (the node's cache, or the store); each rank reads, verifies
-and loads its share of every layer from there (``metalserve.tensor_parallel``), and the rest of
-the model whole, and repeats rank 0's decoder steps until rank 0 stops it. Before
+on the CPU) and wait. As rank 0 starts loading its version (its part), it joins too, from a thread
+of its own, and sends the version and the root it loads from (the node's cache, or the store);
+each rank reads, verifies and loads its share of every layer from there
+(``metalserve.tensor_parallel``), and the rest of the model whole, beside rank 0's load, and
+repeats rank 0's decoder steps until rank 0 stops it. Before
 serving, every rank tells the others what it loaded (``/version`` lists them). A hot reload ends
 the old version's steps (RELOAD) and sends the next version the same way, once rank 0 has loaded
 its part and verified every block of it, and the old version's requests are done: each rank
@@ -80,6 +81,8 @@ def rank_info(rank: int, bundle: Any, *, cache_copy_failed: bool = False) -> dic
         "device": str(bundle.device),
         "version_id": bundle.version_id,
         "verified": True,
+        "load_seconds": round(bundle.load_seconds, 3),
+        "weights_seconds": round(bundle.weights_seconds, 3),
         "cache_copy_failed": cache_copy_failed,
     }
 

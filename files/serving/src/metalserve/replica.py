@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ class Replica:
         self.startup: dict[str, float] = {}
         # serve --tensor-parallel: the other ranks, and what each rank loaded (rank order).
         self.ranks: ranks.Ranks | None = None
+        # Rank 0's process group, once the other ranks joined it (``_share_with_ranks``).
+        self._group: Future[Any] | None = None
         self.rank_infos: list[dict[str, Any]] = []
         self._loaded_from: dict[str, Path] = {}
 
@@ -226,6 +229,9 @@ class Replica:
 
         cache = self.cache
         lease = cache.acquire(settings.model, version_id) if cache is not None else None
+        if self.ranks is not None and self._group is None:
+            # The first load: the other ranks load their parts beside this one.
+            self._share_with_ranks(lease.root if lease is not None else settings.store, version_id)
         if cache is not None and lease is not None:
             try:
                 bundle = load_from(lease.root)
@@ -331,12 +337,31 @@ class Replica:
         )
         self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))
 
-    def _join_ranks(self, bundle: LoadedModel) -> None:
-        """Rank 0, its version loaded: join the other ranks' group, send them the version and
-        where it was loaded from, and wait until each has loaded and split it (blocking)."""
+    def _share_with_ranks(self, root: Path, version_id: str) -> None:
+        """Rank 0's first load: on a thread of its own (the other ranks may still be importing),
+        join their group and send them the version and the root this rank loads it from, so
+        that they load their parts while this one loads its own (each verifies its own part;
+        one whose part of the node cache's copy is bad loads the store's)."""
         assert self.ranks is not None
-        tp = ranks.join_group(self.ranks.spec, 0)
-        ranks.share_version(str(self._loaded_from[bundle.version_id]), bundle.version_id)
+        spec = self.ranks.spec
+        self._group = Future()
+
+        def share(group: Future[Any] = self._group) -> None:
+            try:
+                tp = ranks.join_group(spec, 0)
+                ranks.share_version(str(root), version_id)
+            except BaseException as exc:  # noqa: BLE001 - raised in the loading thread
+                group.set_exception(exc)
+            else:
+                group.set_result(tp)
+
+        threading.Thread(target=share, name="metalserve-ranks", daemon=True).start()
+
+    def _join_ranks(self, bundle: LoadedModel) -> None:
+        """Rank 0, its version loaded: wait until every other rank has loaded and split it
+        (blocking), then run the engine with them."""
+        assert self._group is not None
+        tp = self._group.result()
         self._check_ranks(bundle)
         self.engine.tensor_parallel = tp
         self.engine.tensor_parallel_switch = self._switch_ranks
