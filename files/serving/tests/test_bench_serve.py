@@ -82,6 +82,21 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     # ...and its first byte (request in to first body byte out) lies between the two.
     first_byte = server["server_first_byte_mean_s"]
     assert server["server_ttft_mean_s"] <= first_byte <= server["ttft_mean_s"]
+    # The server's event loop ticked through the run (0.1 s ticks), each lag a bucket's bound.
+    assert server["server_event_loop_lag_mean_s"] >= 0
+    assert server["server_event_loop_lag_p99_at_most_s"] in (
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+    )
     assert report["decode_roofline"] == {
         "bandwidth_gb_per_s": None,
         "reason": "needs the server arm on CUDA",
@@ -170,3 +185,14 @@ def test_decode_roofline_counts_weights_and_kv_at_the_measured_bandwidth() -> No
     assert fp8["weight_bytes"] == served - embedding * 2
     assert roof["efficiency"] == pytest.approx(floor / 0.0075, abs=1e-3)
     assert 0.5 < roof["efficiency"] < 0.6  # 15 GB + 0.5 GB in 7.5 ms at 4 TB/s
+
+
+def test_a_histograms_quantile_is_the_bound_of_its_bucket() -> None:
+    """From the run's bucket deltas (cumulative counts): the first bound holding the share."""
+    from metalserve.bench.serve import _bucket_quantile
+
+    deltas = {"lag_count": 100.0, "lag_le_0.01": 90.0, "lag_le_0.1": 99.0, "lag_le_+Inf": 100.0}
+    assert _bucket_quantile(deltas, "lag", 0.5) == 0.01
+    assert _bucket_quantile(deltas, "lag", 0.99) == 0.1
+    assert _bucket_quantile(deltas, "lag", 1.0) is None  # only under +Inf
+    assert _bucket_quantile({"lag_count": 0.0}, "lag", 0.99) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import uvicorn
 from conftest import MODEL, Store
 from metalserve import server, skinny_linear
 from metalserve.errors import ApiError
+from metalserve.metrics import Metrics
 from metalserve.replica import Replica, _free_memory, read_token
 from metalserve.settings import ServeSettings
 
@@ -126,7 +128,7 @@ def test_the_server_freezes_the_heap_once_ready_even_if_something_froze_objects_
         raise AssertionError("gc.get_freeze_count() on every tick")
 
     monkeypatch.setattr(gc, "get_freeze_count", count_frozen)
-    replica = SimpleNamespace(ready=False)
+    replica = SimpleNamespace(ready=False, metrics=Metrics())
     config = uvicorn.Config(app=lambda scope, receive, send: None)
     draining = server.DrainingServer(config, replica, freeze_heap=True)  # type: ignore[arg-type]
     gc.freeze()  # what the interpreter's start-up did there
@@ -139,3 +141,33 @@ def test_the_server_freezes_the_heap_once_ready_even_if_something_froze_objects_
         assert calls == [1]
     finally:
         gc.unfreeze()
+
+
+def test_the_event_loop_lag_is_how_late_each_tick_ran() -> None:
+    """uvicorn's own main loop, ticking every 0.1 s: a loop held up for 0.3 s (as by a flood of
+    streams' events) shows as one tick about that late; the free ticks are on time."""
+    metrics = Metrics()
+    replica = SimpleNamespace(ready=False, metrics=metrics)
+    config = uvicorn.Config(app=lambda scope, receive, send: None)
+    draining = server.DrainingServer(config, replica)  # type: ignore[arg-type]
+
+    async def held_up_once() -> None:
+        ticking = asyncio.create_task(draining.main_loop())
+        await asyncio.sleep(0.45)
+        time.sleep(0.3)  # nothing else runs on the loop meanwhile
+        await asyncio.sleep(0.45)
+        draining.should_exit = True
+        await ticking
+
+    asyncio.run(held_up_once())
+    count = sample_value(metrics, "metalserve_event_loop_lag_seconds_count")
+    late = count - sample_value(metrics, "metalserve_event_loop_lag_seconds_bucket", le="0.1")
+    assert count >= 6
+    assert late == 1
+    assert 0.15 <= sample_value(metrics, "metalserve_event_loop_lag_seconds_sum") < 0.5
+
+
+def sample_value(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None, name
+    return value

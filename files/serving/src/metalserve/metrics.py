@@ -150,6 +150,15 @@ class Metrics:
             registry=r,
         )
         self._gc_started = 0.0
+        # The HTTP side's backlog: every stream's events, every request's parsing and answer run
+        # on one event loop thread; a loop behind its timers delays all of them (first tokens
+        # of new requests included).
+        self.event_loop_lag = Histogram(
+            "metalserve_event_loop_lag_seconds",
+            "How late the HTTP event loop ran its 0.1 s tick (ready work ahead of it)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
 
     def watch_gc(self) -> None:
         """Time every garbage collection from now on (``gc.callbacks``)."""

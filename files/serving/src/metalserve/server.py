@@ -38,6 +38,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 ABORT_GRACE_SECONDS = 2.0
 # How often (in uvicorn's 0.1 s ticks) a renewed TLS certificate is looked for.
 TLS_CHECK_TICKS = 50
+# uvicorn's main loop sleeps this long between ticks (``Server.main_loop``).
+TICK_SECONDS = 0.1
 
 
 class DrainingServer(uvicorn.Server):
@@ -65,6 +67,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
         self.tls_reloader: tls.CertificateReloader | None = None
+        self._last_tick: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -101,6 +104,12 @@ class DrainingServer(uvicorn.Server):
         log.info("received %s: draining", signal.Signals(sig).name)
 
     async def on_tick(self, counter: int) -> bool:
+        # A tick later than its sleep: the loop had that much ready work ahead of the timer.
+        now = asyncio.get_running_loop().time()
+        if self._last_tick is not None:
+            late = now - self._last_tick - TICK_SECONDS
+            self.replica.metrics.event_loop_lag.observe(max(0.0, late))
+        self._last_tick = now
         if self._drain_requested and self._drain_task is None:
             self._drain_task = asyncio.create_task(self._drain(), name="metalserve-drain")
         if self.freeze_heap and not self._heap_frozen and self.replica.ready:

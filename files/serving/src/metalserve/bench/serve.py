@@ -396,6 +396,10 @@ def _server_arm(
             "server_ttft_mean_s": _mean(passes, "ttft"),
             "server_queue_time_mean_s": _mean(passes, "queue"),
             "server_first_byte_mean_s": _mean(passes, "first_byte"),
+            # How late the server's event loop ran its 0.1 s tick: its backlog of streams'
+            # events and requests (the p99 as the bucket bound it falls under).
+            "server_event_loop_lag_mean_s": _mean(passes, "loop_lag"),
+            "server_event_loop_lag_p99_at_most_s": _bucket_quantile(passes, "loop_lag", 0.99),
             # Garbage collections during the timed run (each stops the engine thread too).
             "server_gc_pauses": {
                 f"generation_{g}": {
@@ -563,6 +567,8 @@ def _scrape(url: str) -> dict[str, float]:
             elif sample.name in _MEANS:
                 key = _MEANS[sample.name]
                 values[key] = values.get(key, 0.0) + sample.value
+            elif sample.name == "metalserve_event_loop_lag_seconds_bucket":
+                values[f"loop_lag_le_{sample.labels['le']}"] = sample.value
             elif sample.name.startswith("metalserve_gc_pause_seconds_") and not sample.labels.get(
                 "le"
             ):
@@ -583,7 +589,27 @@ _MEANS = {
     "metalserve_request_queue_time_seconds_count": "queue_count",
     "metalserve_time_to_first_byte_seconds_sum": "first_byte_sum",
     "metalserve_time_to_first_byte_seconds_count": "first_byte_count",
+    "metalserve_event_loop_lag_seconds_sum": "loop_lag_sum",
+    "metalserve_event_loop_lag_seconds_count": "loop_lag_count",
 }
+
+
+def _bucket_quantile(deltas: dict[str, float], name: str, q: float) -> float | None:
+    """The smallest bucket bound of histogram ``name`` under which a ``q`` share of the run's
+    samples fell (None: no samples, or above every finite bound)."""
+    count = deltas.get(f"{name}_count", 0.0)
+    if not count:
+        return None
+    prefix = f"{name}_le_"
+    bounds = sorted(
+        (float(key.removeprefix(prefix)), value)
+        for key, value in deltas.items()
+        if key.startswith(prefix)
+    )
+    for bound, cumulative in bounds:
+        if cumulative >= q * count:
+            return bound if bound != float("inf") else None
+    return None
 
 
 def _mean(deltas: dict[str, float], name: str) -> float | None:
