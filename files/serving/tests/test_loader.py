@@ -230,3 +230,57 @@ def test_parameters_go_to_meta_only_in_the_thread_that_asked() -> None:
     assert built["here"].weight.is_meta
     assert not built["there"].weight.is_meta
     assert not after.weight.is_meta
+
+
+def test_a_tied_checkpoint_that_kept_the_lm_head_loads_tied_to_it(tmp_path: Path) -> None:
+    """Tied weights are stored once, under either name: stored as ``lm_head.weight`` only, the
+    embedding is tied to it (as ``from_pretrained`` does), not refused or left empty."""
+    from transformers import AutoModelForCausalLM
+
+    def lm_head_only(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+
+    source = _small("llama")
+    source.config.tie_word_embeddings = True
+    source.tie_weights()
+    root, version_id = _publish(
+        tmp_path, source, "head", lambda path: _edit_weights(path, lm_head_only)
+    )
+    loaded = load_version(root, "head", version_id).model
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "head-src").eval()
+    embedding = loaded.get_input_embeddings().weight
+    assert embedding.data_ptr() == loaded.get_output_embeddings().weight.data_ptr()
+    torch.testing.assert_close(embedding, reference.get_input_embeddings().weight)
+
+
+def test_a_failed_load_leaves_no_tensor_behind(tmp_path: Path) -> None:
+    """A refused version's weights go with the failure, not at some later cyclic collection
+    (the exception's traceback holds the loading frame): on a GPU a refused hot reload's
+    weights would otherwise sit beside the served version's."""
+    import gc
+
+    def unknown_type(source: Path) -> None:
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps(config | {"model_type": "no-such"}))
+
+    model = _small("llama")
+    shape = tuple(model.get_input_embeddings().weight.shape)
+    del model
+    root, version_id = _publish(tmp_path, _small("llama"), "gone", unknown_type)
+    gc.collect()
+    gc.disable()  # only what reference counting frees counts
+    try:
+        with pytest.raises(LoadError) as failure:
+            load_version(root, "gone", version_id)
+        alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == shape]
+        assert alive == [], failure.value
+    finally:
+        gc.enable()
+
+
+def test_tensor_parallelism_refuses_an_unsupported_model_type_before_reading() -> None:
+    from metalserve.loader import _parts_of
+    from metalserve.tensor_parallel import TensorParallel
+
+    with pytest.raises(LoadError, match="model type 'gpt2' is not one of"):
+        _parts_of({"model_type": "gpt2", "num_attention_heads": 4}, TensorParallel(0, 2))

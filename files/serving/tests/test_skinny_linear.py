@@ -239,3 +239,23 @@ def test_a_file_that_cannot_be_written_costs_a_warning_only(
     assert [e["used"] for e in found] == [True, False]
     assert "cannot keep the decode projections' timings" in caplog.text
     assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_an_infinite_timing_is_kept_and_read_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON has no infinity: written as pydantic's constant and read back, not as null (which
+    the next start would refuse, time over and write the same way, every start)."""
+    timed = _stub_timings(monkeypatch)
+    monkeypatch.setattr(skinny_linear, "_micros", lambda run: timed.append(run) or float("inf"))
+    path = tmp_path / "decode.json"
+    skinny_linear.remember_in(path)
+    first = skinny_linear.tune(WEIGHTS, [1])
+    skinny_linear._MEASURED.clear()
+    timed.clear()
+    with caplog.at_level(logging.WARNING, logger="metalserve.skinny_linear"):
+        skinny_linear.remember_in(path)
+        again = skinny_linear.tune(WEIGHTS, [1])
+    assert caplog.text == ""
+    assert timed == []
+    assert [e["cublas_us"] for e in again] == [e["cublas_us"] for e in first] == [float("inf")] * 2

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from metalserve import store
+from metalserve.threads import DaemonExecutor
 
 if TYPE_CHECKING:
     import torch
@@ -144,65 +145,75 @@ def load_version(
     others = [e for e in manifest.files if not e.path.endswith(".safetensors")]
     split = tensor_parallel is not None and tensor_parallel.world > 1
 
-    with tempfile.TemporaryDirectory(prefix="metalserve-") as tmp:
-        # Small files (config, tokenizer) are verified, then materialized from the verified
-        # bytes, so transformers never reads an unverified copy.
-        for entry in others:
-            data = _read_verified(root, entry, version_id, chunk_size)
-            target = Path(tmp) / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        raw_config = _raw_config(Path(tmp), version_id)
-        torch_dtype = _resolve_dtype(dtype, raw_config, torch_device)
-        parts_of = _parts_of(raw_config, tensor_parallel) if tensor_parallel and split else None
-        tensors: dict[str, torch.Tensor] = {}
-        parts: dict[str, tuple[int, int, int]] = {}
-        # The weights stream on another thread: the device this one means by "cuda", named, and
-        # made current there (a rank on cuda:1 must not touch cuda:0: a context costs memory).
-        on = torch_device
-        if on.type == "cuda" and on.index is None:
-            on = torch.device("cuda", torch.cuda.current_device())
+    tensors: dict[str, torch.Tensor] = {}
+    parts: dict[str, tuple[int, int, int]] = {}
+    prepared: _Prepared | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="metalserve-") as tmp:
+            # Small files (config, tokenizer) are verified, then materialized from the verified
+            # bytes, so transformers never reads an unverified copy.
+            for entry in others:
+                data = _read_verified(root, entry, version_id, chunk_size)
+                target = Path(tmp) / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            raw_config = _raw_config(Path(tmp), version_id)
+            torch_dtype = _resolve_dtype(dtype, raw_config, torch_device)
+            parts_of = _parts_of(raw_config, tensor_parallel) if tensor_parallel and split else None
+            # The weights stream on another thread: the device this one means by "cuda", named,
+            # and made current there (a rank on cuda:1 must not touch cuda:0: a context costs
+            # memory).
+            on = torch_device
+            if on.type == "cuda" and on.index is None:
+                on = torch.device("cuda", torch.cuda.current_device())
 
-        def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
-            part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
-            shape = list(spec.shape)
-            if part is not None:
-                shape[part[0]] = part[2] - part[1]
-                parts[spec.name] = part
-            kept = torch_dtype if spec.dtype.is_floating_point else spec.dtype
-            tensor = tensors[spec.name] = torch.empty(shape, dtype=kept, device=on)
-            return weights.Part(tensor, *part) if part is not None else tensor
-
-        def stream() -> float:
-            """The weights' seconds: read, verified and on the device."""
-            begun = time.monotonic()
-            with torch.cuda.device(on) if on.type == "cuda" else nullcontext():
-                weights.load_weights(
-                    root, shards, version_id, destination, device=on, chunk_size=chunk_size
+            def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
+                part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
+                shape = list(spec.shape)
+                if part is not None:
+                    shape[part[0]] = part[2] - part[1]
+                    parts[spec.name] = part
+                tensor = tensors[spec.name] = torch.empty(
+                    shape, dtype=_kept_dtype(spec, torch_dtype), device=on
                 )
-            return time.monotonic() - begun
+                return weights.Part(tensor, *part) if part is not None else tensor
 
-        with ThreadPoolExecutor(1, thread_name_prefix="metalserve-weights") as pool:
-            streaming = pool.submit(stream)
-            failed: Exception | None = None
-            try:
-                prepared = _prepare(Path(tmp), version_id, torch_dtype)
-            except Exception as exc:  # noqa: BLE001 - raised once the weights' outcome is known
-                failed = exc
-            try:
-                weights_seconds = streaming.result()
-            except weights.WeightsError as exc:
-                raise LoadError(str(exc)) from exc
-    if failed is not None:
-        raise failed
+            def stream() -> float:
+                """The weights' seconds: read, verified and on the device."""
+                begun = time.monotonic()
+                with torch.cuda.device(on) if on.type == "cuda" else nullcontext():
+                    weights.load_weights(
+                        root, shards, version_id, destination, device=on, chunk_size=chunk_size
+                    )
+                return time.monotonic() - begun
+
+            with DaemonExecutor("metalserve-weights") as pool:
+                streaming = pool.submit(stream)
+                try:
+                    prepared = _prepare(Path(tmp), version_id, torch_dtype)
+                finally:
+                    # The weights' outcome first: a tampered shard is the error to report.
+                    try:
+                        weights_seconds = streaming.result()
+                    except weights.WeightsError as exc:
+                        raise LoadError(str(exc)) from exc
+                    finally:
+                        del streaming  # its exception's frames would keep this one
+        if tensor_parallel is not None and split:
+            from metalserve import staticdecode
+
+            reason = staticdecode.unsupported_reason(prepared.model)
+            if reason is not None:
+                raise LoadError(f"tensor parallelism over {tensor_parallel.world} ranks: {reason}")
+        _assign(prepared.model, tensors, parts, torch_device)
+    except BaseException:
+        # Nothing of a failed load outlives it (the exception's traceback holds this frame):
+        # a refused hot reload's weights would otherwise stay on the device beside the served
+        # version's until a cyclic collection.
+        tensors.clear()
+        prepared = None
+        raise
     config, tokenizer, model = prepared.config, prepared.tokenizer, prepared.model
-    if tensor_parallel is not None and split:
-        from metalserve import staticdecode
-
-        reason = staticdecode.unsupported_reason(model)
-        if reason is not None:
-            raise LoadError(f"tensor parallelism over {tensor_parallel.world} ranks: {reason}")
-    _assign(model, tensors, parts, torch_device)
     part_of = (tensor_parallel.rank, tensor_parallel.world) if tensor_parallel and split else None
 
     eos = _eos_token_ids(config, prepared.generation_config, tokenizer)
@@ -236,6 +247,20 @@ def load_version(
     return loaded_model
 
 
+# Checkpoint tensors up to this many elements keep their own dtype until the model says which it
+# wants: a parameter a model keeps in float32 (a router, a norm) is not rounded to the served
+# dtype on the way. Larger ones are made in the served dtype at once (memory: a float32
+# checkpoint served in bfloat16 would otherwise take twice its served size for a while).
+KEEP_DTYPE_ELEMENTS = 1 << 20
+
+
+def _kept_dtype(spec: Any, served: torch.dtype) -> torch.dtype:
+    if not spec.dtype.is_floating_point or math.prod(spec.shape) <= KEEP_DTYPE_ELEMENTS:
+        kept: torch.dtype = spec.dtype
+        return kept
+    return served
+
+
 def _raw_config(folder: Path, version_id: str) -> dict[str, Any]:
     """``config.json`` as written: what the weights' dtype and parts need before transformers
     is imported."""
@@ -255,6 +280,13 @@ def _parts_of(
     dimensions (None: whole); refuses a model whose layers do not split over the ranks."""
     from metalserve import staticdecode, tensor_parallel
 
+    # What the built model's check will say, before anything is read (that one stays).
+    model_type = raw_config.get("model_type")
+    if model_type not in staticdecode.SUPPORTED_MODEL_TYPES:
+        raise LoadError(
+            f"tensor parallelism over {tp.world} ranks: model type {model_type!r} is not one of "
+            f"{sorted(staticdecode.SUPPORTED_MODEL_TYPES)}"
+        )
     try:
         heads = int(raw_config["num_attention_heads"])
         units = {
@@ -364,11 +396,15 @@ def _assign(
                 module._buffers[attr] = tensors[name].to(buffer.dtype)
             else:
                 module._buffers[attr] = buffer.to(device)
-    # Checkpoints store tied weights (lm_head = embeddings) once; from_config does not tie.
-    model.tie_weights()
-    missing = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    # Checkpoints store tied weights (lm_head = embeddings) once, either of the two;
+    # from_config does not tie. Told what is missing, transformers ties to the one present.
+    absent = {name for name in model.state_dict(keep_vars=True) if name not in tensors}
+    model.tie_weights(missing_keys=set(absent))  # a copy: transformers takes the tied out
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # Parameters still on the meta device, and persistent buffers the checkpoint lacks.
+    missing = sorted(name for name in absent if name not in params or params[name].is_meta)
     if missing:
-        raise LoadError(f"weights missing from the safetensors files: {sorted(missing)[:5]}")
+        raise LoadError(f"weights missing from the safetensors files: {missing[:5]}")
 
 
 def _check_shape(

@@ -205,11 +205,12 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
         cache_copy_failed = False
         try:
             bundle = load(root)
-        except store.VerificationError as exc:
+        except (store.StoreError, OSError) as exc:
             if Path(root) == Path(spec.store):
                 raise
-            # Rank 0 verified only its own part of the node cache's copy: this rank's is bad.
-            log.error("the node cache's copy failed verification, loading the store's: %s", exc)
+            # This rank's part of the node cache's copy is bad (rank 0 verifies only its own),
+            # or the copy went while this rank read it: the store's is the one to trust.
+            log.error("the node cache's copy failed, loading the store's: %s", exc)
             bundle = load(spec.store)
             cache_copy_failed = True
         exchange(rank_info(rank, bundle, cache_copy_failed=cache_copy_failed), spec.world)

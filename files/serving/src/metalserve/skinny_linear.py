@@ -300,13 +300,15 @@ class _Measured(NamedTuple):
 # timing again (its decode path 2.1 s, not 3.8, at 8B on an H200), and so does a restart where
 # ``remember_in`` named a file.
 _MEASURED: dict[_Measured, list[dict[str, Any]]] = {}
+_KINDS: set[str] = set()  # the kinds of device ``tune`` met in this process
 _file: Path | None = None
 
 
 class _Found(BaseModel):
     """One (product, row count) of ``tune``'s report."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # A timing that came out infinite (a failed tuning's) is written as such, and read back.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, ser_json_inf_nan="constants")
     out: int = Field(gt=0)
     in_: int = Field(gt=0, alias="in")
     rows: int = Field(gt=0, le=MAX_ROWS)
@@ -372,20 +374,24 @@ def _save() -> None:
     sees half a file); a failure is logged, not raised: the timings are only a shortcut."""
     if _file is None:
         return
-    entries = [
-        _Entry.model_validate(
-            {
-                "device": key.device,
-                "dtype": key.dtype,
-                "out": key.out_features,
-                "in": key.in_features,
-                "rows": key.rows,
-                "found": found,
-            }
-        )
-        for key, found in _MEASURED.items()
-    ]
+    # This process's kinds of device only: a file's timings for a kernel or library replaced
+    # since would never be read again.
+    kinds = set(_KINDS)
     try:
+        entries = [
+            _Entry.model_validate(
+                {
+                    "device": key.device,
+                    "dtype": key.dtype,
+                    "out": key.out_features,
+                    "in": key.in_features,
+                    "rows": key.rows,
+                    "found": found,
+                }
+            )
+            for key, found in _MEASURED.items()
+            if key.device in kinds
+        ]
         _file.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=_file.parent, prefix=f".{_file.name}.")
         tmp = Path(name)
@@ -396,7 +402,7 @@ def _save() -> None:
         except BaseException:
             tmp.unlink()
             raise
-    except OSError as exc:
+    except (OSError, ValidationError) as exc:
         log.warning("cannot keep the decode projections' timings in %s: %s", _file, exc)
 
 
@@ -418,7 +424,9 @@ def tune(weights: list[list[torch.Tensor]], rows: list[int]) -> list[dict[str, A
         n, k = w0.shape
         index = w0.device.index or 0
         dtype = str(w0.dtype).removeprefix("torch.")
-        measured = _Measured(_device_kind(w0.device), dtype, n, k, tuple(counts))
+        kind = _device_kind(w0.device)
+        _KINDS.add(kind)
+        measured = _Measured(kind, dtype, n, k, tuple(counts))
         if measured in _MEASURED:
             for entry in _MEASURED[measured]:
                 key = Key(index, w0.dtype, n, k, entry["rows"])
