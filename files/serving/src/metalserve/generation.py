@@ -127,20 +127,59 @@ class Generation:
         return choices
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """Every event until all sequences finish or one fails (streaming responses)."""
+        """Every event until all sequences finish or one fails (streaming responses).
+
+        The text a sequence made while the stream was waiting its turn on the event loop comes
+        as one delta: a loop that falls behind sends fewer, longer events instead of falling
+        further behind (vLLM's output collector does the same)."""
         remaining = len(self.seqs)
         try:
             while remaining:
-                index, event = await self.queue.get()
-                yield index, event
-                if isinstance(event, Failed):
-                    return
-                if isinstance(event, Finished):
-                    remaining -= 1
+                for index, event in merge_text(await take_waiting(self.queue)):
+                    yield index, event
+                    if isinstance(event, Failed):
+                        return
+                    if isinstance(event, Finished):
+                        remaining -= 1
         finally:
             # Reached on normal end, on failure, and when the client disconnects (Starlette
             # cancels the response task): the engine drops cancelled sequences at its next step.
             self.cancel()
+
+
+async def take_waiting(queue: asyncio.Queue[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """What ``queue`` holds, waiting for at least one item."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def merge_text(events: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """``events`` with each sequence's consecutive text deltas joined into one; every
+    sequence's events keep their order."""
+    if len(events) == 1:
+        return events  # the usual case while the loop keeps up
+    merged: list[tuple[int, Event]] = []
+    runs: dict[int, tuple[int, list[str]]] = {}  # an open run of text: its place in merged
+
+    def close(index: int) -> None:
+        place, parts = runs.pop(index)
+        if len(parts) > 1:
+            merged[place] = (index, TextDelta("".join(parts)))
+
+    for index, event in events:
+        if isinstance(event, TextDelta):
+            if index in runs:
+                runs[index][1].append(event.text)
+                continue
+            runs[index] = (len(merged), [event.text])
+        elif index in runs:
+            close(index)
+        merged.append((index, event))
+    for index in list(runs):
+        close(index)
+    return merged
 
 
 async def start_generation(

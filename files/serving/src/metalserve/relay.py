@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from metalserve.engine import Failed
 from metalserve.errors import error_body
@@ -64,6 +66,28 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
         else json.dumps(payload)
     )
     return f"data: {data}\n\n"
+
+
+class TextEvents:
+    """A stream's text events, each the SSE event of ``render(text)``, made from a template.
+
+    At ~17,000 streamed tokens/s (850M, 32 streams) the event loop serializes one chunk model
+    per token: ~5 us each. The model is rendered once here with a marker for the text, so each
+    event costs one JSON string encoding (pydantic's own: the same bytes as the model's).
+    """
+
+    # NUL cannot appear in the rest of a chunk (ids, model names, fingerprints).
+    MARKER = "\x00text\x00"
+
+    def __init__(self, render: Callable[[str], BaseModel]) -> None:
+        event = sse(render(self.MARKER)).encode()
+        quoted = to_json(self.MARKER)
+        if event.count(quoted) != 1:
+            raise ValueError(f"the text marker is not once in the rendered event: {event!r}")
+        self._head, self._tail = event.split(quoted)
+
+    def __call__(self, text: str) -> bytes:
+        return self._head + to_json(text) + self._tail
 
 
 def stream_failure(event: Failed) -> str:

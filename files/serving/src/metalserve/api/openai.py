@@ -13,7 +13,7 @@ from metalserve.engine import Finished, TextDelta
 from metalserve.generation import start_generation
 from metalserve.loader import LoadedModel
 from metalserve.prompts import chat_prompt, completion_prompts
-from metalserve.relay import SSE_DONE, sse, stream_failure
+from metalserve.relay import SSE_DONE, TextEvents, sse, stream_failure
 from metalserve.sampling import TokenLogprob
 from metalserve.schemas import (
     ChatChoice,
@@ -86,27 +86,36 @@ async def completions(
     bundle = generation.bundle
     completion_id, created = new_id("cmpl"), now()
 
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return sse(
-            Completion(
-                id=completion_id,
-                created=created,
-                model=bundle.name,
-                system_fingerprint=generation.fingerprint,
-                choices=choices,
-                usage=usage,
-            )
+    def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(
+            id=completion_id,
+            created=created,
+            model=bundle.name,
+            system_fingerprint=generation.fingerprint,
+            choices=choices,
+            usage=usage,
         )
 
-    if body.stream:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(completion(choices, usage))
 
-        async def stream() -> AsyncIterator[str]:
+    if body.stream:
+        texts: dict[int, TextEvents] = {}  # by choice index
+
+        def text_events(index: int) -> TextEvents:
+            if index not in texts:
+                texts[index] = TextEvents(
+                    lambda text: completion(
+                        [CompletionChoice(index=index, text=text, finish_reason=None)]
+                    )
+                )
+            return texts[index]
+
+        async def stream() -> AsyncIterator[str | bytes]:
             usage = [0, 0]
             async for index, event in generation.events():
                 if isinstance(event, TextDelta):
-                    yield chunk(
-                        [CompletionChoice(index=index, text=event.text, finish_reason=None)]
-                    )
+                    yield text_events(index)(event.text)
                 elif isinstance(event, Finished):
                     usage[0] += event.prompt_tokens
                     usage[1] += event.completion_tokens
@@ -158,25 +167,31 @@ async def chat_completions(
     bundle = generation.bundle
     completion_id, created = new_id("chatcmpl"), now()
 
-    def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
-        return sse(
-            ChatCompletionChunk(
-                id=completion_id,
-                created=created,
-                model=bundle.name,
-                system_fingerprint=generation.fingerprint,
-                choices=[choice] if choice else [],
-                usage=usage,
-            )
+    def chat_chunk(
+        choice: ChatChunkChoice | None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=completion_id,
+            created=created,
+            model=bundle.name,
+            system_fingerprint=generation.fingerprint,
+            choices=[choice] if choice else [],
+            usage=usage,
         )
 
-    if body.stream:
+    def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
+        return sse(chat_chunk(choice, usage))
 
-        async def stream() -> AsyncIterator[str]:
+    if body.stream:
+        content = TextEvents(
+            lambda text: chat_chunk(ChatChunkChoice(index=0, delta=ChatDelta(content=text)))
+        )
+
+        async def stream() -> AsyncIterator[str | bytes]:
             yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content="")))
             async for _, event in generation.events():
                 if isinstance(event, TextDelta):
-                    yield chunk(ChatChunkChoice(index=0, delta=ChatDelta(content=event.text)))
+                    yield content(event.text)
                 elif isinstance(event, Finished):
                     yield chunk(
                         ChatChunkChoice(index=0, delta=ChatDelta(), finish_reason=event.reason)
