@@ -3,16 +3,18 @@
 At 850M the server streams ~17,000 tokens/s (32 streams), and its TTFT p99 was 4.4x the static
 batch's, 30-40 ms of it between the engine's first token and the client's (BENCHMARKS step 11).
 Each token is one SSE event made and sent on the event loop. This probe runs a replica's
-streaming path without a model, in a server process of its own: every stream's events are
-queued at once (a loop that fell behind), and the loop sends them as fast as it can to clients
-in another process that only count bytes. It reports the server process's CPU time per event
-and events/s, for each variant, alternately:
+streaming route without a model, in a server process of its own: a thread stands in for the
+engine and hands every open stream one token per step (``STEP_S``) in one call, as
+``EventRelay`` does; clients in another process count the tokens they read. It reports, for each
+variant, alternately: the server process's CPU time per token, and each event's delay from the
+hand-over of its oldest token to its turn in the stream (p50, p99).
 
-* ``chunk``: ``model`` (a ``Completion`` serialized per token, as before ``TextEvents``) or
-  ``template`` (``metalserve.relay.TextEvents``, what the replica runs);
-* ``http``: ``h11`` (the replica's protocol, ``timed_h11_protocol``) or ``httptools``;
-* ``loop``: ``asyncio`` or ``uvloop``; the last two only where those packages are installed
-  (a variant left out says why).
+* the chunk: ``model`` (a ``Completion`` serialized per token, as before ``TextEvents``),
+  ``template`` (``metalserve.relay.TextEvents``) or ``template+merge`` (and a stream's queued
+  text joined, ``generation.merge_text``: what the replica runs);
+* ``http``: uvicorn's ``h11`` (the replica's before) or ``httptools`` (the replica's
+  ``timed_http_protocol``);
+* ``loop``: ``asyncio`` (the replica's before) or ``uvloop``.
 
 ``python bench/stream_path_probe.py OUT.json [ROUNDS] [STREAMS]`` (default 3 rounds, 32 streams).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -61,7 +62,7 @@ def serve(sock: socket.socket, variant: str, http: str, loop: str, report: Any) 
 
     from metalserve.engine import TextDelta
     from metalserve.generation import merge_text, take_waiting
-    from metalserve.http_protocol import timed_h11_protocol
+    from metalserve.http_protocol import timed_http_protocol
     from metalserve.relay import SSE_DONE, TextEvents, sse
     from metalserve.schemas import Completion, CompletionChoice, new_id, now
 
@@ -137,7 +138,7 @@ def serve(sock: socket.socket, variant: str, http: str, loop: str, report: Any) 
         log_level="warning",
         access_log=False,
         loop=loop,
-        http=timed_h11_protocol(60.0) if http == "h11" else "httptools",
+        http=timed_http_protocol(60.0) if http == "httptools" else "h11",
     )
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -196,19 +197,10 @@ def measure(variant: str, http: str, loop: str) -> dict[str, Any]:
     }
 
 
-def variants() -> tuple[list[tuple[str, str, str]], dict[str, str]]:
-    https = ["h11"]
-    loops = ["asyncio"]
-    left_out = {}
-    if importlib.util.find_spec("httptools"):
-        https.append("httptools")
-    else:
-        left_out["httptools"] = "not installed"
-    if importlib.util.find_spec("uvloop"):
-        loops.append("uvloop")
-    else:
-        left_out["uvloop"] = "not installed"
-    return [(v, h, lp) for h in https for lp in loops for v in VARIANTS], left_out
+def variants() -> list[tuple[str, str, str]]:
+    return [
+        (v, h, lp) for h in ("h11", "httptools") for lp in ("asyncio", "uvloop") for v in VARIANTS
+    ]
 
 
 def main() -> None:
@@ -216,9 +208,7 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     global STREAMS
     STREAMS = int(sys.argv[3]) if len(sys.argv) > 3 else STREAMS
-    runs, left_out = variants()
-    for name, why in left_out.items():
-        print(f"left out: {name} ({why})", flush=True)
+    runs = variants()
     samples: dict[str, list[dict[str, Any]]] = {"/".join(v): [] for v in runs}
     for _ in range(rounds):
         for variant in runs:
@@ -243,7 +233,6 @@ def main() -> None:
         "rounds": rounds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "python": sys.version.split()[0],
-        "left_out": left_out,
         "summary": summary,
         "samples": samples,
     }

@@ -26,7 +26,7 @@ from prometheus_client import start_http_server
 from metalserve import sdnotify, tls
 from metalserve.api import create_app
 from metalserve.exitcodes import ExitCode
-from metalserve.http_protocol import timed_h11_protocol
+from metalserve.http_protocol import timed_http_protocol
 from metalserve.replica import Replica
 from metalserve.settings import ServeSettings
 
@@ -194,7 +194,10 @@ def run(settings: ServeSettings, version_id: str) -> int:
         access_log=False,  # the API middleware writes them, with the request id
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
-        http=timed_h11_protocol(settings.request_timeout),
+        http=timed_http_protocol(settings.request_timeout),
+        # Not "auto": a node without uvloop fails here, not silently slower. Under a streaming
+        # load asyncio's own loop let 1% of tokens wait 4-21 ms for their event, uvloop 0.9-1.6 ms.
+        loop="uvloop",
         ssl_context_factory=None
         if ssl_context is None
         else (lambda _config, _default: ssl_context),

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     replica: Replica = app.state.replica
+    loop = type(asyncio.get_running_loop())
+    log.info("HTTP on the %s event loop", f"{loop.__module__}.{loop.__qualname__}")
     replica.engine.start()
     # Load in the background: the port opens at once and /readyz tells the story.
     loader = asyncio.create_task(replica.load_initial(), name="metalserve-load")
