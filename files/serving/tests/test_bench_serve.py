@@ -82,6 +82,8 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     # ...and its first byte (request in to first body byte out) lies between the two.
     first_byte = server["server_first_byte_mean_s"]
     assert server["server_ttft_mean_s"] <= first_byte <= server["ttft_mean_s"]
+    # Every request's tokens came in at most that many events with text, at least one each.
+    assert server["requests"] / server["tokens"] <= server["text_events_per_token"] <= 1
     # The server's event loop ticked through the run (0.1 s ticks), each lag a bucket's bound.
     assert server["server_event_loop_lag_mean_s"] >= 0
     assert server["server_event_loop_lag_p99_at_most_s"] in (

@@ -41,6 +41,9 @@ class Samples:
 
     requests: int = 0
     tokens: int = 0
+    # Streamed events that carried text: fewer than tokens when the server merged a stream's
+    # queued tokens into one event (its event loop fell behind).
+    text_events: int = 0
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
@@ -99,6 +102,7 @@ def drive(
     for part in parts:
         merged.requests += part.requests
         merged.tokens += part.tokens
+        merged.text_events += part.text_events
         merged.seconds = max(merged.seconds, part.seconds)
         merged.ttft += part.ttft
         merged.latency += part.latency
@@ -168,10 +172,13 @@ async def _drive(
         async def one_client() -> None:
             for index in indices:  # shared: each request is taken by exactly one client
                 prompt = prompts[index % len(prompts)]
-                ttft, latency, tokens = await _request(client, model, prompt, new_tokens)
+                ttft, latency, tokens, text_events = await _request(
+                    client, model, prompt, new_tokens
+                )
                 samples.ttft.append(ttft)
                 samples.latency.append(latency)
                 samples.tokens += tokens
+                samples.text_events += text_events
                 samples.requests += 1
 
         # The untimed warm-up: one request per client, each on its own connection.
@@ -190,8 +197,9 @@ async def _drive(
 
 async def _request(
     client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int
-) -> tuple[float, float, int]:
-    """One greedy streaming completion of exactly ``new_tokens``: (TTFT, latency, tokens)."""
+) -> tuple[float, float, int, int]:
+    """One greedy streaming completion of exactly ``new_tokens``: (TTFT, latency, tokens,
+    events with text)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -203,12 +211,14 @@ async def _request(
     }
     sent = time.perf_counter()
     ttft: float | None = None
-    tokens = 0
+    tokens = text_events = 0
     try:
         async with contextlib.aclosing(sse.events(client, "/v1/completions", body)) as stream:
             async for chunk in stream:
-                if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - sent
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    text_events += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - sent
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
     except sse.HTTPStatusError as exc:
@@ -220,4 +230,4 @@ async def _request(
     latency = time.perf_counter() - sent
     if tokens != new_tokens:
         raise ClientError(f"a request generated {tokens} tokens, not {new_tokens}")
-    return (latency if ttft is None else ttft), latency, tokens
+    return (latency if ttft is None else ttft), latency, tokens, text_events

@@ -393,6 +393,8 @@ def _server_arm(
             # clients' mean: first byte minus TTFT is the server's HTTP side, the rest the
             # clients' and the loopback's.
             "ttft_mean_s": round(sum(samples.ttft) / len(samples.ttft), 4),
+            # Below 1: streams' queued tokens were merged into one event (the loop fell behind).
+            "text_events_per_token": round(samples.text_events / max(samples.tokens, 1), 4),
             "server_ttft_mean_s": _mean(passes, "ttft"),
             "server_queue_time_mean_s": _mean(passes, "queue"),
             "server_first_byte_mean_s": _mean(passes, "first_byte"),
