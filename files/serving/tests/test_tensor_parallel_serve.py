@@ -93,6 +93,9 @@ def test_two_ranks_serve_the_one_rank_text_and_stop_together(
             assert all(r["verified"] for r in version["ranks"])
             # Each rank's own load (issue 22 asks for it per rank), rank 1's beside rank 0's.
             assert all(r["load_seconds"] >= r["weights_seconds"] > 0 for r in version["ranks"])
+            # The ranks loaded at the same time, not one after the other: their loads overlap.
+            spans = [(r["loaded_at"] - r["load_seconds"], r["loaded_at"]) for r in version["ranks"]]
+            assert max(start for start, _ in spans) < min(end for _, end in spans), spans
             assert version["decode_path"] == "static", version
             assert version["decode_compiled"] is True, version
             pids = [r["pid"] for r in version["ranks"]]

@@ -84,6 +84,8 @@ def rank_info(rank: int, bundle: Any, *, cache_copy_failed: bool = False) -> dic
         "verified": True,
         "load_seconds": round(bundle.load_seconds, 3),
         "weights_seconds": round(bundle.weights_seconds, 3),
+        # When its load ended (Unix seconds): with load_seconds, whether the ranks loaded together.
+        "loaded_at": round(bundle.loaded_at.timestamp(), 3),
         "cache_copy_failed": cache_copy_failed,
     }
 
