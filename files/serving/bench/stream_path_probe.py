@@ -6,8 +6,9 @@ Each token is one SSE event made and sent on the event loop. This probe runs a r
 streaming route without a model, in a server process of its own: a thread stands in for the
 engine and hands every open stream one token per step (``STEP_S``) in one call, as
 ``EventRelay`` does; clients in another process count the tokens they read. It reports, for each
-variant, alternately: the server process's CPU time per token, and each event's delay from the
-hand-over of its oldest token to its turn in the stream (p50, p99).
+variant, alternately: the server process's CPU time per token (the event loop's and the stand-in
+thread's), and each token's delay from its hand-over to its event's turn in the stream (p50,
+p99; a merged event's tokens each count).
 
 * the chunk: ``model`` (a ``Completion`` serialized per token, as before ``TextEvents``),
   ``template`` (``metalserve.relay.TextEvents``) or ``template+merge`` (and a stream's queued
@@ -69,7 +70,8 @@ def serve(sock: socket.socket, variant: str, http: str, loop: str, report: Any) 
     app = FastAPI()
     # per stream: its queue (what Generation's holds) and when each queued token was handed over
     streams: list[tuple[asyncio.Queue[Any], collections.deque[float], list[int]]] = []
-    delays: list[float] = []  # from a token's hand-over to its event's
+    delays: list[float] = []  # from each token's hand-over to its event's turn
+    sent_events = [0]
     cpu: dict[str, float] = {}
     finished = 0
 
@@ -103,7 +105,7 @@ def serve(sock: socket.socket, variant: str, http: str, loop: str, report: Any) 
                 choices=[choice],
             )
 
-        events = TextEvents(render)
+        text_events = TextEvents(render)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stamps: collections.deque[float] = collections.deque()
         streams.append((queue, stamps, [0]))
@@ -117,19 +119,20 @@ def serve(sock: socket.socket, variant: str, http: str, loop: str, report: Any) 
                 else:
                     waiting = [await queue.get()]
                 for _, event in waiting:
+                    sent_events[0] += 1
                     tokens = event.text.count("tok")
-                    delays.append(time.perf_counter() - stamps[0])  # its oldest token's
-                    for _ in range(tokens):
-                        stamps.popleft()
+                    now = time.perf_counter()
+                    for _ in range(tokens):  # a sample per token, merged or not
+                        delays.append(now - stamps.popleft())
                     sent += tokens
-                    yield events(event.text) if variant != "model" else sse(render(event.text))
+                    yield text_events(event.text) if variant != "model" else sse(render(event.text))
             yield SSE_DONE
             finished += 1
             if finished == STREAMS:
                 # a few numbers only: a larger message would fill the pipe and block the loop
                 # before this stream's end reaches its client
                 figures = (percentile(delays, 50), percentile(delays, 99))
-                report.send((time.process_time() - cpu["start"], len(delays), *figures))
+                report.send((time.process_time() - cpu["start"], sent_events[0], *figures))
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -182,8 +185,11 @@ def measure(variant: str, http: str, loop: str) -> dict[str, Any]:
             raise RuntimeError("the server did not report its CPU time")
         cpu, events, delay_p50, delay_p99 = receive.recv()
     finally:
-        server.terminate()
+        server.terminate()  # uvicorn's graceful stop
         server.join(10)
+        if server.is_alive():
+            server.kill()
+            server.join(10)
         sock.close()
     if tokens != STREAMS * TOKENS:
         raise RuntimeError(f"{tokens} tokens arrived, not {STREAMS * TOKENS}")

@@ -189,6 +189,32 @@ def test_a_slow_response_is_not_cut_and_the_next_request_is_bounded_again(
             assert time.monotonic() - started > REQUEST_TIMEOUT  # 60 steps of 0.05 s: 3 s
 
 
+def test_a_pipelined_request_is_not_cut_by_the_bound(slow_servers: dict[str, Server]) -> None:
+    """Two requests in one write: the second, wholly in, runs longer than the bound after the
+    first's answer; it is answered, not given a 408."""
+    server = slow_servers["patient"]
+    body = json.dumps(LONG).encode()  # 60 steps of 0.05 s: 3 s, longer than the bound
+    first = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    second = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+    second += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    received, lasted = _raw_exchange(server.port, [first + second + body], 0)
+    assert re.findall(rb"HTTP/1.1 (\d+) ", received) == [b"200", b"200"], received[-500:]
+    assert lasted > REQUEST_TIMEOUT
+
+
+def test_a_request_answered_before_its_body_is_bounded_again(
+    slow_servers: dict[str, Server],
+) -> None:
+    """A 404 goes out before the body is in; once it is, the connection is bounded as after
+    any answer: nothing more within the bound gets a 408 and the close."""
+    server = slow_servers["patient"]
+    head = b"POST /nowhere HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n"
+    received, lasted = _raw_exchange(server.port, [head, b"body"], 0.3)
+    assert received.startswith(b"HTTP/1.1 404 "), received
+    assert received.count(b"HTTP/1.1 408 ") == 1, received
+    assert REQUEST_TIMEOUT <= lasted < REQUEST_TIMEOUT + 1.5, lasted
+
+
 def test_the_metrics_port_serves_metrics_and_nothing_else(
     slow_servers: dict[str, Server],
 ) -> None:

@@ -57,13 +57,19 @@ def timed_http_protocol(request_timeout: float) -> type[HttpToolsProtocol]:
 
         def on_message_complete(self) -> None:
             self._receiving = False
-            self._disarm()  # the whole request is in
+            answered = self.cycle is not None and self.cycle.response_complete
             super().on_message_complete()
+            if answered and not self.transport.is_closing():
+                self._arm()  # answered before its body was in (a 404): bound the next one
+            else:
+                self._disarm()  # the whole request is in
 
         def on_response_complete(self) -> None:
+            # The next request gets the same bound, unless it is wholly in already (pipelined):
+            # looked at before uvicorn starts it (and takes it off the pipeline).
+            bound_next = self._receiving or not self.pipeline
             super().on_response_complete()
-            # The next request gets the same bound, unless it is wholly in already (pipelined).
-            if not self.transport.is_closing() and (self._receiving or not self.pipeline):
+            if not self.transport.is_closing() and bound_next:
                 self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:

@@ -105,7 +105,8 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         # A tick later than its sleep: the loop had that much ready work ahead of the timer.
-        now = asyncio.get_running_loop().time()
+        # perf_counter, not the loop's clock: uvloop's counts whole milliseconds.
+        now = time.perf_counter()
         if self._last_tick is not None:
             late = now - self._last_tick - TICK_SECONDS
             self.replica.metrics.event_loop_lag.observe(max(0.0, late))
