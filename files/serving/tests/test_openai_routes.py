@@ -113,6 +113,22 @@ class TestCompletions:
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert chunks[-1]["usage"]["completion_tokens"] == 12
 
+    def test_a_streamed_batch_of_prompts_keeps_each_choice_apart(
+        self, client: httpx.Client
+    ) -> None:
+        prompts = ["The quick brown fox", "Hi"]
+        expected = [c["text"] for c in complete(client, prompts)["choices"]]
+        body = {**GREEDY, "prompt": prompts, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+        texts = ["", ""]
+        for line in lines:
+            for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                texts[choice["index"]] += choice["text"]
+        assert texts == expected
+        assert expected[0] != expected[1]
+
 
 class TestChat:
     messages: ClassVar[list[dict[str, str]]] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import AsyncIterator
 
@@ -100,16 +101,14 @@ async def completions(
         return sse(completion(choices, usage))
 
     if body.stream:
-        texts: dict[int, TextEvents] = {}  # by choice index
 
+        @functools.cache  # one template per choice index
         def text_events(index: int) -> TextEvents:
-            if index not in texts:
-                texts[index] = TextEvents(
-                    lambda text: completion(
-                        [CompletionChoice(index=index, text=text, finish_reason=None)]
-                    )
+            return TextEvents(
+                lambda text: completion(
+                    [CompletionChoice(index=index, text=text, finish_reason=None)]
                 )
-            return texts[index]
+            )
 
         async def stream() -> AsyncIterator[str | bytes]:
             usage = [0, 0]
