@@ -11,11 +11,12 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import run_cli
+from metalserve import store
 from metalserve.bench import clients
 from metalserve.bench.clients import share_of
 from metalserve.bench.common import LLAMA_PRESETS, SERVE_ARMS, SERVE_PRESETS
 from metalserve.bench.options import BenchServeSettings
-from metalserve.bench.serve import decode_roofline
+from metalserve.bench.serve import MODEL, decode_roofline, prepare_model
 
 
 def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
@@ -37,6 +38,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "3",
         "--arms",
         ",".join(SERVE_ARMS),  # the default and server-fp8
+        "--reload",
         "--dir",
         str(tmp_path / "data"),
         "--out",
@@ -108,8 +110,42 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         rates["server"] / rates["static"], rel=0.01
     )
     assert report["model"]["parameters"] > 0
+    # --reload: a second version of the same shape, which each server arm hot-reloaded and
+    # answered from (the bench checks the answer's fingerprint) after its timed run.
+    second = report["model"]["reload_version_id"]
+    assert second != report["model"]["version_id"]
+    for arm in (plain, fp8):
+        assert arm["reload_seconds"] >= arm["reload_load_seconds"] >= arm["reload_weights_seconds"]
+        assert arm["reload_weights_seconds"] > 0
+    reload_target = report["targets"]["reload_ready_vs_load_time_plus_2s"]
+    assert reload_target["value"] == pytest.approx(
+        plain["reload_seconds"] / (1.5 * plain["reload_weights_seconds"] + 2.0), abs=0.001
+    )
+    assert "hot reload ready in" in result.stdout
     assert "server" in result.stdout
     assert "vs static" in result.stdout
+
+
+def test_the_reload_version_stays_beside_the_first_until_the_first_changes(
+    tmp_path: Path,
+) -> None:
+    options = BenchServeSettings(preset="tiny", device="cpu", dir=tmp_path, reload=True)
+    first, second = prepare_model(options), prepare_model(options, second=True)
+    assert not first["reused"]
+    assert not second["reused"]
+    versions = sorted([first["version_id"], second["version_id"]])
+    assert store.list_versions(tmp_path / "store", MODEL) == versions
+    assert [prepare_model(options)["reused"], prepare_model(options, second=True)["reused"]] == [
+        True,
+        True,
+    ]
+    # Other weights for the first: both are made again, the old ones gone.
+    options = options.model_copy(update={"seed": 7})
+    first, second = prepare_model(options), prepare_model(options, second=True)
+    assert not second["reused"]
+    renewed = sorted([first["version_id"], second["version_id"]])
+    assert store.list_versions(tmp_path / "store", MODEL) == renewed
+    assert not set(renewed) & set(versions)
 
 
 @pytest.mark.parametrize(

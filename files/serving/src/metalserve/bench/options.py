@@ -241,6 +241,12 @@ class BenchServeSettings(CommandSettings):
         f"{','.join(DEFAULT_SERVE_ARMS)}; server-fp8 is the server with --quantization fp8)",
     )
     seed: int = Field(0, description="weights and prompts")
+    reload: bool = Field(
+        False,
+        description="after a server arm's timed run, hot-reload a second version of the same "
+        "shape (other weights) through /admin/reload and time it to ready: what a rollout of "
+        "strategy reload waits for per replica",
+    )
     server_args: tuple[str, ...] = Field(
         (),
         description="extra 'metalserve serve' flags for the server arm, e.g. '--decode-mode "
