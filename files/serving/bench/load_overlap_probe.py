@@ -3,7 +3,10 @@
 Fresh interpreters, alternately: "sequential" imports torch and transformers' auto classes and
 then calls ``load_version`` (the order before the overlap: nothing left to overlap), "overlapped"
 imports torch and calls ``load_version``, which imports transformers while the weights stream.
-Each reports seconds from its start to the model loaded. Run after ``bench serve`` made a store
+Each reports seconds from its start to the model loaded, then loads the version a second time in
+the same process (what a hot reload's load costs: CUDA, Triton's kernels and the pinned buffers
+already made) and reports the GPU hash kernels' first-launch seconds; "cuda-first" starts CUDA
+before the load, timed apart. Run after ``bench serve`` made a store
 (the weights then in the page cache, as at a warm start):
 ``python bench/load_overlap_probe.py STORE_ROOT VERSION_ID DEVICE OUT.json [RUNS]``.
 """
@@ -19,21 +22,37 @@ import sys
 from pathlib import Path
 
 CHILD = """
-import json, sys, time
+import gc, json, sys, time
 started = time.monotonic()
 import torch
 if sys.argv[1] == "sequential":
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 imported = time.monotonic()
+cuda_s = None
+if sys.argv[1] == "cuda-first":
+    if torch.zeros(1, device=sys.argv[4]).is_cuda:
+        torch.cuda.synchronize()
+    cuda_s = time.monotonic() - imported
 from pathlib import Path
+from metalserve import gpu_blake3
 from metalserve.bench.serve import MODEL
 from metalserve.loader import load_version
-bundle = load_version(Path(sys.argv[2]), MODEL, sys.argv[3], device=sys.argv[4])
-if bundle.device.type == "cuda":
-    torch.cuda.synchronize()
+def load():
+    bundle = load_version(Path(sys.argv[2]), MODEL, sys.argv[3], device=sys.argv[4])
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
+    return bundle
+bundle = load()
 done = time.monotonic()
-print(json.dumps({"imports_s": imported - started, "to_loaded_s": done - started,
-                  "load_seconds": bundle.load_seconds, "weights_seconds": bundle.weights_seconds}))
+first = {"load_seconds": bundle.load_seconds, "weights_seconds": bundle.weights_seconds}
+del bundle
+gc.collect()
+again = load()
+print(json.dumps({"imports_s": imported - started, "cuda_s": cuda_s,
+                  "to_loaded_s": done - started, **first,
+                  "again_load_seconds": again.load_seconds,
+                  "again_weights_seconds": again.weights_seconds,
+                  "blake3_first_launch_s": gpu_blake3.compile_seconds}))
 """
 
 
@@ -50,7 +69,11 @@ def run(order: str, root: str, version_id: str, device: str) -> dict[str, float]
 
 
 def main(root: str, version_id: str, device: str, out: str, runs: int) -> None:
-    results: dict[str, list[dict[str, float]]] = {"sequential": [], "overlapped": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "sequential": [],
+        "overlapped": [],
+        "cuda-first": [],
+    }
     run("sequential", root, version_id, device)  # untimed: page cache, compiled bytecode
     for _ in range(runs):
         for order in results:

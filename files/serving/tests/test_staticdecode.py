@@ -293,6 +293,26 @@ def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
     assert len(decoder.prefix) == cached
 
 
+@torch.inference_mode()
+def test_a_group_that_a_prefill_graph_holds_runs_whole(v1: LoadedModel) -> None:
+    """With prefill graphs (here their eager buckets stand in), a group that a bucket holds
+    prefills its whole prompts, one launch, its cached prefix unused; a group no bucket holds
+    starts after it."""
+    decoder = _decoder(v1, slots=3, bucketed=True, prefix_cache_tokens=256)
+    decoder.graph_before_prefix = True
+    prompt = v1.encode(SYSTEM, add_special_tokens=True)
+    assert decoder._prefill_bucket(1, len(prompt)) is not None
+    decoder.prefill_prompts([prompt], 0)
+    logits, reused = decoder.prefill_prompts([prompt], 1)
+    assert reused == 0
+    reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+    decoder.prefill_shapes = [(1, 16)]  # now no bucket holds it
+    logits, reused = decoder.prefill_prompts([prompt], 2)
+    assert reused == (len(prompt) - 1) // 16 * 16 > 0
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+
+
 def _reusable(bundle: LoadedModel, prompt: str, earlier: str) -> int:
     """Tokens of ``prompt`` the prefix cache can serve after ``earlier`` was prefilled."""
     ids, before = (bundle.encode(t, add_special_tokens=True) for t in (prompt, earlier))

@@ -601,6 +601,10 @@ class StaticDecoder:
         # bucket is one graph: a prefill is then one launch, not hundreds of eager kernels).
         self.bucketed_prefill = cuda_graphs if bucketed_prefill is None else bucketed_prefill
         self.prefill_shapes = prefill_shapes(slots, max_length) if self.bucketed_prefill else []
+        # A group that a prefill graph holds whole runs as that graph, its cached prefixes
+        # unused (still cached): the prefill after a prefix is eager, hundreds of launches,
+        # which for short prompts cost more than the tokens they save.
+        self.graph_before_prefix = cuda_graphs and self.bucketed_prefill
 
         # One spare position: no attention slice is then the whole cache. A whole slice is
         # contiguous and a partial one is not, and the compiled layer would be compiled for each.
@@ -946,8 +950,9 @@ class StaticDecoder:
 
         With a prefix cache, each prompt's longest cached run of whole blocks (all but its last
         token at most) is copied into its slot, and only the rest runs through the model
-        (``_prefill`` after ``starts``: eagerly, not as a graph); afterwards the prompts' blocks
-        that were not cached yet are. Reused keys and values were computed in another prefill,
+        (``_prefill`` after ``starts``: eagerly, not as a graph), unless a prefill graph holds
+        the whole group (``graph_before_prefix``); afterwards the prompts' blocks that were not
+        cached yet are. Reused keys and values were computed in another prefill,
         whose shape may round them differently in the last bits (as any batch change does)."""
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.prefix is None:
@@ -956,15 +961,18 @@ class StaticDecoder:
             raise ValueError(f"{first_slot + len(prompts)} sequences do not fit {self.slots} slots")
         size = self.prefix.block_tokens
         names = [self.prefix.names(p) for p in prompts]
+        longest = max(map(len, prompts))
         found = [
             self.prefix.match(n[: (len(p) - 1) // size])
             for n, p in zip(names, prompts, strict=True)
         ]
         starts = [len(blocks) * size for blocks in found]
         rest = max(len(p) - start for p, start in zip(prompts, starts, strict=True))
-        mask_bytes = len(prompts) * (self.heads // self.kv_heads) * rest * max(map(len, prompts))
-        if mask_bytes * self.dtype.itemsize > MAX_MASK_BYTES:
-            found, starts = [[] for _ in prompts], [0 for _ in prompts]  # whole prompts, no mask
+        mask_bytes = len(prompts) * (self.heads // self.kv_heads) * rest * longest
+        if mask_bytes * self.dtype.itemsize > MAX_MASK_BYTES or (
+            self.graph_before_prefix and self._prefill_bucket(len(prompts), longest) is not None
+        ):
+            found, starts = [[] for _ in prompts], [0 for _ in prompts]  # whole prompts
         self._copy_blocks(
             [
                 (first_slot + row, number, block)
