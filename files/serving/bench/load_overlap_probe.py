@@ -6,8 +6,8 @@ imports torch and calls ``load_version``, which imports transformers while the w
 Each reports seconds from its start to the model loaded, then loads the version a second time in
 the same process (what a hot reload's load costs: CUDA, Triton's kernels and the pinned buffers
 already made) and reports the GPU hash kernels' first-launch seconds; "cuda-first" starts CUDA
-before the load, timed apart. Run after ``bench serve`` made a store
-(the weights then in the page cache, as at a warm start):
+before the load, timed apart; "switch-0.5ms" overlaps with the GIL's switch interval at 0.5 ms.
+Run after ``bench serve`` made a store (the weights then in the page cache, as at a warm start):
 ``python bench/load_overlap_probe.py STORE_ROOT VERSION_ID DEVICE OUT.json [RUNS]``.
 """
 
@@ -27,6 +27,8 @@ started = time.monotonic()
 import torch
 if sys.argv[1] == "sequential":
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+if sys.argv[1] == "switch-0.5ms":
+    sys.setswitchinterval(0.0005)  # the readers wait less for the GIL the import holds
 imported = time.monotonic()
 cuda_s = None
 if sys.argv[1] == "cuda-first":
@@ -73,6 +75,7 @@ def main(root: str, version_id: str, device: str, out: str, runs: int) -> None:
         "sequential": [],
         "overlapped": [],
         "cuda-first": [],
+        "switch-0.5ms": [],
     }
     run("sequential", root, version_id, device)  # untimed: page cache, compiled bytecode
     for _ in range(runs):
