@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,11 +23,7 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     replica: Replica = app.state.replica
     loop = type(asyncio.get_running_loop())
-    log.info(
-        "HTTP on the %s event loop; the GIL's switch interval %g ms",
-        f"{loop.__module__}.{loop.__qualname__}",
-        sys.getswitchinterval() * 1000,
-    )
+    log.info("HTTP on the %s event loop", f"{loop.__module__}.{loop.__qualname__}")
     replica.engine.start()
     # Load in the background: the port opens at once and /readyz tells the story.
     loader = asyncio.create_task(replica.load_initial(), name="metalserve-load")
