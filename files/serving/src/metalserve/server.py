@@ -17,7 +17,6 @@ import gc
 import logging
 import signal
 import socket
-import sys
 import time
 from types import FrameType
 
@@ -169,7 +168,6 @@ def status_line(replica: Replica) -> str:
 def run(settings: ServeSettings, version_id: str) -> int:
     """Serve until drained or failed; return the process exit code."""
     notifier = sdnotify.Notifier.from_environ()
-    sys.setswitchinterval(settings.gil_switch_interval)
     replica = Replica(settings, version_id)
     if notifier.watchdog_interval is not None:
         # The heartbeat must advance well within the pinger's freshness limit when idle.

@@ -205,14 +205,6 @@ class ServeSettings(BaseSettings):
         "request_id, an access line's method, path, status, duration_s, client)",
     )
     access_log: bool = Field(True, description="log every HTTP request")
-    gil_switch_interval: float = Field(
-        0.005,
-        gt=0,
-        le=0.1,
-        description="seconds a thread may hold the GIL while another waits for it "
-        "(sys.setswitchinterval): the engine thread and the HTTP event loop share it, and a busy "
-        "loop holds it this long each time the engine wants it back (default: Python's)",
-    )
     debug_step_delay: float = Field(
         0.0, ge=0, le=10, description="sleep per engine step: simulates a slow device (tests)"
     )
