@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -294,23 +295,54 @@ def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
 
 
 @torch.inference_mode()
-def test_a_group_that_a_prefill_graph_holds_runs_whole(v1: LoadedModel) -> None:
+def test_a_group_runs_whole_as_its_prefill_graph_where_that_is_sooner(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With prefill graphs (here their eager buckets stand in), a group that a bucket holds
-    prefills its whole prompts, one launch, its cached prefix unused; a group no bucket holds
-    starts after it."""
-    decoder = _decoder(v1, slots=3, bucketed=True, prefix_cache_tokens=256)
+    prefills its whole prompts where the estimate says the graph is sooner (a small model: its
+    extra tokens cost less than the eager pass's launches), its cached prefix unused; it starts
+    after the prefix where the graph's extra tokens cost more, or where no bucket holds it."""
+    decoder = _decoder(v1, slots=4, bucketed=True, prefix_cache_tokens=256)
     decoder.graph_before_prefix = True
     prompt = v1.encode(SYSTEM, add_special_tokens=True)
+    reusable = (len(prompt) - 1) // 16 * 16
     assert decoder._prefill_bucket(1, len(prompt)) is not None
     decoder.prefill_prompts([prompt], 0)
+    reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
     logits, reused = decoder.prefill_prompts([prompt], 1)
     assert reused == 0
-    reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
-    decoder.prefill_shapes = [(1, 16)]  # now no bucket holds it
+    # A device that computes slowly: the graph's extra tokens cost more than the launches.
+    monkeypatch.setattr(staticdecode, "PREFILL_GRAPH_FLOPS", 1.0)
     logits, reused = decoder.prefill_prompts([prompt], 2)
-    assert reused == (len(prompt) - 1) // 16 * 16 > 0
+    assert reused == reusable > 0
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    decoder.prefill_shapes = [(1, 16)]  # no bucket holds it
+    logits, reused = decoder.prefill_prompts([prompt], 3)
+    assert reused == reusable
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_prefill_estimate_at_the_bench_presets() -> None:
+    """The estimate's choices at 8B and 850M on an H200 (step 13's and step 16's passes): at 8B a
+    16 x 64 group that reuses 48 tokens a prompt runs as its graph (the eager pass was no
+    faster), 4 prompts of up to 512 tokens after 448 cached ones eagerly; at 850M every graph
+    wins (its eager passes took 20 ms, its graphs a few)."""
+
+    def graph_wins(layers: int, params: float, bucket: tuple[int, int], after: int) -> bool:
+        shaped = SimpleNamespace(
+            graph_before_prefix=True,
+            _prefill_bucket=lambda rows, longest: bucket,
+            prefill_flop_per_token=2 * params,
+            layer_weights=[None] * layers,
+        )
+        return bool(staticdecode.StaticDecoder._graph_beats_prefix(shaped, 0, 0, after))  # type: ignore[arg-type]
+
+    assert graph_wins(32, 6.98e9, (16, 64), 16 * 16)
+    assert not graph_wins(32, 6.98e9, (4, 512), 4 * 64)
+    assert graph_wins(16, 0.72e9, (32, 64), 32 * 16)
+    assert graph_wins(16, 0.72e9, (4, 512), 4 * 64)
 
 
 def _reusable(bundle: LoadedModel, prompt: str, earlier: str) -> int:

@@ -68,6 +68,13 @@ PREFILL_GRAPH_TOKENS = 2048  # 32 prompts of 64 tokens; each graph's capture run
 # (no mask: flash attention), so that a long group's mask, and the fused attention over it,
 # cannot run the device out of memory (torch's math attention would also hold the scores).
 MAX_MASK_BYTES = 256 * 2**20
+# What decides between a prefill graph of a group's whole prompts and the eager prefill after
+# their cached prefixes (an H200, round 2 steps 13 and 16): the eager pass spends about this long
+# a layer launching kernels (8B's 32 layers ~30 ms, 850M's 16 ~15 ms), and a prefill graph
+# computes at about this many FLOP/s (8B: 2,048 tokens in 58 ms). The graph wins while the tokens
+# it computes beyond the eager pass's take less than those launches.
+EAGER_PREFILL_LAYER_SECONDS = 0.9e-3
+PREFILL_GRAPH_FLOPS = 5.7e14
 
 
 class StaticDecodeUnavailable(Exception):
@@ -601,9 +608,9 @@ class StaticDecoder:
         # bucket is one graph: a prefill is then one launch, not hundreds of eager kernels).
         self.bucketed_prefill = cuda_graphs if bucketed_prefill is None else bucketed_prefill
         self.prefill_shapes = prefill_shapes(slots, max_length) if self.bucketed_prefill else []
-        # A group that a prefill graph holds whole runs as that graph, its cached prefixes
-        # unused (still cached): the prefill after a prefix is eager, hundreds of launches,
-        # which for short prompts cost more than the tokens they save.
+        # Whether a group that a prefill graph holds may run as that graph, its cached prefixes
+        # unused (still cached), where the eager prefill after them would cost more
+        # (``_graph_beats_prefix``).
         self.graph_before_prefix = cuda_graphs and self.bucketed_prefill
 
         # One spare position: no attention slice is then the whole cache. A whole slice is
@@ -680,6 +687,12 @@ class StaticDecoder:
             self._copied = torch.cuda.Event()
         self.capture_seconds = 0.0
         self.weight_bytes = _weight_bytes(model, self.layer_weights)
+        # A token's multiply-adds through the layers' projections (this rank's share).
+        self.prefill_flop_per_token = 2 * sum(
+            (p.weight if isinstance(p, fp8.Fp8Weight) else p).numel()
+            for w in self.layer_weights
+            for p in w.projections()
+        )
 
     def _split_layers(self, tp: tensor_parallel.TensorParallel, intermediate: int) -> None:
         """Keep this rank's heads and MLP rows of every layer (``tensor_parallel``); the
@@ -950,10 +963,10 @@ class StaticDecoder:
 
         With a prefix cache, each prompt's longest cached run of whole blocks (all but its last
         token at most) is copied into its slot, and only the rest runs through the model
-        (``_prefill`` after ``starts``: eagerly, not as a graph), unless a prefill graph holds
-        the whole group (``graph_before_prefix``); afterwards the prompts' blocks that were not
-        cached yet are. Reused keys and values were computed in another prefill,
-        whose shape may round them differently in the last bits (as any batch change does)."""
+        (``_prefill`` after ``starts``: eagerly, not as a graph), unless the group's prefill
+        graph would be sooner (``_graph_beats_prefix``); afterwards the prompts' blocks that were
+        not cached yet are. Reused keys and values were computed in another prefill, whose shape
+        may round them differently in the last bits (as any batch change does)."""
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.prefix is None:
             return self.prefill(_right_padded(prompts), lengths, first_slot), 0
@@ -969,8 +982,8 @@ class StaticDecoder:
         starts = [len(blocks) * size for blocks in found]
         rest = max(len(p) - start for p, start in zip(prompts, starts, strict=True))
         mask_bytes = len(prompts) * (self.heads // self.kv_heads) * rest * longest
-        if mask_bytes * self.dtype.itemsize > MAX_MASK_BYTES or (
-            self.graph_before_prefix and self._prefill_bucket(len(prompts), longest) is not None
+        if mask_bytes * self.dtype.itemsize > MAX_MASK_BYTES or self._graph_beats_prefix(
+            len(prompts), longest, len(prompts) * rest
         ):
             found, starts = [[] for _ in prompts], [0 for _ in prompts]  # whole prompts
         self._copy_blocks(
@@ -997,6 +1010,16 @@ class StaticDecoder:
             self.prefix.forget(claimed)  # named, but not (wholly) written
             raise
         return logits, sum(starts)
+
+    def _graph_beats_prefix(self, rows: int, longest: int, after_tokens: int) -> bool:
+        """Whether ``rows`` prompts of up to ``longest`` tokens prefill sooner whole, as their
+        bucket's graph, than eagerly after their cached prefixes (``after_tokens`` padded
+        tokens left), by the estimates above."""
+        shape = self._prefill_bucket(rows, longest) if self.graph_before_prefix else None
+        if shape is None:
+            return False
+        extra = (shape[0] * shape[1] - after_tokens) * self.prefill_flop_per_token
+        return extra / PREFILL_GRAPH_FLOPS < EAGER_PREFILL_LAYER_SECONDS * len(self.layer_weights)
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:
         """Copy (slot, block number, pool block) triples between slots and the prefix pool:
