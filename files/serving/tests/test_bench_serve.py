@@ -122,6 +122,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         plain["reload_seconds"] / (1.5 * plain["reload_weights_seconds"] + 2.0), abs=0.001
     )
     assert "hot reload ready in" in result.stdout
+    assert report["options"]["reload"] is True
     assert "server" in result.stdout
     assert "vs static" in result.stdout
 
@@ -130,21 +131,34 @@ def test_the_reload_version_stays_beside_the_first_until_the_first_changes(
     tmp_path: Path,
 ) -> None:
     options = BenchServeSettings(preset="tiny", device="cpu", dir=tmp_path, reload=True)
-    first, second = prepare_model(options), prepare_model(options, second=True)
+    root = tmp_path / "store"
+    first = prepare_model(options)
+    second = prepare_model(options, beside=first["version_id"])
     assert not first["reused"]
     assert not second["reused"]
     versions = sorted([first["version_id"], second["version_id"]])
-    assert store.list_versions(tmp_path / "store", MODEL) == versions
-    assert [prepare_model(options)["reused"], prepare_model(options, second=True)["reused"]] == [
-        True,
-        True,
-    ]
+    assert store.list_versions(root, MODEL) == versions
+    again = prepare_model(options), prepare_model(options, beside=first["version_id"])
+    assert [a["reused"] for a in again] == [True, True]
+    # A reload marker that no longer matches, naming no version or a path: only the second
+    # version is made again; the first stays, whole.
+    marker = tmp_path / "model-reload.json"
+    for stale in ("", "..", None, second["version_id"]):
+        marker.write_text(json.dumps({"params": {}, "version_id": stale}))
+        remade = prepare_model(options, beside=first["version_id"])
+        assert not remade["reused"]
+        assert store.list_versions(root, MODEL) == versions
+        store.read_manifest(root, MODEL, first["version_id"])
+    marker.write_text("[]")
+    assert not prepare_model(options, beside=first["version_id"])["reused"]
     # Other weights for the first: both are made again, the old ones gone.
     options = options.model_copy(update={"seed": 7})
-    first, second = prepare_model(options), prepare_model(options, second=True)
+    first = prepare_model(options)
+    second = prepare_model(options, beside=first["version_id"])
+    assert not first["reused"]
     assert not second["reused"]
     renewed = sorted([first["version_id"], second["version_id"]])
-    assert store.list_versions(tmp_path / "store", MODEL) == renewed
+    assert store.list_versions(root, MODEL) == renewed
     assert not set(renewed) & set(versions)
 
 

@@ -303,6 +303,7 @@ def test_a_group_runs_whole_as_its_prefill_graph_where_that_is_sooner(
     extra tokens cost less than the eager pass's launches), its cached prefix unused; it starts
     after the prefix where the graph's extra tokens cost more, or where no bucket holds it."""
     decoder = _decoder(v1, slots=4, bucketed=True, prefix_cache_tokens=256)
+    assert decoder.graph_before_prefix is False  # eager buckets: the prefix always pays
     decoder.graph_before_prefix = True
     prompt = v1.encode(SYSTEM, add_special_tokens=True)
     reusable = (len(prompt) - 1) // 16 * 16

@@ -687,7 +687,7 @@ class StaticDecoder:
             self._copied = torch.cuda.Event()
         self.capture_seconds = 0.0
         self.weight_bytes = _weight_bytes(model, self.layer_weights)
-        # A token's multiply-adds through the layers' projections (this rank's share).
+        # A token's FLOPs (2 a multiply-add) through the layers' projections (this rank's share).
         self.prefill_flop_per_token = 2 * sum(
             (p.weight if isinstance(p, fp8.Fp8Weight) else p).numel()
             for w in self.layer_weights

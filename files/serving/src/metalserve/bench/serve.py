@@ -107,8 +107,11 @@ def run(options: BenchServeSettings) -> dict[str, Any]:
     version_id = str(model_info["version_id"])
     reload_id = None
     if options.reload:
-        reload_id = model_info["reload_version_id"] = str(
-            prepare_model(options, second=True)["version_id"]
+        second = prepare_model(options, beside=version_id)
+        reload_id = model_info["reload_version_id"] = str(second["version_id"])
+        _log(
+            f"reload version {reload_id[:12]} "
+            f"{'reused' if second['reused'] else 'generated'} in {second['prepare_seconds']:.1f}s"
         )
     prompts = make_prompts(options, int(LLAMA_PRESETS[options.preset]["vocab_size"]))
     arms: dict[str, ArmResult] = {}
@@ -157,11 +160,13 @@ def build_tokenizer(vocab_size: int, max_length: int) -> PreTrainedTokenizerFast
     )
 
 
-def prepare_model(options: BenchServeSettings, *, second: bool = False) -> dict[str, Any]:
+def prepare_model(options: BenchServeSettings, *, beside: str | None = None) -> dict[str, Any]:
     """Reuse the published bench model under ``options.dir`` if it was made with the same
     parameters, else generate it (on the GPU when the bench runs there: seconds, not minutes)
-    and publish it. Returns what the report says about the model. ``second``: ``--reload``'s
-    version beside it (made after the first; a new first version replaces both)."""
+    and publish it. Returns what the report says about the model. ``beside``: the first
+    version's id, and this is ``--reload``'s second version (made after the first; a new first
+    version replaces both)."""
+    second = beside is not None
     started = time.monotonic()
     base = options.dir
     base.mkdir(parents=True, exist_ok=True)
@@ -176,7 +181,7 @@ def prepare_model(options: BenchServeSettings, *, second: bool = False) -> dict[
         "seed": seed,
         "init_device": init_device,  # CPU and CUDA random streams differ
     }
-    old: dict[str, Any] = {}
+    old: Any = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, store.StoreError):
         old = json.loads(marker.read_text())
         if old["params"] == params:
@@ -185,10 +190,11 @@ def prepare_model(options: BenchServeSettings, *, second: bool = False) -> dict[
 
     marker.unlink(missing_ok=True)
     if second:
-        # Only the second version is replaced (a 16 GB one at 8B): the first stays.
-        if isinstance(old.get("version_id"), str):
-            with contextlib.suppress(store.StoreError):  # a malformed id: nothing to remove
-                store.remove_tree(store.version_dir(store_root, MODEL, old["version_id"]))
+        # Only the second version is replaced (a 16 GB one at 8B), and only a version the store
+        # lists that is not the first: a marker's id is never trusted as a path.
+        stale = old.get("version_id") if isinstance(old, dict) else None
+        if stale != beside and stale in store.list_versions(store_root, MODEL):
+            store.remove_tree(store.version_dir(store_root, MODEL, stale))
     else:
         (base / "model-reload.json").unlink(missing_ok=True)
         shutil.rmtree(store.model_dir(store_root, MODEL), ignore_errors=True)
@@ -405,7 +411,7 @@ def _server_arm(
         except clients.ClientError as exc:
             raise BenchError(str(exc)) from None
         after = _scrape(url)
-        reloaded = _time_reload(url, reload_id) if reload_id is not None else {}
+        reloaded = _time_reload(server, reload_id) if reload_id is not None else {}
     finally:
         exit_code = server.stop()
     if exit_code not in (0, None):
@@ -486,29 +492,37 @@ def _server_arm(
 # --- the server subprocess ------------------------------------------------------------------
 
 
-def _time_reload(url: str, version_id: str) -> dict[str, Any]:
+def _time_reload(server: ServerProcess, version_id: str) -> dict[str, Any]:
     """Hot-reload ``version_id`` into the idle server after its timed run (``/admin/reload``
     answers once the version is loaded, verified, its decode path built and a warm-up passed,
     and swapped in) and check that it answers from it; the reload's times."""
-    started = time.monotonic()
-    answer = httpx.post(
-        f"{url}/admin/reload",
-        json={"version": version_id},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=SERVER_READY_TIMEOUT,
-    )
-    seconds = time.monotonic() - started
-    if answer.status_code != 200:
-        raise BenchError(f"the hot reload failed: {answer.status_code} {answer.text}")
-    served = httpx.get(f"{url}/version", timeout=10.0).json()
-    completion = httpx.post(
-        f"{url}/v1/completions",
-        json={"model": MODEL, "prompt": "w10 w11", "max_tokens": 4},
-        timeout=60.0,
-    )
-    fingerprint = completion.json().get("system_fingerprint", "") if completion.is_success else ""
-    if served.get("version_id") != version_id or not fingerprint.endswith(version_id[:12]):
-        raise BenchError(f"after the reload the server serves {served.get('version_id')}")
+    url = server.url
+    try:
+        started = time.monotonic()
+        answer = httpx.post(
+            f"{url}/admin/reload",
+            json={"version": version_id},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=SERVER_READY_TIMEOUT,
+        )
+        seconds = time.monotonic() - started
+        if answer.status_code != 200:
+            raise BenchError(f"the hot reload failed: {answer.status_code} {answer.text}")
+        served = httpx.get(f"{url}/version", timeout=10.0).json()
+        if served.get("version_id") != version_id:
+            raise BenchError(f"after the reload /version says {served.get('version_id')}")
+        completion = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": MODEL, "prompt": "w10 w11", "max_tokens": 4},
+            timeout=60.0,
+        )
+        fingerprint = completion.json().get("system_fingerprint", "")
+        if completion.status_code != 200 or not fingerprint.endswith(version_id[:12]):
+            raise BenchError(
+                f"a completion after the reload: {completion.status_code} {completion.text}"
+            )
+    except (httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
+        raise BenchError(f"the hot reload: {exc}\n{server.tail()}") from None
     _log(f"hot reload to {version_id[:12]} ready in {seconds:.1f}s")
     return {
         "reload_seconds": round(seconds, 3),
@@ -720,6 +734,7 @@ def _report(
             "device": options.device,
             "arms": list(options.arms),
             "seed": options.seed,
+            "reload": options.reload,
             "server_args": list(options.server_args),
         },
         "model": model_info,
@@ -751,7 +766,9 @@ def _report(
             # The same bound for a running replica that hot-reloads a new version.
             "reload_ready_vs_load_time_plus_2s": _ready_target(
                 server.get("reload_seconds") if server else None,
-                server.get("reload_weights_seconds") if server else None,
+                (server.get("reload_weights_seconds") or server.get("reload_load_seconds"))
+                if server
+                else None,
             ),
         },
     }
