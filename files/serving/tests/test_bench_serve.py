@@ -130,35 +130,35 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
 def test_the_reload_version_stays_beside_the_first_until_the_first_changes(
     tmp_path: Path,
 ) -> None:
-    options = BenchServeSettings(preset="tiny", device="cpu", dir=tmp_path, reload=True)
     root = tmp_path / "store"
-    first = prepare_model(options)
-    second = prepare_model(options, beside=first["version_id"])
-    assert not first["reused"]
-    assert not second["reused"]
-    versions = sorted([first["version_id"], second["version_id"]])
-    assert store.list_versions(root, MODEL) == versions
-    again = prepare_model(options), prepare_model(options, beside=first["version_id"])
+
+    def made_anew(options: BenchServeSettings) -> tuple[str, list[str]]:
+        """Both versions generated (none reused), and the store holding them alone."""
+        first = prepare_model(options)
+        second = prepare_model(options, beside=first["version_id"])
+        assert not first["reused"]
+        assert not second["reused"]
+        versions = sorted([first["version_id"], second["version_id"]])
+        assert store.list_versions(root, MODEL) == versions
+        return first["version_id"], versions
+
+    options = BenchServeSettings(preset="tiny", device="cpu", dir=tmp_path, reload=True)
+    first_id, versions = made_anew(options)
+    second_id = next(v for v in versions if v != first_id)
+    again = prepare_model(options), prepare_model(options, beside=first_id)
     assert [a["reused"] for a in again] == [True, True]
     # A reload marker that no longer matches, naming no version or a path: only the second
     # version is made again; the first stays, whole.
     marker = tmp_path / "model-reload.json"
-    for stale in ("", "..", None, second["version_id"]):
+    for stale in ("", "..", None, second_id):
         marker.write_text(json.dumps({"params": {}, "version_id": stale}))
-        remade = prepare_model(options, beside=first["version_id"])
-        assert not remade["reused"]
+        assert not prepare_model(options, beside=first_id)["reused"]
         assert store.list_versions(root, MODEL) == versions
-        store.read_manifest(root, MODEL, first["version_id"])
+        store.read_manifest(root, MODEL, first_id)
     marker.write_text("[]")
-    assert not prepare_model(options, beside=first["version_id"])["reused"]
+    assert not prepare_model(options, beside=first_id)["reused"]
     # Other weights for the first: both are made again, the old ones gone.
-    options = options.model_copy(update={"seed": 7})
-    first = prepare_model(options)
-    second = prepare_model(options, beside=first["version_id"])
-    assert not first["reused"]
-    assert not second["reused"]
-    renewed = sorted([first["version_id"], second["version_id"]])
-    assert store.list_versions(root, MODEL) == renewed
+    _, renewed = made_anew(options.model_copy(update={"seed": 7}))
     assert not set(renewed) & set(versions)
 
 

@@ -70,9 +70,9 @@ PREFILL_GRAPH_TOKENS = 2048  # 32 prompts of 64 tokens; each graph's capture run
 MAX_MASK_BYTES = 256 * 2**20
 # What decides between a prefill graph of a group's whole prompts and the eager prefill after
 # their cached prefixes (an H200, round 2 steps 13 and 16): the eager pass spends about this long
-# a layer launching kernels (8B's 32 layers ~30 ms), and a prefill graph
-# runs the layers' projections at about this many FLOP/s (8B: 2,048 tokens in 58 ms). The graph
-# wins while the tokens it computes beyond the eager pass's take less than those launches.
+# a layer launching kernels (8B's 32 layers ~30 ms), and a prefill graph runs the layers'
+# projections at about this many FLOP/s (8B: 2,048 tokens in 58 ms). The graph wins while the
+# tokens it computes beyond the eager pass's take less than those launches.
 EAGER_PREFILL_LAYER_SECONDS = 0.9e-3
 PREFILL_GRAPH_FLOPS = 4.9e14
 
