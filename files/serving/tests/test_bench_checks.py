@@ -205,7 +205,7 @@ def test_reload_check_on_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, (summary["failed"], summary["errors"], result.stderr[-3000:])
     assert json.loads(result.stdout) == summary
     assert summary["failed"] == []
-    assert summary["passed"] == len(summary["assertions"]) == 38
+    assert summary["passed"] == len(summary["assertions"]) == 39
     assert "start: /version on A with decode_path dynamic" in summary["assertions"]
     assert (tmp_path / "server1.log").is_file()
     assert (tmp_path / "server2.log").is_file()

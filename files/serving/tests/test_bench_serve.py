@@ -75,6 +75,14 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert report["arms"]["server"]["mean_decode_batch"] > 1
     # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
     assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
+    # ...and its parts: on the CPU no device part, and host plus wait is the step's time.
+    for arm in ("server", "server-fp8"):
+        parts = report["arms"][arm]["pass_parts_mean_s"]
+        assert set(parts) == {"prefill", "decode"}
+        assert all(set(p) == {"host", "wait", "emit"} for p in parts.values()), parts
+        decode = parts["decode"]
+        step = report["arms"][arm]["mean_decode_step_s"]
+        assert decode["host"] + decode["wait"] == pytest.approx(step, abs=2e-6), (parts, step)
     # The clients ran in 3 worker processes (at most one per client) and the server's own TTFT
     # (request received to first token) is beside theirs: it cannot exceed the clients' view.
     server = report["arms"]["server"]

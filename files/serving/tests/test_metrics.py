@@ -15,7 +15,7 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def test_each_app_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
-    a.forward_pass("decode", 4, 0.004)
+    a.forward_pass("decode", 4, 0.004, {})
     assert samples(a)[("metalserve_forward_passes_total", (("phase", "decode"),))] == 1
     assert ("metalserve_forward_passes_total", (("phase", "decode"),)) not in samples(b)
 
@@ -34,10 +34,14 @@ def test_engine_observer_methods() -> None:
     metrics.request_queued(0.02)
     metrics.first_token("chat", 0.2)
     metrics.sequence_finished("length", 7, 5)
-    metrics.forward_pass("decode", 8, 0.004)
-    metrics.forward_pass("decode", 6, 0.006)
+    metrics.forward_pass("decode", 8, 0.004, {"host": 0.001, "wait": 0.003, "emit": 0.0005})
+    metrics.forward_pass("decode", 6, 0.006, {"host": 0.002, "wait": 0.004, "emit": 0.0005})
     got = samples(metrics)
     decode = (("phase", "decode"),)
+    host = (("part", "host"), ("phase", "decode"))
+    assert got[("metalserve_forward_pass_part_seconds_count", host)] == 2
+    assert abs(got[("metalserve_forward_pass_part_seconds_sum", host)] - 0.003) < 1e-9
+    assert ("metalserve_forward_pass_part_seconds_count", (("part", "device"), *decode)) not in got
     assert got[("metalserve_forward_pass_duration_seconds_count", decode)] == 2
     assert abs(got[("metalserve_forward_pass_duration_seconds_sum", decode)] - 0.010) < 1e-9
     assert got[("metalserve_batch_size_sum", decode)] == 14

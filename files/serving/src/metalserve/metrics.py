@@ -78,6 +78,15 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.forward_pass_parts = Histogram(
+            "metalserve_forward_pass_part_seconds",
+            "Where a forward pass's time goes: host (start to its last launch), wait (for its "
+            "tokens on the host after that), device (CUDA: the device's time for the forward "
+            "itself), emit (its tokens to the sequences' text and events)",
+            ["phase", "part"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
         # Engine state, named after vLLM's metrics (vllm:num_requests_running, ...) so that
         # routers and autoscalers that read those read these.
         self.requests_running = Gauge(
@@ -190,10 +199,14 @@ class Metrics:
 
     # EngineObserver -------------------------------------------------------------------------
 
-    def forward_pass(self, phase: str, batch_size: int, seconds: float) -> None:
+    def forward_pass(
+        self, phase: str, batch_size: int, seconds: float, parts: dict[str, float]
+    ) -> None:
         self.forward_passes.labels(phase=phase).inc()
         self.batch_size.labels(phase=phase).observe(batch_size)
         self.forward_pass_duration.labels(phase=phase).observe(seconds)
+        for part, part_seconds in parts.items():
+            self.forward_pass_parts.labels(phase=phase, part=part).observe(part_seconds)
 
     def engine_state(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         self.requests_running.set(running)

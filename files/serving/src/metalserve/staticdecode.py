@@ -1028,7 +1028,7 @@ class StaticDecoder:
             return
         where = torch.tensor(copies, dtype=torch.long)
         self._announce(tensor_parallel.PREFIX_COPY, [int(into_pool)], [where])
-        self._copy_where(where.to(self.device), into_pool=into_pool)
+        self._copy_where(self._upload(where), into_pool=into_pool)
 
     def _copy_where(self, where: torch.Tensor, *, into_pool: bool) -> None:
         """``_copy_blocks`` of ``where`` ([copies, 3] on the device)."""
@@ -1069,8 +1069,8 @@ class StaticDecoder:
         self._announce(tensor_parallel.PREFILL_AFTER, [first_slot, span], [ids, starts, last])
         count, device = ids.shape[0], self.device
         slots = torch.arange(first_slot, first_slot + count, device=device)
-        after = _After(starts.to(device), span, slice(first_slot, first_slot + count))
-        return self._prefill(ids.to(device), slots, last.to(device), after)
+        after = _After(self._upload(starts), span, slice(first_slot, first_slot + count))
+        return self._prefill(self._upload(ids), slots, self._upload(last), after)
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
         """Run right-padded prompts ``ids`` ([n, longest], on the host) into slots
@@ -1089,7 +1089,7 @@ class StaticDecoder:
         shape = self._prefill_bucket(count, longest)
         if shape is None:
             slots = torch.arange(first_slot, first_slot + count, device=self.device)
-            return self._prefill(ids.to(self.device), slots, (lengths - 1).to(self.device))
+            return self._prefill(self._upload(ids), slots, self._upload(lengths - 1))
         rows, length = shape
         slots = torch.full((rows,), self.spare_slot, dtype=torch.long)
         slots[:count] = torch.arange(first_slot, first_slot + count)
@@ -1098,9 +1098,9 @@ class StaticDecoder:
         # Tokens beyond a row's prompt are whatever the buffer held: right padding that no real
         # token attends to (causal), written to cache positions that decode steps overwrite
         # before any row reads them.
-        self._prefill_ids[:count, :longest].copy_(ids)
-        self._prefill_slots[:rows].copy_(slots)
-        self._prefill_last[:rows].copy_(last)
+        self._upload(ids, into=self._prefill_ids[:count, :longest])
+        self._upload(slots, into=self._prefill_slots[:rows])
+        self._upload(last, into=self._prefill_last[:rows])
         if self.cuda_graphs:
             graph, logits = self._prefill_graph(rows, length)
             graph.replay()
@@ -1201,7 +1201,7 @@ class StaticDecoder:
         self._announce(tensor_parallel.ADMIT, [first_slot], [tokens, lengths])
         end = first_slot + tokens.shape[0]
         self.tokens[first_slot:end] = tokens
-        self.positions[first_slot:end] = lengths.to(self.device)
+        self.positions[first_slot:end] = self._upload(lengths)
 
     def advance(self, batch: int, tokens: torch.Tensor) -> None:
         """After a decode step: the chosen tokens are the next inputs, one position further."""
@@ -1211,14 +1211,25 @@ class StaticDecoder:
 
     def move(self, sources: list[int], targets: list[int], length: int) -> None:
         """Copy slots ``sources`` (first ``length`` cache entries, inputs) to ``targets``."""
-        src = torch.tensor(sources, dtype=torch.long, device=self.device)
-        dst = torch.tensor(targets, dtype=torch.long, device=self.device)
+        src = self._upload(torch.tensor(sources, dtype=torch.long))
+        dst = self._upload(torch.tensor(targets, dtype=torch.long))
         self._announce(tensor_parallel.MOVE, [length], [src, dst])
         length = min(length, self.max_length)
         for cache in (*self.keys, *self.values):
             cache[dst, :, :length] = cache[src, :, :length]
         self.tokens[dst] = self.tokens[src]
         self.positions[dst] = self.positions[src]
+
+    def _upload(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor`` from the host on the device (copied ``into`` a device buffer, if given)
+        without waiting for the device: on CUDA from pinned memory, asynchronously. A copy from
+        pageable memory waits for everything queued before it (the prefill graph just
+        replayed, say), and the host's launches after it could not overlap that work."""
+        pinned = self.device.type == "cuda" and tensor.device.type == "cpu"
+        source = tensor.pin_memory() if pinned else tensor
+        if into is None:
+            return source.to(self.device, non_blocking=pinned)
+        return into.copy_(source, non_blocking=pinned)
 
     def to_host(self, tokens: torch.Tensor) -> list[int]:
         """The chosen tokens as a list: the step's one host sync (the GIL is free meanwhile)."""

@@ -192,6 +192,19 @@ def gpu_mem_used_mib() -> int | None:
 # --- requests -------------------------------------------------------------------------------
 
 
+def _timed_pass_parts(metrics: str) -> dict[str, set[str]]:
+    """The parts of forward passes the server timed at least once, by phase (its
+    ``metalserve_forward_pass_part_seconds``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    timed: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "metalserve_forward_pass_part_seconds_count" and sample.value > 0:
+                timed.setdefault(sample.labels["phase"], set()).add(sample.labels["part"])
+    return timed
+
+
 def completion(url: str, prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
     """One non-streamed greedy (unless ``extra`` says otherwise) completion of exactly
     ``max_tokens`` tokens."""
@@ -674,6 +687,13 @@ def _check(settings: ReloadCheckSettings, checker: Checker, out_dir: Path) -> in
             info["reloads_total"] = [
                 line for line in metrics.splitlines() if line.startswith("metalserve_reloads_total")
             ]
+            timed = _timed_pass_parts(metrics)
+            wanted = {"host", "wait", "emit"} | ({"device"} if cuda else set())
+            check(
+                f"metrics: prefill and decode passes timed in parts {sorted(wanted)}",
+                timed == {"prefill": wanted, "decode": wanted},
+                {phase: sorted(parts) for phase, parts in timed.items()},
+            )
         except httpx.HTTPError as exc:
             checker.summary["errors"].append(f"metrics: {exc!r}")
         info["server1_log_graphs"] = s1.log_lines(

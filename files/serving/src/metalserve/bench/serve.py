@@ -479,6 +479,9 @@ def _server_arm(
                 if passes.get("prefix_queried_tokens")
                 else None
             ),
+            # Where a pass's time went: "host" (to its last launch), "wait" (for its tokens),
+            # "device" (CUDA: the forward on the device), "emit" (tokens to text and events).
+            "pass_parts_mean_s": _pass_parts(passes),
             "mean_prefill_step_s": (
                 round(passes.get("prefill_seconds", 0.0) / passes["prefill_passes"], 6)
                 if passes.get("prefill_passes")
@@ -639,6 +642,10 @@ def _scrape(url: str) -> dict[str, float]:
                 values["decode_rows"] = sample.value
             elif sample.name == "metalserve_forward_pass_duration_seconds_sum" and phase:
                 values[f"{phase}_seconds"] = sample.value
+            elif sample.name.startswith("metalserve_forward_pass_part_seconds_") and phase:
+                kind = sample.name.rsplit("_", 1)[1]  # sum or count (buckets: not kept)
+                if kind in ("sum", "count"):
+                    values[f"part_{phase}_{sample.labels['part']}_{kind}"] = sample.value
             elif sample.name in _COUNTERS:
                 values[_COUNTERS[sample.name]] = sample.value
             elif sample.name in _MEANS:
@@ -689,9 +696,20 @@ def _bucket_quantile(deltas: dict[str, float], name: str, q: float) -> float | N
     return None
 
 
-def _mean(deltas: dict[str, float], name: str) -> float | None:
+def _mean(deltas: dict[str, float], name: str, digits: int = 4) -> float | None:
     count = deltas.get(f"{name}_count", 0.0)
-    return round(deltas.get(f"{name}_sum", 0.0) / count, 4) if count else None
+    return round(deltas.get(f"{name}_sum", 0.0) / count, digits) if count else None
+
+
+def _pass_parts(deltas: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """The mean of each part of a forward pass over the timed run, by phase (the server's
+    ``metalserve_forward_pass_part_seconds``: host, wait, device where CUDA, emit)."""
+    parts: dict[str, dict[str, float | None]] = {}
+    for key in sorted(deltas):
+        if key.startswith("part_") and key.endswith("_count"):
+            phase, part = key.removeprefix("part_").removesuffix("_count").split("_", 1)
+            parts.setdefault(phase, {})[part] = _mean(deltas, f"part_{phase}_{part}", 6)
+    return parts
 
 
 # --- the report -------------------------------------------------------------------------------
