@@ -23,7 +23,7 @@ LAB_INVENTORY := inventories/lab
 LAB_LOCK := /tmp/metalserve-lab.lock
 PLAYBOOKS := $(wildcard playbooks/*.yml playbooks/lab/*.yml) awx/configure.yml
 
-.PHONY: help deps host-deps lab lab-down test checks lint syntax pytest molecule constraints clean
+.PHONY: help deps host-deps gpu-wheels lab lab-down test checks lint syntax pytest molecule constraints clean
 
 help:
 	@echo "make lab       build the podman lab and provision it end to end"
@@ -72,6 +72,20 @@ constraints:
 	.cache/constraints-venv/bin/pip install -q $(TORCH_FIND_LINKS_ARG) -r requirements/dev.in -r requirements/serving.in
 	{ sed -n '1,2p' requirements/constraints.txt; .cache/constraints-venv/bin/pip freeze; } > requirements/constraints.txt.new
 	mv requirements/constraints.txt.new requirements/constraints.txt
+
+# Wheels of what the GPU machines' image lacks (its python3 is 3.12, with torch, transformers,
+# httpx, uvloop and prometheus-client; nothing can be fetched there), pinned as here. The device
+# tool carries .whl with a call; files/serving/bench/on_gpu.sh installs them there.
+GPU_PYTHON := 3.12
+GPU_WHEELS := fastapi starlette annotated-doc uvicorn httptools pydantic pydantic_core \
+  pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions blake3 \
+  opentelemetry-api
+GPU_PLATFORMS := $(foreach n,2_17 2_27 2_28,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: deps
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_PYTHON) $(GPU_PLATFORMS) -c requirements/constraints.txt -d .whl $(GPU_WHEELS)
+	@ls .whl
 
 ## The lab #####################################################################
 

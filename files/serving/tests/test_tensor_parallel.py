@@ -91,6 +91,32 @@ def test_two_ranks_decode_as_one(tmp_path: Path) -> None:
         assert split[kind]["tokens"] == alone["tokens"], kind
 
 
+def _steps_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 fails to send a step (a tensor with no data to copy), then sends one; the other
+    rank writes what it received to ``out``."""
+    _join(rank, world, port)
+    tp, device = TensorParallel(rank, world), torch.device("cpu")
+    try:
+        if rank == 0:
+            with pytest.raises(NotImplementedError, match="meta tensor"):
+                tp.send_step(
+                    tensor_parallel.PREFILL, [0], [torch.empty(2, 3, device="meta")], device
+                )
+            tp.send_step(tensor_parallel.ADVANCE, [3], [torch.tensor([7, 8, 9])], device)
+        else:
+            op, numbers, tensors = tp.receive_step(device)
+            Path(out).write_text(json.dumps([op, numbers, [t.tolist() for t in tensors]]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_step_that_fails_to_send_sends_nothing(tmp_path: Path) -> None:
+    """The other ranks receive the next step whole, as if the failed one never was."""
+    out = tmp_path / "received.json"
+    torch.multiprocessing.spawn(_steps_rank, args=(2, _free_port(), str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == [tensor_parallel.ADVANCE, [3], [[7, 8, 9]]]
+
+
 def test_a_shape_that_does_not_split_is_named() -> None:
     assert tensor_parallel.unsupported_reason(4, 2, 128, 2) is None
     assert (

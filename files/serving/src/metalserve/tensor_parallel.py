@@ -69,19 +69,20 @@ class TensorParallel:
     def send_step(
         self, op: int, numbers: Sequence[int], tensors: Sequence[torch.Tensor], device: torch.device
     ) -> None:
-        """Rank 0: tell the other ranks the next step (``receive_step`` reads it)."""
+        """Rank 0: tell the other ranks the next step (``receive_step`` reads it). A step is
+        sent whole or not at all: whatever can fail here (a header too long, a tensor that
+        cannot be copied) fails before the first broadcast. A header sent without its tensors
+        would have the other ranks read the next step's header as this step's tensor."""
         header = [op, len(numbers), *numbers, len(tensors)]
         for tensor in tensors:
             header += [tensor.dim(), *tensor.shape]
         if len(header) > HEADER_LENGTH:
             raise ValueError(f"a step header of {len(header)} numbers: {HEADER_LENGTH} at most")
+        wires = [t.to(device=device, dtype=torch.long).contiguous() for t in tensors]
         wire = torch.zeros(HEADER_LENGTH, dtype=torch.long, device=device)
         wire[: len(header)] = torch.tensor(header, dtype=torch.long)
-        torch.distributed.broadcast(wire, src=0, group=self.group)
-        for tensor in tensors:
-            torch.distributed.broadcast(
-                tensor.to(device=device, dtype=torch.long).contiguous(), src=0, group=self.group
-            )
+        for tensor in (wire, *wires):
+            torch.distributed.broadcast(tensor, src=0, group=self.group)
 
     def receive_step(self, device: torch.device) -> tuple[int, list[int], list[torch.Tensor]]:
         """The other ranks: the step rank 0 sent (``send_step``)."""

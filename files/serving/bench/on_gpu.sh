@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a GPU machine of the device tool (its image's python3 3.12 with torch; nothing can be
+# fetched there): install the wheels `make gpu-wheels` put in .whl (the call carries it) into
+# /tmp/site, point Python at them and at this checkout's sources, then run the command.
+# From the repository root:
+#   bash files/serving/bench/on_gpu.sh COMMIT python3 -m metalserve bench serve --device cuda ...
+# COMMIT is recorded as the reports' environment.git_commit (the copy there has no .git).
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 COMMIT COMMAND..." >&2; exit 2; }
+commit=$1
+shift
+compgen -G '.whl/*.whl' > /dev/null || { echo "no .whl/*.whl: run make gpu-wheels, carry .whl" >&2; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/files/serving/src
+export METALSERVE_GIT_COMMIT=$commit
+# Inductor's cache outlives one command on a warm machine (a later run then compiles nothing).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+exec "$@"
