@@ -304,6 +304,7 @@ def test_dashboard_covers_what_operators_watch(dashboard: dict) -> None:
         "metalserve_time_to_first_token_seconds_bucket",
         "metalserve_generated_tokens_total",  # tokens/s
         "metalserve_batch_size_bucket",  # batch sizes
+        "metalserve_forward_pass_part_seconds_sum",  # where a pass's time goes
         "metalserve_num_requests_running",  # engine state (vLLM's names)
         "metalserve_num_requests_waiting",
         "metalserve_kv_cache_usage_perc",
