@@ -34,6 +34,11 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "32",
         "--new-tokens",
         "8",
+        # Sampled: every arm's sampler (transformers' and both server paths') runs here.
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
         "--clients",
         "3",
         "--arms",
@@ -48,6 +53,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report["arms"]) == set(SERVE_ARMS)
+    assert (report["options"]["temperature"], report["options"]["top_p"]) == (0.7, 0.9)
     for name, arm in report["arms"].items():
         assert arm["tokens_per_s"] > 0, name
         assert arm["tokens"] == 8 * arm["requests"], name
@@ -177,6 +183,8 @@ def test_the_reload_version_stays_beside_the_first_until_the_first_changes(
         (("serve", "--clients", "zero"), "--clients"),
         (("serve", "--preset", "70b"), "--preset"),
         (("serve", "--server-args", "'--unclosed"), "--server-args"),
+        (("serve", "--temperature", "-1"), "--temperature"),
+        (("serve", "--top-p", "0"), "--top-p"),
     ],
 )
 def test_bad_bench_flags_exit_2_naming_the_flag(args: tuple[str, ...], flag: str) -> None:

@@ -85,3 +85,38 @@ def test_logprobs_only_for_the_rows_that_ask() -> None:
     assert [token for token, _ in first[1]] == expected[0].topk(3).indices.tolist()
     assert third[1] == ()
     assert token_logprobs(values, chosen, [params[1]] * 3) == [None] * 3
+
+
+def _draw_counts(values: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:
+    """How often each token of ``values`` ([vocab]) was drawn in ``draws`` rows, each row with
+    its own seeded generator (one batch)."""
+    batch = values.expand(draws, -1)
+    tokens = choose_tokens(batch, [params] * draws, [make_generator(CPU, i) for i in range(draws)])
+    return torch.bincount(torch.tensor(tokens), minlength=values.numel()).float()
+
+
+def _warped(values: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities transformers' own warpers give (what sampling must draw from)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(params.temperature)(None, values[None])
+    if params.top_p < 1.0:
+        scores = TopPLogitsWarper(params.top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_draws_follow_transformers_warped_distribution(temperature: float, top_p: float) -> None:
+    """Temperature and top-p as transformers' warpers, and draws at their probabilities: every
+    token's share of 20,000 draws within 4.5 standard deviations, none outside top-p's set."""
+    torch.manual_seed(3)
+    values = torch.randn(12) * 1.5
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p)
+    expected = _warped(values, params)
+    draws = 20_000
+    counts = _draw_counts(values, params, draws)
+    assert counts[expected == 0].sum() == 0, "a token top-p removed was drawn"
+    sigma = (draws * expected * (1 - expected)).sqrt()
+    assert ((counts - draws * expected).abs() <= 4.5 * sigma + 1).all(), (counts, draws * expected)
+    if top_p < 1.0:
+        assert (expected == 0).any(), "the case must remove tokens to test top-p"

@@ -90,31 +90,40 @@ def choose_tokens_tensor(
 ) -> torch.Tensor:
     """The next token of every row of ``logits`` ([batch, vocab]), as a tensor on its device.
 
-    Greedy rows take the argmax (batched, on the device); sampled rows apply temperature and
-    top-p with transformers' logits warpers and draw from their own generator. No host sync.
+    Greedy rows take the argmax. Sampled rows, together: temperature and top-p as transformers'
+    ``TemperatureLogitsWarper`` and ``TopPLogitsWarper`` apply them, then a draw by the
+    exponential race (the argmax of each probability over an Exp(1) sample: token ``k`` with
+    probability ``p_k``), each row's samples from its own generator, so that a row's draws
+    depend on its seed only, never on its batch mates. No host sync: ``torch.multinomial``
+    would wait for the device twice a row (its checks read values back), and the warpers per
+    row launched a dozen kernels each.
     """
     import torch
 
-    chosen = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
-        return chosen
-    from transformers.generation.logits_process import (
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from metalserve import devices
 
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        scores = TemperatureLogitsWarper(p.temperature)(None, logits[row : row + 1].float())
-        if p.top_p < 1.0:
-            scores = TopPLogitsWarper(p.top_p)(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        # NaN/inf logits (e.g. a float16 overflow) must not fail the whole batch's step (on CUDA
-        # an invalid distribution is a device-side assert that kills the context): such a row
-        # falls back to its greedy token. torch.where keeps this free of host syncs.
-        valid = torch.isfinite(probs).all() & (probs.sum() > 0)
-        greedy_only = torch.nn.functional.one_hot(chosen[row : row + 1], probs.shape[-1])
-        probs = torch.where(valid, torch.nan_to_num(probs, nan=0.0), greedy_only.to(probs.dtype))
-        chosen[row] = torch.multinomial(probs, num_samples=1, generator=generator)[0, 0]
-    return chosen
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return chosen
+    device = logits.device
+    index = devices.upload(torch.tensor(rows), device)
+    temperature = devices.upload(torch.tensor([params[i].temperature for i in rows]), device)
+    scores = logits.index_select(0, index).float() / temperature[:, None]
+    top_p = [params[i].top_p for i in rows]
+    if min(top_p) < 1.0:
+        kept = devices.upload(torch.tensor(top_p, dtype=torch.float32), device)
+        ascending, order = scores.sort(dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        dropped = cumulative <= (1 - kept)[:, None]
+        dropped[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(dropped.scatter(1, order, dropped), -torch.inf)
+    probs = torch.softmax(scores, dim=-1)
+    race = torch.empty_like(probs)
+    for n, row in enumerate(rows):
+        race[n].exponential_(generator=generators[row])
+    drawn = (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+    # NaN/inf logits (e.g. a float16 overflow) must not fail the whole batch's step: such a
+    # row falls back to its greedy token (torch.where: no host sync).
+    valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    return chosen.index_copy(0, index, torch.where(valid, drawn, chosen.index_select(0, index)))

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import decode_attention, fp8, prefixcache, skinny_linear, tensor_parallel
+from metalserve import decode_attention, devices, fp8, prefixcache, skinny_linear, tensor_parallel
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -1221,15 +1221,8 @@ class StaticDecoder:
         self.positions[dst] = self.positions[src]
 
     def _upload(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """``tensor`` from the host on the device (copied ``into`` a device buffer, if given)
-        without waiting for the device: on CUDA from pinned memory, asynchronously. A copy from
-        pageable memory waits for everything queued before it (the prefill graph just
-        replayed, say), and the host's launches after it could not overlap that work."""
-        pinned = self.device.type == "cuda" and tensor.device.type == "cpu"
-        source = tensor.pin_memory() if pinned else tensor
-        if into is None:
-            return source.to(self.device, non_blocking=pinned)
-        return into.copy_(source, non_blocking=pinned)
+        """``tensor`` from the host on the device without a host sync (``devices.upload``)."""
+        return devices.upload(tensor, self.device, into)
 
     def to_host(self, tokens: torch.Tensor) -> list[int]:
         """The chosen tokens as a list: the step's one host sync (the GIL is free meanwhile)."""
@@ -1238,7 +1231,7 @@ class StaticDecoder:
             return values
         host = self._host[: tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))
         self._copied.synchronize()
         copied: list[int] = host.tolist()
         return copied

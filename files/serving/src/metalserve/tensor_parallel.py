@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from metalserve import devices
+
 if TYPE_CHECKING:
     from metalserve.staticdecode import LayerShape, LayerWeights
 
@@ -78,11 +80,14 @@ class TensorParallel:
             header += [tensor.dim(), *tensor.shape]
         if len(header) > HEADER_LENGTH:
             raise ValueError(f"a step header of {len(header)} numbers: {HEADER_LENGTH} at most")
-        wires = [t.to(device=device, dtype=torch.long).contiguous() for t in tensors]
-        wire = torch.zeros(HEADER_LENGTH, dtype=torch.long, device=device)
-        wire[: len(header)] = torch.tensor(header, dtype=torch.long)
-        for tensor in (wire, *wires):
-            torch.distributed.broadcast(tensor, src=0, group=self.group)
+        header += [0] * (HEADER_LENGTH - len(header))
+        # Queued, not waited for: rank 0 would otherwise wait for each step's forward.
+        wires = [
+            devices.upload(t.to(dtype=torch.long).contiguous(), device)
+            for t in (torch.tensor(header), *tensors)
+        ]
+        for wire in wires:
+            torch.distributed.broadcast(wire, src=0, group=self.group)
 
     def receive_step(self, device: torch.device) -> tuple[int, list[int], list[torch.Tensor]]:
         """The other ranks: the step rank 0 sent (``send_step``)."""

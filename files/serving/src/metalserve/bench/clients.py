@@ -58,18 +58,21 @@ def drive(
     new_tokens: int,
     processes: int = 1,
     warmed_up: Callable[[], object] = lambda: None,
+    sampling: dict[str, float] | None = None,
 ) -> Samples:
     """``total`` streaming requests from ``clients`` concurrent clients (each sends its next
-    request when its last one finished), over ``processes`` worker processes (1: this one).
+    request when its last one finished), over ``processes`` worker processes (1: this one);
+    ``sampling``: the requests' temperature and top_p (default: greedy).
 
     Each client first sends one untimed request on its own connection (a process's first
     request pays its connection and lazy imports: ~0.2 s, which would be 1 in 32 samples). Once
     every client has, ``warmed_up`` runs (e.g. a scrape of the server's counters), then the timed
     part starts in every process at once."""
     processes = max(1, min(processes, clients))
+    sampling = sampling or {"temperature": 0.0}
     if processes == 1:
         return asyncio.run(
-            _drive(url, model, prompts, total, clients, new_tokens, Gate(None, warmed_up))
+            _drive(url, model, prompts, total, clients, new_tokens, sampling, Gate(None, warmed_up))
         )
     shares = [
         (share_of(clients, processes, i), share_of(total, processes, i)) for i in range(processes)
@@ -86,7 +89,15 @@ def drive(
         gate = Gate(barriers, None)
         futures = [
             pool.submit(
-                _drive_sync, url, model, prompts[i::processes] or prompts, n, c, new_tokens, gate
+                _drive_sync,
+                url,
+                model,
+                prompts[i::processes] or prompts,
+                n,
+                c,
+                new_tokens,
+                sampling,
+                gate,
             )
             for i, c, n in work
         ]
@@ -150,9 +161,10 @@ def _drive_sync(
     total: int,
     clients: int,
     new_tokens: int,
+    sampling: dict[str, float],
     gate: Gate,
 ) -> Samples:
-    return asyncio.run(_drive(url, model, prompts, total, clients, new_tokens, gate))
+    return asyncio.run(_drive(url, model, prompts, total, clients, new_tokens, sampling, gate))
 
 
 async def _drive(
@@ -162,6 +174,7 @@ async def _drive(
     total: int,
     clients: int,
     new_tokens: int,
+    sampling: dict[str, float],
     gate: Gate,
 ) -> Samples:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -173,7 +186,7 @@ async def _drive(
             for index in indices:  # shared: each request is taken by exactly one client
                 prompt = prompts[index % len(prompts)]
                 ttft, latency, tokens, text_events = await _request(
-                    client, model, prompt, new_tokens
+                    client, model, prompt, new_tokens, sampling
                 )
                 samples.ttft.append(ttft)
                 samples.latency.append(latency)
@@ -184,7 +197,9 @@ async def _drive(
         # The untimed warm-up: one request per client, each on its own connection.
         warm_up = (prompts[i % len(prompts)] for i in range(clients))
         try:
-            await asyncio.gather(*(_request(client, model, p, new_tokens) for p in warm_up))
+            await asyncio.gather(
+                *(_request(client, model, p, new_tokens, sampling) for p in warm_up)
+            )
         except BaseException:
             gate.abort()  # the other processes stop waiting for this one
             raise
@@ -196,15 +211,19 @@ async def _drive(
 
 
 async def _request(
-    client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: list[int],
+    new_tokens: int,
+    sampling: dict[str, float],
 ) -> tuple[float, float, int, int]:
-    """One greedy streaming completion of exactly ``new_tokens``: (TTFT, latency, tokens,
-    events with text)."""
+    """One streaming completion of exactly ``new_tokens`` (``sampling``: its temperature and
+    top_p): (TTFT, latency, tokens, events with text)."""
     body = {
         "model": model,
         "prompt": prompt,
         "max_tokens": new_tokens,
-        "temperature": 0.0,
+        **sampling,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -219,6 +219,14 @@ class BenchServeSettings(CommandSettings):
         "seeded tokens for all: a shared system prompt, what the server's prefix cache reuses)",
     )
     new_tokens: PositiveInt = Field(128, ge=1)
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="every arm's sampling temperature (default 0: greedy; the static arms then "
+        "sample with transformers' own sampler)",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="every arm's top-p (with sampling)")
     clients: PositiveInt = Field(
         32, ge=1, description="concurrent HTTP clients, and the static batch size"
     )

@@ -4,8 +4,9 @@ A Llama-shaped model with seeded random bf16 weights (preset ``850m``: hidden 20
 32 heads, 8 KV heads, vocab 32000, ~850M parameters; ``tiny`` for tests) and a word-level
 tokenizer with one word per id are generated once and published into a store under ``--dir``
 (reused while the parameters match). Prompts are random token ids. Every request asks for
-exactly ``--new-tokens`` greedy tokens (transformers: ``min_new_tokens = max_new_tokens``; our
-server: ``ignore_eos``), so every arm does the same work:
+exactly ``--new-tokens`` tokens, greedy unless ``--temperature`` (and ``--top-p``) ask to sample
+(transformers: ``min_new_tokens = max_new_tokens``; our server: ``ignore_eos``), so every arm
+does the same work:
 
 * ``naive``: ``model.generate`` one request at a time;
 * ``static``: ``model.generate`` on static batches of ``--clients`` requests;
@@ -303,6 +304,11 @@ def _generate_arm(
     model: Any = bundle.model
     device = bundle.device
     new_tokens = options.new_tokens
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+        if options.temperature > 0
+        else {"do_sample": False}
+    )
 
     def generate(ids: torch.Tensor, tokens: int, streamer: BaseStreamer | None) -> torch.Tensor:
         ids = ids.to(device)
@@ -312,7 +318,7 @@ def _generate_arm(
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=tokens,
                 min_new_tokens=tokens,  # no early EOS: every arm generates the same tokens
-                do_sample=False,
+                **sampling,
                 pad_token_id=bundle.pad_token_id,
                 eos_token_id=sorted(bundle.eos_token_ids),
                 streamer=streamer,
@@ -407,6 +413,7 @@ def _server_arm(
                 options.new_tokens,
                 processes,
                 warmed_up=lambda: before.update(_scrape(url)),
+                sampling={"temperature": options.temperature, "top_p": options.top_p},
             )
         except clients.ClientError as exc:
             raise BenchError(str(exc)) from None
@@ -747,6 +754,8 @@ def _report(
             "prompt_tokens": options.prompt_tokens,
             "shared_prefix_tokens": options.shared_prefix_tokens,
             "new_tokens": options.new_tokens,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
             "clients": options.clients,
             "requests": {arm: options.requests_for(arm) for arm in options.arms},
             "device": options.device,

@@ -384,7 +384,9 @@ class _PassClock:
             "wait": self._synced - self._launched,
             "emit": time.perf_counter() - self._synced,
         }
-        if self._timing is not None:
+        # Both events have run once the tokens are on the host; a pass whose end has not
+        # (its wait on another stream, say) goes untimed rather than failing its batch.
+        if self._timing is not None and self._timing[1].query():
             parts["device"] = self._timing[0].elapsed_time(self._timing[1]) / 1e3
         batch.observer.forward_pass(phase, rows, self._synced - self._started, parts)
 

@@ -482,6 +482,12 @@ class Engine:
     def _new_batch(self, bundle: LoadedModel) -> Batch:
         """The batch of a model on the decode path ``decode_mode`` asks for and the model and
         device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
+        if bundle.device.type == "cuda" and bundle.device.index is not None:
+            import torch
+
+            # This thread's CUDA work (graph replays, events, its current stream) on the model's
+            # device: with cuda:N it would otherwise go to cuda:0.
+            torch.cuda.set_device(bundle.device)
         if self.tensor_parallel is not None:
             return self._tensor_parallel_batch(bundle, self.tensor_parallel)
         mode = self.decode_mode
