@@ -89,6 +89,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         decode = parts["decode"]
         step = report["arms"][arm]["mean_decode_step_s"]
         assert decode["host"] + decode["wait"] == pytest.approx(step, abs=2e-6), (parts, step)
+    assert "server passes, means in ms: prefill host " in result.stdout
     # The clients ran in 3 worker processes (at most one per client) and the server's own TTFT
     # (request received to first token) is beside theirs: it cannot exceed the clients' view.
     server = report["arms"]["server"]

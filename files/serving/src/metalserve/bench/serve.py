@@ -906,6 +906,11 @@ def render(report: dict[str, Any]) -> str:
             else []
         ),
         *(
+            [f"server passes, means in ms: {_render_parts(parts)}"]
+            if server is not None and (parts := server.get("pass_parts_mean_s"))
+            else []
+        ),
+        *(
             [
                 f"decode step {roof['mean_decode_step_s'] * 1000:.2f} ms against a roofline of "
                 f"{roof['roofline_step_s'] * 1000:.2f} ms ({roof['weight_bytes'] / 1e9:.2f} GB "
@@ -935,6 +940,20 @@ def render(report: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _render_parts(parts: dict[str, dict[str, float | None]]) -> str:
+    """``prefill host 3.10 / wait 0.50 / ...; decode ...``, in milliseconds."""
+    order = ("host", "wait", "device", "emit")
+    return "; ".join(
+        f"{phase} "
+        + " / ".join(
+            f"{part} {seconds * 1000:.2f}"
+            for part in order
+            if (seconds := times.get(part)) is not None
+        )
+        for phase, times in sorted(parts.items(), reverse=True)
+    )
 
 
 def _log(message: str) -> None:
