@@ -236,7 +236,8 @@ def servers(
     """Two long-lived replicas, started together to overlap their start-up.
 
     "api": version 1, no admin token, small limits (API, batching, fuzzing, metrics).
-    "reload": version 1, with an admin token (reload and consistency tests).
+    "reload": version 1, with an admin token and a profile directory (reload, profile and
+    consistency tests).
     """
     logs = tmp_path_factory.mktemp("server-logs")
     api = Server(
@@ -252,7 +253,11 @@ def servers(
     )
     reload_server = Server(
         serve_args(
-            model_store, no_access_log=True, max_new_tokens=64, admin_token_file=admin_token_file
+            model_store,
+            no_access_log=True,
+            max_new_tokens=64,
+            admin_token_file=admin_token_file,
+            profile_dir=logs / "profiles",
         ),
         logs / "reload.log",
     )

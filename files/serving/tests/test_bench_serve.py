@@ -44,6 +44,8 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "--arms",
         ",".join(SERVE_ARMS),  # the default and server-fp8
         "--reload",
+        "--profile-passes",
+        "4",
         "--dir",
         str(tmp_path / "data"),
         "--out",
@@ -138,6 +140,14 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     )
     assert "hot reload ready in" in result.stdout
     assert report["options"]["reload"] is True
+    # --profile-passes: each server arm ran again with its first 4 passes profiled.
+    for arm in (plain, fp8):
+        profile = arm["engine_profile"]
+        assert sum(profile["passes"].values()) >= 4, profile
+        assert profile["top_host"]
+        assert Path(profile["trace"]).is_file()
+        assert profile["tokens_per_s_while_profiled"] > 0
+    assert "engine profile: " in result.stderr
     assert "server" in result.stdout
     assert "vs static" in result.stdout
 

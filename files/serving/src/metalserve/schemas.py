@@ -144,6 +144,9 @@ class AdminReloadRequest(_Request):
 
 
 WEDGE_MAX_SECONDS = 3600.0
+# A profile's trace grows with every operator recorded (tens of MB for a few hundred passes).
+PROFILE_MAX_PASSES = 10_000
+PROFILE_MAX_SECONDS = 300.0
 
 
 # POST /admin/fault/wedge-engine, only with --fault-injection (see metalserve.api.admin).
@@ -151,6 +154,16 @@ class WedgeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     seconds: float = Field(gt=0, le=WEDGE_MAX_SECONDS)
+
+
+class ProfileRequest(BaseModel):
+    """``POST /admin/profile``: the engine's next ``passes`` forward passes, for at most
+    ``max_seconds`` from the first (or, with none, from the request)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    passes: int = Field(100, ge=1, le=PROFILE_MAX_PASSES)
+    max_seconds: float = Field(30.0, gt=0, le=PROFILE_MAX_SECONDS)
 
 
 # --- responses ---------------------------------------------------------------------------------

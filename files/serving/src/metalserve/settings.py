@@ -208,6 +208,12 @@ class ServeSettings(BaseSettings):
     debug_step_delay: float = Field(
         0.0, ge=0, le=10, description="sleep per engine step: simulates a slow device (tests)"
     )
+    profile_dir: Path | None = Field(
+        None,
+        description="enable POST /admin/profile, which records the engine's next forward passes "
+        "with torch.profiler and writes the trace and a summary here (needs the admin token; "
+        "default: disabled)",
+    )
     fault_injection: bool = Field(
         False,
         description="enable POST /admin/fault/wedge-engine, which blocks the engine loop to prove "

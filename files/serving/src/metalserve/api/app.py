@@ -55,6 +55,8 @@ def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
     app.include_router(probes.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    if settings.profile_dir is not None:
+        app.include_router(admin.profile_router)
     if settings.fault_injection:
         log.warning("fault injection is on: POST /admin/fault/wedge-engine blocks the engine loop")
         app.include_router(admin.fault_router)

@@ -255,6 +255,15 @@ class BenchServeSettings(CommandSettings):
         "shape (other weights) through /admin/reload and time it to ready: what a rollout of "
         "strategy reload waits for per replica",
     )
+    profile_passes: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="after a server arm's timed run, run it again with the engine's first N "
+        "forward passes recorded by torch.profiler (/admin/profile; the trace under --dir, its "
+        "summary in the report as engine_profile); the timed figures are from the run before "
+        "(default: 0, none)",
+    )
     server_args: tuple[str, ...] = Field(
         (),
         description="extra 'metalserve serve' flags for the server arm, e.g. '--decode-mode "

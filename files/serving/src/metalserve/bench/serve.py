@@ -35,8 +35,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,8 @@ MODEL_FORMAT = 1  # bump when the generated model or tokenizer changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 SERVER_READY_TIMEOUT = 600.0
 RELOAD_SEED_OFFSET = 1000  # --reload's second version: the same shape, other weights
+# --profile-passes: the profile ends after this long even when fewer passes ran.
+PROFILE_MAX_SECONDS = 60.0
 ADMIN_TOKEN = "bench-serve-admin-token-0123456789"  # noqa: S105 - a server of its own on loopback
 
 
@@ -370,10 +373,12 @@ def _server_arm(
     reload_id: str | None = None,
 ) -> ArmResult:
     admin: tuple[str, ...] = ()
-    if reload_id is not None:
+    if reload_id is not None or options.profile_passes:
         token_file = options.dir / "admin.token"
         token_file.write_text(ADMIN_TOKEN + "\n")
         admin = ("--admin-token-file", str(token_file))
+    if options.profile_passes:
+        admin += ("--profile-dir", str(options.dir / "profiles"))
     server = ServerProcess.start(
         store_root,
         MODEL,
@@ -400,24 +405,28 @@ def _server_arm(
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
         processes = min(options.client_processes, options.clients)  # at least one client each
 
+        def drive(warmed_up: Callable[[], object]) -> clients.Samples:
+            try:
+                return clients.drive(
+                    url,
+                    MODEL,
+                    token_ids,
+                    options.requests_for("server"),
+                    options.clients,
+                    options.new_tokens,
+                    processes,
+                    warmed_up=warmed_up,
+                    sampling={"temperature": options.temperature, "top_p": options.top_p},
+                )
+            except clients.ClientError as exc:
+                raise BenchError(str(exc)) from None
+
         before: dict[str, float] = {}
-        try:
-            # One full-length untimed request per client first, as the generate() arms do;
-            # the server's counters are read after it.
-            samples = clients.drive(
-                url,
-                MODEL,
-                token_ids,
-                options.requests_for("server"),
-                options.clients,
-                options.new_tokens,
-                processes,
-                warmed_up=lambda: before.update(_scrape(url)),
-                sampling={"temperature": options.temperature, "top_p": options.top_p},
-            )
-        except clients.ClientError as exc:
-            raise BenchError(str(exc)) from None
+        # One full-length untimed request per client first, as the generate() arms do; the
+        # server's counters are read after it.
+        samples = drive(lambda: before.update(_scrape(url)))
         after = _scrape(url)
+        profiled = _profile_run(url, drive, options.profile_passes)
         reloaded = _time_reload(server, reload_id) if reload_id is not None else {}
     finally:
         exit_code = server.stop()
@@ -460,6 +469,7 @@ def _server_arm(
             "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
             **reloaded,
+            **profiled,
             "server_startup_seconds": served.get("startup_seconds"),
             "decode_path": served.get("decode_path"),
             "decode_compiled": served.get("decode_compiled"),
@@ -500,6 +510,42 @@ def _server_arm(
 
 
 # --- the server subprocess ------------------------------------------------------------------
+
+
+def _profile_run(
+    url: str, drive: Callable[[Callable[[], object]], clients.Samples], passes: int
+) -> dict[str, Any]:
+    """With ``passes``: the timed run again, the engine's first ``passes`` forward passes after
+    the clients' warm-up recorded (``/admin/profile``); the profile's summary."""
+    if not passes:
+        return {}
+    answer: dict[str, Any] = {}
+
+    def record() -> None:
+        try:
+            response = httpx.post(
+                f"{url}/admin/profile",
+                json={"passes": passes, "max_seconds": PROFILE_MAX_SECONDS},
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                timeout=PROFILE_MAX_SECONDS + 180,
+            )
+            answer["status"], answer["body"] = response.status_code, response.text
+        except httpx.HTTPError as exc:
+            answer["status"], answer["body"] = None, str(exc)
+
+    recorder = threading.Thread(target=record, name="bench-profile", daemon=True)
+    samples = drive(recorder.start)  # the profile begins with the timed requests
+    recorder.join(PROFILE_MAX_SECONDS + 200)
+    if answer.get("status") != 200:
+        raise BenchError(f"the engine's profile failed: {answer or 'no answer'}")
+    profile: dict[str, Any] = json.loads(answer["body"])
+    tokens_per_s = round(samples.tokens / samples.seconds, 1) if samples.seconds else 0.0
+    _log(
+        f"engine profile: {profile['passes']} in {profile['seconds']:.2f}s "
+        f"(the run's {tokens_per_s:.0f} tokens/s with the profiler on), "
+        f"trace {profile['trace']}"
+    )
+    return {"engine_profile": {**profile, "tokens_per_s_while_profiled": tokens_per_s}}
 
 
 def _time_reload(server: ServerProcess, version_id: str) -> dict[str, Any]:

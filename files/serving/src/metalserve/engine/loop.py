@@ -48,11 +48,14 @@ from metalserve.engine.batches import (
     StaticBatch,
     generate_once,
 )
+from metalserve.engine.profiling import PassProfile
 from metalserve.engine.sequence import EngineObserver, Sequence
 from metalserve.loader import LoadError
 from metalserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from metalserve.loader import LoadedModel
     from metalserve.tensor_parallel import TensorParallel
 
@@ -158,6 +161,9 @@ class Engine:
         # blocked), and the event that ends a wedge early (stop()).
         self._wedge: tuple[float, concurrent.futures.Future[None]] | None = None
         self._unwedge = threading.Event()
+        # A requested profile of the next forward passes (``profile``): engine thread only, once
+        # taken from the API side under the lock.
+        self._profile: PassProfile | None = None
         self._thread = threading.Thread(target=self._run, name="metalserve-engine", daemon=True)
 
     # --- API side (any thread) -------------------------------------------------------------
@@ -290,6 +296,20 @@ class Engine:
             self._cond.notify_all()
         return future
 
+    def profile(self, passes: int, max_seconds: float, directory: Path) -> PassProfile:
+        """Record the next ``passes`` forward passes (or ``max_seconds`` of them) with
+        torch.profiler into ``directory``; the profile's future has its summary
+        (``metalserve.engine.profiling``)."""
+        profile = PassProfile(passes, max_seconds, directory)
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise RuntimeError("the engine is not running")
+            if self._profile is not None:
+                raise RuntimeError("a profile is already being recorded")
+            self._profile = profile
+            self._cond.notify_all()
+        return profile
+
     # --- engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -305,6 +325,9 @@ class Engine:
                 if self._wedge is not None and self._wedge[1].set_running_or_notify_cancel():
                     self._wedge[1].set_exception(RuntimeError("the engine stopped"))
                 self._wedge = None
+                profile, self._profile = self._profile, None
+            if profile is not None:
+                profile.end("the engine stopped before a forward pass ran")
             self._flush_events()
             self._stop_other_ranks()
 
@@ -334,6 +357,9 @@ class Engine:
                     incoming = self._swap_due()
                     admitted = [] if incoming is not None else self._admit()
                     if incoming is None and not admitted and not self._batch:
+                        self._end_profile_if(
+                            self._profile is not None and self._profile.expired(),
+                        )
                         # Bounded: the heartbeat must advance while idle.
                         self._cond.wait(timeout=self.idle_wait)
                         continue
@@ -342,7 +368,7 @@ class Engine:
                         return
                     continue
                 try:
-                    self._step(admitted)
+                    self._profiled_step(admitted)
                     self._report_state()
                     failures = 0
                 except Exception:
@@ -388,6 +414,27 @@ class Engine:
             self._flush_events()  # first tokens go out before the decode step
             self._beat()
         self._batch.step()
+
+    def _profiled_step(self, admitted: list[Sequence]) -> None:
+        """``_step``, recorded while a profile asks for it."""
+        profile, batch = self._profile, self._batch
+        if profile is None or batch is None:
+            self._step(admitted)
+            return
+        assert self._current is not None
+        profile.begin(self._current.device)
+        before = batch.forward_passes
+        try:
+            self._step(admitted)
+        finally:
+            passes = batch.forward_passes - before
+            prefill = min(passes, int(bool(admitted)))
+            self._end_profile_if(profile.count(prefill=prefill, decode=passes - prefill))
+
+    def _end_profile_if(self, done: bool) -> None:
+        if done and self._profile is not None:
+            profile, self._profile = self._profile, None
+            profile.end(f"no forward pass ran within {profile.max_seconds:g} s")
 
     def _admit(self) -> list[Sequence]:
         """Pop the sequences that can start now (FIFO, only those prepared for this model)."""

@@ -1,0 +1,124 @@
+"""The engine's profile: ``Engine.profile`` and ``POST /admin/profile`` against a real server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ADMIN_TOKEN, MODEL, Server
+from engine_helpers import submit
+from metalserve.engine import Engine
+from metalserve.loader import LoadedModel
+from metalserve.sampling import SamplingParams
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PROFILE = "/admin/profile"
+
+
+def _assert_a_profile(summary: dict[str, Any], passes: int) -> None:
+    assert sum(summary["passes"].values()) >= passes, summary["passes"]
+    assert summary["passes"]["prefill"] >= 1, "the sequence's prefill was recorded"
+    assert 0 < summary["host_operators_s"] <= summary["seconds"], summary
+    names = [row["name"] for row in summary["top_host"]]
+    assert any(name.startswith("aten::") for name in names), names
+    trace = json.loads(Path(summary["trace"]).read_text())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    beside = Path(summary["trace"]).with_name(Path(summary["trace"]).stem + "-summary.json")
+    assert json.loads(beside.read_text())["passes"] == summary["passes"]
+
+
+def test_the_engine_records_its_next_passes(
+    engine: Engine, v1: LoadedModel, tmp_path: Path
+) -> None:
+    profile = engine.profile(passes=4, max_seconds=60, directory=tmp_path)
+    with pytest.raises(RuntimeError, match="already being recorded"):
+        engine.profile(passes=1, max_seconds=1, directory=tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    _, sink = submit(engine, v1, "The quick brown fox", params)
+    summary = profile.future.result(timeout=60)
+    sink.wait()
+    _assert_a_profile(summary, passes=4)
+    # The first four passes: the prefill and three decode steps, not the sequence's eight.
+    assert summary["passes"] == {"prefill": 1, "decode": 3}
+    # Done: the next profile may start.
+    engine.profile(passes=1, max_seconds=0.2, directory=tmp_path)
+
+
+def test_an_idle_engine_ends_the_profile_empty(engine: Engine, tmp_path: Path) -> None:
+    profile = engine.profile(passes=10, max_seconds=0.3, directory=tmp_path)
+    with pytest.raises(RuntimeError, match=r"no forward pass ran within 0.3 s"):
+        profile.future.result(timeout=10)  # the idle loop wakes at least once a second
+    assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+def test_a_stopped_engine_fails_a_pending_profile(v1: LoadedModel, tmp_path: Path) -> None:
+    engine = Engine(max_batch_size=2)
+    engine.start()
+    engine.swap(v1).result(timeout=10)
+    profile = engine.profile(passes=10, max_seconds=60, directory=tmp_path)
+    engine.stop()
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        profile.future.result(timeout=10)
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.profile(passes=1, max_seconds=1, directory=tmp_path)
+
+
+@pytest.mark.e2e
+def test_off_without_a_profile_dir(api_server: Server) -> None:
+    response = httpx.post(f"{api_server.url}{PROFILE}", json={}, headers=AUTH)
+    assert response.status_code == 404
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": ADMIN_TOKEN}]
+)
+def test_requires_the_admin_token(reload_server: Server, headers: dict[str, str]) -> None:
+    response = httpx.post(f"{reload_server.url}{PROFILE}", json={}, headers=headers)
+    assert response.status_code == 401
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "body",
+    [{"passes": 0}, {"passes": 10_001}, {"passes": "5"}, {"max_seconds": 0}, {"steps": 3}, [1]],
+)
+def test_bad_bodies(reload_server: Server, body: Any) -> None:
+    response = httpx.post(f"{reload_server.url}{PROFILE}", json=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+
+
+@pytest.mark.e2e
+def test_a_profile_under_requests(reload_server: Server) -> None:
+    url = reload_server.url
+    answer: dict[str, Any] = {}
+
+    def profile() -> None:
+        response = httpx.post(
+            f"{url}{PROFILE}", json={"passes": 6, "max_seconds": 30}, headers=AUTH, timeout=90
+        )
+        answer["status"], answer["body"] = response.status_code, response.json()
+
+    profiler = threading.Thread(target=profile)
+    profiler.start()
+    time.sleep(0.5)  # the request is in: the engine records its next passes
+    deadline = time.monotonic() + 60
+    while profiler.is_alive() and time.monotonic() < deadline:  # bounded: 60 s at most
+        completion = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        )
+        assert completion.status_code == 200, completion.text
+    profiler.join(30)
+    assert answer.get("status") == 200, answer
+    _assert_a_profile(answer["body"], passes=6)
+    again = httpx.post(f"{url}{PROFILE}", json={"passes": 1, "max_seconds": 0.2}, headers=AUTH)
+    assert again.status_code == 409, "idle: no pass ran"
+    assert "no forward pass ran" in again.json()["error"]["message"]
