@@ -122,3 +122,41 @@ def test_a_profile_under_requests(reload_server: Server) -> None:
     again = httpx.post(f"{url}{PROFILE}", json={"passes": 1, "max_seconds": 0.2}, headers=AUTH)
     assert again.status_code == 409, "idle: no pass ran"
     assert "no forward pass ran" in again.json()["error"]["message"]
+
+
+def test_a_caller_that_gave_up_does_not_stop_the_engine(engine: Engine, tmp_path: Path) -> None:
+    """The route's timeout cancels nothing, but a cancelled future must not kill the loop."""
+    profile = engine.profile(passes=1, max_seconds=0.2, directory=tmp_path)
+    assert profile.future.cancel()
+    deadline = time.monotonic() + 10
+    while engine._profile is not None and time.monotonic() < deadline:  # ends when idle
+        time.sleep(0.05)
+    assert engine._profile is None
+    time.sleep(0.2)
+    assert engine.is_alive()
+    engine.profile(passes=1, max_seconds=0.2, directory=tmp_path)  # and takes the next one
+
+
+def test_the_summary_counts_kernels_not_their_operators_again() -> None:
+    """torch adds each kernel's device time to the operator that launched it: the device total
+    and list hold the device's own events only."""
+    from torch.autograd import DeviceType
+
+    from metalserve.engine.profiling import summarize
+
+    class Event:
+        def __init__(self, key: str, device: DeviceType, host_us: float, device_us: float):
+            self.key, self.count, self.device_type = key, 1, device
+            self.self_cpu_time_total, self.self_device_time_total = host_us, device_us
+            self.is_user_annotation = False
+
+    events = [
+        Event("aten::mm", DeviceType.CPU, 30.0, 500.0),
+        Event("gemm_kernel", DeviceType.CUDA, 0.0, 500.0),
+        Event("cudaLaunchKernel", DeviceType.CPU, 10.0, 0.0),
+    ]
+    summary = summarize(events, 1.0, {"prefill": 0, "decode": 1})
+    assert summary["device_s"] == 0.0005
+    assert [r["name"] for r in summary["top_device"]] == ["gemm_kernel"]
+    assert summary["host_operators_s"] == 0.00004
+    assert [r["name"] for r in summary["top_host"]] == ["aten::mm", "cudaLaunchKernel"]

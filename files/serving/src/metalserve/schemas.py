@@ -157,8 +157,8 @@ class WedgeRequest(BaseModel):
 
 
 class ProfileRequest(BaseModel):
-    """``POST /admin/profile``: the engine's next ``passes`` forward passes, for at most
-    ``max_seconds`` from the first (or, with none, from the request)."""
+    """``POST /admin/profile``: the engine's next ``passes`` forward passes, ending
+    ``max_seconds`` after the request at the latest."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 

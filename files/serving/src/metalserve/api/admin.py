@@ -53,8 +53,10 @@ async def profile_engine(
         raise ApiError(409, str(exc), code="profile_refused") from exc
     log.info("profiling the engine's next %d forward passes", body.passes)
     try:
+        # Shielded: a timeout must not cancel the future the engine thread completes.
         summary: dict[str, Any] = await asyncio.wait_for(
-            asyncio.wrap_future(profile.future), body.max_seconds + PROFILE_GRACE_SECONDS
+            asyncio.shield(asyncio.wrap_future(profile.future)),
+            body.max_seconds + PROFILE_GRACE_SECONDS,
         )
     except TimeoutError:
         raise ApiError(504, "the profile did not end in time", code="profile_timeout") from None

@@ -327,7 +327,8 @@ class Engine:
                 self._wedge = None
                 profile, self._profile = self._profile, None
             if profile is not None:
-                profile.end("the engine stopped before a forward pass ran")
+                with contextlib.suppress(Exception):  # the rest of the stop must still run
+                    profile.end("the engine stopped before a forward pass ran")
             self._flush_events()
             self._stop_other_ranks()
 
@@ -364,6 +365,8 @@ class Engine:
                         self._cond.wait(timeout=self.idle_wait)
                         continue
                 if incoming is not None:
+                    # A profile in progress ends before the switch's compiling and capturing.
+                    self._end_profile_if(self._profile is not None and self._profile.began)
                     if not self._switch(*incoming):
                         return
                     continue
@@ -422,7 +425,14 @@ class Engine:
             self._step(admitted)
             return
         assert self._current is not None
-        profile.begin(self._current.device)
+        try:
+            profile.begin(self._current.device)
+        except Exception as exc:  # the profiler's fault: the step runs unprofiled
+            log.exception("the engine profile could not start")
+            self._profile = None
+            profile.fail(exc)
+            self._step(admitted)
+            return
         before = batch.forward_passes
         try:
             self._step(admitted)
@@ -432,9 +442,13 @@ class Engine:
             self._end_profile_if(profile.count(prefill=prefill, decode=passes - prefill))
 
     def _end_profile_if(self, done: bool) -> None:
+        """End the profile (``done``); its failures are its caller's, never the engine's."""
         if done and self._profile is not None:
             profile, self._profile = self._profile, None
-            profile.end(f"no forward pass ran within {profile.max_seconds:g} s")
+            try:
+                profile.end(f"no forward pass ran within {profile.max_seconds:g} s")
+            except Exception:
+                log.exception("the engine profile could not end")
 
     def _admit(self) -> list[Sequence]:
         """Pop the sequences that can start now (FIFO, only those prepared for this model)."""
