@@ -24,7 +24,7 @@ PROFILE = "/admin/profile"
 def _assert_a_profile(summary: dict[str, Any], passes: int) -> None:
     assert sum(summary["passes"].values()) >= passes, summary["passes"]
     assert summary["passes"]["prefill"] >= 1, "the sequence's prefill was recorded"
-    assert 0 < summary["host_operators_s"] <= summary["seconds"], summary
+    assert 0 < summary["host_recorded_s"] <= summary["seconds"], summary
     names = [row["name"] for row in summary["top_host"]]
     assert any(name.startswith("aten::") for name in names), names
     trace = json.loads(Path(summary["trace"]).read_text())
@@ -48,6 +48,19 @@ def test_the_engine_records_its_next_passes(
     assert summary["passes"] == {"prefill": 1, "decode": 3}
     # Done: the next profile may start.
     engine.profile(passes=1, max_seconds=0.2, directory=tmp_path)
+
+
+def test_python_calls_are_recorded_when_asked(
+    engine: Engine, v1: LoadedModel, tmp_path: Path
+) -> None:
+    profile = engine.profile(passes=2, max_seconds=60, directory=tmp_path, python=True)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    _, sink = submit(engine, v1, "Hi", params)
+    summary = profile.future.result(timeout=60)
+    sink.wait()
+    inclusive = [row["name"] for row in summary["top_host_inclusive"]]
+    assert any("batches.py" in name and ": add" in name for name in inclusive), inclusive
+    assert not any("pluggy" in name for name in inclusive), "this thread's calls are not in it"
 
 
 def test_an_idle_engine_ends_the_profile_empty(engine: Engine, tmp_path: Path) -> None:
@@ -87,7 +100,16 @@ def test_requires_the_admin_token(reload_server: Server, headers: dict[str, str]
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "body",
-    [{"passes": 0}, {"passes": 10_001}, {"passes": "5"}, {"max_seconds": 0}, {"steps": 3}, [1]],
+    [
+        {"passes": 0},
+        {"passes": 10_001},
+        {"passes": "5"},
+        {"max_seconds": 0},
+        {"max_seconds": 301},
+        {"python": "yes"},
+        {"steps": 3},
+        [1],
+    ],
 )
 def test_bad_bodies(reload_server: Server, body: Any) -> None:
     response = httpx.post(f"{reload_server.url}{PROFILE}", json=body, headers=AUTH)
@@ -137,26 +159,35 @@ def test_a_caller_that_gave_up_does_not_stop_the_engine(engine: Engine, tmp_path
     engine.profile(passes=1, max_seconds=0.2, directory=tmp_path)  # and takes the next one
 
 
-def test_the_summary_counts_kernels_not_their_operators_again() -> None:
+def test_the_summary_holds_the_engine_thread_and_the_kernels_once() -> None:
     """torch adds each kernel's device time to the operator that launched it: the device total
-    and list hold the device's own events only."""
+    and list hold the device's own events only; the host's are the engine thread's (the one that
+    recorded operators), not other threads' Python calls."""
     from torch.autograd import DeviceType
 
     from metalserve.engine.profiling import summarize
 
     class Event:
-        def __init__(self, key: str, device: DeviceType, host_us: float, device_us: float):
-            self.key, self.count, self.device_type = key, 1, device
-            self.self_cpu_time_total, self.self_device_time_total = host_us, device_us
+        def __init__(
+            self, key: str, thread: int, device: DeviceType, host_us: float, device_us: float
+        ) -> None:
+            self.key, self.thread, self.device_type = key, thread, device
+            self.self_cpu_time_total = self.cpu_time_total = host_us
+            self.device_time_total = device_us
             self.is_user_annotation = False
 
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
     events = [
-        Event("aten::mm", DeviceType.CPU, 30.0, 500.0),
-        Event("gemm_kernel", DeviceType.CUDA, 0.0, 500.0),
-        Event("cudaLaunchKernel", DeviceType.CPU, 10.0, 0.0),
+        Event("aten::mm", 7, cpu, 30.0, 500.0),
+        Event("gemm_kernel", 0, cuda, 0.0, 500.0),
+        Event("cudaLaunchKernel", 7, cpu, 10.0, 0.0),
+        Event("aten::mm", 7, cpu, 30.0, 500.0),
+        Event("gemm_kernel", 0, cuda, 0.0, 500.0),
+        Event("threading.py(1): wait", 3, cpu, 9000.0, 0.0),  # another thread's Python
     ]
     summary = summarize(events, 1.0, {"prefill": 0, "decode": 1})
-    assert summary["device_s"] == 0.0005
-    assert [r["name"] for r in summary["top_device"]] == ["gemm_kernel"]
-    assert summary["host_operators_s"] == 0.00004
+    assert summary["device_s"] == 0.001
+    assert summary["top_device"] == [{"name": "gemm_kernel", "calls": 2, "device_s": 0.001}]
+    assert summary["host_recorded_s"] == 0.00007
     assert [r["name"] for r in summary["top_host"]] == ["aten::mm", "cudaLaunchKernel"]
+    assert summary["top_host"][0]["calls"] == 2

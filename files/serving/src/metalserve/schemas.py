@@ -164,6 +164,8 @@ class ProfileRequest(BaseModel):
 
     passes: int = Field(100, ge=1, le=PROFILE_MAX_PASSES)
     max_seconds: float = Field(30.0, gt=0, le=PROFILE_MAX_SECONDS)
+    # Every Python call too: where the host's time between operators goes (slower still).
+    python: bool = False
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ async def profile_engine(
 ) -> dict[str, Any]:
     assert settings.profile_dir is not None  # the route exists only with it
     try:
-        profile = replica.engine.profile(body.passes, body.max_seconds, settings.profile_dir)
+        profile = replica.engine.profile(
+            body.passes, body.max_seconds, settings.profile_dir, python=body.python
+        )
     except RuntimeError as exc:
         raise ApiError(409, str(exc), code="profile_refused") from exc
     log.info("profiling the engine's next %d forward passes", body.passes)

@@ -296,11 +296,13 @@ class Engine:
             self._cond.notify_all()
         return future
 
-    def profile(self, passes: int, max_seconds: float, directory: Path) -> PassProfile:
+    def profile(
+        self, passes: int, max_seconds: float, directory: Path, *, python: bool = False
+    ) -> PassProfile:
         """Record the next ``passes`` forward passes (or ``max_seconds`` of them) with
-        torch.profiler into ``directory``; the profile's future has its summary
-        (``metalserve.engine.profiling``)."""
-        profile = PassProfile(passes, max_seconds, directory)
+        torch.profiler into ``directory`` (``python``: Python's calls too); the profile's future
+        has its summary (``metalserve.engine.profiling``)."""
+        profile = PassProfile(passes, max_seconds, directory, python=python)
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 raise RuntimeError("the engine is not running")

@@ -2,12 +2,13 @@
 
 Where a pass's time goes beyond ``metalserve_forward_pass_part_seconds``: every operator the
 engine thread ran (its own time on the host, with the gaps between them: Python, waits for the
-GIL) and, on CUDA, every kernel's time on the device. The profiler starts and stops on the
-engine thread, between two steps, so the host operators are that thread's only (the HTTP side is
-not in them); the device's kernels are the whole process's (CUPTI sees every stream). What the
-profiler adds to each operator (microseconds) slows the passes it records, so compare its
-shares, not its totals, with an unprofiled run. The trace (Chrome's JSON, for Perfetto or
-chrome://tracing) and a summary are written off the engine thread once the passes are done.
+GIL), with ``python`` every Python call too, and, on CUDA, every kernel's time on the device. The
+profiler starts and stops on the engine thread, between two steps, so the host operators are that
+thread's only (the HTTP side is not in them); the device's kernels are the whole process's (CUPTI
+sees every stream). What the profiler adds to each operator (microseconds) slows the passes it
+records, so compare its shares, not its totals, with an unprofiled run. The trace (Chrome's JSON,
+for Perfetto or chrome://tracing) and a summary are written off the engine thread once the passes
+are done.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +36,17 @@ class PassProfile:
     """One profile: the next ``passes`` forward passes, ending ``max_seconds`` after the request
     at the latest. Its ``future`` has the summary, or fails with why nothing was recorded."""
 
-    def __init__(self, passes: int, max_seconds: float, directory: Path) -> None:
+    def __init__(
+        self, passes: int, max_seconds: float, directory: Path, *, python: bool = False
+    ) -> None:
         if passes < 1 or max_seconds <= 0:
             raise ValueError("a profile needs passes >= 1 and max_seconds > 0")
         self.passes = passes
         self.max_seconds = max_seconds
         self.directory = directory
+        # Python's calls too (with_stack): where the host's time between operators goes, at
+        # a few microseconds more per call.
+        self.python = python
         self.future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self.recorded = {"prefill": 0, "decode": 0}
         self._profiler: profile | None = None
@@ -59,7 +66,7 @@ class PassProfile:
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        profiler = profile(activities=activities)
+        profiler = profile(activities=activities, with_stack=self.python)
         profiler.start()
         self._profiler, self._began = profiler, time.monotonic()
 
@@ -101,7 +108,7 @@ class PassProfile:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             trace = self.directory / f"engine-{stamp}.json"
             profiler.export_chrome_trace(str(trace))
-            summary = summarize(profiler.key_averages(), seconds, self.recorded)
+            summary = summarize(list(profiler.events()), seconds, self.recorded)
             summary["trace"] = str(trace)
             (self.directory / f"engine-{stamp}-summary.json").write_text(
                 json.dumps(summary, indent=2) + "\n"
@@ -116,29 +123,51 @@ class PassProfile:
 
 
 def summarize(events: list[Any], seconds: float, recorded: dict[str, int]) -> dict[str, Any]:
-    """The profile's host operators by their own (self) time on the host, and its kernels (and
-    the device's copies) by their time on the device."""
+    """The profile's ``events`` (torch's ``FunctionEvent``): the engine thread's operators and
+    Python calls by their own (self) time and with their callees (inclusive), and the device's
+    kernels and copies by their time there."""
     from torch.autograd import DeviceType
 
-    # An operator's self device time repeats its kernels' (torch adds each kernel to the
-    # operator that launched it): the device's own events are counted, not the operators'.
-    on_device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
-    on_host = [e for e in events if e.device_type == DeviceType.CPU]
+    # The engine thread is the one that recorded operators (the profiler records those on the
+    # thread that started it); Python's calls and CUDA's runtime calls are every thread's.
+    threads = Counter(
+        e.thread for e in events if e.device_type == DeviceType.CPU and e.key.startswith("aten::")
+    )
+    engine = threads.most_common(1)[0][0] if threads else None
+    host: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # calls, self, inclusive
+    device: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # calls, time
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            if e.thread == engine:
+                row = host[e.key]
+                row[0] += 1
+                row[1] += e.self_cpu_time_total
+                row[2] += e.cpu_time_total
+        elif not e.is_user_annotation:
+            # An operator's device time repeats its kernels' (torch adds each kernel to the
+            # operator that launched it): the device's own events are counted.
+            row = device[e.key]
+            row[0] += 1
+            row[1] += e.device_time_total
 
-    def row(event: Any, seconds_key: str, total: float) -> dict[str, Any]:
-        return {"name": event.key, "calls": event.count, seconds_key: round(total / 1e6, 6)}
+    def top(table: dict[str, list[float]], column: int, name: str) -> list[dict[str, Any]]:
+        ranked = sorted(table.items(), key=lambda item: item[1][column], reverse=True)
+        return [
+            {"name": key, "calls": int(row[0]), name: round(row[column] / 1e6, 6)}
+            for key, row in ranked[:TOP_OPERATORS]
+        ]
 
-    by_host = sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)
-    by_device = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)
     return {
         "passes": dict(recorded),
         "seconds": round(seconds, 4),
-        # The engine thread's time in operators; the rest of ``seconds`` is Python between
-        # them, waits for the GIL, and the idle loop.
-        "host_operators_s": round(sum(e.self_cpu_time_total for e in on_host) / 1e6, 6),
-        "device_s": round(sum(e.self_device_time_total for e in on_device) / 1e6, 6),
-        "top_host": [row(e, "self_host_s", e.self_cpu_time_total) for e in by_host[:TOP_OPERATORS]],
-        "top_device": [
-            row(e, "device_s", e.self_device_time_total) for e in by_device[:TOP_OPERATORS]
-        ],
+        # The engine thread's own time in what was recorded: operators (and, with ``python``,
+        # Python's calls); the rest of ``seconds`` is unrecorded Python, waits for the GIL
+        # and the idle loop.
+        "host_recorded_s": round(sum(row[1] for row in host.values()) / 1e6, 6),
+        "device_s": round(sum(row[1] for row in device.values()) / 1e6, 6),
+        "top_host": top(host, 1, "self_host_s"),
+        # With Python's calls, a function's time with its callees says which step of a pass
+        # takes it (the operators' own time is mostly their launches).
+        "top_host_inclusive": top(host, 2, "host_s"),
+        "top_device": top(device, 1, "device_s"),
     }
