@@ -148,6 +148,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         assert Path(profile["trace"]).is_file()
         assert profile["tokens_per_s_while_profiled"] > 0
     assert "engine profile: " in result.stderr
+    assert "engine profile ({" in result.stdout
     assert "server" in result.stdout
     assert "vs static" in result.stdout
 

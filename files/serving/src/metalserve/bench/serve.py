@@ -958,6 +958,11 @@ def render(report: dict[str, Any]) -> str:
             else []
         ),
         *(
+            [_render_profile(profile)]
+            if server is not None and (profile := server.get("engine_profile"))
+            else []
+        ),
+        *(
             [
                 f"decode step {roof['mean_decode_step_s'] * 1000:.2f} ms against a roofline of "
                 f"{roof['roofline_step_s'] * 1000:.2f} ms ({roof['weight_bytes'] / 1e9:.2f} GB "
@@ -987,6 +992,19 @@ def render(report: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _render_profile(profile: dict[str, Any]) -> str:
+    """The engine profile's headline: its passes, and the engine thread's costliest calls."""
+    ms = 1000 / max(sum(profile["passes"].values()), 1)
+    calls = ", ".join(
+        f"{row['name']} {row['self_host_s'] * ms:.2f}" for row in profile["top_host"][:5]
+    )
+    return (
+        f"engine profile ({profile['passes']}, profiler on), per pass in ms: recorded on the "
+        f"host {profile['host_recorded_s'] * ms:.2f}, device {profile['device_s'] * ms:.2f} "
+        f"of {profile['seconds'] * ms:.2f}; top own host time: {calls}"
+    )
 
 
 def _render_parts(parts: dict[str, dict[str, float | None]]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Python's names of built-ins carry their object's address ("<built-in method acquire of
+# _thread.lock object at 0x7f...>"): one row per method, not per object.
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 # Operators and kernels listed in the summary, by their own time on the host and on the device.
 TOP_OPERATORS = 20
 
@@ -139,7 +143,7 @@ def summarize(events: list[Any], seconds: float, recorded: dict[str, int]) -> di
     for e in events:
         if e.device_type == DeviceType.CPU:
             if e.thread == engine:
-                row = host[e.key]
+                row = host[_ADDRESS.sub("", e.key)]
                 row[0] += 1
                 row[1] += e.self_cpu_time_total
                 row[2] += e.cpu_time_total
