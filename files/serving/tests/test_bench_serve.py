@@ -96,6 +96,9 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     # (request received to first token) is beside theirs: it cannot exceed the clients' view.
     server = report["arms"]["server"]
     assert server["client_processes"] == 3
+    # Each client process's CPU time over the timed run (wall time), one figure per process.
+    assert len(server["client_cpu_busy"]) == 3
+    assert all(0 < busy < 2 for busy in server["client_cpu_busy"]), server["client_cpu_busy"]
     assert 0 < server["server_ttft_mean_s"] <= server["ttft_mean_s"]
     assert 0 <= server["server_queue_time_mean_s"] <= server["server_ttft_mean_s"]
     # ...and its first byte (request in to first body byte out) lies between the two.
@@ -149,6 +152,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         assert profile["tokens_per_s_while_profiled"] > 0
     assert "engine profile: " in result.stderr
     assert "engine profile ({" in result.stdout
+    assert "client processes' CPU busy " in result.stdout
     assert "server" in result.stdout
     assert "vs static" in result.stdout
 

@@ -47,6 +47,9 @@ class Samples:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
+    # Each client process's CPU seconds over the timed part: near its wall time, the clients'
+    # own work (parsing events, sending requests) delays what they measure.
+    cpu_seconds: list[float] = field(default_factory=list)
 
 
 def drive(
@@ -117,6 +120,7 @@ def drive(
         merged.seconds = max(merged.seconds, part.seconds)
         merged.ttft += part.ttft
         merged.latency += part.latency
+        merged.cpu_seconds += part.cpu_seconds
     return merged
 
 
@@ -204,9 +208,10 @@ async def _drive(
             gate.abort()  # the other processes stop waiting for this one
             raise
         await asyncio.to_thread(gate.pass_through)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         samples.seconds = time.perf_counter() - started
+        samples.cpu_seconds = [time.process_time() - cpu]
     return samples
 
 

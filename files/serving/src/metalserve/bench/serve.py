@@ -444,6 +444,9 @@ def _server_arm(
             # clients' mean: first byte minus TTFT is the server's HTTP side, the rest the
             # clients' and the loopback's.
             "ttft_mean_s": round(sum(samples.ttft) / len(samples.ttft), 4),
+            # Each client process's CPU time over the timed run's wall time: near 1, the
+            # clients' own work is in their TTFT (the bench, not the server, is the limit).
+            "client_cpu_busy": [round(c / samples.seconds, 3) for c in samples.cpu_seconds],
             # Below 1: streams' queued tokens were merged into one event (the loop fell behind).
             "text_events_per_token": round(samples.text_events / max(samples.tokens, 1), 4),
             "server_ttft_mean_s": _mean(passes, "ttft"),
@@ -950,6 +953,17 @@ def render(report: dict[str, Any]) -> str:
                 )
             ]
             if (server := report["arms"].get("server"))
+            else []
+        ),
+        *(
+            [
+                f"server TTFT means in ms: clients {server['ttft_mean_s'] * 1000:.1f}, server's "
+                f"first byte {server['server_first_byte_mean_s'] * 1000:.1f}, its TTFT "
+                f"{server['server_ttft_mean_s'] * 1000:.1f} (queued "
+                f"{server['server_queue_time_mean_s'] * 1000:.1f}); client processes' CPU busy "
+                + ", ".join(f"{busy:.2f}" for busy in server["client_cpu_busy"])
+            ]
+            if server is not None and server.get("server_first_byte_mean_s") is not None
             else []
         ),
         *(
