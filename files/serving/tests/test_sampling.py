@@ -75,7 +75,7 @@ def test_logprobs_only_for_the_rows_that_ask() -> None:
         SamplingParams(max_tokens=1, temperature=0.0, logprobs=0),
     ]
     chosen = values.argmax(-1)
-    result = token_logprobs(values, chosen, params)
+    result = token_logprobs(values, chosen, params).read()
     expected = torch.log_softmax(values, dim=-1)
     assert result[1] is None
     first, third = result[0], result[2]
@@ -83,8 +83,24 @@ def test_logprobs_only_for_the_rows_that_ask() -> None:
     assert third is not None
     assert first[0] == pytest.approx(expected[0, chosen[0]].item(), abs=1e-6)
     assert [token for token, _ in first[1]] == expected[0].topk(3).indices.tolist()
+    assert all(type(token) is int for token, _ in first[1])
+    assert [value for _, value in first[1]] == pytest.approx(
+        expected[0].topk(3).values.tolist(), abs=1e-6
+    )
     assert third[1] == ()
-    assert token_logprobs(values, chosen, [params[1]] * 3) == [None] * 3
+    assert token_logprobs(values, chosen, [params[1]] * 3).read() == [None] * 3
+
+
+def test_logprobs_keep_token_ids_beyond_float32s_integers() -> None:
+    """The ids travel to the host beside the values in one float64 tensor: exact up to 2**53
+    (float32 would round 2**24 + 3 to its neighbour)."""
+    values = torch.zeros(1, 2**24 + 4)
+    values[0, 2**24 + 3] = 5.0
+    chosen = values.argmax(-1)
+    params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=1)]
+    result = token_logprobs(values, chosen, params).read()[0]
+    assert result is not None
+    assert result[1][0][0] == 2**24 + 3
 
 
 def _draw_counts(values: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:

@@ -59,28 +59,49 @@ def choose_tokens(
 TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
+class Logprobs:
+    """The log-probabilities a step's rows asked for (``token_logprobs``): computed on the
+    device when launched, brought to the host by ``read`` in one copy. Read after the step's
+    tokens are on the host, the copy waits for nothing else: the step keeps one wait."""
+
+    def __init__(
+        self, rows: int, asked: dict[int, int], packed: torch.Tensor | None = None
+    ) -> None:
+        self._rows, self._asked, self._packed = rows, asked, packed
+
+    def read(self) -> list[TokenLogprob | None]:
+        result: list[TokenLogprob | None] = [None] * self._rows
+        if self._packed is None:
+            return result
+        # Per asking row: its token's log-probability, then the k best values, then their ids.
+        packed: list[list[float]] = self._packed.tolist()
+        k = (len(packed[0]) - 1) // 2
+        for values, (row, wanted) in zip(packed, self._asked.items(), strict=True):
+            best = zip(values[1 + k : 1 + k + wanted], values[1 : 1 + wanted], strict=True)
+            result[row] = (values[0], tuple((int(token), value) for token, value in best))
+        return result
+
+
 def token_logprobs(
     logits: torch.Tensor, chosen: torch.Tensor, params: Sequence[SamplingParams]
-) -> list[TokenLogprob | None]:
+) -> Logprobs:
     """For the rows whose request asked for logprobs: the chosen token's log-probability under
     the model (before temperature and top-p) and the ``logprobs`` most likely tokens. Nothing is
-    computed, and no host sync made, when no row asks."""
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    result: list[TokenLogprob | None] = [None] * len(params)
-    if not rows:
-        return result
+    computed when no row asks; otherwise launched here, without a host sync, and read later."""
+    asked = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
+    if not asked:
+        return Logprobs(len(params), {})
     import torch
 
-    index = torch.tensor(rows, device=logits.device)
+    from metalserve import devices
+
+    index = devices.upload(torch.tensor(list(asked)), logits.device)
     logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
-    picked = logprobs.gather(1, chosen.index_select(0, index)[:, None]).squeeze(1).tolist()
-    k = max(1, *(params[i].logprobs or 0 for i in rows))
-    top = logprobs.topk(k, dim=-1)
-    values, ids = top.values.tolist(), top.indices.tolist()
-    for n, row in enumerate(rows):
-        wanted = params[row].logprobs or 0
-        result[row] = (picked[n], tuple(zip(ids[n][:wanted], values[n][:wanted], strict=True)))
-    return result
+    picked = logprobs.gather(1, chosen.index_select(0, index)[:, None])
+    top = logprobs.topk(max(1, *asked.values()), dim=-1)
+    # One tensor, one copy to the host: float64 holds every token id exactly.
+    packed = torch.cat([picked.double(), top.values.double(), top.indices.double()], dim=1)
+    return Logprobs(len(params), asked, packed)
 
 
 def choose_tokens_tensor(

@@ -141,7 +141,7 @@ class DynamicBatch:
                     last_tokens=torch.cat([old.last_tokens, added.last_tokens]),
                 )
             self.seqs.extend(new)
-            for seq, token, logprob in zip(new, tokens, logprobs, strict=True):
+            for seq, token, logprob in zip(new, tokens, logprobs.read(), strict=True):
                 seq.append(token, self.observer, logprob)
             clock.count(self, "prefill", len(new))
             self.evict_done()
@@ -172,7 +172,7 @@ class DynamicBatch:
             clock.synced()
             state.positions = state.positions + 1
             state.last_tokens = chosen
-            for seq, token, logprob in zip(self.seqs, tokens, logprobs, strict=True):
+            for seq, token, logprob in zip(self.seqs, tokens, logprobs.read(), strict=True):
                 seq.append(token, self.observer, logprob)
             clock.count(self, "decode", len(self.seqs))
             self.evict_done()
@@ -275,7 +275,7 @@ class StaticBatch:
             tokens = self.decoder.to_host(chosen)
             clock.synced()
             self.seqs.extend(new)
-            for seq, token, logprob in zip(new, tokens, logprobs, strict=True):
+            for seq, token, logprob in zip(new, tokens, logprobs.read(), strict=True):
                 seq.append(token, self.observer, logprob)
             clock.count(self, "prefill", len(new))
             self.evict_done()
@@ -304,7 +304,7 @@ class StaticBatch:
             clock.launched()
             tokens = self.decoder.to_host(chosen)
             clock.synced()
-            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            for seq, token, logprob in zip(seqs, tokens, logprobs.read(), strict=True):
                 seq.append(token, self.observer, logprob)
             clock.count(self, "decode", len(seqs))
             self.evict_done()
