@@ -63,6 +63,9 @@ SERVER_READY_TIMEOUT = 600.0
 RELOAD_SEED_OFFSET = 1000  # --reload's second version: the same shape, other weights
 # --profile-passes: the profile ends after this long even when fewer passes ran.
 PROFILE_MAX_SECONDS = 60.0
+# ...and its requests' new tokens: with the timed run's 128, a profile of a few hundred passes
+# (Python's calls recorded: ten times slower) held two prefills (H200, 2026-12-05).
+PROFILE_NEW_TOKENS = 2
 ADMIN_TOKEN = "bench-serve-admin-token-0123456789"  # noqa: S105 - a server of its own on loopback
 
 
@@ -405,7 +408,9 @@ def _server_arm(
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
         processes = min(options.client_processes, options.clients)  # at least one client each
 
-        def drive(warmed_up: Callable[[], object]) -> clients.Samples:
+        def drive(
+            warmed_up: Callable[[], object], new_tokens: int = options.new_tokens
+        ) -> clients.Samples:
             try:
                 return clients.drive(
                     url,
@@ -413,7 +418,7 @@ def _server_arm(
                     token_ids,
                     options.requests_for("server"),
                     options.clients,
-                    options.new_tokens,
+                    new_tokens,
                     processes,
                     warmed_up=warmed_up,
                     sampling={"temperature": options.temperature, "top_p": options.top_p},
@@ -516,10 +521,11 @@ def _server_arm(
 
 
 def _profile_run(
-    url: str, drive: Callable[[Callable[[], object]], clients.Samples], passes: int
+    url: str, drive: Callable[[Callable[[], object], int], clients.Samples], passes: int
 ) -> dict[str, Any]:
-    """With ``passes``: the timed run again, the engine's first ``passes`` forward passes after
-    the clients' warm-up recorded (``/admin/profile``); the profile's summary."""
+    """With ``passes``: the timed run's requests again, PROFILE_NEW_TOKENS tokens each (a
+    prefill in every few passes: what TTFT waits for), the engine's first ``passes`` forward
+    passes after the clients' warm-up recorded (``/admin/profile``); the profile's summary."""
     if not passes:
         return {}
     answer: dict[str, Any] = {}
@@ -538,7 +544,7 @@ def _profile_run(
             answer["status"], answer["body"] = None, str(exc)
 
     recorder = threading.Thread(target=record, name="bench-profile", daemon=True)
-    samples = drive(recorder.start)  # the profile begins with the timed requests
+    samples = drive(recorder.start, PROFILE_NEW_TOKENS)  # the profile begins with them
     recorder.join(PROFILE_MAX_SECONDS + 200)
     if answer.get("status") != 200:
         raise BenchError(f"the engine's profile failed: {answer or 'no answer'}")
@@ -549,7 +555,13 @@ def _profile_run(
         f"(the run's {tokens_per_s:.0f} tokens/s with the profiler on), "
         f"trace {profile['trace']}"
     )
-    return {"engine_profile": {**profile, "tokens_per_s_while_profiled": tokens_per_s}}
+    return {
+        "engine_profile": {
+            **profile,
+            "new_tokens": PROFILE_NEW_TOKENS,
+            "tokens_per_s_while_profiled": tokens_per_s,
+        }
+    }
 
 
 def _time_reload(server: ServerProcess, version_id: str) -> dict[str, Any]:

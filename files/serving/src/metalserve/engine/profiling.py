@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 # Python's names of built-ins carry their object's address ("<built-in method acquire of
 # _thread.lock object at 0x7f...>"): one row per method, not per object.
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+# A Python frame of the engine thread (its loop), in the profiler's names of Python calls.
+ENGINE_LOOP_FRAME = "metalserve/engine/loop.py("
 # Operators and kernels listed in the summary, by their own time on the host and on the device.
 TOP_OPERATORS = 20
 
@@ -133,16 +136,23 @@ def summarize(events: list[Any], seconds: float, recorded: dict[str, int]) -> di
     from torch.autograd import DeviceType
 
     # The engine thread is the one that recorded operators (the profiler records those on the
-    # thread that started it); Python's calls and CUDA's runtime calls are every thread's.
-    threads = Counter(
-        e.thread for e in events if e.device_type == DeviceType.CPU and e.key.startswith("aten::")
+    # thread that started it) and the one running the engine loop's Python; Python's calls and
+    # CUDA's runtime calls are every thread's. (Operators and Python calls may carry different
+    # thread numbers: torch 2.11 on an H200 listed no Python call under the operators' one.)
+    def busiest(marker: Callable[[str], bool]) -> set[int]:
+        counts = Counter(
+            e.thread for e in events if e.device_type == DeviceType.CPU and marker(e.key)
+        )
+        return {counts.most_common(1)[0][0]} if counts else set()
+
+    engine = busiest(lambda key: key.startswith("aten::")) | busiest(
+        lambda key: ENGINE_LOOP_FRAME in key
     )
-    engine = threads.most_common(1)[0][0] if threads else None
     host: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # calls, self, inclusive
     device: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # calls, time
     for e in events:
         if e.device_type == DeviceType.CPU:
-            if e.thread == engine:
+            if e.thread in engine:
                 row = host[_ADDRESS.sub("", e.key)]
                 row[0] += 1
                 row[1] += e.self_cpu_time_total
