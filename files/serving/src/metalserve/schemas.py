@@ -164,7 +164,8 @@ class ProfileRequest(BaseModel):
 
     passes: int = Field(100, ge=1, le=PROFILE_MAX_PASSES)
     max_seconds: float = Field(30.0, gt=0, le=PROFILE_MAX_SECONDS)
-    # Every Python call too: where the host's time between operators goes (slower still).
+    # Every Python call too: where the host's time between operators goes; every thread's
+    # calls are traced, so the whole replica slows by up to hundreds of times meanwhile.
     python: bool = False
 
 

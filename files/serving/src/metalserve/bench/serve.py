@@ -63,8 +63,8 @@ SERVER_READY_TIMEOUT = 600.0
 RELOAD_SEED_OFFSET = 1000  # --reload's second version: the same shape, other weights
 # --profile-passes: the profile ends after this long even when fewer passes ran.
 PROFILE_MAX_SECONDS = 60.0
-# ...and its requests' new tokens: with the timed run's 128, a profile of a few hundred passes
-# (Python's calls recorded: ten times slower) held two prefills (H200, 2026-12-05).
+# ...and its requests' new tokens: with the timed run's 128, a profile of 200 passes held two
+# prefills (H200, 2026-12-05; with Python's calls traced a pass took 29 ms to 4 s, not 1-20).
 PROFILE_NEW_TOKENS = 2
 ADMIN_TOKEN = "bench-serve-admin-token-0123456789"  # noqa: S105 - a server of its own on loopback
 
