@@ -4,9 +4,11 @@ invariance under continuous batching, seeded sampling, cancelled rows leaving.""
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 
 from engine_helpers import GREEDY, PROMPTS, alone, submit
-from metalserve.engine import Engine, Failed, Finished
+from metalserve.engine import DynamicBatch, Engine, Failed, Finished, Sequence
 from metalserve.loader import LoadedModel
 from metalserve.sampling import SamplingParams
 
@@ -60,3 +62,44 @@ def test_cancelled_sequence_is_dropped(v1: LoadedModel) -> None:
         assert isinstance(short.wait(), Finished)
     finally:
         eng.stop()
+
+
+class _Passes:
+    """An engine observer that keeps each forward pass's parts."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, float]] = []
+
+    def forward_pass(self, phase: str, size: int, seconds: float, parts: dict[str, float]) -> None:
+        self.parts.append(parts)
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
+
+
+def test_host_cpu_leaves_out_the_gil_held_by_another_thread(v1: LoadedModel) -> None:
+    """A pass's ``host_cpu`` is the engine thread's own CPU time: while another thread runs
+    Python (as the HTTP event loop does in a wave of requests), each torch operator's release
+    of the GIL costs the engine thread a wait off the CPU, in ``host`` but not ``host_cpu``."""
+    observer = _Passes()
+    batch = DynamicBatch(v1, observer)  # type: ignore[arg-type]
+    prompt = v1.encode(PROMPTS[2], add_special_tokens=True)
+    seq = Sequence(v1, prompt, GREEDY, sink=lambda event: None)
+    stop = threading.Event()
+
+    def spin() -> None:  # pure Python: it lets go of the GIL only when asked to
+        while not stop.is_set():
+            pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)  # each wait for the GIL at most ~1 ms (Python's default: 5)
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        batch.add([seq])
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(interval)
+    (parts,) = observer.parts
+    assert 0 < parts["host_cpu"] < 0.5 * parts["host"], parts

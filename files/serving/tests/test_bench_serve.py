@@ -87,7 +87,9 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     for arm in ("server", "server-fp8"):
         parts = report["arms"][arm]["pass_parts_mean_s"]
         assert set(parts) == {"prefill", "decode"}
-        assert all(set(p) == {"host", "wait", "emit"} for p in parts.values()), parts
+        assert all(set(p) == {"host", "host_cpu", "wait", "emit"} for p in parts.values()), parts
+        # The engine thread's CPU time within the host part cannot exceed it.
+        assert all(0 < p["host_cpu"] <= p["host"] + 1e-6 for p in parts.values()), parts
         decode = parts["decode"]
         step = report["arms"][arm]["mean_decode_step_s"]
         assert decode["host"] + decode["wait"] == pytest.approx(step, abs=2e-6), (parts, step)

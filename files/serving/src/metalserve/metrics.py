@@ -83,10 +83,11 @@ class Metrics:
         )
         self.forward_pass_parts = Histogram(
             "metalserve_forward_pass_part_seconds",
-            "Where a forward pass's time goes: host (start to its last launch), wait (for its "
-            "tokens on the host after that), device (CUDA: the device's time for the forward, "
-            "a prefill's prefix-cache copies included), emit (its tokens to the sequences' text "
-            "and events)",
+            "Where a forward pass's time goes: host (start to its last launch), host_cpu (the "
+            "engine thread's CPU time in host: the rest it waited for the GIL or a core), wait "
+            "(for its tokens on the host after that), device (CUDA: the device's time for the "
+            "forward, a prefill's prefix-cache copies included), emit (its tokens to the "
+            "sequences' text and events)",
             ["phase", "part"],
             buckets=_STEP_BUCKETS,
             registry=r,

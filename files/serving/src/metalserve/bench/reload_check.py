@@ -688,7 +688,7 @@ def _check(settings: ReloadCheckSettings, checker: Checker, out_dir: Path) -> in
                 line for line in metrics.splitlines() if line.startswith("metalserve_reloads_total")
             ]
             timed = _timed_pass_parts(metrics)
-            wanted = {"host", "wait", "emit"} | ({"device"} if cuda else set())
+            wanted = {"host", "host_cpu", "wait", "emit"} | ({"device"} if cuda else set())
             check(
                 f"metrics: prefill and decode passes timed in parts {sorted(wanted)}",
                 timed == {"prefill": wanted, "decode": wanted},

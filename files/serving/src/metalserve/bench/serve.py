@@ -504,7 +504,8 @@ def _server_arm(
                 if passes.get("prefix_queried_tokens")
                 else None
             ),
-            # Where a pass's time went: "host" (to its last launch), "wait" (for its tokens),
+            # Where a pass's time went: "host" (to its last launch; "host_cpu" of it on the
+            # engine thread's CPU, the rest waiting for the GIL), "wait" (for its tokens),
             # "device" (CUDA: the forward on the device), "emit" (tokens to text and events).
             "pass_parts_mean_s": _pass_parts(passes),
             "mean_prefill_step_s": (
@@ -772,7 +773,7 @@ def _mean(deltas: dict[str, float], name: str, digits: int = 4) -> float | None:
 
 def _pass_parts(deltas: dict[str, float]) -> dict[str, dict[str, float | None]]:
     """The mean of each part of a forward pass over the timed run, by phase (the server's
-    ``metalserve_forward_pass_part_seconds``: host, wait, device where CUDA, emit)."""
+    ``metalserve_forward_pass_part_seconds``: host, host_cpu, wait, device where CUDA, emit)."""
     parts: dict[str, dict[str, float | None]] = {}
     for key in sorted(deltas):
         if key.startswith("part_") and key.endswith("_count"):
@@ -1035,7 +1036,7 @@ def _render_profile(profile: dict[str, Any]) -> str:
 
 def _render_parts(parts: dict[str, dict[str, float | None]]) -> str:
     """``prefill host 3.10 / wait 0.50 / ...; decode ...``, in milliseconds."""
-    order = ("host", "wait", "device", "emit")
+    order = ("host", "host_cpu", "wait", "device", "emit")
     return "; ".join(
         f"{phase} "
         + " / ".join(

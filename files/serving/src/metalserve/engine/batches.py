@@ -335,7 +335,9 @@ class StaticBatch:
 
 class _PassClock:
     """Where one forward pass's time goes (``metalserve_forward_pass_part_seconds``): "host",
-    from its start to its last launch (Python, launches and any wait among them); "wait", for
+    from its start to its last launch (Python, launches and any wait among them); "host_cpu",
+    the engine thread's CPU time in that part (the rest of "host" it was off the CPU: waiting
+    for the GIL while the HTTP event loop ran Python, or for a core); "wait", for
     its tokens on the host after that; "device" (CUDA), the device's time for the forward itself
     (events around it: a graph's run, or an eager forward's kernels and the gaps between their
     launches); "emit", from the tokens on the host until the sequences have them as text and
@@ -358,6 +360,7 @@ class _PassClock:
     def start(self, *, on_device: bool = True) -> _PassClock:
         """A new pass; ``on_device``: time its forward on the device too (where CUDA)."""
         self._started = self._launched = self._synced = time.perf_counter()
+        self._cpu_started = self._cpu_launched = time.thread_time()
         self._timing = self._events if on_device else None
         return self
 
@@ -371,6 +374,7 @@ class _PassClock:
 
     def launched(self) -> None:
         self._launched = time.perf_counter()
+        self._cpu_launched = time.thread_time()
 
     def synced(self) -> None:
         self._synced = time.perf_counter()
@@ -382,6 +386,7 @@ class _PassClock:
             return
         parts = {
             "host": self._launched - self._started,
+            "host_cpu": self._cpu_launched - self._cpu_started,
             "wait": self._synced - self._launched,
             "emit": time.perf_counter() - self._synced,
         }
