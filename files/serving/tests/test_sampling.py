@@ -57,6 +57,20 @@ def test_tiny_temperature_is_greedy() -> None:
     assert choose_tokens(values, params, generators) == values.argmax(-1).tolist()
 
 
+def test_greedy_rows_need_no_generator_and_sampled_rows_do() -> None:
+    """A greedy sequence gets no generator (``Sequence.start``): its row is the argmax with
+    ``None`` in its place; a sampled row without one is refused, not drawn from a shared RNG."""
+    values = logits()
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    sampled = SamplingParams(max_tokens=1, temperature=1.0)
+    assert choose_tokens(values, [greedy] * 3, [None] * 3) == values.argmax(-1).tolist()
+    mixed = [greedy, sampled, greedy]
+    tokens = choose_tokens(values, mixed, [None, make_generator(CPU, 5), None])
+    assert tokens[0::2] == values[0::2].argmax(-1).tolist()
+    with pytest.raises(ValueError, match="generator"):
+        choose_tokens(values, mixed, [None, None, None])
+
+
 def test_non_finite_logits_fall_back_to_greedy() -> None:
     values = logits()
     values[1, 7] = float("inf")

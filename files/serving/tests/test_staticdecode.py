@@ -249,6 +249,13 @@ def test_prefix_cache_prefills_only_what_follows_a_cached_prefix(v1: LoadedModel
     for cache in (*decoder.keys, *decoder.values):
         assert cache[0].isnan().all(), "slot 0 was written"
     _decode_like_transformers(v1, decoder, group, logits, steps=4)
+    # The blocks after the cached prefix, written to the pool by that prefill, serve too.
+    longest = max(group[:2], key=len)
+    assert (len(longest) - 1) // 16 > system // 16, "the question must fill a block of its own"
+    logits, reused = decoder.prefill_prompts([longest], 4)
+    assert reused == (len(longest) - 1) // 16 * 16
+    reference = v1.model(input_ids=torch.tensor([longest])).logits[0, -1]
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
 
 
 @torch.inference_mode()
@@ -282,11 +289,11 @@ def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
     reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
 
-    def failing(copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:
-        if into_pool:
-            raise RuntimeError("device error")
+    def failing(*args: object) -> None:
+        raise RuntimeError("device error")
 
-    monkeypatch.setattr(decoder, "_copy_blocks", failing)
+    # The forward that would write the claimed blocks fails: none of them is named.
+    monkeypatch.setattr(decoder, "_store_blocks", failing)
     other = v1.encode(PROMPTS[2] + " " + PROMPTS[5], add_special_tokens=True)
     assert len(other) >= 16
     with pytest.raises(RuntimeError, match="device error"):

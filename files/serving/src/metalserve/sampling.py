@@ -48,7 +48,7 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
 def choose_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    generators: Sequence[torch.Generator | None],
 ) -> list[int]:
     """Pick the next token of every row of ``logits`` ([batch, vocab]); one host sync."""
     tokens: list[int] = choose_tokens_tensor(logits, params, generators).tolist()
@@ -107,7 +107,7 @@ def token_logprobs(
 def choose_tokens_tensor(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
     """The next token of every row of ``logits`` ([batch, vocab]), as a tensor on its device.
 
@@ -117,7 +117,7 @@ def choose_tokens_tensor(
     probability ``p_k``), each row's samples from its own generator, so that a row's draws
     depend on its seed only, never on its batch mates. No host sync: ``torch.multinomial``
     would wait for the device twice a row (its checks read values back), and the warpers per
-    row launched a dozen kernels each.
+    row launched a dozen kernels each. A greedy row needs no generator (``None``).
     """
     import torch
 
@@ -127,6 +127,9 @@ def choose_tokens_tensor(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return chosen
+    drawing = [generators[i] for i in rows]
+    if any(g is None for g in drawing):
+        raise ValueError("a sampled row needs its generator")
     device = logits.device
     index = devices.upload(torch.tensor(rows), device)
     temperature = devices.upload(torch.tensor([params[i].temperature for i in rows]), device)
@@ -141,8 +144,8 @@ def choose_tokens_tensor(
         scores = scores.masked_fill(dropped.scatter(1, order, dropped), -torch.inf)
     probs = torch.softmax(scores, dim=-1)
     race = torch.empty_like(probs)
-    for n, row in enumerate(rows):
-        race[n].exponential_(generator=generators[row])
+    for n, generator in enumerate(drawing):
+        race[n].exponential_(generator=generator)
     drawn = (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(dim=-1)
     # NaN/inf logits (e.g. a float16 overflow) must not fail the whole batch's step: such a
     # row falls back to its greedy token (torch.where: no host sync).

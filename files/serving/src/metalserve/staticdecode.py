@@ -196,10 +196,10 @@ class _After(NamedTuple):
 def _right_padded(prompts: list[list[int]]) -> torch.Tensor:
     """``prompts`` as one [n, longest] tensor, right-padded (with zeros: causal attention keeps
     every real token from reading the padding)."""
-    ids = torch.zeros((len(prompts), max(len(p) for p in prompts)), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    return ids
+    longest = max(map(len, prompts))
+    # One tensor from one list: a copy per row would be a torch call per row, each letting go
+    # of the GIL that the HTTP event loop then holds (a prefill runs beside a wave of requests).
+    return torch.tensor([p + [0] * (longest - len(p)) for p in prompts], dtype=torch.long)
 
 
 @functools.cache
@@ -622,7 +622,9 @@ class StaticDecoder:
             self.tp.world if self.tp is not None else 1
         )
         blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS
-        pool_bytes = cache_bytes(config, blocks, prefixcache.BLOCK_TOKENS, dtype) // (
+        # One more pool block than the index names: the scratch block, where a prefill's blocks
+        # that are not to be kept go (a graph writes every block of its rows, kept or not).
+        pool_bytes = cache_bytes(config, blocks + 1, prefixcache.BLOCK_TOKENS, dtype) // (
             self.tp.world if self.tp is not None else 1
         )
         short: StaticDecodeUnavailable | None = None
@@ -643,6 +645,7 @@ class StaticDecoder:
         self.cache_bytes = needed
         self.prefix = prefixcache.PrefixIndex(blocks) if blocks else None
         self.prefix_cache_bytes = pool_bytes
+        self.scratch_block = blocks
         # One tensor per layer, not one for all: a compiled layer step then sees the same
         # tensor layout (no storage offset) in every layer, and compiles once.
         shape = (slots + 1, self.kv_heads, cached_positions, self.head_dim)
@@ -650,8 +653,13 @@ class StaticDecoder:
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
             # The prefix cache's pool: per layer [block, position in block, kv_heads, head_dim]
-            # (the order in which ``_copy_blocks`` indexes a slot's block).
-            pool = (blocks, prefixcache.BLOCK_TOKENS, self.kv_heads, self.head_dim)
+            # (the order in which ``_copy_blocks`` indexes a slot's block), the scratch last.
+            pool = (
+                blocks + 1 if blocks else 0,
+                prefixcache.BLOCK_TOKENS,
+                self.kv_heads,
+                self.head_dim,
+            )
             self.pool_keys = [torch.zeros(pool, dtype=dtype, device=device) for _ in self.layers]
             self.pool_values = [torch.zeros(pool, dtype=dtype, device=device) for _ in self.layers]
             self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
@@ -674,8 +682,15 @@ class StaticDecoder:
             rows = max((r for r, _ in self.prefill_shapes), default=0)
             longest = max((n for _, n in self.prefill_shapes), default=0)
             self._prefill_ids = torch.zeros((rows, longest), dtype=torch.long, device=device)
-            self._prefill_slots = torch.full((rows,), slots, dtype=torch.long, device=device)
-            self._prefill_last = torch.zeros(rows, dtype=torch.long, device=device)
+            # And the rest, one upload for all: each row's slot (the spare slot for padding
+            # rows), its last prompt index and, with a prefix cache, the pool block each of its
+            # whole blocks goes to (``_store_blocks``; the scratch block for those not kept).
+            kept_blocks = longest // prefixcache.BLOCK_TOKENS if self.prefix is not None else 0
+            self._prefill_table = torch.zeros(
+                (2 + kept_blocks, rows), dtype=torch.long, device=device
+            )
+            self._prefill_table[0] = slots
+            self._prefill_table[2:] = self.scratch_block
         self._host = torch.empty(
             slots, dtype=torch.long, pin_memory=device.type == "cuda" and torch.cuda.is_available()
         )
@@ -723,14 +738,16 @@ class StaticDecoder:
         if self.tp is None or self.tp.rank == 0:
             raise RuntimeError("only a tensor-parallel rank other than 0 follows")
         steps = {
-            tensor_parallel.PREFILL: lambda n, t: self.prefill(t[0].cpu(), t[1].cpu(), n[0]),
+            tensor_parallel.PREFILL: lambda n, t: self.prefill(
+                t[0].cpu(), t[1].cpu(), n[0], t[2].cpu() if len(t) > 2 else None
+            ),
             tensor_parallel.ADMIT: lambda n, t: self.admit(n[0], t[0], t[1]),
             tensor_parallel.DECODE: lambda n, t: self.decode(n[0], n[1]),
             tensor_parallel.ADVANCE: lambda n, t: self.advance(n[0], t[0]),
             tensor_parallel.MOVE: lambda n, t: self.move(t[0].tolist(), t[1].tolist(), n[0]),
-            tensor_parallel.PREFIX_COPY: lambda n, t: self._copy_where(t[0], into_pool=bool(n[0])),
+            tensor_parallel.PREFIX_COPY: lambda n, t: self._copy_where(t[0]),
             tensor_parallel.PREFILL_AFTER: lambda n, t: self._prefill_after_tensors(
-                t[0], t[1], t[2], n[0], n[1]
+                t[0], t[1], t[2], n[0], n[1], t[3].cpu()
             ),
         }
         with torch.inference_mode():
@@ -876,11 +893,7 @@ class StaticDecoder:
         found = self._prefill_graphs.get(key)
         if found is None:
             found = self._prefill_graphs[key] = self._capture(
-                lambda: self._prefill(
-                    self._prefill_ids[:rows, :length],
-                    self._prefill_slots[:rows],
-                    self._prefill_last[:rows],
-                )
+                lambda: self._prefill(*self._prefill_inputs(rows, length))
             )
         return found
 
@@ -991,21 +1004,24 @@ class StaticDecoder:
                 (first_slot + row, number, block)
                 for row, blocks in enumerate(found)
                 for number, block in enumerate(blocks)
-            ],
-            into_pool=False,
+            ]
         )
-        if any(starts):
-            logits = self._prefill_after(prompts, starts, first_slot)
-        else:
-            logits = self.prefill(_right_padded(prompts), lengths, first_slot)
+        # The blocks not cached yet are claimed now and written by the forward itself, each
+        # row's block after its cached ones: [rows, blocks after the start] (-1: not kept).
         claimed: set[int] = set()
-        stores = [
-            (first_slot + row, number, block)
-            for row, row_names in enumerate(names)
-            for number, block in self.prefix.claim(row_names, claimed)
-        ]
+        width = max(
+            1, max(len(p) - start for p, start in zip(prompts, starts, strict=True)) // size
+        )
+        kept = [[-1] * width for _ in prompts]
+        for row, row_names in enumerate(names):
+            for number, block in self.prefix.claim(row_names, claimed):
+                kept[row][number - starts[row] // size] = block
+        stored = torch.tensor(kept, dtype=torch.long)
         try:
-            self._copy_blocks(stores, into_pool=True)
+            if any(starts):
+                logits = self._prefill_after(prompts, starts, first_slot, stored)
+            else:
+                logits = self.prefill(_right_padded(prompts), lengths, first_slot, stored)
         except BaseException:
             self.prefix.forget(claimed)  # named, but not (wholly) written
             raise
@@ -1021,16 +1037,16 @@ class StaticDecoder:
         extra = (shape[0] * shape[1] - after_tokens) * self.prefill_flop_per_token
         return extra / PREFILL_GRAPH_FLOPS < EAGER_PREFILL_LAYER_SECONDS * len(self.layer_weights)
 
-    def _copy_blocks(self, copies: list[tuple[int, int, int]], *, into_pool: bool) -> None:
-        """Copy (slot, block number, pool block) triples between slots and the prefix pool:
-        two indexed copies per layer for all of them."""
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy cached blocks into slots, as (slot, block number, pool block) triples: one
+        indexed copy per layer and tensor for all of them."""
         if not copies:
             return
         where = torch.tensor(copies, dtype=torch.long)
-        self._announce(tensor_parallel.PREFIX_COPY, [int(into_pool)], [where])
-        self._copy_where(self._upload(where), into_pool=into_pool)
+        self._announce(tensor_parallel.PREFIX_COPY, [], [where])
+        self._copy_where(self._upload(where))
 
-    def _copy_where(self, where: torch.Tensor, *, into_pool: bool) -> None:
+    def _copy_where(self, where: torch.Tensor) -> None:
         """``_copy_blocks`` of ``where`` ([copies, 3] on the device)."""
         size = prefixcache.BLOCK_TOKENS
         slots = where[:, 0, None]  # [copies, 1]
@@ -1038,23 +1054,43 @@ class StaticDecoder:
         blocks = where[:, 2]
         caches = zip((*self.keys, *self.values), (*self.pool_keys, *self.pool_values), strict=True)
         for cache, pool in caches:
-            # cache[slots, :, positions]: [copies, size, kv_heads, head_dim], as a pool block.
-            if into_pool:
-                pool[blocks] = cache[slots, :, positions]
-            else:
-                cache[slots, :, positions] = pool[blocks]
+            # cache[slots, :, positions]: [copies, size, kv_heads, head_dim], a pool block each.
+            cache[slots, :, positions] = pool[blocks]
+
+    def _store_rows(self, stored: torch.Tensor | None, rows: int, blocks: int) -> list[list[int]]:
+        """The pool block of each of ``rows`` rows' first ``blocks`` blocks, [blocks][rows]:
+        ``stored``'s ([prompts, width] on the host, -1: not kept), the scratch block elsewhere
+        (padding rows, blocks not kept, none asked)."""
+        table = [[self.scratch_block] * rows for _ in range(blocks)]
+        for row, row_blocks in enumerate([] if stored is None else stored.tolist()):
+            for number, block in enumerate(row_blocks[:blocks]):
+                if block >= 0:
+                    table[number][row] = block
+        return table
+
+    def _store_blocks(
+        self, index: int, keys: torch.Tensor, values: torch.Tensor, stores: torch.Tensor
+    ) -> None:
+        """Layer ``index``'s new ``keys`` and ``values`` ([rows, kv_heads, tokens, head_dim]) into
+        the prefix pool, whole blocks: row ``r``'s block ``b`` into pool block ``stores[b, r]``."""
+        blocks, rows = stores.shape
+        where = stores.transpose(0, 1).reshape(-1)  # row by row, as the blocks below
+        for new, pool in ((keys, self.pool_keys[index]), (values, self.pool_values[index])):
+            whole = new[:, :, : blocks * prefixcache.BLOCK_TOKENS].transpose(1, 2)
+            pool.index_copy_(0, where, whole.reshape(rows * blocks, *pool.shape[1:]))
 
     def _prefill_after(
-        self, prompts: list[list[int]], starts: list[int], first_slot: int
+        self, prompts: list[list[int]], starts: list[int], first_slot: int, stored: torch.Tensor
     ) -> torch.Tensor:
-        """Prefill what follows each prompt's first ``starts`` tokens (already in its slot)."""
+        """Prefill what follows each prompt's first ``starts`` tokens (already in its slot);
+        ``stored``: the pool blocks its whole blocks after them go to (``prefill_prompts``)."""
         rests = [p[start:] for p, start in zip(prompts, starts, strict=True)]
         span = max(len(p) for p in prompts)
         if span > self.max_length:
             raise ValueError(f"a prompt of {span} tokens exceeds the cache ({self.max_length})")
         last = torch.tensor([len(r) - 1 for r in rests])
         return self._prefill_after_tensors(
-            _right_padded(rests), torch.tensor(starts), last, first_slot, span
+            _right_padded(rests), torch.tensor(starts), last, first_slot, span, stored
         )
 
     def _prefill_after_tensors(
@@ -1064,17 +1100,36 @@ class StaticDecoder:
         last: torch.Tensor,
         first_slot: int,
         span: int,
+        stored: torch.Tensor,
     ) -> torch.Tensor:
         """``_prefill_after`` of right-padded ``ids`` after ``starts``, logits at ``last``."""
-        self._announce(tensor_parallel.PREFILL_AFTER, [first_slot, span], [ids, starts, last])
+        self._announce(
+            tensor_parallel.PREFILL_AFTER, [first_slot, span], [ids, starts, last, stored]
+        )
         count, device = ids.shape[0], self.device
         slots = torch.arange(first_slot, first_slot + count, device=device)
         after = _After(self._upload(starts), span, slice(first_slot, first_slot + count))
-        return self._prefill(self._upload(ids), slots, self._upload(last), after)
+        stores = self._stores(stored, count, ids.shape[1])
+        return self._prefill(self._upload(ids), slots, self._upload(last), after, stores)
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, first_slot: int) -> torch.Tensor:
+    def _stores(self, stored: torch.Tensor | None, rows: int, tokens: int) -> torch.Tensor | None:
+        """An eager prefill's ``stores`` (``_store_blocks``) on the device, or None."""
+        blocks = tokens // prefixcache.BLOCK_TOKENS
+        if self.prefix is None or not blocks:
+            return None
+        return self._upload(torch.tensor(self._store_rows(stored, rows, blocks), dtype=torch.long))
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        first_slot: int,
+        stored: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run right-padded prompts ``ids`` ([n, longest], on the host) into slots
-        ``first_slot..first_slot+n-1``; return the logits after each prompt's last token.
+        ``first_slot..first_slot+n-1``; return the logits after each prompt's last token. With
+        a prefix cache, their whole blocks go to the pool blocks ``stored`` names ([n, width]
+        on the host, -1: not kept).
 
         Bucketed (the default with CUDA graphs): the group is padded to the smallest (rows,
         length) bucket that holds it, its padding rows written to the spare slot, and (with
@@ -1085,32 +1140,51 @@ class StaticDecoder:
             raise ValueError(f"{first_slot + count} sequences do not fit {self.slots} slots")
         if longest > self.max_length:
             raise ValueError(f"a prompt of {longest} tokens exceeds the cache ({self.max_length})")
-        self._announce(tensor_parallel.PREFILL, [first_slot], [ids, lengths])
+        self._announce(
+            tensor_parallel.PREFILL,
+            [first_slot],
+            [ids, lengths, *([stored] if stored is not None else [])],
+        )
         shape = self._prefill_bucket(count, longest)
         if shape is None:
             slots = torch.arange(first_slot, first_slot + count, device=self.device)
-            return self._prefill(self._upload(ids), slots, self._upload(lengths - 1))
+            stores = self._stores(stored, count, longest)
+            return self._prefill(self._upload(ids), slots, self._upload(lengths - 1), None, stores)
         rows, length = shape
-        slots = torch.full((rows,), self.spare_slot, dtype=torch.long)
-        slots[:count] = torch.arange(first_slot, first_slot + count)
-        last = torch.zeros(rows, dtype=torch.long)
-        last[:count] = lengths - 1
+        # Few torch calls, each of which lets the HTTP event loop take the GIL: the rows' table
+        # as one tensor from lists, and one upload each for it and the tokens.
+        table = [
+            [*range(first_slot, first_slot + count), *[self.spare_slot] * (rows - count)],
+            [*(lengths - 1).tolist(), *[0] * (rows - count)],
+        ]
+        if self.prefix is not None:
+            table += self._store_rows(stored, rows, length // prefixcache.BLOCK_TOKENS)
         # Tokens beyond a row's prompt are whatever the buffer held: right padding that no real
         # token attends to (causal), written to cache positions that decode steps overwrite
         # before any row reads them.
         self._upload(ids, into=self._prefill_ids[:count, :longest])
-        self._upload(slots, into=self._prefill_slots[:rows])
-        self._upload(last, into=self._prefill_last[:rows])
+        self._upload(
+            torch.tensor(table, dtype=torch.long), into=self._prefill_table[: len(table), :rows]
+        )
         if self.cuda_graphs:
             graph, logits = self._prefill_graph(rows, length)
             graph.replay()
         else:
-            logits = self._prefill(
-                self._prefill_ids[:rows, :length],
-                self._prefill_slots[:rows],
-                self._prefill_last[:rows],
-            )
+            logits = self._prefill(*self._prefill_inputs(rows, length))
         return logits[:count]
+
+    def _prefill_inputs(
+        self, rows: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, torch.Tensor | None]:
+        """A bucket's ``_prefill`` arguments, views of the bucketed prefill's buffers."""
+        blocks = length // prefixcache.BLOCK_TOKENS if self.prefix is not None else 0
+        return (
+            self._prefill_ids[:rows, :length],
+            self._prefill_table[0, :rows],
+            self._prefill_table[1, :rows],
+            None,
+            self._prefill_table[2 : 2 + blocks, :rows] if blocks else None,
+        )
 
     def _prefill_bucket(self, count: int, longest: int) -> tuple[int, int] | None:
         """The smallest prefill bucket that holds ``count`` prompts of ``longest`` tokens."""
@@ -1123,11 +1197,13 @@ class StaticDecoder:
         slots: torch.Tensor,
         last: torch.Tensor,
         after: _After | None = None,
+        stores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The prefill forward as plain tensor operations (what a prefill graph captures): token
         ``ids`` [n, length] into cache slots ``slots`` [n]; logits at index ``last`` [n] of each
         row. ``after`` (its ``slots`` then contiguous): each row's tokens follow positions it
-        already holds (``_After``)."""
+        already holds (``_After``). ``stores`` ([blocks, n]): each layer's keys and values of
+        the rows' whole blocks also go to the prefix pool (``_store_blocks``)."""
         from torch.nn.attention import sdpa_kernel
 
         count, longest = ids.shape
@@ -1163,6 +1239,8 @@ class StaticDecoder:
                 )  # [n, heads + 2 kv_heads, longest, head_dim]
                 qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
                 q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+                if stores is not None:
+                    self._store_blocks(index, k, v, stores)
                 if mask is None:
                     self.keys[index][slots, :, :longest] = k
                     self.values[index][slots, :, :longest] = v

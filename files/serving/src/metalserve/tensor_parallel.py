@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 # A step's header: its operation, numbers and tensor shapes (int64s, broadcast first).
 HEADER_LENGTH = 16
 # The steps rank 0 announces (StaticDecoder's methods of the same names; PREFIX_COPY and
-# PREFILL_AFTER: the prefix cache's copies and a prefill after cached prefixes), the end, and
-# the end of a version's steps before the next (a hot reload).
+# PREFILL_AFTER: the prefix cache's copies into slots and a prefill after cached prefixes), the
+# end, and the end of a version's steps before the next (a hot reload).
 STOP, PREFILL, ADMIT, DECODE, ADVANCE, MOVE, RELOAD, PREFIX_COPY, PREFILL_AFTER = range(9)
 
 

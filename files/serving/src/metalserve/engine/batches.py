@@ -112,7 +112,7 @@ class DynamicBatch:
             logits = self._forward(ids, mask, positions, cache)
             clock.forward_ends()
             params = [s.params for s in new]
-            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in new])
+            chosen = choose_tokens_tensor(logits, params, [s.generator for s in new])
             logprobs = token_logprobs(logits, chosen, params)
             clock.launched()
             tokens: list[int] = chosen.tolist()
@@ -165,7 +165,7 @@ class DynamicBatch:
             )
             clock.forward_ends()
             params = [s.params for s in self.seqs]
-            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in self.seqs])
+            chosen = choose_tokens_tensor(logits, params, [s.generator for s in self.seqs])
             logprobs = token_logprobs(logits, chosen, params)
             clock.launched()
             tokens: list[int] = chosen.tolist()
@@ -268,7 +268,7 @@ class StaticBatch:
                 self.observer.prefix_cache(sum(len(p) for p in prompts), reused)
             lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
             params = [s.params for s in new]
-            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in new])
+            chosen = choose_tokens_tensor(logits, params, [s.generator for s in new])
             logprobs = token_logprobs(logits, chosen, params)
             self.decoder.admit(first, chosen, lengths)
             clock.launched()
@@ -298,7 +298,7 @@ class StaticBatch:
             logits = self.decoder.decode(len(seqs), last)
             clock.forward_ends()
             params = [s.params for s in seqs]
-            chosen = choose_tokens_tensor(logits, params, [_generator(s) for s in seqs])
+            chosen = choose_tokens_tensor(logits, params, [s.generator for s in seqs])
             logprobs = token_logprobs(logits, chosen, params)
             self.decoder.advance(len(seqs), chosen)
             clock.launched()
@@ -404,11 +404,6 @@ def _attention_backends() -> list[SDPBackend]:
     from torch.nn.attention import SDPBackend
 
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _generator(seq: Sequence) -> torch.Generator:
-    assert seq.generator is not None
-    return seq.generator
 
 
 def generate_once(

@@ -82,7 +82,10 @@ class Sequence:
 
     def start(self) -> None:
         """Engine side: prepare per-sequence decoding state on admission."""
-        self.generator = make_generator(self.bundle.device, self.params.seed)
+        # Greedy rows draw nothing: no generator (on CUDA each costs the engine thread calls
+        # that let go of the GIL, in the prefill of a wave of requests).
+        if not self.params.greedy:
+            self.generator = make_generator(self.bundle.device, self.params.seed)
         self._detok = IncrementalDetokenizer(self.bundle.tokenizer.backend_tokenizer)
         self._stops = StopMatcher(self.params.stop)
 
