@@ -977,9 +977,10 @@ class StaticDecoder:
         With a prefix cache, each prompt's longest cached run of whole blocks (all but its last
         token at most) is copied into its slot, and only the rest runs through the model
         (``_prefill`` after ``starts``: eagerly, not as a graph), unless the group's prefill
-        graph would be sooner (``_graph_beats_prefix``); afterwards the prompts' blocks that were
-        not cached yet are. Reused keys and values were computed in another prefill, whose shape
-        may round them differently in the last bits (as any batch change does)."""
+        graph would be sooner (``_graph_beats_prefix``); the forward writes the prompts' blocks
+        that were not cached yet into the pool (claimed before it). Reused keys and values were
+        computed in another prefill, whose shape may round them differently in the last bits (as
+        any batch change does)."""
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.prefix is None:
             return self.prefill(_right_padded(prompts), lengths, first_slot), 0
