@@ -277,7 +277,7 @@ def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A group whose attention mask would pass MAX_MASK_BYTES prefills its whole prompts (the
-    same logits, nothing reused); blocks whose copy into the pool failed are not named."""
+    same logits, nothing reused); blocks whose prefill failed to write them are not named."""
     decoder = _decoder(v1, slots=2, prefix_cache_tokens=256)
     assert decoder.prefix is not None
     prompt = v1.encode(SYSTEM, add_special_tokens=True)
@@ -299,6 +299,32 @@ def test_prefix_cache_falls_back_to_whole_prompts_and_forgets_unwritten_blocks(
     with pytest.raises(RuntimeError, match="device error"):
         decoder.prefill_prompts([other], 0)
     assert len(decoder.prefix) == cached
+
+
+@torch.inference_mode()
+def test_prefix_cache_under_pressure_keeps_only_blocks_their_prefill_wrote(
+    v1: LoadedModel,
+) -> None:
+    """A pool too small for a group: one row's claims evict blocks that a later row of the same
+    group matched (and copied into its slot). That later row claims only its blocks after its
+    start, which its forward writes: every block named afterwards holds what its name says
+    (before the fix a row claimed its evicted prefix again, and its forward wrote another
+    block's keys there, or the claim failed outside the forget; found in review)."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = v1.model.config.vocab_size
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(5, vocab, (count,), generator=generator).tolist()
+
+    decoder = _decoder(v1, slots=4, prefix_cache_tokens=80)  # 5 blocks
+    a, d, b, c = tokens(49), tokens(17), tokens(33), tokens(33)
+    decoder.prefill_prompts([a], 0)
+    decoder.prefill_prompts([d], 0)
+    decoder.prefill_prompts([b, c, a[:48] + tokens(3), d[:16] + tokens(3)], 0)
+    for prompt in (b + tokens(4), a[:32] + tokens(5), c + tokens(2), d[:16] + tokens(1)):
+        logits, _ = decoder.prefill_prompts([prompt], 0)
+        reference = v1.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
 
 
 @torch.inference_mode()

@@ -1007,18 +1007,20 @@ class StaticDecoder:
                 for number, block in enumerate(blocks)
             ]
         )
-        # The blocks not cached yet are claimed now and written by the forward itself, each
-        # row's block after its cached ones: [rows, blocks after the start] (-1: not kept).
+        # The blocks not cached yet are claimed now and written by the forward itself: each
+        # row's blocks after its start, [rows, blocks after the start] (-1: not kept). Blocks
+        # before it are the forward's input, not its output: one that another row's claim
+        # evicted just now (already copied into its slot) is not cached again.
         claimed: set[int] = set()
         width = max(
             1, max(len(p) - start for p, start in zip(prompts, starts, strict=True)) // size
         )
         kept = [[-1] * width for _ in prompts]
-        for row, row_names in enumerate(names):
-            for number, block in self.prefix.claim(row_names, claimed):
-                kept[row][number - starts[row] // size] = block
-        stored = torch.tensor(kept, dtype=torch.long)
         try:
+            for row, row_names in enumerate(names):
+                for number, block in self.prefix.claim(row_names[starts[row] // size :], claimed):
+                    kept[row][number] = block
+            stored = torch.tensor(kept, dtype=torch.long)
             if any(starts):
                 logits = self._prefill_after(prompts, starts, first_slot, stored)
             else:

@@ -16,7 +16,8 @@ Rank 0 runs the engine; the others repeat its decoder's steps (``StaticDecoder.f
 each step rank 0 broadcasts what it is (``send_step``: an operation, its numbers and its integer
 tensors, such as the prompts or the tokens it chose), so every rank's cache holds the same
 sequences and every collective is entered by all ranks in the same order. The prefix cache's
-index of blocks lives on rank 0 alone; its copies between the pool and the slots are steps too.
+index of blocks lives on rank 0 alone; its copies from the pool into the slots are steps too,
+and the pool blocks a prefill writes travel with the prefill.
 """
 
 from __future__ import annotations
