@@ -1116,9 +1116,10 @@ class StaticDecoder:
         return self._prefill(self._upload(ids), slots, self._upload(last), after, stores)
 
     def _stores(self, stored: torch.Tensor | None, rows: int, tokens: int) -> torch.Tensor | None:
-        """An eager prefill's ``stores`` (``_store_blocks``) on the device, or None."""
+        """An eager prefill's ``stores`` (``_store_blocks``) on the device, or None (no pool,
+        no whole block, or none to keep: unlike a graph, an eager pass need not write any)."""
         blocks = tokens // prefixcache.BLOCK_TOKENS
-        if self.prefix is None or not blocks:
+        if self.prefix is None or stored is None or not blocks:
             return None
         return self._upload(torch.tensor(self._store_rows(stored, rows, blocks), dtype=torch.long))
 
