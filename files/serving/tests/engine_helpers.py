@@ -62,6 +62,22 @@ def submit(
     return seq, sink
 
 
+def free_bytes_for(
+    config: Any, dtype: torch.dtype, context: int, slots: float, pool_tokens: int = 0
+) -> int:
+    """Free device memory (``staticdecode.free_device_bytes``) whose share for the static
+    cache holds ``slots`` slots of ``context`` positions (the spare slot among them) and a
+    prefix pool of ``pool_tokens`` (its scratch block beside)."""
+    slot = staticdecode.cache_bytes(config, 1, context + 1, dtype)
+    blocks = pool_tokens // staticdecode.prefixcache.BLOCK_TOKENS
+    pool = (
+        staticdecode.cache_bytes(config, blocks + 1, staticdecode.prefixcache.BLOCK_TOKENS, dtype)
+        if blocks
+        else 0
+    )
+    return int((slots * slot + pool) / staticdecode.CACHE_MEMORY_FRACTION)
+
+
 def alone(bundle: LoadedModel, prompt: str, params: SamplingParams = GREEDY) -> str:
     return generate_once(bundle, bundle.encode(prompt, add_special_tokens=True), params)
 

@@ -38,6 +38,8 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert (version["decode_path"], version["decode_compiled"]) == ("dynamic", False)
     assert version["decode_gemm"] == []  # nothing timed: no CUDA
     assert version["prefix_cache_tokens"] == 0  # the dynamic path has none
+    # The server's --max-batch-size (the dynamic path holds every one) and the model's context.
+    assert (version["max_batch_size"], version["max_context"]) == (8, 512)
     # Where the time to ready went: the phases after the process's start add up to at most it.
     startup = version["startup_seconds"]
     phases = ["process_start", "imports", "load", "warmup", "decode_path"]

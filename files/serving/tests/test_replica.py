@@ -58,6 +58,17 @@ def test_a_load_keeps_the_decode_timings_in_the_file_named(
         skinny_linear.remember_in(None)
 
 
+@pytest.mark.parametrize(("asked", "held"), [(64, 64), (4096, 512)], ids=["lower", "beyond"])
+def test_max_context_caps_the_model_context(model_store: Store, asked: int, held: int) -> None:
+    """``--max-context`` below the model's own (512) is the context a sequence holds (the
+    prompt checks and the static cache follow ``max_context``); beyond it, the model's."""
+    settings = ServeSettings(
+        store=model_store.root, model=MODEL, version=model_store.v1, max_context=asked
+    )
+    bundle = Replica(settings, model_store.v1).load_and_warm(model_store.v1, {})
+    assert bundle.max_context == held
+
+
 def test_admission_needs_a_ready_replica(replica: Replica) -> None:
     assert replica.state() == "engine-dead"  # the engine thread was never started
     assert not replica.ready

@@ -61,6 +61,7 @@ def test_every_field_has_a_flag_and_an_env_var() -> None:
         ["--device", "gpu"],
         ["--port", "70000"],
         ["--max-batch-size", "0"],
+        ["--max-context", "31"],  # not even a prompt and a few tokens
         ["--dtype", "int8"],
         ["--drain-timeout", "-1"],
         ["--request-timeout", "0"],

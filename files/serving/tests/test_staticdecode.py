@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine_helpers import GREEDY, PROMPTS, alone, llama_relative, submit
+from engine_helpers import GREEDY, PROMPTS, alone, free_bytes_for, llama_relative, submit
 from metalserve import staticdecode
 from metalserve.engine import DynamicBatch, Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel
@@ -512,6 +512,107 @@ def test_swap_between_static_models(v1: LoadedModel, v2: LoadedModel) -> None:
         assert sink.text == alone(v1, PROMPTS[0])
         assert sink2.text == alone(v2, PROMPTS[0])
         assert eng.decode_path == "static"
+    finally:
+        eng.stop()
+
+
+def _decoder_in(
+    bundle: LoadedModel, monkeypatch: pytest.MonkeyPatch, slots_fit: float, **kwargs: int
+) -> staticdecode.StaticDecoder:
+    """A decoder built where the device's free memory holds ``slots_fit`` slots of the context
+    (the spare among them) and the prefix pool asked for (``prefix_cache_tokens``)."""
+    free = free_bytes_for(
+        bundle.model.config,
+        bundle.dtype,
+        bundle.max_context,
+        slots_fit,
+        kwargs.get("prefix_cache_tokens", 0),
+    )
+    monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: free)
+    return _decoder(bundle, **kwargs)
+
+
+def test_the_static_cache_holds_as_many_slots_as_the_device_memory_holds(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the free memory holds fewer slots of the context than asked, the cache has as many
+    as it holds (its prefix pool too, which fits beside them), says so, and refuses a sequence
+    beyond them; where everything fits, what was asked, silently."""
+    with caplog.at_level(logging.WARNING):
+        roomy = _decoder_in(v1, monkeypatch, 9.5, slots=8, prefix_cache_tokens=64)
+    assert (roomy.slots, roomy.keys[0].shape[0]) == (8, 9)
+    assert roomy.prefix is not None
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING):
+        tight = _decoder_in(v1, monkeypatch, 3.5, slots=8, prefix_cache_tokens=64)
+    assert (tight.slots, tight.keys[0].shape[0], tight.batch_sizes[-1]) == (2, 3, 2)
+    assert tight.cache_bytes == staticdecode.cache_bytes(
+        v1.model.config, 3, v1.max_context + 1, v1.dtype
+    )
+    assert tight.prefix is not None
+    assert f"holds 2 sequences of {v1.max_context} tokens, not 8" in caplog.text
+    prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        tight.prefill_prompts(prompts[:2], 0)
+        with pytest.raises(ValueError, match="3 sequences do not fit 2 slots"):
+            tight.prefill_prompts(prompts[2:], 2)
+
+
+def test_the_prefix_pool_gives_way_to_the_first_slot_and_no_slot_is_named(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefix pool that leaves no room for one sequence is dropped (the slots then take its
+    room); a context of which not even one sequence fits is refused, naming the way out."""
+    pool = free_bytes_for(v1.model.config, v1.dtype, v1.max_context, 0, 1024)
+    half = free_bytes_for(v1.model.config, v1.dtype, v1.max_context, 1.5) - 1
+    monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: pool + half)
+    with caplog.at_level(logging.WARNING):
+        decoder = _decoder(v1, slots=4, prefix_cache_tokens=1024)
+    assert decoder.prefix is None
+    assert decoder.prefix_cache_bytes == 0
+    assert 1 <= decoder.slots < 4
+    assert "no prefix cache" in caplog.text
+    monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: half)
+    with pytest.raises(staticdecode.StaticDecodeUnavailable, match="lower --max-context"):
+        _decoder(v1, slots=4)
+
+
+def test_the_engine_admits_only_the_slots_the_static_cache_holds(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked for 4, the cache holding 2: 2 run while 2 wait (no prefill beyond the cache), the
+    cache usage counts the 2 slots, and every text is its own greedy generation."""
+    from metalserve.metrics import Metrics
+
+    free = free_bytes_for(v1.model.config, v1.dtype, v1.max_context, 3.5)
+    monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: free)
+    metrics = Metrics()
+    eng = Engine(
+        max_batch_size=4,
+        decode_mode="static",
+        prefix_cache_tokens=0,
+        observer=metrics,
+        step_delay=0.02,
+    )
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        assert (eng.max_batch_size, eng.batch_slots) == (4, 2)
+        params = dataclasses.replace(GREEDY, max_tokens=20)
+        sinks = [submit(eng, v1, p, params)[1] for p in PROMPTS[:4]]
+
+        def value(name: str) -> float:
+            return metrics.registry.get_sample_value(name) or 0.0
+
+        deadline = time.monotonic() + 10
+        while value("metalserve_num_requests_running") < 2:
+            assert time.monotonic() < deadline, "two sequences never ran"
+            time.sleep(0.01)
+        assert value("metalserve_num_requests_waiting") == 2
+        used = sum(len(v1.encode(p, add_special_tokens=True)) + 20 for p in PROMPTS[:2])
+        assert 0 < value("metalserve_kv_cache_usage_perc") <= used / (2 * v1.max_context)
+        texts = [sink.wait() and sink.text for sink in sinks]
+        assert texts == [alone(v1, p, params) for p in PROMPTS[:4]]
     finally:
         eng.stop()
 

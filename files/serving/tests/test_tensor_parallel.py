@@ -20,6 +20,7 @@ from engine_helpers import (
     Collector,
     alone,
     corrupt_rank_1_only_block,
+    free_bytes_for,
     llama_relative,
     split_greedy,
 )
@@ -154,6 +155,40 @@ def test_the_decoder_refuses_what_it_cannot_split(
             )
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _fit_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0's free memory holds 8 slots of 64 positions and a 64-token prefix pool (its
+    share of them), rank 1's the pool and 1.5 slots: each writes what its decoder holds."""
+    _join(rank, world, port)
+    try:
+        model = llama_relative("llama")
+        fits = {0: (9.5, 64), 1: (1.5, 64)}[rank]
+        free = free_bytes_for(model.config, torch.float32, 64, *fits) // world
+        staticdecode.free_device_bytes = lambda device: free  # this process's own module
+        decoder = staticdecode.StaticDecoder(
+            model,
+            slots=8,
+            max_length=64,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            cuda_graphs=False,
+            prefix_cache_tokens=64,
+            tp=TensorParallel(rank, world),
+        )
+        held = [decoder.slots, decoder.prefix is not None, decoder.keys[0].shape[0]]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(held))
+    finally:
+        torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def test_every_rank_holds_what_the_fullest_rank_can(tmp_path: Path) -> None:
+    """Rank 1 holds no pool beside one slot, so no rank keeps a pool (rank 0's copies of blocks
+    are every rank's), and without it rank 1 holds one slot: so do both (rank 0 alone: 8)."""
+    torch.multiprocessing.spawn(_fit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    held = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert held == [[1, False, 2], [1, False, 2]]
 
 
 # Different lengths: sequences finish at different steps, and the last ones move into the slots

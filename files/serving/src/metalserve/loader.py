@@ -116,6 +116,7 @@ def load_version(
     dtype: str = "auto",
     chunk_size: int = store.CHUNK_SIZE,
     tensor_parallel: TensorParallel | None = None,
+    max_context: int | None = None,
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
 
@@ -124,7 +125,8 @@ def load_version(
     the model with its parameters on the meta device; the loaded tensors then become its
     parameters. With ``tensor_parallel`` (a rank of more than one) only that rank's part of
     each layer's projections is read, verified and placed on the device
-    (``metalserve.tensor_parallel``); the rest of the model whole."""
+    (``metalserve.tensor_parallel``); the rest of the model whole. ``max_context``: sequences
+    hold at most this many tokens where the model's context is longer."""
     import torch
 
     from metalserve import weights
@@ -229,7 +231,9 @@ def load_version(
         dtype=torch_dtype,
         eos_token_ids=frozenset(eos),
         pad_token_id=int(pad),
-        max_context=int(getattr(config, "max_position_embeddings", 0) or 2048),
+        max_context=min(
+            int(getattr(config, "max_position_embeddings", 0) or 2048), max_context or 2**62
+        ),
         vocab_size=int(model.get_input_embeddings().num_embeddings),
         files=tuple(e.path for e in manifest.files),
         load_seconds=time.monotonic() - started,

@@ -56,6 +56,7 @@ class RankSpec:
     dtype: str
     chunk_size: int
     slots: int
+    max_context: int | None
     quantization: str
     decode_mode: str
     decode_compile: str
@@ -202,6 +203,7 @@ def follow(spec: RankSpec, rank: int, parent: int) -> None:
                 dtype=spec.dtype,
                 chunk_size=spec.chunk_size,
                 tensor_parallel=tp,
+                max_context=spec.max_context,
             )
 
         cache_copy_failed = False

@@ -225,6 +225,7 @@ class Replica:
                 dtype=settings.dtype,
                 chunk_size=settings.read_chunk_mib * 1024 * 1024,
                 tensor_parallel=part,
+                max_context=settings.max_context,
             )
 
         cache = self.cache
@@ -325,6 +326,7 @@ class Replica:
             dtype=settings.dtype,
             chunk_size=settings.read_chunk_mib * 1024 * 1024,
             slots=settings.batch_limit,
+            max_context=settings.max_context,
             store=str(settings.store),
             quantization=settings.quantization,
             decode_mode=settings.decode_mode,

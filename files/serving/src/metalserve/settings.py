@@ -23,6 +23,8 @@ DEFAULT_PORT = 8000
 # Default --max-batch-size: a GPU step costs about the same for 1 or 64 rows (weights dominate).
 CUDA_MAX_BATCH_SIZE = 64
 CPU_MAX_BATCH_SIZE = 16
+# The shortest --max-context: a prompt, the warm-up's, and a few tokens of output.
+MIN_CONTEXT = 32
 
 
 def env_name(field: str) -> str:
@@ -99,6 +101,15 @@ class ServeSettings(BaseSettings):
         le=4096,
         description=f"most sequences per forward pass (default: {CUDA_MAX_BATCH_SIZE} on CUDA, "
         f"{CPU_MAX_BATCH_SIZE} on CPU)",
+    )
+    max_context: int | None = Field(
+        None,
+        ge=MIN_CONTEXT,
+        le=2**22,
+        description="most tokens (prompt and output) one sequence may hold, at most the "
+        "model's own context (default: the model's, its max_position_embeddings); the static "
+        "KV cache holds as many sequences of it as the device's memory allows: a lower one "
+        "lets it hold more",
     )
     decode_mode: Literal["auto", "dynamic", "static", "cuda-graphs"] = Field(
         "auto",

@@ -6,8 +6,8 @@ sizes a step costs more host time than GPU time. This module runs the same model
 
 * the KV cache is preallocated once per model: per layer ``[slots, kv_heads, max_context + 1,
   head_dim]`` for keys and for values (one spare position, see ``__init__``), one slot per
-  sequence of the batch (``slots`` is the
-  engine's ``max_batch_size``). A sequence's token at position ``p`` lives at index ``p`` of its
+  sequence of the batch (the engine's ``max_batch_size``, or as many as the device's memory
+  holds where fewer: ``_fit``). A sequence's token at position ``p`` lives at index ``p`` of its
   slot, so there is no left padding, no merging and no per-step reallocation; a row sees the cache
   entries ``<= its own position`` (its mask) and nothing of its batch mates;
 * the active sequences occupy slots ``0..n-1``; when one leaves, the last one moves into its slot
@@ -75,6 +75,15 @@ MAX_MASK_BYTES = 256 * 2**20
 # tokens it computes beyond the eager pass's take less than those launches.
 EAGER_PREFILL_LAYER_SECONDS = 0.9e-3
 PREFILL_GRAPH_FLOPS = 4.9e14
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Device memory free for a new allocation: the driver's free memory and what torch's
+    allocator holds unused (None off CUDA, where nothing is measured)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 class StaticDecodeUnavailable(Exception):
@@ -558,7 +567,6 @@ class StaticDecoder:
         if cuda_graphs and device.type != "cuda":
             raise StaticDecodeUnavailable("CUDA graphs need a CUDA device")
         config = model.config
-        self.slots = slots
         self.max_length = max_length
         self.device = device
         self.dtype = dtype
@@ -572,7 +580,6 @@ class StaticDecoder:
         self.norm = inner.norm
         self.lm_head = model.lm_head
         self.scaling = float(self.layers[0].self_attn.scaling)
-        self.batch_sizes = batch_buckets(slots)
         # Each row's own length where the kernel runs: then one length bucket (one graph per
         # batch size), as every length runs the same kernel.
         self.own_lengths = attention == "own" or (
@@ -604,6 +611,20 @@ class StaticDecoder:
             (self.tp.reduce,) if self.tp is not None else ()
         )
 
+        # One spare position: no attention slice is then the whole cache. A whole slice is
+        # contiguous and a partial one is not, and the compiled layer would be compiled for each.
+        cached_positions = max_length + 1
+        world = self.tp.world if self.tp is not None else 1
+        slot_bytes = cache_bytes(config, 1, cached_positions, dtype) // world
+        blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS
+        # One more pool block than the index names: the scratch block, where a prefill's blocks
+        # that are not to be kept go (a graph writes every block of its rows, kept or not).
+        pool_bytes = cache_bytes(config, blocks + 1, prefixcache.BLOCK_TOKENS, dtype) // world
+        slots, blocks = self._fit(slots, slot_bytes, blocks, pool_bytes)
+        pool_bytes = pool_bytes if blocks else 0
+        self.slots = slots
+        self.batch_sizes = batch_buckets(slots)
+
         # Prefills padded to (rows, length) buckets (default: with CUDA graphs, where each
         # bucket is one graph: a prefill is then one launch, not hundreds of eager kernels).
         self.bucketed_prefill = cuda_graphs if bucketed_prefill is None else bucketed_prefill
@@ -613,36 +634,9 @@ class StaticDecoder:
         # (``_graph_beats_prefix``).
         self.graph_before_prefix = cuda_graphs and self.bucketed_prefill
 
-        # One spare position: no attention slice is then the whole cache. A whole slice is
-        # contiguous and a partial one is not, and the compiled layer would be compiled for each.
-        cached_positions = max_length + 1
         # One spare slot: a bucketed prefill's padding rows write their keys and values there.
         self.spare_slot = slots
-        needed = cache_bytes(config, slots + 1, cached_positions, dtype) // (
-            self.tp.world if self.tp is not None else 1
-        )
-        blocks = prefix_cache_tokens // prefixcache.BLOCK_TOKENS
-        # One more pool block than the index names: the scratch block, where a prefill's blocks
-        # that are not to be kept go (a graph writes every block of its rows, kept or not).
-        pool_bytes = cache_bytes(config, blocks + 1, prefixcache.BLOCK_TOKENS, dtype) // (
-            self.tp.world if self.tp is not None else 1
-        )
-        short: StaticDecodeUnavailable | None = None
-        try:
-            self._check_memory(needed + pool_bytes)
-        except StaticDecodeUnavailable as exc:
-            if not blocks:
-                raise
-            short = exc
-        # Ranks hold the same blocks (rank 0's copies are every rank's): all of them or none.
-        if blocks and self.tp is not None and not self.tp.all_agree(short is None, device):
-            short = short or StaticDecodeUnavailable("another rank lacks the memory for it")
-        if short is not None:
-            # A default that does not fit must not cost the static path itself.
-            log.warning("no prefix cache: %s", short)
-            self._check_memory(needed)
-            blocks = pool_bytes = 0
-        self.cache_bytes = needed
+        self.cache_bytes = (slots + 1) * slot_bytes
         self.prefix = prefixcache.PrefixIndex(blocks) if blocks else None
         self.prefix_cache_bytes = pool_bytes
         self.scratch_block = blocks
@@ -785,16 +779,55 @@ class StaticDecoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _check_memory(self, needed: int) -> None:
-        if self.device.type != "cuda":
-            return
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        if needed > CACHE_MEMORY_FRACTION * free:
-            raise StaticDecodeUnavailable(
-                f"the static KV cache needs {needed / 2**30:.1f} GiB; "
-                f"{free / 2**30:.1f} GiB of device memory is free"
+    def _fit(self, wanted: int, slot_bytes: int, blocks: int, pool_bytes: int) -> tuple[int, int]:
+        """The slots (up to ``wanted``) and prefix pool blocks (``blocks`` or none) that the
+        device's memory holds: the pool as asked where at least one slot fits beside it (a
+        default that does not fit must not cost the static path), the slots as many as fit,
+        so that a model whose slots x context exceed the device still serves on this path
+        (as vLLM sizes its KV blocks to the memory left); with tensor parallelism, what every
+        rank holds."""
+        free = free_device_bytes(self.device)
+        budget = None if free is None else free * CACHE_MEMORY_FRACTION
+
+        def fitting(pool: int) -> int:
+            if budget is None:
+                return wanted
+            # One spare slot beside them (``spare_slot``).
+            return max(0, min(wanted, int((budget - pool) // slot_bytes) - 1))
+
+        keep_pool = bool(blocks) and fitting(pool_bytes) >= 1
+        # Ranks hold the same blocks (rank 0's copies are every rank's): all of them or none.
+        if blocks and self.tp is not None:
+            keep_pool = self.tp.all_agree(keep_pool, self.device)
+        if blocks and not keep_pool:
+            log.warning(
+                "no prefix cache: its %.1f GiB leave no room for one sequence's keys and values",
+                pool_bytes / 2**30,
             )
+        slots = fitting(pool_bytes if keep_pool else 0)
+        if self.tp is not None:
+            slots = self.tp.least(slots, self.device)
+        if slots < 1:
+            raise StaticDecodeUnavailable(
+                f"one sequence of {self.max_length} tokens needs {2 * slot_bytes / 2**30:.1f} GiB "
+                f"of keys and values (with the spare slot); {CACHE_MEMORY_FRACTION:.0%} of the "
+                f"free device memory is {(budget or 0) / 2**30:.1f} GiB"
+                f"{' here (the rank with the least decides)' if self.tp is not None else ''}: "
+                "lower --max-context"
+            )
+        if slots < wanted:
+            log.warning(
+                "the static KV cache holds %d sequences of %d tokens, not %d: %.1f GiB each, "
+                "%.1f GiB for them (%.0f%% of the free device memory); a lower --max-context "
+                "holds more",
+                slots,
+                self.max_length,
+                wanted,
+                slot_bytes / 2**30,
+                (budget or 0) / 2**30,
+                CACHE_MEMORY_FRACTION * 100,
+            )
+        return slots, blocks if keep_pool else 0
 
     # --- graphs ---------------------------------------------------------------------------
 

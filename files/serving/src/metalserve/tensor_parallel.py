@@ -57,11 +57,15 @@ class TensorParallel:
 
     def all_agree(self, yes: bool, device: torch.device) -> bool:
         """Whether every rank says ``yes`` (a collective: every rank asks, in the same order)."""
+        return bool(self.least(int(yes), device))
+
+    def least(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's ``value`` (a collective, as ``all_agree``)."""
         if self.world == 1:
-            return yes
-        flag = torch.tensor([int(yes)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            return value
+        least = torch.tensor([value], device=device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(least.item())
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's ``partial`` (in place)."""

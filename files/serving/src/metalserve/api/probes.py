@@ -56,7 +56,9 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "quantization": replica.engine.quantization,
         "prefix_cache_tokens": replica.engine.prefix_cache_tokens_held,
         "weight_bytes": replica.engine.weight_bytes,
-        "max_batch_size": replica.engine.max_batch_size,
+        # What runs: fewer than asked where the static KV cache holds fewer (``batch_slots``).
+        "max_batch_size": replica.engine.batch_slots,
+        "max_context": current.max_context if current else None,
         # serve --tensor-parallel: what each rank loaded and verified (empty with one rank).
         "tensor_parallel": replica.settings.tensor_parallel,
         "ranks": replica.rank_infos,

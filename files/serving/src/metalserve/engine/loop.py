@@ -1,6 +1,7 @@
 """The engine loop: ``Engine`` owns the generation thread, the waiting queue and the live model.
 
-Each iteration admits waiting sequences (up to ``max_batch_size`` active ones) into the batch,
+Each iteration admits waiting sequences (up to ``batch_slots`` active ones: ``max_batch_size``, or
+as many as the static KV cache holds where the device's memory holds fewer) into the batch,
 which prefills them together in one forward pass, and then runs one batched decode step over
 every active sequence. Finished and cancelled sequences leave between steps.
 
@@ -191,6 +192,13 @@ class Engine:
         if isinstance(batch, StaticBatch):
             return "cuda-graphs" if batch.decoder.cuda_graphs else "static"
         return "dynamic" if batch is not None else None
+
+    @property
+    def batch_slots(self) -> int:
+        """Most sequences the current batch runs at once: ``max_batch_size``, or fewer where
+        the device's memory holds fewer in the static KV cache (``StaticDecoder._fit``)."""
+        batch = self._batch
+        return batch.decoder.slots if isinstance(batch, StaticBatch) else self.max_batch_size
 
     @property
     def decode_compiled(self) -> bool:
@@ -456,7 +464,7 @@ class Engine:
         """Pop the sequences that can start now (FIFO, only those prepared for this model)."""
         if self._current is None or self._batch is None:
             return []
-        room = self.max_batch_size - len(self._batch)
+        room = self.batch_slots - len(self._batch)
         admitted: list[Sequence] = []
         kept: deque[Sequence] = deque()
         while self._waiting:
@@ -600,10 +608,12 @@ class Engine:
             log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
             return DynamicBatch(bundle, self.observer)
         log.info(
-            "decode path: %s%s%s, weights %.2f GiB, prefix cache %s",
+            "decode path: %s%s%s, %d slots of %d tokens, weights %.2f GiB, prefix cache %s",
             mode,
             ", compiled" if decoder.compiled else "",
             f", {self.quantization} weights" if quantized else "",
+            decoder.slots,
+            decoder.max_length,
             decoder.weight_bytes / 2**30,
             f"{decoder.prefix_cache_bytes / 2**30:.2f} GiB" if decoder.prefix else "off",
         )
@@ -663,7 +673,7 @@ class Engine:
             return
         batch, model = self._batch, self._current
         seqs = batch.seqs if batch is not None else []
-        capacity = self.max_batch_size * model.max_context if model is not None else 0
+        capacity = self.batch_slots * model.max_context if model is not None else 0
         used = sum(len(seq.prompt_ids) + len(seq.generated) for seq in seqs)
         usage = used / capacity if capacity else 0.0
         self.observer.engine_state(len(seqs), len(self._waiting), usage)
