@@ -457,6 +457,9 @@ def _server_arm(
             "server_ttft_mean_s": _mean(passes, "ttft"),
             "server_queue_time_mean_s": _mean(passes, "queue"),
             "server_first_byte_mean_s": _mean(passes, "first_byte"),
+            # Of the first byte's time (and every request's): from its arrival to the event loop
+            # beginning to handle it.
+            "server_start_delay_mean_s": _mean(passes, "start_delay"),
             # How late the server's event loop ran its 0.1 s tick: its backlog of streams'
             # events and requests (the p99 as the bucket bound it falls under).
             "server_event_loop_lag_mean_s": _mean(passes, "loop_lag"),
@@ -743,6 +746,8 @@ _MEANS = {
     "metalserve_request_queue_time_seconds_count": "queue_count",
     "metalserve_time_to_first_byte_seconds_sum": "first_byte_sum",
     "metalserve_time_to_first_byte_seconds_count": "first_byte_count",
+    "metalserve_request_start_delay_seconds_sum": "start_delay_sum",
+    "metalserve_request_start_delay_seconds_count": "start_delay_count",
     "metalserve_event_loop_lag_seconds_sum": "loop_lag_sum",
     "metalserve_event_loop_lag_seconds_count": "loop_lag_count",
 }
@@ -971,7 +976,8 @@ def render(report: dict[str, Any]) -> str:
         *(
             [
                 f"server TTFT means in ms: clients {server['ttft_mean_s'] * 1000:.1f}, server's "
-                f"first byte {server['server_first_byte_mean_s'] * 1000:.1f}, its TTFT "
+                f"first byte {server['server_first_byte_mean_s'] * 1000:.1f} (waiting for "
+                f"the loop {(server.get('server_start_delay_mean_s') or 0) * 1000:.1f}), its TTFT "
                 f"{server['server_ttft_mean_s'] * 1000:.1f} (queued "
                 f"{server['server_queue_time_mean_s'] * 1000:.1f}); client processes' CPU busy "
                 + ", ".join(f"{busy:.2f}" for busy in server["client_cpu_busy"])
