@@ -106,6 +106,10 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     # ...and its first byte (request in to first body byte out) lies between the two.
     first_byte = server["server_first_byte_mean_s"]
     assert server["server_ttft_mean_s"] <= first_byte <= server["ttft_mean_s"]
+    # Its wait for the event loop is part of it; the response's head (sent once the request is
+    # with the engine) reaches the clients before their first token does.
+    assert 0 <= server["server_start_delay_mean_s"] <= first_byte
+    assert 0 < server["response_head_mean_s"] <= server["ttft_mean_s"]
     # Every request's tokens came in at most that many events with text, at least one each.
     assert server["requests"] / server["tokens"] <= server["text_events_per_token"] <= 1
     # The server's event loop ticked through the run (0.1 s ticks), each lag a bucket's bound.

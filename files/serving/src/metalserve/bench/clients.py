@@ -47,6 +47,10 @@ class Samples:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
+    # Per request: its response's head, which the server sends once the request is tokenized
+    # and with the engine (its first event follows with the first token): TTFT minus this is
+    # the first token's part, this the request's way in.
+    head: list[float] = field(default_factory=list)
     # Each client process's CPU seconds over the timed part: near its wall time, the clients'
     # own work (parsing events, sending requests) delays what they measure.
     cpu_seconds: list[float] = field(default_factory=list)
@@ -120,6 +124,7 @@ def drive(
         merged.seconds = max(merged.seconds, part.seconds)
         merged.ttft += part.ttft
         merged.latency += part.latency
+        merged.head += part.head
         merged.cpu_seconds += part.cpu_seconds
     return merged
 
@@ -189,11 +194,12 @@ async def _drive(
         async def one_client() -> None:
             for index in indices:  # shared: each request is taken by exactly one client
                 prompt = prompts[index % len(prompts)]
-                ttft, latency, tokens, text_events = await _request(
+                ttft, latency, head, tokens, text_events = await _request(
                     client, model, prompt, new_tokens, sampling
                 )
                 samples.ttft.append(ttft)
                 samples.latency.append(latency)
+                samples.head.append(head)
                 samples.tokens += tokens
                 samples.text_events += text_events
                 samples.requests += 1
@@ -221,9 +227,9 @@ async def _request(
     prompt: list[int],
     new_tokens: int,
     sampling: dict[str, float],
-) -> tuple[float, float, int, int]:
+) -> tuple[float, float, float, int, int]:
     """One streaming completion of exactly ``new_tokens`` (``sampling``: its temperature and
-    top_p): (TTFT, latency, tokens, events with text)."""
+    top_p): (TTFT, latency, response head, tokens, events with text)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -235,9 +241,16 @@ async def _request(
     }
     sent = time.perf_counter()
     ttft: float | None = None
+    head = 0.0
     tokens = text_events = 0
+
+    def head_in() -> None:
+        nonlocal head
+        head = time.perf_counter() - sent
+
     try:
-        async with contextlib.aclosing(sse.events(client, "/v1/completions", body)) as stream:
+        stream_events = sse.events(client, "/v1/completions", body, on_head=head_in)
+        async with contextlib.aclosing(stream_events) as stream:
             async for chunk in stream:
                 if any(c.get("text") for c in chunk.get("choices", [])):
                     text_events += 1
@@ -254,4 +267,4 @@ async def _request(
     latency = time.perf_counter() - sent
     if tokens != new_tokens:
         raise ClientError(f"a request generated {tokens} tokens, not {new_tokens}")
-    return (latency if ttft is None else ttft), latency, tokens, text_events
+    return (latency if ttft is None else ttft), latency, head, tokens, text_events

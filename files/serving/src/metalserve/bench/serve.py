@@ -449,6 +449,9 @@ def _server_arm(
             # clients' mean: first byte minus TTFT is the server's HTTP side, the rest the
             # clients' and the loopback's.
             "ttft_mean_s": round(sum(samples.ttft) / len(samples.ttft), 4),
+            # The clients' mean time to the response's head (sent once the request is with the
+            # engine): the request's way in; TTFT minus it, its first token's way out.
+            "response_head_mean_s": round(sum(samples.head) / len(samples.head), 4),
             # Each client process's CPU time over the timed run's wall time: near 1, the
             # clients' own work is in their TTFT (the bench, not the server, is the limit).
             "client_cpu_busy": [round(c / samples.seconds, 3) for c in samples.cpu_seconds],
@@ -975,7 +978,8 @@ def render(report: dict[str, Any]) -> str:
         ),
         *(
             [
-                f"server TTFT means in ms: clients {server['ttft_mean_s'] * 1000:.1f}, server's "
+                f"server TTFT means in ms: clients {server['ttft_mean_s'] * 1000:.1f} (their "
+                f"response head {server['response_head_mean_s'] * 1000:.1f}), server's "
                 f"first byte {server['server_first_byte_mean_s'] * 1000:.1f} (waiting for "
                 f"the loop {(server.get('server_start_delay_mean_s') or 0) * 1000:.1f}), its TTFT "
                 f"{server['server_ttft_mean_s'] * 1000:.1f} (queued "

@@ -18,7 +18,7 @@ use, and it runs on hosts without the serving stack.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
@@ -112,9 +112,15 @@ class EventParser:
 
 
 async def events(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], *, read_past_done: bool = False
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    *,
+    read_past_done: bool = False,
+    on_head: Callable[[], None] | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """POST ``body`` to ``url`` and yield the stream's events.
+    """POST ``body`` to ``url`` and yield the stream's events (``on_head``: called once the
+    response's head is in).
 
     At ``[DONE]`` the response is closed at once, unless ``read_past_done``: then the body is
     read to its end and any data after ``[DONE]`` is an error (the load generator's check).
@@ -122,6 +128,8 @@ async def events(
     """
     parser = EventParser()
     async with client.stream("POST", url, json=body) as response:
+        if on_head is not None:
+            on_head()
         if response.status_code != 200:
             raise HTTPStatusError(response.status_code, await response.aread())
         async for line in response.aiter_lines():
