@@ -9,7 +9,14 @@ import pytest
 from conftest import MODEL, Store
 from metalserve.errors import ApiError
 from metalserve.loader import LoadedModel
-from metalserve.prompts import MAX_CHARS_PER_TOKEN, chat_prompt, completion_prompts, sampling_params
+from metalserve.prompts import (
+    INLINE_TEXT_CHARS,
+    MAX_CHARS_PER_TOKEN,
+    chat_prompt,
+    completion_prompts,
+    sampling_params,
+    tokenized_inline,
+)
 from metalserve.schemas import ChatCompletionRequest, CompletionRequest
 from metalserve.settings import ServeSettings
 
@@ -95,3 +102,24 @@ def test_sampling_params_refused(settings: ServeSettings, v1: LoadedModel) -> No
     assert (no_room.param, no_room.code) == ("max_tokens", "context_length_exceeded")
     full = refusal(sampling_params, settings, v1, body, None, [[1] * v1.max_context], None)
     assert (full.param, full.code) == ("prompt", "context_length_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("body", "inline"),
+    [
+        ({"prompt": [[1, 2, 3]] * 4}, True),  # ids: nothing to tokenize
+        ({"prompt": ["a" * INLINE_TEXT_CHARS]}, True),
+        ({"prompt": ["a" * (INLINE_TEXT_CHARS // 2 + 1)] * 2}, False),  # counted together
+        ({"messages": [{"role": "user", "content": "Hi"}]}, True),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a" * 4096}]}]},
+            False,
+        ),
+    ],
+    ids=["ids", "short-text", "long-texts", "short-chat", "long-chat-parts"],
+)
+def test_short_prompts_are_tokenized_on_the_event_loop(body: dict[str, Any], inline: bool) -> None:
+    """Token ids and short text are prepared inline (a thread costs more); long text, whose
+    tokenizing would hold the loop up, in a thread."""
+    kind = ChatCompletionRequest if "messages" in body else CompletionRequest
+    assert tokenized_inline(kind.model_validate({"model": MODEL, **body})) is inline

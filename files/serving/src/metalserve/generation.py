@@ -23,7 +23,7 @@ from metalserve.engine import (
 )
 from metalserve.errors import ApiError
 from metalserve.loader import LoadedModel
-from metalserve.prompts import sampling_params
+from metalserve.prompts import sampling_params, tokenized_inline
 from metalserve.replica import Replica
 from metalserve.sampling import SamplingParams, TokenLogprob
 from metalserve.schemas import ChatCompletionRequest, CompletionRequest
@@ -190,10 +190,12 @@ async def start_generation(
     default: int | None,
     endpoint: str,
 ) -> Generation:
-    """Tokenize for the model that will run the request and hand its sequences to the engine."""
+    """Tokenize for the model that will run the request (on the event loop where that is
+    short: ``tokenized_inline``) and hand its sequences to the engine."""
+    inline = tokenized_inline(body)
     for _ in range(PREPARE_ATTEMPTS):
         bundle = replica.admit(body.model)
-        prompts = await asyncio.to_thread(prepare, bundle)
+        prompts = prepare(bundle) if inline else await asyncio.to_thread(prepare, bundle)
         params = sampling_params(replica.settings, bundle, body, requested, prompts, default)
         try:
             return Generation(replica, bundle, prompts, params, endpoint)

@@ -14,6 +14,20 @@ from metalserve.settings import ServeSettings
 
 # Text longer than this many characters per allowed token cannot fit; refuse before tokenizing.
 MAX_CHARS_PER_TOKEN = 64
+# A request with at most this many characters of text is tokenized on the event loop: a thread
+# costs more than that under load (a wake-up, and the GIL handed over and back on each side
+# while the engine thread wants it too). Longer text goes to a thread, so that the loop keeps
+# streaming while the tokenizer runs.
+INLINE_TEXT_CHARS = 2048
+
+
+def tokenized_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Whether ``body``'s prompts are prepared on the event loop (token ids, or short text)."""
+    if isinstance(body, CompletionRequest):
+        chars = sum(len(p) for p in body.prompts() if isinstance(p, str))
+    else:
+        chars = sum(len(message.text()) for message in body.messages)
+    return chars <= INLINE_TEXT_CHARS
 
 
 def _prompt_limit(settings: ServeSettings, bundle: LoadedModel) -> int:
