@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import MODEL, Store
 from engine_helpers import GREEDY, PROMPTS, alone, free_bytes_for, llama_relative, submit
 from metalserve import staticdecode
 from metalserve.engine import DynamicBatch, Engine, Finished, StaticBatch, generate_once
@@ -615,6 +616,48 @@ def test_the_engine_admits_only_the_slots_the_static_cache_holds(
         assert texts == [alone(v1, p, params) for p in PROMPTS[:4]]
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["released", "kept"])
+def test_a_hot_reload_keeps_room_for_the_next_version_and_frees_the_replaced_one(
+    model_store: Store, monkeypatch: pytest.MonkeyPatch, release: bool
+) -> None:
+    """Device memory as the loaded models' weights leave it: with reload headroom the first
+    version's cache leaves one model's size free (the next version loads there) and holds the
+    slots that fit beside it; at the switch the replaced weights go first, so the second
+    version's cache gets as many slots (kept, they would still take that room: no slot fits,
+    the dynamic path serves)."""
+    from metalserve.loader import load_version
+
+    loaded = [load_version(model_store.root, MODEL, model_store.v1)]
+    first = loaded[0]
+    total = free_bytes_for(first.model.config, first.dtype, first.max_context, 3.5)
+    total += 2 * first.loaded_bytes  # the two versions' weights (of one shape)
+    monkeypatch.setattr(
+        staticdecode,
+        "free_device_bytes",
+        lambda device: total - sum(b.loaded_bytes for b in loaded),
+    )
+    eng = Engine(
+        max_batch_size=8,
+        decode_mode="static",
+        prefix_cache_tokens=0,
+        reload_headroom=True,
+        release_replaced=release,
+    )
+    eng.start()
+    try:
+        eng.swap(loaded[0]).result(timeout=10)
+        assert (eng.decode_path, eng.batch_slots) == ("static", 2)
+        loaded.append(load_version(model_store.root, MODEL, model_store.v2))
+        assert eng.swap(loaded[1]).result(timeout=30) is loaded[0]
+        assert loaded[0].loaded_bytes == (0 if release else loaded[1].loaded_bytes)
+        assert (eng.decode_path, eng.batch_slots) == (("static", 2) if release else ("dynamic", 8))
+        _, sink = submit(eng, loaded[1], PROMPTS[0])
+        sink.wait()
+    finally:
+        eng.stop()
+    assert sink.text == alone(loaded[1], PROMPTS[0])
 
 
 def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:

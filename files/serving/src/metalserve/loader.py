@@ -77,6 +77,20 @@ class LoadedModel:
     def short_id(self) -> str:
         return self.version_id[: store.SHORT_ID_LEN]
 
+    @property
+    def loaded_bytes(self) -> int:
+        """Bytes the model's parameters and buffers hold now (released ones not): what a hot
+        reload's next version of the same shape loads beside it."""
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
+
+    def release_weights(self) -> None:
+        """Free the model's parameters and buffers (meta tensors from now on: the model cannot
+        run again), for a model replaced for good, before its successor's static cache is
+        sized to the memory left."""
+        model: Any = self.model  # transformers types its ``to`` for dtypes and devices apart
+        model.to("meta")
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Tokenize with the Rust backend directly: it is thread-safe and needs no lock."""
         ids: list[int] = self.tokenizer.backend_tokenizer.encode(

@@ -102,6 +102,7 @@ def split_decoder(
     decode_attention: str,
     decode_gemm: str,
     prefix_cache_tokens: int,
+    reserve_bytes: int = 0,
 ) -> Any:
     """The static decoder of ``tp``'s rank, its share of every layer, its graphs captured (or
     its compiled layer compiled). Every rank builds it here, so that they agree on everything
@@ -126,6 +127,7 @@ def split_decoder(
         gemm=decode_gemm,
         prefix_cache_tokens=prefix_cache_tokens,
         tp=tp,
+        reserve_bytes=reserve_bytes,
     )
     decoder.capture_all()
     return decoder

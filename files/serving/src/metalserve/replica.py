@@ -63,6 +63,7 @@ class Replica:
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
         self.metrics.draining.set_function(lambda: 1 if self.draining else 0)
         self.relay = EventRelay()
+        self.admin_token = read_token(settings.admin_token_file)
         self.engine = Engine(
             max_batch_size=settings.batch_limit,
             max_queue=settings.max_queue,
@@ -75,8 +76,10 @@ class Replica:
             prefix_cache_tokens=settings.prefix_cache_tokens,
             quantization=settings.quantization,
             flush_events=self.relay.flush,
+            # The admin API's hot reloads load the next version beside the live one.
+            reload_headroom=self.admin_token is not None,
+            release_replaced=True,
         )
-        self.admin_token = read_token(settings.admin_token_file)
         self.phase = Phase.LOADING
         self.draining = False
         self.exit_code = ExitCode.OK

@@ -531,6 +531,7 @@ class StaticDecoder:
         gemm: str = "auto",
         prefix_cache_tokens: int = 0,
         tp: tensor_parallel.TensorParallel | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         """``attention``, the decode step's: "auto" reads each row up to its own length where
         the kernel runs (CUDA with Triton: ``decode_attention``), "bucketed" up to the length
@@ -540,7 +541,8 @@ class StaticDecoder:
         bfloat16 or float16 weights). ``prefix_cache_tokens``: the keys and values of up to this
         many prompt tokens kept for prompts that start alike (``prefill_prompts``), where the
         device memory holds them beside the cache (with tensor parallelism: every rank's), else
-        none."""
+        none. ``reserve_bytes``: device memory the cache leaves free (a hot reload's next
+        version loads there)."""
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(fp8.QUANTIZATIONS)}")
         if attention not in ATTENTIONS:
@@ -620,7 +622,7 @@ class StaticDecoder:
         # One more pool block than the index names: the scratch block, where a prefill's blocks
         # that are not to be kept go (a graph writes every block of its rows, kept or not).
         pool_bytes = cache_bytes(config, blocks + 1, prefixcache.BLOCK_TOKENS, dtype) // world
-        slots, blocks = self._fit(slots, slot_bytes, blocks, pool_bytes)
+        slots, blocks = self._fit(slots, slot_bytes, blocks, pool_bytes, reserve_bytes)
         pool_bytes = pool_bytes if blocks else 0
         self.slots = slots
         self.batch_sizes = batch_buckets(slots)
@@ -779,15 +781,18 @@ class StaticDecoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _fit(self, wanted: int, slot_bytes: int, blocks: int, pool_bytes: int) -> tuple[int, int]:
+    def _fit(
+        self, wanted: int, slot_bytes: int, blocks: int, pool_bytes: int, reserve: int
+    ) -> tuple[int, int]:
         """The slots (up to ``wanted``) and prefix pool blocks (``blocks`` or none) that the
-        device's memory holds: the pool as asked where at least one slot fits beside it (a
+        device's memory holds, ``reserve`` bytes of it aside: the pool as asked where at least
+        one slot fits beside it (a
         default that does not fit must not cost the static path), the slots as many as fit,
         so that a model whose slots x context exceed the device still serves on this path
         (as vLLM sizes its KV blocks to the memory left); with tensor parallelism, what every
         rank holds."""
         free = free_device_bytes(self.device)
-        budget = None if free is None else free * CACHE_MEMORY_FRACTION
+        budget = None if free is None else max(0, free - reserve) * CACHE_MEMORY_FRACTION
 
         def fitting(pool: int) -> int:
             if budget is None:
@@ -812,20 +817,22 @@ class StaticDecoder:
                 f"one sequence of {self.max_length} tokens needs {2 * slot_bytes / 2**30:.1f} GiB "
                 f"of keys and values (with the spare slot); {CACHE_MEMORY_FRACTION:.0%} of the "
                 f"free device memory is {(budget or 0) / 2**30:.1f} GiB"
-                f"{' here (the rank with the least decides)' if self.tp is not None else ''}: "
+                f"{' here (the rank with the least decides)' if self.tp is not None else ''}"
+                f"{f', {reserve / 2**30:.1f} GiB kept for a hot reload' if reserve else ''}: "
                 "lower --max-context"
             )
         if slots < wanted:
             log.warning(
                 "the static KV cache holds %d sequences of %d tokens, not %d: %.1f GiB each, "
-                "%.1f GiB for them (%.0f%% of the free device memory); a lower --max-context "
-                "holds more",
+                "%.1f GiB for them (%.0f%% of the free device memory, %.1f GiB kept for a hot "
+                "reload); a lower --max-context holds more",
                 slots,
                 self.max_length,
                 wanted,
                 slot_bytes / 2**30,
                 (budget or 0) / 2**30,
                 CACHE_MEMORY_FRACTION * 100,
+                reserve / 2**30,
             )
         return slots, blocks if keep_pool else 0
 

@@ -107,6 +107,8 @@ class Engine:
         quantization: str = "none",
         flush_events: Callable[[], None] | None = None,
         idle_wait: float = IDLE_WAIT_SECONDS,
+        reload_headroom: bool = False,
+        release_replaced: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -137,6 +139,13 @@ class Engine:
         self.prefix_cache_tokens = prefix_cache_tokens
         self.quantization = quantization
         self.idle_wait = idle_wait
+        # Hot reloads load the next version beside the live one: the static cache leaves room
+        # for a model of the live one's size.
+        self.reload_headroom = reload_headroom
+        # A replaced model is never used again (the replica's case, not the tests', which reuse
+        # models): its weights go before the next one's static cache is sized, so that a hot
+        # reload's cache gets what a fresh start's does.
+        self.release_replaced = release_replaced
         # Rank 0 of a tensor-parallel replica: set before its first model goes live.
         self.tensor_parallel: TensorParallel | None = None
         # Tensor parallelism, a hot reload: called on this thread, the old version's work done,
@@ -507,6 +516,9 @@ class Engine:
         """Make ``bundle`` the live model (False: it could not, and the engine must stop)."""
         with self._beating(SWITCH_DEADLINE_SECONDS):
             try:
+                if self.release_replaced and self._current is not None:
+                    # Its batch is gone (``_swap_due``): nothing can run it any more.
+                    self._current.release_weights()
                 batch = self._new_batch(bundle)
             except Exception as exc:  # noqa: BLE001 - any cause: the caller gets it
                 # The old batch is gone: the engine stops, and the swap's caller learns why.
@@ -590,6 +602,7 @@ class Engine:
                 attention=self.decode_attention,
                 gemm=self.decode_gemm,
                 prefix_cache_tokens=self.prefix_cache_tokens,
+                reserve_bytes=self._reserve(bundle),
             )
             try:
                 decoder.capture_all()
@@ -639,6 +652,9 @@ class Engine:
                 decode_attention=self.decode_attention,
                 decode_gemm=self.decode_gemm,
                 prefix_cache_tokens=self.prefix_cache_tokens,
+                # Only rank 0 loads the next version beside the live one (the other ranks
+                # free theirs first, ``ranks.follow``).
+                reserve_bytes=self._reserve(bundle),
             )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
@@ -653,6 +669,11 @@ class Engine:
             text,
         )
         return batch
+
+    def _reserve(self, bundle: LoadedModel) -> int:
+        """Device bytes the static cache leaves free: a next version of ``bundle``'s size where
+        hot reloads may load one."""
+        return bundle.loaded_bytes if self.reload_headroom else 0
 
     def _fail_batch(self, status: int, message: str) -> None:
         if self._batch is not None:
