@@ -111,12 +111,22 @@ def test_sampling_params_refused(settings: ServeSettings, v1: LoadedModel) -> No
         ({"prompt": ["a" * INLINE_TEXT_CHARS]}, True),
         ({"prompt": ["a" * (INLINE_TEXT_CHARS // 2 + 1)] * 2}, False),  # counted together
         ({"messages": [{"role": "user", "content": "Hi"}]}, True),
+        ({"messages": [{"role": "user", "content": ""}] * 65}, False),  # the template's work
+        ({"messages": [{"role": "user", "content": "", "name": "a" * 4096}]}, False),
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "a" * 4096}]}]},
             False,
         ),
     ],
-    ids=["ids", "short-text", "long-texts", "short-chat", "long-chat-parts"],
+    ids=[
+        "ids",
+        "short-text",
+        "long-texts",
+        "short-chat",
+        "many-messages",
+        "long-name",
+        "long-chat-parts",
+    ],
 )
 def test_short_prompts_are_tokenized_on_the_event_loop(body: dict[str, Any], inline: bool) -> None:
     """Token ids and short text are prepared inline (a thread costs more); long text, whose

@@ -79,6 +79,7 @@ def _decoder(
     bucketed: bool = False,
     attention: str = "auto",
     prefix_cache_tokens: int = 0,
+    reserve_bytes: int = 0,
 ) -> staticdecode.StaticDecoder:
     return staticdecode.StaticDecoder(
         bundle.model,
@@ -91,6 +92,7 @@ def _decoder(
         bucketed_prefill=bucketed,
         attention=attention,
         prefix_cache_tokens=prefix_cache_tokens,
+        reserve_bytes=reserve_bytes,
     )
 
 
@@ -578,6 +580,21 @@ def test_the_prefix_pool_gives_way_to_the_first_slot_and_no_slot_is_named(
         _decoder(v1, slots=4)
 
 
+def test_a_hot_reload_reserve_that_leaves_no_slot_gives_way(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Room kept for a hot reload's next version shrinks the cache; where it would leave no
+    slot at all, it is given up (saying so): a replica that serves beats one that reloads."""
+    free = free_bytes_for(v1.model.config, v1.dtype, v1.max_context, 5.5)
+    slot = staticdecode.cache_bytes(v1.model.config, 1, v1.max_context + 1, v1.dtype)
+    monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: free)
+    with caplog.at_level(logging.WARNING):
+        assert _decoder(v1, slots=8, reserve_bytes=int(2.5 * slot)).slots == 2
+        assert "no room for a hot reload" not in caplog.text
+        assert _decoder(v1, slots=8, reserve_bytes=free).slots == 4
+    assert "no room for a hot reload's next version" in caplog.text
+
+
 def test_the_engine_admits_only_the_slots_the_static_cache_holds(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -625,13 +642,12 @@ def test_a_hot_reload_keeps_room_for_the_next_version_and_frees_the_replaced_one
     """Device memory as the loaded models' weights leave it: with reload headroom the first
     version's cache leaves one model's size free (the next version loads there) and holds the
     slots that fit beside it; at the switch the replaced weights go first, so the second
-    version's cache gets as many slots (kept, they would still take that room: no slot fits,
-    the dynamic path serves)."""
+    version's cache gets as many slots (kept, they would still take that room)."""
     from metalserve.loader import load_version
 
     loaded = [load_version(model_store.root, MODEL, model_store.v1)]
     first = loaded[0]
-    total = free_bytes_for(first.model.config, first.dtype, first.max_context, 3.5)
+    total = free_bytes_for(first.model.config, first.dtype, first.max_context, 5.5)
     total += 2 * first.loaded_bytes  # the two versions' weights (of one shape)
     monkeypatch.setattr(
         staticdecode,
@@ -648,11 +664,12 @@ def test_a_hot_reload_keeps_room_for_the_next_version_and_frees_the_replaced_one
     eng.start()
     try:
         eng.swap(loaded[0]).result(timeout=10)
-        assert (eng.decode_path, eng.batch_slots) == ("static", 2)
+        assert (eng.decode_path, eng.batch_slots) == ("static", 4)
         loaded.append(load_version(model_store.root, MODEL, model_store.v2))
         assert eng.swap(loaded[1]).result(timeout=30) is loaded[0]
         assert loaded[0].loaded_bytes == (0 if release else loaded[1].loaded_bytes)
-        assert (eng.decode_path, eng.batch_slots) == (("static", 2) if release else ("dynamic", 8))
+        # Kept, the replaced weights take the room of about two slots.
+        assert (eng.decode_path, eng.batch_slots) == ("static", 4 if release else 2)
         _, sink = submit(eng, loaded[1], PROMPTS[0])
         sink.wait()
     finally:

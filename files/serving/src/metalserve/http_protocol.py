@@ -12,9 +12,11 @@ connection closes (the head is in and the body is late: the handler sees a disco
 httptools, not h11: per streamed token it costs the event loop ~20% less CPU (BENCHMARKS, round
 2 step 15).
 
-Each request's scope also carries when its first bytes were parsed (``RECEIVED``): the API
-middleware times the request from there, and how long it waited for the event loop to begin
-handling it (in a wave of requests, the later ones wait for the earlier ones' Python).
+Each request's scope also carries when its head was parsed (``RECEIVED``): the API middleware
+times the request from there, and how long it waited for the event loop to begin handling it
+(in a wave of requests, the later ones wait for the earlier ones' Python; on a pipelined
+connection, for the responses ahead of it). Not seen: how long its bytes sat in the socket
+before the loop read them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-# The ASGI scope's key of the request's arrival: time.perf_counter() when its first bytes were
-# parsed.
+# The ASGI scope's key of the request's arrival: time.perf_counter() when its head was parsed.
 RECEIVED = "metalserve.received"
 REQUEST_TIMEOUT_BODY = b"request not received in time\n"
 # Written by hand: the parser has no request to answer yet.
@@ -57,11 +58,13 @@ def timed_http_protocol(request_timeout: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
             self._receiving, self._head_in = True, False
 
         def on_headers_complete(self) -> None:
             self._head_in = True
+            # Its head is in: from here it waits only for the server (a slow client's head
+            # is the request timeout's business, not the loop's).
+            self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:

@@ -19,6 +19,8 @@ MAX_CHARS_PER_TOKEN = 64
 # while the engine thread wants it too). Longer text goes to a thread, so that the loop keeps
 # streaming while the tokenizer runs.
 INLINE_TEXT_CHARS = 2048
+# ...and a chat of at most this many messages (its template renders them in Python).
+INLINE_MESSAGES = 64
 
 
 def tokenized_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -26,7 +28,9 @@ def tokenized_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
     if isinstance(body, CompletionRequest):
         chars = sum(len(p) for p in body.prompts() if isinstance(p, str))
     else:
-        chars = sum(len(message.text()) for message in body.messages)
+        if len(body.messages) > INLINE_MESSAGES:
+            return False
+        chars = sum(len(m.text()) + len(m.name or "") for m in body.messages)
     return chars <= INLINE_TEXT_CHARS
 
 

@@ -785,22 +785,29 @@ class StaticDecoder:
         self, wanted: int, slot_bytes: int, blocks: int, pool_bytes: int, reserve: int
     ) -> tuple[int, int]:
         """The slots (up to ``wanted``) and prefix pool blocks (``blocks`` or none) that the
-        device's memory holds, ``reserve`` bytes of it aside: the pool as asked where at least
-        one slot fits beside it (a
-        default that does not fit must not cost the static path), the slots as many as fit,
-        so that a model whose slots x context exceed the device still serves on this path
-        (as vLLM sizes its KV blocks to the memory left); with tensor parallelism, what every
-        rank holds."""
+        device's memory holds, ``reserve`` bytes of it aside (unless that leaves no slot: a
+        replica that serves beats one whose hot reloads fit), the pool as asked where at
+        least one slot fits beside it (a default that does not fit must not cost the static
+        path), the slots as many as fit, so that a model whose slots x context exceed the
+        device still serves on this path (as vLLM sizes its KV blocks to the memory left);
+        with tensor parallelism, what every rank holds."""
         free = free_device_bytes(self.device)
-        budget = None if free is None else max(0, free - reserve) * CACHE_MEMORY_FRACTION
 
-        def fitting(pool: int) -> int:
-            if budget is None:
+        def fitting(pool: int, aside: int) -> int:
+            if free is None:
                 return wanted
+            budget = max(0, free - aside) * CACHE_MEMORY_FRACTION
             # One spare slot beside them (``spare_slot``).
             return max(0, min(wanted, int((budget - pool) // slot_bytes) - 1))
 
-        keep_pool = bool(blocks) and fitting(pool_bytes) >= 1
+        if reserve and fitting(0, reserve) < 1:
+            log.warning(
+                "no room for a hot reload's next version (%.1f GiB) beside one sequence's keys "
+                "and values: a reload will fail to load; a lower --max-context leaves room",
+                reserve / 2**30,
+            )
+            reserve = 0
+        keep_pool = bool(blocks) and fitting(pool_bytes, reserve) >= 1
         # Ranks hold the same blocks (rank 0's copies are every rank's): all of them or none.
         if blocks and self.tp is not None:
             keep_pool = self.tp.all_agree(keep_pool, self.device)
@@ -809,30 +816,32 @@ class StaticDecoder:
                 "no prefix cache: its %.1f GiB leave no room for one sequence's keys and values",
                 pool_bytes / 2**30,
             )
-        slots = fitting(pool_bytes if keep_pool else 0)
+        slots = fitting(pool_bytes if keep_pool else 0, reserve)
         if self.tp is not None:
             slots = self.tp.least(slots, self.device)
+        budget = max(0, (free or 0) - reserve) * CACHE_MEMORY_FRACTION
+        kept = f", {reserve / 2**30:.1f} GiB aside for a hot reload" if reserve else ""
         if slots < 1:
             raise StaticDecodeUnavailable(
                 f"one sequence of {self.max_length} tokens needs {2 * slot_bytes / 2**30:.1f} GiB "
-                f"of keys and values (with the spare slot); {CACHE_MEMORY_FRACTION:.0%} of the "
-                f"free device memory is {(budget or 0) / 2**30:.1f} GiB"
-                f"{' here (the rank with the least decides)' if self.tp is not None else ''}"
-                f"{f', {reserve / 2**30:.1f} GiB kept for a hot reload' if reserve else ''}: "
+                f"of keys and values (with the spare slot); the cache may take "
+                f"{budget / 2**30:.1f} GiB ({CACHE_MEMORY_FRACTION:.0%} of the free device "
+                f"memory{kept})"
+                f"{' here (the rank with the least decides)' if self.tp is not None else ''}: "
                 "lower --max-context"
             )
         if slots < wanted:
             log.warning(
                 "the static KV cache holds %d sequences of %d tokens, not %d: %.1f GiB each, "
-                "%.1f GiB for them (%.0f%% of the free device memory, %.1f GiB kept for a hot "
-                "reload); a lower --max-context holds more",
+                "%.1f GiB for them (%.0f%% of the free device memory%s); a lower --max-context "
+                "holds more",
                 slots,
                 self.max_length,
                 wanted,
                 slot_bytes / 2**30,
-                (budget or 0) / 2**30,
+                budget / 2**30,
                 CACHE_MEMORY_FRACTION * 100,
-                reserve / 2**30,
+                kept,
             )
         return slots, blocks if keep_pool else 0
 

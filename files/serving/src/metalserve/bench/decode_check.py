@@ -94,7 +94,9 @@ def _load(store_root: Path, version_id: str, device: str, dtype: str = "auto") -
 def _decoder(
     bundle: LoadedModel, slots: int, quantization: str = "none"
 ) -> staticdecode.StaticDecoder:
-    return staticdecode.StaticDecoder(
+    """The server's static decoder of ``slots`` slots; the checks run batches of up to that
+    many, so a device whose memory holds fewer sequences of the model's context is refused."""
+    decoder = staticdecode.StaticDecoder(
         bundle.model,
         slots=slots,
         max_length=bundle.max_context,
@@ -104,6 +106,12 @@ def _decoder(
         compile_layers=bundle.device.type == "cuda",  # the server's default there
         quantization=quantization,
     )
+    if decoder.slots < slots:
+        raise staticdecode.StaticDecodeUnavailable(
+            f"the device's memory holds {decoder.slots} sequences of {bundle.max_context} "
+            f"tokens, not the {slots} this check runs"
+        )
+    return decoder
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

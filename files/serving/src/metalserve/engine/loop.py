@@ -24,7 +24,7 @@ prefill and its decode step, and around a model switch; an idle loop waits at mo
 seconds, so the heartbeat advances while nothing happens too. The systemd watchdog pinger
 (``metalserve.sdnotify``) pings only while the heartbeat is fresh: a dead or wedged loop gets the
 process restarted. Model loads and warm-ups run on the loader's thread, never in this loop, so
-the longest gap between two beats is one forward pass (a prefill of up to ``max_batch_size``
+the longest gap between two beats is one forward pass (a prefill of up to ``batch_slots``
 prompts) or one switch (building a static batch: its CUDA graphs, ~1-2 s). ``wedge`` (fault
 injection for lab proofs) blocks the loop on purpose.
 """
@@ -516,9 +516,10 @@ class Engine:
         """Make ``bundle`` the live model (False: it could not, and the engine must stop)."""
         with self._beating(SWITCH_DEADLINE_SECONDS):
             try:
-                if self.release_replaced and self._current is not None:
+                old = self._current
+                if self.release_replaced and old is not None and old is not bundle:
                     # Its batch is gone (``_swap_due``): nothing can run it any more.
-                    self._current.release_weights()
+                    old.release_weights()
                 batch = self._new_batch(bundle)
             except Exception as exc:  # noqa: BLE001 - any cause: the caller gets it
                 # The old batch is gone: the engine stops, and the swap's caller learns why.
