@@ -568,11 +568,15 @@ def _check(settings: ReloadCheckSettings, checker: Checker, out_dir: Path) -> in
         judge_load(checker, "reload_A_to_B", res, va, vb, 64)
         v = s1.version()
         info["version_after_reload_B"] = {
-            k: v.get(k) for k in ("version_id", "decode_path", "load_seconds")
+            k: v.get(k) for k in ("version_id", "decode_path", "max_batch_size", "load_seconds")
         }
+        # The same slots as at the start: the reload's cache was sized with the replaced
+        # weights freed (and the start's left room for the reload's load).
         check(
-            f"after reload: /version reports B and {graphs}",
-            v.get("version_id") == vb and v.get("decode_path") == graphs,
+            f"after reload: /version reports B, {graphs} and the start's max_batch_size",
+            v.get("version_id") == vb
+            and v.get("decode_path") == graphs
+            and v.get("max_batch_size") == info["version_at_start"]["max_batch_size"],
             info["version_after_reload_B"],
         )
         info["gpu_mem_mib_after_B"] = gpu_mem_used_mib()
