@@ -167,6 +167,12 @@ class Metrics:
         # The HTTP side's backlog: every stream's events, every request's parsing and answer run
         # on one event loop thread; a loop behind its timers delays all of them (first tokens
         # of new requests included).
+        self.event_loop_lag = Histogram(
+            "metalserve_event_loop_lag_seconds",
+            "How late the HTTP event loop ran its 0.1 s tick (ready work ahead of it)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         # A request's part of that backlog: from its head parsed (uvicorn's protocol) to the
         # API beginning to handle it.
         self.request_start_delay = Histogram(
@@ -174,12 +180,6 @@ class Metrics:
             "Time from a request's head read to its handling begun (the HTTP event loop's "
             "ready work ahead of it, or a pipelined connection's responses)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=r,
-        )
-        self.event_loop_lag = Histogram(
-            "metalserve_event_loop_lag_seconds",
-            "How late the HTTP event loop ran its 0.1 s tick (ready work ahead of it)",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
 
