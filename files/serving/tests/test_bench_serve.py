@@ -42,7 +42,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         "--clients",
         "3",
         "--arms",
-        ",".join(SERVE_ARMS),  # the default and server-fp8
+        ",".join(SERVE_ARMS),  # the default, server-fp8 and server-process
         "--reload",
         "--profile-passes",
         "4",
@@ -81,6 +81,17 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         fp8["weight_bytes"] / plain["weight_bytes"], abs=0.001
     )
     assert report["arms"]["server"]["mean_decode_batch"] > 1
+    # The same server with its engine in a process of its own: that process's forward passes,
+    # counted by the API's metrics, reached the report; its hot reload and profile ran.
+    split = report["arms"]["server-process"]
+    assert split["decode_path"] == plain["decode_path"]
+    assert split["mean_decode_batch"] > 1
+    assert split["reload_seconds"] > 0
+    assert sum(split["engine_profile"]["passes"].values()) >= 4
+    assert report["ratios"]["server_process_vs_server"] == pytest.approx(
+        split["tokens_per_s"] / plain["tokens_per_s"], abs=0.01
+    )
+    assert "server-process TTFT means in ms: clients " in result.stdout
     # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
     assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
     # ...and its parts: on the CPU no device part, and host plus wait is the step's time.
@@ -232,10 +243,10 @@ def test_a_failing_worker_ends_the_run_instead_of_a_barrier_wait() -> None:
 
 def test_requests_per_arm() -> None:
     options = BenchServeSettings(clients=32)
-    assert [options.requests_for(arm) for arm in SERVE_ARMS] == [4, 64, 128, 128]
+    assert [options.requests_for(arm) for arm in SERVE_ARMS] == [4, 64, 128, 128, 128]
     given = BenchServeSettings(clients=3, requests=7)
     # The static arm runs whole batches of --clients.
-    assert [given.requests_for(arm) for arm in SERVE_ARMS] == [7, 9, 7, 7]
+    assert [given.requests_for(arm) for arm in SERVE_ARMS] == [7, 9, 7, 7, 7]
     assert options.arms == ("naive", "static", "server")  # server-fp8 when asked for
 
 

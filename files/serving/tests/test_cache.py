@@ -137,11 +137,11 @@ def test_a_replica_loads_from_the_store_once_then_from_its_node(
     model_store: Store, tmp_path: Path
 ) -> None:
     first = _replica(model_store, tmp_path, model_store.v1)
-    assert first._load(model_store.v1).version_id == model_store.v1
+    assert first.host._load(model_store.v1).version_id == model_store.v1
     assert _cache_loads(first, "miss") == 1
     _wait_cached(tmp_path, model_store.v1)
     second = _replica(model_store, tmp_path, model_store.v1)
-    bundle = second._load(model_store.v1)
+    bundle = second.host._load(model_store.v1)
     assert bundle.version_id == model_store.v1
     assert _cache_loads(second, "hit") == 1
     # Its lease keeps the version while it serves it.
@@ -155,7 +155,7 @@ def test_a_corrupted_cached_copy_is_dropped_never_served(
     assert cache.add(model_store.root, MODEL, model_store.v2)
     corrupt_weights(store.version_dir(tmp_path, MODEL, model_store.v2) / "model.safetensors")
     replica = _replica(model_store, tmp_path, model_store.v2)
-    bundle = replica._load(model_store.v2)  # from the store, verified
+    bundle = replica.host._load(model_store.v2)  # from the store, verified
     assert bundle.version_id == model_store.v2
     assert _cache_loads(replica, "corrupt") == 1
     _wait_cached(tmp_path, model_store.v2)  # and cached again, intact

@@ -110,7 +110,11 @@ def test_verify_names_missing_and_extra_files(tmp_path: Path, model_store: Store
     assert "notes.txt: extra" in result.stderr
 
 
-def test_serve_refuses_a_tampered_version(model_store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split", [(), ("--engine-process",)], ids=["thread", "engine-process"])
+def test_serve_refuses_a_tampered_version(
+    model_store: Store, tmp_path: Path, split: tuple[str, ...]
+) -> None:
+    """With the engine in its own process, its VerificationError reaches the API's exit code."""
     proc = subprocess.run(
         [
             METALSERVE,
@@ -123,6 +127,7 @@ def test_serve_refuses_a_tampered_version(model_store: Store, tmp_path: Path) ->
             model_store.corrupt,
             "--port",
             str(free_port()),
+            *split,
         ],
         capture_output=True,
         text=True,

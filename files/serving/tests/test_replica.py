@@ -18,8 +18,9 @@ import uvloop
 from conftest import MODEL, Store
 from metalserve import server, skinny_linear
 from metalserve.errors import ApiError
+from metalserve.host import _free_memory
 from metalserve.metrics import Metrics
-from metalserve.replica import Replica, _free_memory, read_token
+from metalserve.replica import Replica, read_token
 from metalserve.settings import ServeSettings
 
 
@@ -50,7 +51,7 @@ def test_a_load_keeps_the_decode_timings_in_the_file_named(
     )
     try:
         timings: dict[str, float] = {}
-        bundle = Replica(settings, model_store.v1).load_and_warm(model_store.v1, timings)
+        bundle = Replica(settings, model_store.v1).host.load_and_warm(model_store.v1, timings)
         assert bundle.version_id == model_store.v1
         assert set(timings) == {"imports", "load", "warmup"}
         assert skinny_linear._file == path
@@ -65,7 +66,7 @@ def test_max_context_caps_the_model_context(model_store: Store, asked: int, held
     settings = ServeSettings(
         store=model_store.root, model=MODEL, version=model_store.v1, max_context=asked
     )
-    bundle = Replica(settings, model_store.v1).load_and_warm(model_store.v1, {})
+    bundle = Replica(settings, model_store.v1).host.load_and_warm(model_store.v1, {})
     assert bundle.max_context == held
 
 

@@ -301,9 +301,16 @@ WEDGE_SECONDS = 8.0
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
 def test_server_notifies_ready_pings_and_stops(
-    receiver: Receiver, model_store: Store, admin_token_file: Path, tmp_path: Path
+    receiver: Receiver,
+    model_store: Store,
+    admin_token_file: Path,
+    tmp_path: Path,
+    engine_process: bool,
 ) -> None:
+    """With the engine in a process of its own, its heartbeat comes over the socket: the pings
+    stop while it is wedged there too."""
     env = server_env()
     env.update(NOTIFY_SOCKET=receiver.address, WATCHDOG_USEC=str(int(SERVER_INTERVAL * 1e6)))
     server = Server(
@@ -311,6 +318,7 @@ def test_server_notifies_ready_pings_and_stops(
             model_store,
             admin_token_file=admin_token_file,
             fault_injection=True,
+            engine_process=engine_process,
             debug_step_delay=0.5,  # the warm-up takes > 2 s: READY=1 comes before /readyz turns 200
         ),
         tmp_path / "notify.log",

@@ -22,7 +22,7 @@ from metalserve.engine import (
     TextDelta,
 )
 from metalserve.errors import ApiError
-from metalserve.loader import LoadedModel
+from metalserve.loader import ModelView
 from metalserve.prompts import sampling_params, tokenized_inline
 from metalserve.replica import Replica
 from metalserve.sampling import SamplingParams, TokenLogprob
@@ -52,13 +52,14 @@ class Generation:
     def __init__(
         self,
         replica: Replica,
-        bundle: LoadedModel,
+        bundle: ModelView,
         prompts: list[list[int]],
         params: SamplingParams,
         endpoint: str,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._relay = replica.relay
+        self._engine = replica.engine
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.bundle = bundle
         self.seqs = [
@@ -93,7 +94,7 @@ class Generation:
 
     def cancel(self) -> None:
         for seq in self.seqs:
-            seq.cancel()
+            self._engine.cancel(seq)
 
     @property
     def fingerprint(self) -> str:
@@ -185,7 +186,7 @@ def merge_text(events: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
 async def start_generation(
     replica: Replica,
     body: CompletionRequest | ChatCompletionRequest,
-    prepare: Callable[[LoadedModel], list[list[int]]],
+    prepare: Callable[[ModelView], list[list[int]]],
     requested: int | None,
     default: int | None,
     endpoint: str,

@@ -50,12 +50,13 @@ class LoadError(Exception):
 
 
 @dataclass(eq=False)
-class LoadedModel:
-    """A model version ready for inference; the engine runs one (two during a reload)."""
+class ModelView:
+    """What the API side needs of a served version: its names, tokenizer and limits, no weights.
+    A ``LoadedModel`` is one; with the engine in a process of its own (``metalserve.core``) the
+    API process holds only this, sent over from the engine's process."""
 
     name: str
     version_id: str
-    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
@@ -69,13 +70,45 @@ class LoadedModel:
     # (transformers' import, config, tokenizer, the model's modules) runs beside.
     weights_seconds: float = 0.0
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    # (rank, world): the model holds that rank's part of each layer's projections only, and
-    # runs only as the static path's share of a tensor-parallel replica.
-    part_of: tuple[int, int] | None = None
 
     @property
     def short_id(self) -> str:
         return self.version_id[: store.SHORT_ID_LEN]
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Tokenize with the Rust backend directly: it is thread-safe and needs no lock."""
+        ids: list[int] = self.tokenizer.backend_tokenizer.encode(
+            text, add_special_tokens=add_special_tokens
+        ).ids
+        return ids
+
+    def view(self) -> ModelView:
+        """This version's view alone (the same tokenizer), to send to another process."""
+        return ModelView(
+            name=self.name,
+            version_id=self.version_id,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            dtype=self.dtype,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            max_context=self.max_context,
+            vocab_size=self.vocab_size,
+            files=self.files,
+            load_seconds=self.load_seconds,
+            weights_seconds=self.weights_seconds,
+            loaded_at=self.loaded_at,
+        )
+
+
+@dataclass(eq=False, kw_only=True)
+class LoadedModel(ModelView):
+    """A model version ready for inference; the engine runs one (two during a reload)."""
+
+    model: PreTrainedModel
+    # (rank, world): the model holds that rank's part of each layer's projections only, and
+    # runs only as the static path's share of a tensor-parallel replica.
+    part_of: tuple[int, int] | None = None
 
     @property
     def loaded_bytes(self) -> int:
@@ -90,13 +123,6 @@ class LoadedModel:
         sized to the memory left."""
         model: Any = self.model  # transformers types its ``to`` for dtypes and devices apart
         model.to("meta")
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Tokenize with the Rust backend directly: it is thread-safe and needs no lock."""
-        ids: list[int] = self.tokenizer.backend_tokenizer.encode(
-            text, add_special_tokens=add_special_tokens
-        ).ids
-        return ids
 
 
 def validate_device(device: str) -> str:

@@ -208,6 +208,9 @@ class Metrics:
         self.model_info.clear()
         self.model_info.labels(model=model, version=version).set(1)
 
+    def cache_load(self, result: str) -> None:
+        self.cache_loads.labels(result=result).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

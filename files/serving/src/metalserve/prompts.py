@@ -7,7 +7,7 @@ before anything reaches the engine. Tokenizing runs in a worker thread (the call
 from __future__ import annotations
 
 from metalserve.errors import ApiError
-from metalserve.loader import LoadedModel
+from metalserve.loader import ModelView
 from metalserve.sampling import SamplingParams
 from metalserve.schemas import ChatCompletionRequest, CompletionRequest
 from metalserve.settings import ServeSettings
@@ -34,12 +34,12 @@ def tokenized_inline(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return chars <= INLINE_TEXT_CHARS
 
 
-def _prompt_limit(settings: ServeSettings, bundle: LoadedModel) -> int:
+def _prompt_limit(settings: ServeSettings, bundle: ModelView) -> int:
     limit = bundle.max_context - 1
     return min(limit, settings.max_prompt_tokens) if settings.max_prompt_tokens else limit
 
 
-def _check_prompt(settings: ServeSettings, bundle: LoadedModel, ids: list[int]) -> list[int]:
+def _check_prompt(settings: ServeSettings, bundle: ModelView, ids: list[int]) -> list[int]:
     limit = _prompt_limit(settings, bundle)
     if len(ids) > limit:
         raise ApiError(
@@ -57,7 +57,7 @@ def _check_prompt(settings: ServeSettings, bundle: LoadedModel, ids: list[int]) 
 
 
 def _encode(
-    settings: ServeSettings, bundle: LoadedModel, text: str, *, add_special_tokens: bool, param: str
+    settings: ServeSettings, bundle: ModelView, text: str, *, add_special_tokens: bool, param: str
 ) -> list[int]:
     limit = _prompt_limit(settings, bundle)
     if len(text) > limit * MAX_CHARS_PER_TOKEN:
@@ -69,7 +69,7 @@ def _encode(
 
 
 def completion_prompts(
-    settings: ServeSettings, bundle: LoadedModel, body: CompletionRequest
+    settings: ServeSettings, bundle: ModelView, body: CompletionRequest
 ) -> list[list[int]]:
     """The token ids of every prompt of a /v1/completions request (text or ids)."""
     result = []
@@ -83,7 +83,7 @@ def completion_prompts(
 
 
 def chat_prompt(
-    settings: ServeSettings, bundle: LoadedModel, body: ChatCompletionRequest
+    settings: ServeSettings, bundle: ModelView, body: ChatCompletionRequest
 ) -> list[int]:
     """The token ids of a chat's messages rendered by the model's chat template."""
     from jinja2 import TemplateError
@@ -115,7 +115,7 @@ def chat_prompt(
 
 def sampling_params(
     settings: ServeSettings,
-    bundle: LoadedModel,
+    bundle: ModelView,
     body: CompletionRequest | ChatCompletionRequest,
     requested: int | None,
     prompts: list[list[int]],

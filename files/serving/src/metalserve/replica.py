@@ -8,32 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import gc
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from metalserve import ranks, store
-from metalserve.cache import Lease, VersionCache
-from metalserve.engine import WARMUP_PROMPT, WARMUP_TOKENS, Engine, generate_once
+from metalserve import store
+from metalserve.core.client import CoreClient, RemoteEngine
+from metalserve.engine import Engine
 from metalserve.errors import ApiError
 from metalserve.exitcodes import ExitCode
-from metalserve.loader import LoadedModel, LoadError, import_libraries, load_version
+from metalserve.host import ModelHost
+from metalserve.loader import LoadError, ModelView
 from metalserve.metrics import Metrics
 from metalserve.relay import EventRelay
-from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
-from metalserve.threads import in_daemon_thread
 from metalserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
-
-LOAD_THREAD = "metalserve-load"
 
 
 class Phase(enum.StrEnum):
@@ -64,22 +58,22 @@ class Replica:
         self.metrics.draining.set_function(lambda: 1 if self.draining else 0)
         self.relay = EventRelay()
         self.admin_token = read_token(settings.admin_token_file)
-        self.engine = Engine(
-            max_batch_size=settings.batch_limit,
-            max_queue=settings.max_queue,
-            observer=self.metrics,
-            step_delay=settings.debug_step_delay,
-            decode_mode=settings.decode_mode,
-            decode_compile=settings.decode_compile,
-            decode_attention=settings.decode_attention,
-            decode_gemm=settings.decode_gemm,
-            prefix_cache_tokens=settings.prefix_cache_tokens,
-            quantization=settings.quantization,
-            flush_events=self.relay.flush,
-            # The admin API's hot reloads load the next version beside the live one.
-            reload_headroom=self.admin_token is not None,
-            release_replaced=True,
-        )
+        # The admin API's hot reloads load the next version beside the live one.
+        reload_headroom = self.admin_token is not None
+        self.host: ModelHost | CoreClient
+        if settings.engine_process:
+            self.host = CoreClient(
+                settings, self.metrics, self.relay, reload_headroom=reload_headroom
+            )
+        else:
+            self.host = ModelHost(
+                settings,
+                self.metrics,
+                flush_events=self.relay.flush,
+                reload_headroom=reload_headroom,
+                on_rank_failure=lambda why: self._fatal(ExitCode.RANK_FAILED, why),
+            )
+        self.engine: Engine | RemoteEngine = self.host.engine
         self.phase = Phase.LOADING
         self.draining = False
         self.exit_code = ExitCode.OK
@@ -88,11 +82,6 @@ class Replica:
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
         self.reload_lock = asyncio.Lock()
-        self.cache = (
-            VersionCache(settings.cache_dir, int(settings.cache_max_gib * 2**30))
-            if settings.cache_dir is not None
-            else None
-        )
         self.tracing = (
             Tracing.otlp(
                 settings.otlp_endpoint,
@@ -101,16 +90,8 @@ class Replica:
             if settings.otlp_endpoint
             else None
         )
-        # The cache lease of the version served (kept: no eviction removes it) and of one loading.
-        self._leases: dict[str, Lease] = {}
         # Where the time to ready went (seconds by phase), once ready.
         self.startup: dict[str, float] = {}
-        # serve --tensor-parallel: the other ranks, and what each rank loaded (rank order).
-        self.ranks: ranks.Ranks | None = None
-        # Rank 0's process group, once the other ranks joined it (``_share_with_ranks``).
-        self._group: Future[Any] | None = None
-        self.rank_infos: list[dict[str, Any]] = []
-        self._loaded_from: dict[str, Path] = {}
 
     # --- state ----------------------------------------------------------------------------
 
@@ -155,146 +136,10 @@ class Replica:
 
     # --- loading --------------------------------------------------------------------------
 
-    def load_and_warm(
-        self, version_id: str, timings: dict[str, float] | None = None
-    ) -> LoadedModel:
-        """Load and verify a version (from the node's cache when it holds it), then prove it
-        generates (blocking: run in a thread). ``timings`` gets the seconds of each part."""
-        timings = {} if timings is None else timings
-        started = time.monotonic()
-        import_libraries()
-        timings["imports"] = time.monotonic() - started
-        if self.settings.decode_tuning_file is not None:
-            from metalserve import skinny_linear
-
-            skinny_linear.remember_in(self.settings.decode_tuning_file)
-        bundle = self._load(version_id)
-        timings["load"] = bundle.load_seconds
-        if bundle.part_of is not None:
-            if self.engine.tensor_parallel is not None:
-                self._verify_version(version_id)
-            # A rank's part runs only with the other ranks: the engine warms them up together.
-            return bundle
-        started = time.monotonic()
-        text = generate_once(
-            bundle,
-            bundle.encode(WARMUP_PROMPT, add_special_tokens=True),
-            SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
-            step_delay=self.settings.debug_step_delay,
-        )
-        timings["warmup"] = time.monotonic() - started
-        log.info("warm-up of %s passed: %r", bundle.short_id, text)
-        return bundle
-
-    def _verify_version(self, version_id: str) -> None:
-        """A hot reload over tensor-parallel ranks: the other ranks drop the version they serve
-        before they load their parts of the next, so every block of it is verified here first
-        (host threads), and a bad version is refused while the old one still serves. A bad
-        copy in the node's cache is dropped: the next attempt loads the store's."""
-        root = self._loaded_from[version_id]
-        model = self.settings.model
-        entries = store.read_manifest(root, model, version_id).files
-        problems = store.verify_files(store.version_dir(root, model, version_id), entries)
-        if problems:
-            if root != self.settings.store:
-                self._drop_cached(version_id)
-            raise store.VerificationError(version_id, problems)
-
-    def _drop_cached(self, version_id: str) -> None:
-        """The node cache's copy of ``version_id`` failed verification: give it up."""
-        lease = self._leases.pop(version_id, None)
-        if lease is not None:
-            lease.release()
-        if self.cache is not None:
-            self.cache.drop(self.settings.model, version_id)
-        self.metrics.cache_loads.labels(result="corrupt").inc()
-        log.error("dropped the node cache's copy of %s", version_id[: store.SHORT_ID_LEN])
-
-    def _load(self, version_id: str) -> LoadedModel:
-        settings = self.settings
-
-        part = None
-        if settings.tensor_parallel > 1:
-            from metalserve.tensor_parallel import TensorParallel
-
-            part = TensorParallel(0, settings.tensor_parallel)
-
-        def load_from(root: Path) -> LoadedModel:
-            return load_version(
-                root,
-                settings.model,
-                version_id,
-                device=settings.device,
-                dtype=settings.dtype,
-                chunk_size=settings.read_chunk_mib * 1024 * 1024,
-                tensor_parallel=part,
-                max_context=settings.max_context,
-            )
-
-        cache = self.cache
-        lease = cache.acquire(settings.model, version_id) if cache is not None else None
-        if self.ranks is not None and self._group is None:
-            # The first load: the other ranks load their parts beside this one.
-            self._share_with_ranks(lease.root if lease is not None else settings.store, version_id)
-        if cache is not None and lease is not None:
-            try:
-                bundle = load_from(lease.root)
-                self._loaded_from[version_id] = lease.root
-            except store.VerificationError as exc:
-                # Never served: dropped, then the store's copy is loaded (and cached again).
-                log.error("the cached copy failed verification: %s", exc)
-                lease.release()
-                self._drop_cached(version_id)
-            else:
-                self._leases[version_id] = lease
-                self.metrics.cache_loads.labels(result="hit").inc()
-                log.info("loaded %s from the node's cache", version_id[: store.SHORT_ID_LEN])
-                return bundle
-        bundle = load_from(settings.store)
-        self._loaded_from[version_id] = settings.store
-        if cache is not None:
-            self.metrics.cache_loads.labels(result="miss").inc()
-            threading.Thread(
-                target=self._cache_version,
-                args=(cache, version_id),
-                name="metalserve-cache",
-                daemon=True,
-            ).start()
-        return bundle
-
-    def _cache_version(self, cache: VersionCache, version_id: str) -> None:
-        """Copy a version just loaded from the store into the cache (a background thread: the
-        load never waits for it), then hold its lease while it is served."""
-        try:
-            if not cache.add(self.settings.store, self.settings.model, version_id):
-                return
-        except Exception:
-            log.exception("caching %s failed", version_id[: store.SHORT_ID_LEN])
-            return
-        lease = cache.acquire(self.settings.model, version_id)
-        if lease is not None:
-            self._leases[version_id] = lease  # released when another version replaces it
-        log.info("cached %s on this node", version_id[: store.SHORT_ID_LEN])
-
-    def release_leases(self, keep: str | None) -> None:
-        """Release the cache leases of every version but ``keep`` (the one served)."""
-        for version_id in [v for v in self._leases if v != keep]:
-            self._leases.pop(version_id).release()
-
     async def load_initial(self) -> None:
         timings = {"process_start": process_seconds()}
         try:
-            if self.settings.tensor_parallel > 1:
-                self._start_ranks()
-            bundle = await in_daemon_thread(
-                LOAD_THREAD, self.load_and_warm, self.version_id, timings
-            )
-            if self.settings.tensor_parallel > 1:
-                started = time.monotonic()
-                await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
-                timings["ranks"] = time.monotonic() - started
-            switching = time.monotonic()
-            await asyncio.wrap_future(self.engine.swap(bundle))
+            bundle = await self.host.start(self.version_id, timings)
         except store.VerificationError as exc:
             self._fatal(ExitCode.VERIFICATION_FAILED, str(exc))
         except store.VersionNotFoundError as exc:
@@ -305,7 +150,6 @@ class Replica:
             log.exception("loading failed")
             self._fatal(ExitCode.LOAD_FAILED, f"loading failed: {exc!r}")
         else:
-            timings["decode_path"] = time.monotonic() - switching
             timings["ready"] = process_seconds()
             self.startup = timings
             self.metrics.set_startup(self.startup)
@@ -318,83 +162,9 @@ class Replica:
                 ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.startup.items()),
             )
 
-    def _start_ranks(self) -> None:
-        """Rank 0: start the other ranks now (their imports overlap this one's load); they wait
-        for its version. A rank that exits from now on fails the replica."""
-        settings = self.settings
-        self.ranks = ranks.Ranks.start(
-            settings.tensor_parallel,
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            chunk_size=settings.read_chunk_mib * 1024 * 1024,
-            slots=settings.batch_limit,
-            max_context=settings.max_context,
-            store=str(settings.store),
-            quantization=settings.quantization,
-            decode_mode=settings.decode_mode,
-            decode_compile=settings.decode_compile,
-            decode_attention=settings.decode_attention,
-            decode_gemm=settings.decode_gemm,
-            prefix_cache_tokens=settings.prefix_cache_tokens,
-            decode_tuning_file=settings.decode_tuning_file,
-            log_level=settings.log_level,
-        )
-        self.ranks.watch(lambda why: self._fatal(ExitCode.RANK_FAILED, why))
-
-    def _share_with_ranks(self, root: Path, version_id: str) -> None:
-        """Rank 0's first load: on a thread of its own (the other ranks may still be importing),
-        join their group and send them the version and the root this rank loads it from, so
-        that they load their parts while this one loads its own (each verifies its own part;
-        one whose part of the node cache's copy is bad loads the store's)."""
-        assert self.ranks is not None
-        spec = self.ranks.spec
-        self._group = Future()
-
-        def share(group: Future[Any] = self._group) -> None:
-            try:
-                tp = ranks.join_group(spec, 0)
-                ranks.share_version(str(root), version_id)
-            except BaseException as exc:  # noqa: BLE001 - raised in the loading thread
-                group.set_exception(exc)
-            else:
-                group.set_result(tp)
-
-        threading.Thread(target=share, name="metalserve-ranks", daemon=True).start()
-
-    def _join_ranks(self, bundle: LoadedModel) -> None:
-        """Rank 0, its version loaded: wait until every other rank has loaded and split it
-        (blocking), then run the engine with them."""
-        assert self._group is not None
-        tp = self._group.result()
-        self._check_ranks(bundle)
-        self.engine.tensor_parallel = tp
-        self.engine.tensor_parallel_switch = self._switch_ranks
-
-    def _switch_ranks(self, bundle: LoadedModel) -> None:
-        """Rank 0, on the engine's thread during a hot reload (the old version's requests done,
-        new ones waiting): the other ranks drop the old version, then load and split this one."""
-        assert self.engine.tensor_parallel is not None
-        root = str(self._loaded_from[bundle.version_id])
-        ranks.announce_reload(self.engine.tensor_parallel, bundle.device, root, bundle.version_id)
-        self._check_ranks(bundle)
-
-    def _check_ranks(self, bundle: LoadedModel) -> None:
-        """Wait until every rank has loaded and split ``bundle``'s version; keep what each says."""
-        world = self.settings.tensor_parallel
-        self.rank_infos = ranks.exchange(ranks.rank_info(0, bundle), world)
-        mismatched = [i for i in self.rank_infos if i["version_id"] != bundle.version_id]
-        if mismatched:
-            raise LoadError(f"ranks loaded other versions than {bundle.short_id}: {mismatched}")
-        if any(info["cache_copy_failed"] for info in self.rank_infos):
-            # A rank found its part of the cached copy bad and loaded the store's instead.
-            self._drop_cached(bundle.version_id)
-        log.info("every rank of %d loaded %s", world, bundle.short_id)
-
     def stop_ranks(self) -> None:
         """After the engine stopped (which ends the other ranks' steps): wait for them."""
-        if self.ranks is not None:
-            self.ranks.stop()
+        self.host.stop_ranks()
 
     def _fatal(self, code: ExitCode, message: str) -> None:
         log.error("cannot serve: %s", message)
@@ -405,7 +175,7 @@ class Replica:
 
     # --- request admission ----------------------------------------------------------------
 
-    def admit(self, model: str) -> LoadedModel:
+    def admit(self, model: str) -> ModelView:
         if self.draining:
             raise ApiError(503, "the server is draining; retry on another replica", code="draining")
         bundle = self.engine.target_model
@@ -451,7 +221,7 @@ class Replica:
             return {"model": current.name, "version_id": version_id, "changed": False}
         started = time.monotonic()
         try:
-            bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id)
+            bundle, previous = await self.host.replace(version_id)
         except store.VerificationError as exc:
             self.metrics.reloads.labels(result="verification_failed").inc()
             raise ApiError(409, str(exc), param="version", code="verification_failed") from exc
@@ -460,14 +230,9 @@ class Replica:
             raise ApiError(
                 422, f"cannot load {version_id[:12]}: {exc}", code="load_failed"
             ) from exc
-        old = await asyncio.wrap_future(self.engine.swap(bundle))
         self.version_id = bundle.version_id
-        self.release_leases(keep=bundle.version_id)
         self.metrics.set_model(bundle.name, bundle.version_id)
         self.metrics.reloads.labels(result="ok").inc()
-        previous = old.version_id if old is not None else None
-        del old
-        _free_memory(bundle)
         log.info("reloaded %s -> %s", (previous or "")[:12], bundle.short_id)
         return {
             "model": bundle.name,
@@ -484,18 +249,3 @@ def process_seconds() -> float:
     stat = Path("/proc/self/stat").read_text()
     started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
     return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _free_memory(bundle: LoadedModel) -> None:
-    """Return the replaced model's memory (on GPUs the caching allocator keeps it otherwise).
-    Unfrozen first: objects that ``server.freeze_heap`` froze are never collected; frozen again
-    right after this one collection (not a second one from the server's freeze)."""
-    frozen = gc.get_freeze_count() > 0
-    gc.unfreeze()
-    gc.collect()
-    if frozen:
-        gc.freeze()
-    if bundle.device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()

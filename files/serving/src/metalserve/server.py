@@ -13,7 +13,6 @@ only while the engine loop makes progress (``metalserve.sdnotify``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import socket
@@ -26,6 +25,7 @@ from prometheus_client import start_http_server
 from metalserve import sdnotify, tls
 from metalserve.api import create_app
 from metalserve.exitcodes import ExitCode
+from metalserve.host import freeze_heap
 from metalserve.http_protocol import timed_http_protocol
 from metalserve.replica import Replica
 from metalserve.settings import ServeSettings
@@ -131,22 +131,6 @@ class DrainingServer(uvicorn.Server):
             await replica.wait_idle(ABORT_GRACE_SECONDS)
         log.info("drained; shutting down")
         self.should_exit = True
-
-
-def freeze_heap() -> None:
-    """Once ready (a reload unfreezes to free the old model, then freezes again): every
-    object alive now (torch, transformers, the compiler's: millions) moves to the permanent
-    generation, which collections skip. A full collection over them stopped every thread,
-    the engine's included, for hundreds of milliseconds at random moments: the time-to-first-
-    token tail. vLLM freezes its heap after start-up for the same reason."""
-    started = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    log.info(
-        "froze %d objects out of garbage collection in %.2fs",
-        gc.get_freeze_count(),
-        time.perf_counter() - started,
-    )
 
 
 def status_line(replica: Replica) -> str:

@@ -168,6 +168,12 @@ class ServeSettings(BaseSettings):
         "weights (the static decode path, CUDA graphs and the compiled layer on CUDA; a hot "
         "reload reloads every rank)",
     )
+    engine_process: bool = Field(
+        False,
+        description="run the model and the generation engine in a process of their own, the "
+        "HTTP side (parsing, tokenizing, streaming) in this one, so that the two do not take "
+        "turns at one interpreter lock (as vLLM's engine core; one rank only for now)",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"
@@ -284,6 +290,11 @@ class ServeSettings(BaseSettings):
                 raise ValueError(
                     f"tensor_parallel {self.tensor_parallel} with decode_mode cuda-graphs "
                     "needs device cuda (NCCL collectives in the graphs)"
+                )
+            if self.engine_process:
+                raise ValueError(
+                    f"tensor_parallel {self.tensor_parallel} runs the engine in the API's "
+                    "process: engine_process takes one rank for now"
                 )
         return self
 

@@ -103,6 +103,10 @@ class VerificationError(StoreError):
             f"version {version_id[:SHORT_ID_LEN]} failed verification: " + "; ".join(problems)
         )
 
+    def __reduce__(self) -> tuple[type[VerificationError], tuple[str, list[str]]]:
+        # Raised in the engine's process (``metalserve.core``), re-raised in the API's.
+        return (VerificationError, (self.version_id, self.problems))
+
 
 @dataclass(frozen=True, slots=True)
 class Blocks:

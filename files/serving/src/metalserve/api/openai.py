@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from metalserve.api.deps import ReplicaDep, SettingsDep
 from metalserve.engine import Finished, TextDelta
 from metalserve.generation import start_generation
-from metalserve.loader import LoadedModel
+from metalserve.loader import ModelView
 from metalserve.prompts import chat_prompt, completion_prompts
 from metalserve.relay import SSE_DONE, TextEvents, sse, stream_failure
 from metalserve.sampling import TokenLogprob
@@ -39,7 +39,7 @@ router = APIRouter()
 
 
 def completion_logprobs(
-    bundle: LoadedModel, logprobs: tuple[tuple[int, TokenLogprob], ...] | None
+    bundle: ModelView, logprobs: tuple[tuple[int, TokenLogprob], ...] | None
 ) -> CompletionLogprobs | None:
     """A choice's logprobs in OpenAI's completions form; offsets count from the completion's
     start (no echo)."""

@@ -61,7 +61,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "max_context": current.max_context if current else None,
         # serve --tensor-parallel: what each rank loaded and verified (empty with one rank).
         "tensor_parallel": replica.settings.tensor_parallel,
-        "ranks": replica.rank_infos,
+        "ranks": replica.host.rank_infos,
         "server_version": __version__,
         "state": replica.state(),
     }

@@ -27,9 +27,10 @@ LOAD_ARMS = (
     "h2d",
     "hash",
 )
-SERVE_ARMS = ("naive", "static", "server", "server-fp8")
+SERVE_ARMS = ("naive", "static", "server", "server-fp8", "server-process")
 # server-fp8: the server arm again with --quantization fp8 (asked for by name: it needs FP8 tensor
-# cores on CUDA, and doubles the server's share of the run).
+# cores on CUDA, and doubles the server's share of the run); server-process: again with
+# --engine-process (the engine in a process of its own).
 DEFAULT_SERVE_ARMS = ("naive", "static", "server")
 CACHES = ("cold", "warm")
 DECODE_CHECKS = ("verify", "prof", "fp8")

@@ -246,7 +246,8 @@ class BenchServeSettings(CommandSettings):
     arms: Annotated[tuple[str, ...], Arg(type=arms_type(SERVE_ARMS))] = Field(
         DEFAULT_SERVE_ARMS,
         description=f"comma-separated subset of {','.join(SERVE_ARMS)} (default: "
-        f"{','.join(DEFAULT_SERVE_ARMS)}; server-fp8 is the server with --quantization fp8)",
+        f"{','.join(DEFAULT_SERVE_ARMS)}; server-fp8 is the server with --quantization fp8, "
+        "server-process with --engine-process)",
     )
     seed: int = Field(0, description="weights and prompts")
     reload: bool = Field(

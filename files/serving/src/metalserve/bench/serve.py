@@ -136,11 +136,9 @@ def run(options: BenchServeSettings) -> dict[str, Any]:
         finally:
             del bundle
             _free_device_memory(options.device)
-    for arm, quantization in (("server", "none"), ("server-fp8", "fp8")):
+    for arm, flags in SERVER_ARM_FLAGS.items():
         if arm in options.arms:
-            arms[arm] = _server_arm(
-                store_root, version_id, prompts, options, quantization, reload_id
-            )
+            arms[arm] = _server_arm(store_root, version_id, prompts, options, flags, reload_id)
     return _report(options, environment, model_info, arms, bandwidth)
 
 
@@ -367,12 +365,20 @@ def _sync(device: torch.device) -> None:
 # --- the server arm ---------------------------------------------------------------------------
 
 
+# The server arms: the server's flags beyond the bench's own and ``--server-args``.
+SERVER_ARM_FLAGS: dict[str, tuple[str, ...]] = {
+    "server": (),
+    "server-fp8": ("--quantization", "fp8"),
+    "server-process": ("--engine-process",),
+}
+
+
 def _server_arm(
     store_root: Path,
     version_id: str,
     prompts: torch.Tensor,
     options: BenchServeSettings,
-    quantization: str = "none",
+    flags: tuple[str, ...] = (),
     reload_id: str | None = None,
 ) -> ArmResult:
     admin: tuple[str, ...] = ()
@@ -394,7 +400,7 @@ def _server_arm(
             "--no-access-log",
             "--log-level",
             "warning",
-            *(("--quantization", quantization) if quantization != "none" else ()),
+            *flags,
             *admin,
             # Otherwise the server's defaults (batch limit, decode path): those are measured.
             *options.server_args,
@@ -808,6 +814,10 @@ def _report(
     roofline = decode_roofline(options, model_info, server, bandwidth)
     fp8 = arms["server-fp8"].as_json() if "server-fp8" in arms else None
     static_ttft = percentile(arms["static"].ttft, 50) if "static" in arms else None
+
+    def ttft_p99(arm: str) -> float | None:
+        return percentile(arms[arm].ttft, 99) if arm in arms else None
+
     ready = server.get("server_ready_seconds") if server else None
     # The weight-load time of item 4: the weights' stream, which the rest of the load runs
     # beside (a server without the figure: its whole load).
@@ -846,6 +856,11 @@ def _report(
                 fp8.get("weight_bytes") if fp8 else None,
                 server.get("weight_bytes") if server else None,
             ),
+            # The engine in a process of its own against the engine thread beside HTTP.
+            "server_process_vs_server": common.ratio(rate("server-process"), rate("server")),
+            "server_process_ttft_p99_vs_server": common.ratio(
+                ttft_p99("server-process"), ttft_p99("server")
+            ),
         },
         "decode_roofline": roofline,
         **(
@@ -859,6 +874,9 @@ def _report(
             "decode_roofline_efficiency": common.target(roofline.get("efficiency"), ">=", 0.75),
             "server_ttft_p99_vs_static_ttft": common.target(
                 common.ratio(server["ttft_p99_s"] if server else None, static_ttft), "<=", 2.0
+            ),
+            "server_process_ttft_p99_vs_static_ttft": common.target(
+                common.ratio(ttft_p99("server-process"), static_ttft), "<=", 2.0
             ),
             "ready_vs_load_time_plus_2s": _ready_target(ready, load),
             # The same bound for a running replica that hot-reloads a new version.
@@ -977,17 +995,9 @@ def render(report: dict[str, Any]) -> str:
             else []
         ),
         *(
-            [
-                f"server TTFT means in ms: clients {server['ttft_mean_s'] * 1000:.1f} (their "
-                f"response head {server['response_head_mean_s'] * 1000:.1f}), server's "
-                f"first byte {server['server_first_byte_mean_s'] * 1000:.1f} (waiting for "
-                f"the loop {(server.get('server_start_delay_mean_s') or 0) * 1000:.1f}), its TTFT "
-                f"{server['server_ttft_mean_s'] * 1000:.1f} (queued "
-                f"{server['server_queue_time_mean_s'] * 1000:.1f}); client processes' CPU busy "
-                + ", ".join(f"{busy:.2f}" for busy in server["client_cpu_busy"])
-            ]
-            if server is not None and server.get("server_first_byte_mean_s") is not None
-            else []
+            _render_ttft_means(name, arm)
+            for name, arm in report["arms"].items()
+            if arm.get("server_first_byte_mean_s") is not None
         ),
         *(
             [f"server passes, means in ms: {_render_parts(parts)}"]
@@ -1041,6 +1051,19 @@ def _render_profile(profile: dict[str, Any]) -> str:
         f"engine profile ({profile['passes']}, profiler on), per pass in ms: recorded on the "
         f"host {profile['host_recorded_s'] * ms:.2f}, device {profile['device_s'] * ms:.2f} "
         f"of {profile['seconds'] * ms:.2f}; top own host time: {calls}"
+    )
+
+
+def _render_ttft_means(name: str, arm: dict[str, Any]) -> str:
+    """Where a server arm's clients' TTFT went, means in milliseconds."""
+    return (
+        f"{name} TTFT means in ms: clients {arm['ttft_mean_s'] * 1000:.1f} (their "
+        f"response head {arm['response_head_mean_s'] * 1000:.1f}), server's "
+        f"first byte {arm['server_first_byte_mean_s'] * 1000:.1f} (waiting for "
+        f"the loop {(arm.get('server_start_delay_mean_s') or 0) * 1000:.1f}), its TTFT "
+        f"{arm['server_ttft_mean_s'] * 1000:.1f} (queued "
+        f"{arm['server_queue_time_mean_s'] * 1000:.1f}); client processes' CPU busy "
+        + ", ".join(f"{busy:.2f}" for busy in arm["client_cpu_busy"])
     )
 
 

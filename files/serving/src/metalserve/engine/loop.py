@@ -281,6 +281,10 @@ class Engine:
             self._report_state()
             self._cond.notify_all()
 
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: the engine drops ``seq`` at its next step."""
+        seq.cancel()
+
     def swap(self, bundle: LoadedModel) -> concurrent.futures.Future[LoadedModel | None]:
         """Switch to ``bundle`` between steps; the future yields the replaced model (or None)."""
         future: concurrent.futures.Future[LoadedModel | None] = concurrent.futures.Future()

@@ -14,7 +14,7 @@ from metalserve.sampling import SamplingParams, TokenLogprob, make_generator
 if TYPE_CHECKING:
     import torch
 
-    from metalserve.loader import LoadedModel
+    from metalserve.loader import ModelView
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,8 @@ class EngineObserver(Protocol):
 class Sequence:
     """One prompt being completed. The API thread creates it, the engine thread advances it."""
 
-    bundle: LoadedModel
+    # Its model's view: the API side's, in the engine's process the loaded model itself.
+    bundle: ModelView
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[Event], None]

@@ -1,0 +1,365 @@
+"""The API process's side of the engine's process: ``CoreClient`` stands where
+``metalserve.host.ModelHost`` does, its ``RemoteEngine`` where ``metalserve.engine.Engine`` does.
+
+Sequences stay API objects (``Sequence`` with a ``ModelView``): the reader thread hands their
+events to their sinks (the replica's relay, one hand-off to the event loop per message) and sets
+their phase times once they end. A hot reload is two calls: ``load`` (the next version beside the
+served one; its view comes back), then ``swap``. From the moment the swap is sent, sequences are
+prepared for the next version only (one socket keeps the order: the engine's process sees every
+sequence prepared for the old version before the swap); one prepared for the old version after
+that is refused here as stale, and ``start_generation`` prepares it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from metalserve.core.messages import (
+    OBSERVED,
+    Beat,
+    Call,
+    Cancel,
+    Hello,
+    Reply,
+    Step,
+    Submit,
+)
+from metalserve.engine import (
+    IDLE_WAIT_SECONDS,
+    Failed,
+    QueueFullError,
+    Sequence,
+    StaleModelError,
+)
+from metalserve.loader import ModelView
+from metalserve.metrics import Metrics
+from metalserve.relay import EventRelay
+from metalserve.settings import ServeSettings
+
+log = logging.getLogger("metalserve.core")
+
+# How long ``stop`` waits for the engine's process to end before it kills it.
+STOP_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class RemoteProfile:
+    """A profile recorded in the engine's process: the future has its summary."""
+
+    future: Future[dict[str, Any]]
+
+
+class RemoteEngine:
+    """The engine of the engine's process, as the API uses an ``Engine``."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        observer: Metrics,
+        relay: EventRelay,
+        *,
+        reload_headroom: bool,
+    ) -> None:
+        self.settings = settings
+        self.max_batch_size = settings.batch_limit
+        self.max_queue = settings.max_queue
+        self.quantization = settings.quantization
+        self.idle_wait = IDLE_WAIT_SECONDS  # the engine's own, sent at start
+        self._reload_headroom = reload_headroom
+        self._observer = observer
+        self._relay = relay
+        # Sequences in the engine's process by id, and the id of each.
+        self._seqs: dict[int, Sequence] = {}
+        self._ids: dict[Sequence, int] = {}
+        self._calls: dict[int, Future[Any]] = {}
+        self._next_id = itertools.count(1)
+        # Submissions and a swap's announcement are ordered under this lock.
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._current: ModelView | None = None
+        self._pending: ModelView | None = None
+        self._facts: dict[str, Any] = {}
+        self._beat = time.monotonic()
+        self._gone = False
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+
+    # --- the process -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine's process (it imports and builds the engine while this one goes
+        on: calls sent meanwhile wait in the socket)."""
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._beat = time.monotonic()  # its first beat comes once it has imported
+        self._send(Hello(self.settings, self.idle_wait, self._reload_headroom))
+        threading.Thread(target=self._read, name="metalserve-core-client", daemon=True).start()
+        # The versions' views hold a tokenizer (transformers) and torch's device and dtype:
+        # imported meanwhile, not when the first view arrives (1-2 s before ready).
+        threading.Thread(
+            target=_import_view_libraries, name="metalserve-imports", daemon=True
+        ).start()
+        log.info("engine process %d started", self._process.pid)
+
+    def is_alive(self) -> bool:
+        return self._process is not None and not self._gone and self._process.poll() is None
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the engine loop's last sign of progress, as its process last said;
+        infinite once the process is gone (or before it started)."""
+        if not self.is_alive():
+            return float("inf")
+        return time.monotonic() - self._beat
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        process = self._process
+        if process is None:
+            return
+        if self.is_alive():
+            stopping = self.call("stop")
+            try:
+                stopping.result(timeout)
+            except Exception as exc:  # noqa: BLE001 - it ends below either way
+                log.warning("the engine's process did not stop cleanly: %s", exc)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the engine's process did not end within %.0fs: killed", timeout)
+            process.kill()
+            process.wait()
+        if self._conn is not None:
+            self._conn.close()
+
+    # --- what the API asks of an engine ----------------------------------------------------
+
+    @property
+    def model(self) -> ModelView | None:
+        return self._current
+
+    @property
+    def target_model(self) -> ModelView | None:
+        return self._pending or self._current
+
+    @property
+    def decode_path(self) -> str | None:
+        path: str | None = self._facts.get("decode_path")
+        return path
+
+    @property
+    def decode_compiled(self) -> bool:
+        return bool(self._facts.get("decode_compiled", False))
+
+    @property
+    def decode_gemm_tuning(self) -> list[dict[str, Any]]:
+        tuning: list[dict[str, Any]] = self._facts.get("decode_gemm_tuning", [])
+        return tuning
+
+    @property
+    def prefix_cache_tokens_held(self) -> int:
+        return int(self._facts.get("prefix_cache_tokens_held", 0))
+
+    @property
+    def weight_bytes(self) -> int | None:
+        weight_bytes: int | None = self._facts.get("weight_bytes")
+        return weight_bytes
+
+    @property
+    def batch_slots(self) -> int:
+        return int(self._facts.get("batch_slots", self.max_batch_size))
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if not self.is_alive():
+                raise RuntimeError("the engine is not running")
+            if seq.bundle is not self.target_model:
+                raise StaleModelError(seq.bundle.short_id)
+            # Those beyond the batch's slots wait: as the engine counts its queue.
+            waiting = len(self._seqs) - self.batch_slots
+            if waiting >= self.max_queue:
+                raise QueueFullError(f"{waiting} requests are already waiting")
+            rid = next(self._next_id)
+            self._seqs[rid] = seq
+            self._ids[seq] = rid
+            self._send(
+                Submit(
+                    rid,
+                    seq.bundle.version_id,
+                    seq.prompt_ids,
+                    seq.params,
+                    seq.endpoint,
+                    seq.created_at,
+                )
+            )
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        rid = self._ids.get(seq)
+        if rid is not None and rid in self._seqs and self.is_alive():
+            with contextlib.suppress(RuntimeError):  # gone meanwhile: nothing runs it
+                self._send(Cancel(rid))
+
+    def abort_all(self, message: str) -> None:
+        self.call("abort_all", message)
+
+    def wedge(self, seconds: float) -> Future[None]:
+        if seconds <= 0:
+            raise ValueError("seconds must be > 0")
+        return self.call("wedge", seconds)
+
+    def profile(
+        self, passes: int, max_seconds: float, directory: Any, *, python: bool = False
+    ) -> RemoteProfile:
+        return RemoteProfile(self.call("profile", passes, max_seconds, directory, python))
+
+    # --- loads and swaps (``CoreClient``) --------------------------------------------------
+
+    def call(self, name: str, *args: Any) -> Future[Any]:
+        """Ask the engine's process for ``name`` (``messages.CALLS``); its answer in the future."""
+        future: Future[Any] = Future()
+        if not self.is_alive():
+            future.set_exception(RuntimeError("the engine's process is not running"))
+            return future
+        cid = next(self._next_id)
+        self._calls[cid] = future
+        self._send(Call(cid, name, args))
+        return future
+
+    def went_live(self, view: ModelView, facts: dict[str, Any]) -> None:
+        """The engine's process serves ``view``'s version now."""
+        with self._lock:
+            self._current, self._pending, self._facts = view, None, facts
+
+    async def swap(self, view: ModelView) -> str | None:
+        """Serve ``view``'s version (loaded there already); the replaced version's id."""
+        with self._lock:
+            self._pending = view
+            swapping = self.call("swap", view.version_id)
+        try:
+            previous, facts = await asyncio.wrap_future(swapping)
+        except BaseException:
+            with self._lock:
+                self._pending = None
+            raise
+        self.went_live(view, facts)
+        previous_id: str | None = previous
+        return previous_id
+
+    # --- the socket ------------------------------------------------------------------------
+
+    def _send(self, message: object) -> None:
+        assert self._conn is not None
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError as exc:
+            raise RuntimeError(f"the engine's process is gone: {exc}") from exc
+
+    def _read(self) -> None:
+        assert self._conn is not None
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(message, Step):
+                self._deliver(message)
+            elif isinstance(message, Beat):
+                self._beat = message.at
+            elif isinstance(message, Reply):
+                self._answer(message)
+        self._gone = True
+        log.critical("the engine's process ended")
+        self._fail_everything()
+
+    def _deliver(self, step: Step) -> None:
+        seqs = self._seqs
+        for rid, event in step.events:
+            seq = seqs.get(rid)
+            if seq is not None:
+                seq.sink(event)
+        for rid, ended in step.ended:
+            seq = seqs.pop(rid, None)
+            if seq is not None:
+                self._ids.pop(seq, None)
+                seq.admitted_at = ended.admitted_at
+                seq.first_token_at = ended.first_token_at
+                seq.finished_at = ended.finished_at
+                seq.generated = ended.generated
+                seq.done = True
+        for name, args in step.observed:
+            if name in OBSERVED:
+                getattr(self._observer, name)(*args)
+        self._relay.flush()
+
+    def _answer(self, reply: Reply) -> None:
+        future = self._calls.pop(reply.cid, None)
+        if future is None or not future.set_running_or_notify_cancel():
+            return
+        if reply.error is not None:
+            future.set_exception(reply.error)
+        else:
+            future.set_result(reply.value)
+
+    def _fail_everything(self) -> None:
+        with self._lock:
+            seqs, self._seqs = self._seqs, {}
+            self._ids.clear()
+            calls, self._calls = self._calls, {}
+        for seq in seqs.values():
+            seq.done = True
+            seq.sink(Failed(503, "the generation engine stopped"))
+        self._relay.flush()
+        for future in calls.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the engine's process ended"))
+
+
+def _import_view_libraries() -> None:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+class CoreClient:
+    """The model side of a replica whose engine runs in a process of its own: what
+    ``ModelHost`` does, asked of that process."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics,
+        relay: EventRelay,
+        *,
+        reload_headroom: bool,
+    ) -> None:
+        self.engine = RemoteEngine(settings, metrics, relay, reload_headroom=reload_headroom)
+        self.rank_infos: list[dict[str, Any]] = []  # one rank: none to tell of
+
+    async def start(self, version_id: str, timings: dict[str, float]) -> ModelView:
+        view, parts, facts = await asyncio.wrap_future(self.engine.call("start", version_id))
+        timings.update(parts)
+        self.engine.went_live(view, facts)
+        return view  # type: ignore[no-any-return]
+
+    async def replace(self, version_id: str) -> tuple[ModelView, str | None]:
+        view: ModelView = await asyncio.wrap_future(self.engine.call("load", version_id))
+        return view, await self.engine.swap(view)
+
+    def stop_ranks(self) -> None:
+        """One rank: nothing to wait for."""

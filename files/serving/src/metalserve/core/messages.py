@@ -1,0 +1,94 @@
+"""What the two processes of a replica send each other (pickled over one socket pair)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from metalserve.engine import Event
+from metalserve.sampling import SamplingParams
+from metalserve.settings import ServeSettings
+
+# The observer calls the engine's process forwards (``metalserve.metrics.Metrics`` methods).
+OBSERVED = frozenset(
+    {
+        "forward_pass",
+        "engine_state",
+        "request_queued",
+        "prefix_cache",
+        "first_token",
+        "sequence_finished",
+        "cache_load",
+    }
+)
+# The calls the engine's process answers (``process.Core``'s methods of the same name).
+CALLS = frozenset({"start", "load", "swap", "abort_all", "wedge", "profile", "stop"})
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """API -> engine, first: what to serve and how."""
+
+    settings: ServeSettings
+    idle_wait: float
+    reload_headroom: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """API -> engine: one sequence, prepared for ``version_id``."""
+
+    rid: int
+    version_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    endpoint: str
+    created_at: float  # monotonic: one clock for both processes
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """API -> engine: a call by name (``CALLS``), answered by a ``Reply`` with its ``cid``."""
+
+    cid: int
+    name: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    cid: int
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A sequence's phase times and tokens once it ended (tracing's spans)."""
+
+    admitted_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    generated: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Engine -> API, once per engine iteration with anything to say: events by sequence, the
+    ended sequences, and observer calls (name, arguments)."""
+
+    events: list[tuple[int, Event]]
+    ended: list[tuple[int, Ended]]
+    observed: list[tuple[str, tuple[Any, ...]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """Engine -> API: the engine loop's last sign of progress (monotonic)."""
+
+    at: float

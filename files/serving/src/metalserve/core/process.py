@@ -1,0 +1,351 @@
+"""The engine's process of a replica: ``python -m metalserve.core.process FD``, started by the
+API process (``client.RemoteEngine.start``) with its end of a socket pair as ``FD``.
+
+It loads the versions and runs the engine (``metalserve.host.ModelHost``): sequences and calls
+come in on a reader thread; the engine thread's events and observations leave once per engine
+iteration (``Outbox``, flushed as the in-process engine's relay is); a beat thread sends the
+engine loop's heartbeat. The process ends when the API asks (``stop``), when the engine stops
+(the API then sees it gone: ``/healthz`` answers 503) and at once when the API's end closes (the
+API process is gone: nobody is left to answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from metalserve.core.messages import (
+    CALLS,
+    Beat,
+    Call,
+    Cancel,
+    Ended,
+    Hello,
+    Reply,
+    Step,
+    Submit,
+)
+from metalserve.engine import (
+    Event,
+    Failed,
+    QueueFullError,
+    Sequence,
+    StaleModelError,
+    TextDelta,
+)
+from metalserve.host import ModelHost, freeze_heap
+from metalserve.loader import LoadedModel, ModelView
+from metalserve.logs import configure_logging
+
+log = logging.getLogger("metalserve.core")
+
+# How often the engine loop's heartbeat (and what loads observed meanwhile) goes to the API.
+BEAT_SECONDS = 0.2
+UNBOUNDED_QUEUE = 2**62
+
+
+class Outbox:
+    """What the engine's process has to tell the API, gathered until the next flush: events by
+    sequence, the sequences that ended, and observer calls (it is the host's observer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[int, Event]] = []
+        self._ended: list[tuple[int, Ended]] = []
+        self._observed: list[tuple[str, tuple[Any, ...]]] = []
+
+    def event(self, rid: int, event: Event) -> None:
+        with self._lock:
+            self._events.append((rid, event))
+
+    def ended(self, rid: int, ended: Ended) -> None:
+        with self._lock:
+            self._ended.append((rid, ended))
+
+    def take(self) -> Step | None:
+        with self._lock:
+            if not (self._events or self._ended or self._observed):
+                return None
+            step = Step(self._events, self._ended, self._observed)
+            self._events, self._ended, self._observed = [], [], []
+            return step
+
+    def _observe(self, name: str, *args: Any) -> None:
+        with self._lock:
+            self._observed.append((name, args))
+
+    # HostObserver: recorded, counted by the API's metrics.
+
+    def forward_pass(
+        self, phase: str, batch_size: int, seconds: float, parts: dict[str, float]
+    ) -> None:
+        self._observe("forward_pass", phase, batch_size, seconds, parts)
+
+    def engine_state(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self._observe("engine_state", running, waiting, kv_cache_usage)
+
+    def request_queued(self, seconds: float) -> None:
+        self._observe("request_queued", seconds)
+
+    def prefix_cache(self, prompt_tokens: int, reused_tokens: int) -> None:
+        self._observe("prefix_cache", prompt_tokens, reused_tokens)
+
+    def first_token(self, endpoint: str, seconds: float) -> None:
+        self._observe("first_token", endpoint, seconds)
+
+    def sequence_finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._observe("sequence_finished", reason, prompt_tokens, completion_tokens)
+
+    def cache_load(self, result: str) -> None:
+        self._observe("cache_load", result)
+
+
+class Core:
+    """The engine's process: its host, the sequences it runs, and its end of the socket."""
+
+    def __init__(self, conn: Connection, hello: Hello) -> None:
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self.outbox = Outbox()
+        # The API process refuses what its queue cannot take (429 before a stream starts);
+        # here a sequence waits until the loop's next admission, however many came at once.
+        settings = hello.settings.model_copy(update={"max_queue": UNBOUNDED_QUEUE})
+        self.host = ModelHost(
+            settings,
+            self.outbox,
+            flush_events=self.flush,
+            reload_headroom=hello.reload_headroom,
+            on_rank_failure=lambda why: log.critical("a rank failed: %s", why),
+        )
+        self.engine = self.host.engine
+        self.engine.idle_wait = hello.idle_wait
+        # The versions sequences may be prepared for: the served one, and one loaded next.
+        self.models: dict[str, LoadedModel] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self._stopped: asyncio.Event | None = None
+        self._calls: set[asyncio.Future[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- to the API ------------------------------------------------------------------------
+
+    def send(self, message: object) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+        except OSError:
+            os._exit(0)  # the API process is gone
+
+    def flush(self) -> None:
+        """After every engine iteration (the engine's ``flush_events``) and every beat."""
+        step = self.outbox.take()
+        if step is not None:
+            self.send(step)
+
+    def _beats(self) -> None:
+        while self.engine.is_alive():
+            self.send(Beat(time.monotonic() - self.engine.heartbeat_age()))
+            self.flush()
+            time.sleep(BEAT_SECONDS)
+
+    # --- from the API ----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """The reader thread: sequences and cancellations at once, calls on the event loop."""
+        assert self._loop is not None
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the API process is gone: nobody is left to answer
+            if isinstance(message, Submit):
+                self.submit(message)
+            elif isinstance(message, Cancel):
+                seq = self.seqs.get(message.rid)
+                if seq is not None:
+                    seq.cancel()
+            elif isinstance(message, Call) and message.name == "swap":
+                self._begin_swap(message)
+            elif isinstance(message, Call) and message.name in CALLS:
+                self._loop.call_soon_threadsafe(self._start_call, message)
+            else:
+                log.error("unexpected message from the API process: %r", message)
+
+    def submit(self, message: Submit) -> None:
+        bundle = self.models.get(message.version_id)
+        if bundle is None:  # the API prepares sequences only for a version held here
+            self.outbox.event(message.rid, Failed(503, "the model was replaced; retry"))
+            self.outbox.ended(message.rid, Ended(None, None, time.monotonic(), []))
+            self.flush()
+            return
+        seq = Sequence(
+            bundle=bundle,
+            prompt_ids=message.prompt_ids,
+            params=message.params,
+            sink=lambda event: None,
+            endpoint=message.endpoint,
+            created_at=message.created_at,
+        )
+        seq.sink = self._sink(message.rid, seq)
+        self.seqs[message.rid] = seq
+        try:
+            self.engine.submit(seq)
+        except QueueFullError as exc:
+            seq.fail(429, f"the server is overloaded: {exc}", None)
+        except StaleModelError:
+            seq.fail(503, "the model was replaced; retry", None)
+        except Exception as exc:  # noqa: BLE001 - stopped: the client learns why
+            seq.fail(503, str(exc), None)
+        else:
+            return
+        self.flush()
+
+    def _sink(self, rid: int, seq: Sequence) -> Any:
+        def push(event: Event) -> None:
+            self.outbox.event(rid, event)
+            if not isinstance(event, TextDelta):  # Finished or Failed: its last
+                self.seqs.pop(rid, None)
+                ended = Ended(seq.admitted_at, seq.first_token_at, seq.finished_at, seq.generated)
+                self.outbox.ended(rid, ended)
+
+        return push
+
+    def _begin_swap(self, call: Call) -> None:
+        """The reader thread, in order with the sequences around it: the engine takes the next
+        version's sequences from the next message on (they may come before the event loop
+        would get to the call)."""
+        try:
+            (version_id,) = call.args
+            bundle = self.models[version_id]
+            swapping = self.engine.swap(bundle)
+        except Exception as exc:  # noqa: BLE001 - the caller's to handle
+            self.send(Reply(call.cid, error=_picklable(exc)))
+            return
+        # Every sequence for the old version came before: none looks it up again.
+        self.models = {version_id: bundle}
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(
+            self._answer_soon, call.cid, self._swapped(bundle, swapping)
+        )
+
+    async def _swapped(
+        self, bundle: LoadedModel, swapping: Future[LoadedModel | None]
+    ) -> tuple[str | None, Facts]:
+        previous = await self.host.settle_swap(bundle, swapping)
+        return previous, self.facts()
+
+    def _start_call(self, call: Call) -> None:
+        self._answer_soon(call.cid, getattr(self, f"call_{call.name}")(*call.args))
+
+    def _answer_soon(self, cid: int, answer: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(self._answer(cid, answer))
+        self._calls.add(task)  # kept until done: the loop holds tasks weakly
+        task.add_done_callback(self._calls.discard)
+
+    async def _answer(self, cid: int, answer: Coroutine[Any, Any, Any]) -> None:
+        try:
+            value = await answer
+        except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+            self.send(Reply(cid, error=_picklable(exc)))
+        else:
+            self.send(Reply(cid, value))
+
+    # --- calls -----------------------------------------------------------------------------
+
+    async def call_start(self, version_id: str) -> tuple[ModelView, dict[str, float], Facts]:
+        timings: dict[str, float] = {}
+        bundle = await self.host.start(version_id, timings)
+        self.models = {version_id: bundle}
+        freeze_heap()  # as the API process does once ready
+        return bundle.view(), timings, self.facts()
+
+    async def call_load(self, version_id: str) -> ModelView:
+        bundle = await self.host.load_next(version_id)
+        self.models[version_id] = bundle
+        return bundle.view()
+
+    async def call_abort_all(self, message: str) -> None:
+        self.engine.abort_all(message)
+
+    async def call_wedge(self, seconds: float) -> None:
+        await asyncio.wrap_future(self.engine.wedge(seconds))
+
+    async def call_profile(
+        self, passes: int, max_seconds: float, directory: Any, python: bool
+    ) -> dict[str, Any]:
+        profile = self.engine.profile(passes, max_seconds, directory, python=python)
+        summary: dict[str, Any] = await asyncio.wrap_future(profile.future)
+        return summary
+
+    async def call_stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.host.stop_ranks)
+        assert self._stopped is not None
+        self._stopped.set()
+
+    def facts(self) -> Facts:
+        """What ``/version`` tells of the engine's decode path, once a model went live."""
+        engine = self.engine
+        return {
+            "decode_path": engine.decode_path,
+            "decode_compiled": engine.decode_compiled,
+            "decode_gemm_tuning": engine.decode_gemm_tuning,
+            "prefix_cache_tokens_held": engine.prefix_cache_tokens_held,
+            "weight_bytes": engine.weight_bytes,
+            "batch_slots": engine.batch_slots,
+        }
+
+    # --- the process -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.engine.start()
+        threading.Thread(target=self._read, name="metalserve-core-read", daemon=True).start()
+        threading.Thread(target=self._beats, name="metalserve-core-beat", daemon=True).start()
+        while self.engine.is_alive() and not self._stopped.is_set():
+            try:
+                await asyncio.wait_for(self._stopped.wait(), BEAT_SECONDS)
+            except TimeoutError:
+                continue
+        self.flush()  # the stopped engine's last events
+        if self._stopped.is_set():
+            return 0
+        log.critical("the generation engine stopped: this process ends")
+        return 1
+
+
+Facts = dict[str, Any]
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (the API re-raises it), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 - the bytes just made here
+    except Exception:  # noqa: BLE001 - any reason: described instead
+        return RuntimeError(repr(exc))
+    return exc
+
+
+def main() -> int:
+    conn = Connection(int(sys.argv[1]))
+    hello: Hello = conn.recv()
+    settings = hello.settings
+    configure_logging(settings.log_level, settings.log_format)
+    # A terminal's Ctrl-C reaches the whole process group: the API process decides the end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log.info("engine process %d for API process %d", os.getpid(), os.getppid())
+    return asyncio.run(Core(conn, hello).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The engine's process (``python -m metalserve.core.process``) spoken to over its socket, as the
+API process speaks to it: the order of a swap and the sequences around it, versions it does not
+hold, cancellations, heartbeats, its end. The whole replica with it: ``test_engine_process``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+
+from conftest import MODEL, Store, server_env
+from metalserve.core.messages import Beat, Call, Cancel, Ended, Hello, Reply, Step, Submit
+from metalserve.engine import Failed, Finished, TextDelta
+from metalserve.loader import ModelView
+from metalserve.sampling import SamplingParams
+from metalserve.settings import ServeSettings
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+READ_SECONDS = 60.0
+
+
+class Core:
+    """An engine process and the API's end of its socket."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=server_env(),
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send(Hello(settings, idle_wait=0.2, reload_headroom=False))
+        self.events: dict[int, list[Any]] = {}
+        self.ended: dict[int, Ended] = {}
+        self.beats: list[float] = []
+        self._next = 0
+
+    def call(self, name: str, *args: Any) -> int:
+        self._next += 1
+        self.conn.send(Call(self._next, name, args))
+        return self._next
+
+    def reply(self, cid: int) -> Any:
+        """Read until the answer of call ``cid``; its value (its error raised)."""
+        deadline = time.monotonic() + READ_SECONDS
+        while time.monotonic() < deadline:
+            message = self.read()
+            if isinstance(message, Reply) and message.cid == cid:
+                if message.error is not None:
+                    raise message.error
+                return message.value
+        raise AssertionError(f"no answer to call {cid}")
+
+    def read(self) -> Any:
+        assert self.conn.poll(READ_SECONDS), "the engine's process said nothing"
+        message = self.conn.recv()
+        if isinstance(message, Step):
+            for rid, event in message.events:
+                self.events.setdefault(rid, []).append(event)
+            self.ended.update(message.ended)
+        elif isinstance(message, Beat):
+            self.beats.append(message.at)
+        return message
+
+    def until_ended(self, *rids: int) -> None:
+        deadline = time.monotonic() + READ_SECONDS
+        while not all(rid in self.ended for rid in rids):
+            assert time.monotonic() < deadline, f"{rids} did not end"
+            self.read()
+
+    def submit(self, rid: int, view: ModelView, params: SamplingParams = GREEDY) -> None:
+        prompt = view.encode("The quick brown fox", add_special_tokens=True)
+        self.conn.send(Submit(rid, view.version_id, prompt, params, "test", time.monotonic()))
+
+    def text(self, rid: int) -> str:
+        return "".join(e.text for e in self.events.get(rid, []) if isinstance(e, TextDelta))
+
+
+@pytest.fixture
+def core(model_store: Store) -> Iterator[Core]:
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    started = Core(settings)
+    try:
+        yield started
+    finally:
+        started.conn.close()  # the API's end gone: the process ends at once
+        started.proc.wait(timeout=30)
+
+
+def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store: Store) -> None:
+    v1, timings, facts = core.reply(core.call("start", model_store.v1))
+    assert v1.version_id == model_store.v1
+    assert {"load", "warmup", "decode_path"} <= set(timings)
+    assert facts["decode_path"] == "dynamic"
+    core.submit(1, v1)
+    core.until_ended(1)
+    assert isinstance(core.events[1][-1], Finished)
+
+    v2 = core.reply(core.call("load", model_store.v2))
+    # The API sends the swap, then at once a sequence for the next version (and nothing for
+    # the old one): the engine must take it, however soon it comes after the swap.
+    swap = core.call("swap", model_store.v2)
+    core.submit(2, v2)
+    previous, _ = core.reply(swap)
+    assert previous == model_store.v1
+    core.until_ended(2)
+    assert isinstance(core.events[2][-1], Finished), core.events[2]
+    assert core.text(2) != core.text(1), "v2's weights answered"
+    # A version it no longer holds: refused (the API prepares the sequence again).
+    core.submit(3, v1)
+    core.until_ended(3)
+    assert core.events[3] == [Failed(503, "the model was replaced; retry")]
+
+
+def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> None:
+    v1, _, _ = core.reply(core.call("start", model_store.v1))
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    core.submit(1, v1, long)
+    while not core.events.get(1):
+        core.read()
+    core.conn.send(Cancel(1))
+    core.until_ended(1)
+    assert core.events[1][-1] == Failed(499, "client went away")
+    assert len(core.ended[1].generated) < 400
+    beats = len(core.beats)
+    deadline = time.monotonic() + 5
+    while len(core.beats) < beats + 3:  # every 0.2 s, idle too
+        assert time.monotonic() < deadline, "no heartbeats"
+        core.read()
+    assert core.beats[-1] > core.beats[beats]
+    assert core.reply(core.call("stop")) is None
+    assert core.proc.wait(timeout=30) == 0
