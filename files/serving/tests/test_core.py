@@ -63,8 +63,9 @@ class Core:
         assert self.conn.poll(READ_SECONDS), "the engine's process said nothing"
         message = self.conn.recv()
         if isinstance(message, Step):
-            for rid, event in message.events:
-                self.events.setdefault(rid, []).append(event)
+            for rid, event in message.events:  # a text delta comes as its text
+                delta = TextDelta(event) if isinstance(event, str) else event
+                self.events.setdefault(rid, []).append(delta)
             self.ended.update(message.ended)
         elif isinstance(message, Beat):
             self.beats.append(message.at)

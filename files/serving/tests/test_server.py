@@ -324,10 +324,15 @@ def test_drain_timeout_aborts_and_exits_zero(slow_servers: dict[str, Server]) ->
     assert server.proc.wait(timeout=15) == 0
 
 
-def test_sigterm_while_loading_exits_at_once(model_store: Store, tmp_path: Path) -> None:
-    """A replica stopped before it is ready must not wait for its model load to finish."""
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_sigterm_while_loading_exits_at_once(
+    model_store: Store, tmp_path: Path, engine_process: bool
+) -> None:
+    """A replica stopped before it is ready must not wait for its model load to finish (nor
+    for its engine's process's)."""
     server = Server(
-        serve_args(model_store, debug_step_delay=2),  # warm-up alone takes 4 x 2 s
+        # The warm-up alone takes 4 x 2 s.
+        serve_args(model_store, debug_step_delay=2, engine_process=engine_process),
         tmp_path / "loading.log",
     ).start()
     assert server.proc is not None

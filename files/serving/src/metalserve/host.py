@@ -25,7 +25,13 @@ from metalserve.engine import (
     EngineObserver,
     generate_once,
 )
-from metalserve.loader import LoadedModel, LoadError, import_libraries, load_version
+from metalserve.loader import (
+    LoadedModel,
+    LoadError,
+    ModelView,
+    import_libraries,
+    load_version,
+)
 from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
 from metalserve.threads import in_daemon_thread
@@ -101,20 +107,16 @@ class ModelHost:
         timings["decode_path"] = time.monotonic() - switching
         return bundle
 
-    async def replace(self, version_id: str) -> tuple[LoadedModel, str | None]:
-        """Load, verify and warm up ``version_id`` beside the one served, then swap it in
-        (``Engine.swap``); the new model and the replaced version's id."""
-        bundle = await self.load_next(version_id)
-        return bundle, await self.swap_in(bundle)
-
     async def load_next(self, version_id: str) -> LoadedModel:
         """A hot reload's first half: the next version loaded, verified and warmed up beside
         the one served."""
         return await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id)
 
-    async def swap_in(self, bundle: LoadedModel) -> str | None:
-        """A hot reload's second half: ``bundle`` served once the engine switched to it; the
-        replaced version's cache lease and memory given back. The replaced version's id."""
+    async def swap_in(self, bundle: ModelView) -> str | None:
+        """A hot reload's second half: ``bundle`` (what ``load_next`` returned) served once the
+        engine switched to it; the replaced version's cache lease and memory given back. The
+        replaced version's id."""
+        assert isinstance(bundle, LoadedModel), "a version this host loaded"
         return await self.settle_swap(bundle, self.engine.swap(bundle))
 
     async def settle_swap(

@@ -221,7 +221,7 @@ class Replica:
             return {"model": current.name, "version_id": version_id, "changed": False}
         started = time.monotonic()
         try:
-            bundle, previous = await self.host.replace(version_id)
+            bundle = await self.host.load_next(version_id)
         except store.VerificationError as exc:
             self.metrics.reloads.labels(result="verification_failed").inc()
             raise ApiError(409, str(exc), param="version", code="verification_failed") from exc
@@ -230,6 +230,9 @@ class Replica:
             raise ApiError(
                 422, f"cannot load {version_id[:12]}: {exc}", code="load_failed"
             ) from exc
+        # The served version is the old one until the switch; a switch that fails stops the
+        # engine (a 500 here, /healthz 503), never a 4xx that says the old one still serves.
+        previous = await self.host.swap_in(bundle)
         self.version_id = bundle.version_id
         self.metrics.set_model(bundle.name, bundle.version_id)
         self.metrics.reloads.labels(result="ok").inc()

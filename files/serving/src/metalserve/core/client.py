@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from metalserve.core.messages import (
@@ -42,6 +43,7 @@ from metalserve.engine import (
     QueueFullError,
     Sequence,
     StaleModelError,
+    TextDelta,
 )
 from metalserve.loader import ModelView
 from metalserve.metrics import Metrics
@@ -93,8 +95,10 @@ class RemoteEngine:
         self._facts: dict[str, Any] = {}
         self._beat = time.monotonic()
         self._gone = False
+        self._stopping = False
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
 
     # --- the process -----------------------------------------------------------------------
 
@@ -103,14 +107,17 @@ class RemoteEngine:
         on: calls sent meanwhile wait in the socket)."""
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
+            # -P: not the working directory's modules first on the path.
+            [sys.executable, "-P", "-m", "metalserve.core.process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
         )
         theirs.close()
         self._conn = Connection(ours.detach())
         self._beat = time.monotonic()  # its first beat comes once it has imported
         self._send(Hello(self.settings, self.idle_wait, self._reload_headroom))
-        threading.Thread(target=self._read, name="metalserve-core-client", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="metalserve-core-client")
+        self._reader.daemon = True
+        self._reader.start()
         # The versions' views hold a tokenizer (transformers) and torch's device and dtype:
         # imported meanwhile, not when the first view arrives (1-2 s before ready).
         threading.Thread(
@@ -132,6 +139,7 @@ class RemoteEngine:
         process = self._process
         if process is None:
             return
+        self._stopping = True
         if self.is_alive():
             stopping = self.call("stop")
             try:
@@ -144,6 +152,8 @@ class RemoteEngine:
             log.error("the engine's process did not end within %.0fs: killed", timeout)
             process.kill()
             process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout)  # it reads EOF now: then the socket can close
         if self._conn is not None:
             self._conn.close()
 
@@ -197,16 +207,14 @@ class RemoteEngine:
             rid = next(self._next_id)
             self._seqs[rid] = seq
             self._ids[seq] = rid
-            self._send(
-                Submit(
-                    rid,
-                    seq.bundle.version_id,
-                    seq.prompt_ids,
-                    seq.params,
-                    seq.endpoint,
-                    seq.created_at,
-                )
+            submission = Submit(
+                rid, seq.bundle.version_id, seq.prompt_ids, seq.params, seq.endpoint, seq.created_at
             )
+            try:
+                self._send(submission)
+            except BaseException:
+                del self._seqs[rid], self._ids[seq]  # never sent: no place in the queue
+                raise
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancel()
@@ -224,7 +232,7 @@ class RemoteEngine:
         return self.call("wedge", seconds)
 
     def profile(
-        self, passes: int, max_seconds: float, directory: Any, *, python: bool = False
+        self, passes: int, max_seconds: float, directory: Path, *, python: bool = False
     ) -> RemoteProfile:
         return RemoteProfile(self.call("profile", passes, max_seconds, directory, python))
 
@@ -238,7 +246,11 @@ class RemoteEngine:
             return future
         cid = next(self._next_id)
         self._calls[cid] = future
-        self._send(Call(cid, name, args))
+        try:
+            self._send(Call(cid, name, args))
+        except RuntimeError as exc:  # gone meanwhile: the caller learns it from the future
+            if self._calls.pop(cid, None) is not None:
+                future.set_exception(exc)
         return future
 
     def went_live(self, view: ModelView, facts: dict[str, Any]) -> None:
@@ -251,15 +263,20 @@ class RemoteEngine:
         with self._lock:
             self._pending = view
             swapping = self.call("swap", view.version_id)
-        try:
-            previous, facts = await asyncio.wrap_future(swapping)
-        except BaseException:
-            with self._lock:
-                self._pending = None
-            raise
-        self.went_live(view, facts)
+        # Settled when the answer comes, even if this caller stopped waiting: the engine's
+        # process serves the next version from then on whatever the caller does.
+        swapping.add_done_callback(lambda done: self._swapped(view, done))
+        previous, _ = await asyncio.shield(asyncio.wrap_future(swapping))
         previous_id: str | None = previous
         return previous_id
+
+    def _swapped(self, view: ModelView, done: Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            with self._lock:
+                self._pending = None
+            return
+        _, facts = done.result()
+        self.went_live(view, facts)
 
     # --- the socket ------------------------------------------------------------------------
 
@@ -273,19 +290,34 @@ class RemoteEngine:
 
     def _read(self) -> None:
         assert self._conn is not None
+        assert self._process is not None
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if isinstance(message, Step):
-                self._deliver(message)
-            elif isinstance(message, Beat):
-                self._beat = message.at
-            elif isinstance(message, Reply):
-                self._answer(message)
+            except Exception:  # unreadable: nothing after it can be trusted either
+                log.exception("a message from the engine's process could not be read")
+                self._process.kill()
+                break
+            try:
+                if isinstance(message, Step):
+                    self._deliver(message)
+                elif isinstance(message, Beat):
+                    self._beat = message.at
+                elif isinstance(message, Reply):
+                    self._answer(message)
+            except Exception:  # one message's trouble (a sink, an observer), not the socket's
+                log.exception("a message from the engine's process could not be handled")
         self._gone = True
-        log.critical("the engine's process ended")
+        try:
+            code = self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            code = None
+        if self._stopping:
+            log.info("the engine's process ended (exit code %s)", code)
+        else:
+            log.critical("the engine's process ended (exit code %s)", code)
         self._fail_everything()
 
     def _deliver(self, step: Step) -> None:
@@ -293,7 +325,7 @@ class RemoteEngine:
         for rid, event in step.events:
             seq = seqs.get(rid)
             if seq is not None:
-                seq.sink(event)
+                seq.sink(TextDelta(event) if isinstance(event, str) else event)
         for rid, ended in step.ended:
             seq = seqs.pop(rid, None)
             if seq is not None:
@@ -325,6 +357,8 @@ class RemoteEngine:
         for seq in seqs.values():
             seq.done = True
             seq.sink(Failed(503, "the generation engine stopped"))
+            self._observer.sequence_finished("error", len(seq.prompt_ids), len(seq.generated))
+        self._observer.engine_state(0, 0, 0.0)
         self._relay.flush()
         for future in calls.values():
             if future.set_running_or_notify_cancel():
@@ -357,9 +391,14 @@ class CoreClient:
         self.engine.went_live(view, facts)
         return view  # type: ignore[no-any-return]
 
-    async def replace(self, version_id: str) -> tuple[ModelView, str | None]:
+    async def load_next(self, version_id: str) -> ModelView:
+        """A hot reload's first half, there; the next version's view."""
         view: ModelView = await asyncio.wrap_future(self.engine.call("load", version_id))
-        return view, await self.engine.swap(view)
+        return view
+
+    async def swap_in(self, view: ModelView) -> str | None:
+        """A hot reload's second half, there; the replaced version's id."""
+        return await self.engine.swap(view)
 
     def stop_ranks(self) -> None:
         """One rank: nothing to wait for."""

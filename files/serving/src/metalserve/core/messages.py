@@ -21,7 +21,8 @@ OBSERVED = frozenset(
         "cache_load",
     }
 )
-# The calls the engine's process answers (``process.Core``'s methods of the same name).
+# The calls the engine's process answers (``process.Core``'s ``call_<name>`` methods; ``swap``
+# on its reader thread, in order with the sequences around it).
 CALLS = frozenset({"start", "load", "swap", "abort_all", "wedge", "profile", "stop"})
 
 
@@ -79,10 +80,13 @@ class Ended:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """Engine -> API, once per engine iteration with anything to say: events by sequence, the
-    ended sequences, and observer calls (name, arguments)."""
+    """Engine -> API, after each engine iteration (and each heartbeat) with anything to say:
+    events by sequence, the ended sequences, and observer calls (name, arguments), in the order
+    they happened."""
 
-    events: list[tuple[int, Event]]
+    # A text delta as its text alone: unpickling a str is a tenth of a dataclass's (32 deltas:
+    # 2 us against 31 us of the API process's time, every engine step).
+    events: list[tuple[int, str | Event]]
     ended: list[tuple[int, Ended]]
     observed: list[tuple[str, tuple[Any, ...]]]
 

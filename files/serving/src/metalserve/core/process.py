@@ -12,6 +12,7 @@ API process is gone: nobody is left to answer).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import pickle
@@ -19,10 +20,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, NoReturn
 
 from metalserve.core.messages import (
     CALLS,
@@ -60,16 +62,18 @@ class Outbox:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: list[tuple[int, Event]] = []
+        self._events: list[tuple[int, str | Event]] = []
         self._ended: list[tuple[int, Ended]] = []
         self._observed: list[tuple[str, tuple[Any, ...]]] = []
 
-    def event(self, rid: int, event: Event) -> None:
+    def text(self, rid: int, text: str) -> None:
+        with self._lock:
+            self._events.append((rid, text))
+
+    def last(self, rid: int, event: Event, ended: Ended) -> None:
+        """A sequence's last event and its end, together: one Step carries both."""
         with self._lock:
             self._events.append((rid, event))
-
-    def ended(self, rid: int, ended: Ended) -> None:
-        with self._lock:
             self._ended.append((rid, ended))
 
     def take(self) -> Step | None:
@@ -139,17 +143,26 @@ class Core:
     # --- to the API ------------------------------------------------------------------------
 
     def send(self, message: object) -> None:
+        """Pickled before the lock (a version's view holds its tokenizer: megabytes), sent
+        under it."""
+        data = ForkingPickler.dumps(message)
         try:
             with self._send_lock:
-                self.conn.send(message)
+                self.conn.send_bytes(data)
         except OSError:
-            os._exit(0)  # the API process is gone
+            _exit_orphaned()
 
     def flush(self) -> None:
-        """After every engine iteration (the engine's ``flush_events``) and every beat."""
-        step = self.outbox.take()
-        if step is not None:
-            self.send(step)
+        """After every engine iteration (the engine's ``flush_events``), every beat and every
+        refused sequence: what the outbox holds is taken and sent under one lock, so Steps
+        leave in the order their events happened, whichever thread flushes."""
+        try:
+            with self._send_lock:
+                step = self.outbox.take()
+                if step is not None:
+                    self.conn.send(step)
+        except OSError:
+            _exit_orphaned()
 
     def _beats(self) -> None:
         while self.engine.is_alive():
@@ -166,7 +179,7 @@ class Core:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                os._exit(0)  # the API process is gone: nobody is left to answer
+                _exit_orphaned()
             if isinstance(message, Submit):
                 self.submit(message)
             elif isinstance(message, Cancel):
@@ -183,8 +196,8 @@ class Core:
     def submit(self, message: Submit) -> None:
         bundle = self.models.get(message.version_id)
         if bundle is None:  # the API prepares sequences only for a version held here
-            self.outbox.event(message.rid, Failed(503, "the model was replaced; retry"))
-            self.outbox.ended(message.rid, Ended(None, None, time.monotonic(), []))
+            failed = Failed(503, "the model was replaced; retry")
+            self.outbox.last(message.rid, failed, Ended(None, None, time.monotonic(), []))
             self.flush()
             return
         seq = Sequence(
@@ -209,13 +222,15 @@ class Core:
             return
         self.flush()
 
-    def _sink(self, rid: int, seq: Sequence) -> Any:
+    def _sink(self, rid: int, seq: Sequence) -> Callable[[Event], None]:
         def push(event: Event) -> None:
-            self.outbox.event(rid, event)
-            if not isinstance(event, TextDelta):  # Finished or Failed: its last
-                self.seqs.pop(rid, None)
-                ended = Ended(seq.admitted_at, seq.first_token_at, seq.finished_at, seq.generated)
-                self.outbox.ended(rid, ended)
+            if isinstance(event, TextDelta):
+                self.outbox.text(rid, event.text)
+                return
+            # Finished or Failed: its last.
+            self.seqs.pop(rid, None)
+            ended = Ended(seq.admitted_at, seq.first_token_at, seq.finished_at, seq.generated)
+            self.outbox.last(rid, event, ended)
 
         return push
 
@@ -244,7 +259,12 @@ class Core:
         return previous, self.facts()
 
     def _start_call(self, call: Call) -> None:
-        self._answer_soon(call.cid, getattr(self, f"call_{call.name}")(*call.args))
+        try:
+            answer = getattr(self, f"call_{call.name}")(*call.args)
+        except Exception as exc:  # noqa: BLE001 - wrong arguments: the caller's to handle
+            self.send(Reply(call.cid, error=_picklable(exc)))
+            return
+        self._answer_soon(call.cid, answer)
 
     def _answer_soon(self, cid: int, answer: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(self._answer(cid, answer))
@@ -254,10 +274,16 @@ class Core:
     async def _answer(self, cid: int, answer: Coroutine[Any, Any, Any]) -> None:
         try:
             value = await answer
-        except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+        except BaseException as exc:  # the caller's to handle
+            # Its traceback is this process's: here, not in the API's log.
+            log.warning("a call from the API failed", exc_info=True)
             self.send(Reply(cid, error=_picklable(exc)))
-        else:
+            return
+        try:
             self.send(Reply(cid, value))
+        except Exception as exc:  # unpicklable: the caller must still hear of it
+            log.exception("the answer to a call could not be sent")
+            self.send(Reply(cid, error=RuntimeError(f"the answer could not be sent: {exc!r}")))
 
     # --- calls -----------------------------------------------------------------------------
 
@@ -327,6 +353,14 @@ class Core:
 Facts = dict[str, Any]
 
 
+def _exit_orphaned() -> NoReturn:
+    """The API process is gone (its end of the socket closed): nobody is left to answer. Every
+    thread's stack first (a wedged engine's is why the API was killed)."""
+    log.critical("the API process is gone: this process ends")
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(0)
+
+
 def _picklable(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling (the API re-raises it), else a RuntimeError saying it."""
     try:
@@ -337,12 +371,16 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def main() -> int:
-    conn = Connection(int(sys.argv[1]))
+    fd = int(sys.argv[1])
+    os.set_inheritable(fd, False)  # a process started from here must not keep the API's EOF away
+    conn = Connection(fd)
     hello: Hello = conn.recv()
     settings = hello.settings
     configure_logging(settings.log_level, settings.log_format)
-    # A terminal's Ctrl-C reaches the whole process group: the API process decides the end.
+    # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole group, must not end the
+    # engine under the API's drain: the API process decides the end (``stop``, or its socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("engine process %d for API process %d", os.getpid(), os.getppid())
     return asyncio.run(Core(conn, hello).run())
 
