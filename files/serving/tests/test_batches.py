@@ -81,25 +81,37 @@ def test_host_cpu_leaves_out_the_gil_held_by_another_thread(v1: LoadedModel) -> 
     """A pass's ``host_cpu`` is the engine thread's own CPU time: while another thread runs
     Python (as the HTTP event loop does in a wave of requests), each torch operator's release
     of the GIL costs the engine thread a wait off the CPU, in ``host`` but not ``host_cpu``."""
-    observer = _Passes()
-    batch = DynamicBatch(v1, observer)  # type: ignore[arg-type]
     prompt = v1.encode(PROMPTS[2], add_special_tokens=True)
-    seq = Sequence(v1, prompt, GREEDY, sink=lambda event: None)
-    stop = threading.Event()
 
-    def spin() -> None:  # pure Python: it lets go of the GIL only when asked to
+    def spin(stop: threading.Event) -> None:  # pure Python: lets go of the GIL when asked to
         while not stop.is_set():
             pass
 
+    def prefill_beside_a_spinner() -> dict[str, float]:
+        observer = _Passes()
+        batch = DynamicBatch(v1, observer)  # type: ignore[arg-type]
+        stop = threading.Event()
+        spinner = threading.Thread(target=spin, args=(stop,), daemon=True)
+        spinner.start()
+        try:
+            batch.add([Sequence(v1, prompt, GREEDY, sink=lambda event: None)])
+        finally:
+            stop.set()
+            spinner.join()
+        (parts,) = observer.parts
+        return parts
+
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.001)  # each wait for the GIL at most ~1 ms (Python's default: 5)
-    spinner = threading.Thread(target=spin, daemon=True)
-    spinner.start()
     try:
-        batch.add([seq])
+        # Up to 3 tries: on a busy 2-core machine (the suite's servers beside it) the spinner
+        # may get no core during a whole pass, and then the engine thread waits for nothing.
+        tries = []
+        for _ in range(3):
+            tries.append(prefill_beside_a_spinner())
+            if tries[-1]["host_cpu"] < 0.5 * tries[-1]["host"]:
+                break
     finally:
-        stop.set()
-        spinner.join()
         sys.setswitchinterval(interval)
-    (parts,) = observer.parts
-    assert 0 < parts["host_cpu"] < 0.5 * parts["host"], parts
+    assert all(parts["host_cpu"] > 0 for parts in tries), tries
+    assert tries[-1]["host_cpu"] < 0.5 * tries[-1]["host"], tries

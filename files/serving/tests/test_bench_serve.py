@@ -92,6 +92,10 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         split["tokens_per_s"] / plain["tokens_per_s"], abs=0.01
     )
     assert "server-process TTFT means in ms: clients " in result.stdout
+    # The processes' CPU per token: the engine's apart where it has a process of its own.
+    assert set(plain["server_cpu_us_per_token"]) == {"api"}
+    assert set(split["server_cpu_us_per_token"]) == {"api", "engine"}
+    assert all(us > 0 for us in split["server_cpu_us_per_token"].values())
     # The server's own step timer (metalserve_forward_pass_duration_seconds) reached the report.
     assert 0 < report["arms"]["server"]["mean_decode_step_s"] < 10
     # ...and its parts: on the CPU no device part, and host plus wait is the step's time.

@@ -433,10 +433,20 @@ def _server_arm(
                 raise BenchError(str(exc)) from None
 
         before: dict[str, float] = {}
+        cpu_before: dict[str, float] = {}
+
+        def warmed_up() -> None:
+            before.update(_scrape(url))
+            cpu_before.update(server_cpu_seconds(server.proc.pid))
+
         # One full-length untimed request per client first, as the generate() arms do; the
         # server's counters are read after it.
-        samples = drive(lambda: before.update(_scrape(url)))
+        samples = drive(warmed_up)
         after = _scrape(url)
+        cpu = {
+            name: seconds - cpu_before.get(name, 0.0)
+            for name, seconds in server_cpu_seconds(server.proc.pid).items()
+        }
         profiled = _profile_run(url, drive, options.profile_passes)
         reloaded = _time_reload(server, reload_id) if reload_id is not None else {}
     finally:
@@ -463,6 +473,13 @@ def _server_arm(
             "client_cpu_busy": [round(c / samples.seconds, 3) for c in samples.cpu_seconds],
             # Below 1: streams' queued tokens were merged into one event (the loop fell behind).
             "text_events_per_token": round(samples.text_events / max(samples.tokens, 1), 4),
+            # The server's processes' CPU time per streamed token over the timed run: "api" the
+            # replica's process (with the engine thread, unless the engine has its own process:
+            # then "engine" too). The API's share is what its one interpreter lock serves.
+            "server_cpu_us_per_token": {
+                name: round(seconds / max(samples.tokens, 1) * 1e6, 2)
+                for name, seconds in cpu.items()
+            },
             "server_ttft_mean_s": _mean(passes, "ttft"),
             "server_queue_time_mean_s": _mean(passes, "queue"),
             "server_first_byte_mean_s": _mean(passes, "first_byte"),
@@ -706,6 +723,24 @@ class ServerProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user and system) so far of the server process ``pid`` ("api") and of its
+    engine process where it has one ("engine": its child running ``metalserve.core.process``)."""
+    seconds = {"api": _cpu_seconds(pid)}
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(OSError):
+            if b"metalserve.core.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                seconds["engine"] = _cpu_seconds(int(child))
+    return seconds
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -1056,6 +1091,7 @@ def _render_profile(profile: dict[str, Any]) -> str:
 
 def _render_ttft_means(name: str, arm: dict[str, Any]) -> str:
     """Where a server arm's clients' TTFT went, means in milliseconds."""
+    cpu_per_token = arm.get("server_cpu_us_per_token", {})
     return (
         f"{name} TTFT means in ms: clients {arm['ttft_mean_s'] * 1000:.1f} (their "
         f"response head {arm['response_head_mean_s'] * 1000:.1f}), server's "
@@ -1064,6 +1100,8 @@ def _render_ttft_means(name: str, arm: dict[str, Any]) -> str:
         f"{arm['server_ttft_mean_s'] * 1000:.1f} (queued "
         f"{arm['server_queue_time_mean_s'] * 1000:.1f}); client processes' CPU busy "
         + ", ".join(f"{busy:.2f}" for busy in arm["client_cpu_busy"])
+        + "; server CPU per token: "
+        + ", ".join(f"{process} {us} us" for process, us in cpu_per_token.items())
     )
 
 
