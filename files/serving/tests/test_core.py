@@ -41,6 +41,7 @@ class Core:
         self.events: dict[int, list[Any]] = {}
         self.ended: dict[int, Ended] = {}
         self.beats: list[float] = []
+        self.observed: list[str] = []
         self._next = 0
 
     def call(self, name: str, *args: Any) -> int:
@@ -67,6 +68,7 @@ class Core:
                 delta = TextDelta(event) if isinstance(event, str) else event
                 self.events.setdefault(rid, []).append(delta)
             self.ended.update(message.ended)
+            self.observed += [name for name, _ in message.observed]
         elif isinstance(message, Beat):
             self.beats.append(message.at)
         return message
@@ -131,6 +133,11 @@ def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> Non
     core.until_ended(1)
     assert core.events[1][-1] == Failed(499, "client went away")
     assert len(core.ended[1].generated) < 400
+    # What its observer saw comes over for the API's metrics: its passes, its collections too.
+    assert {"forward_pass", "engine_state", "first_token", "sequence_finished"} <= set(
+        core.observed
+    )
+    assert "gc_pause" in core.observed, "its own collections stop its engine thread"
     beats = len(core.beats)
     deadline = time.monotonic() + 5
     while len(core.beats) < beats + 3:  # every 0.2 s, idle too

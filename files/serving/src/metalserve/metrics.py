@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,29 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # A decode step of a small model on a GPU takes ~2 ms, of an 8B model ~5-10 ms, on a CPU more.
 _STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class GcTimer:
+    """Times this process's garbage collections (``gc.callbacks``) for ``record``."""
+
+    def __init__(self, record: Callable[[int, float], None]) -> None:
+        self._record = record
+        self._started = 0.0
+
+    def watch(self) -> None:
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        # Collections do not overlap (they hold the GIL): one start time is enough.
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._record(info["generation"], time.perf_counter() - self._started)
 
 
 class Metrics:
@@ -163,7 +187,7 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
-        self._gc_started = 0.0
+        self._gc_timer = GcTimer(self.gc_pause)
         # The HTTP side's backlog: every stream's events, every request's parsing and answer run
         # on one event loop thread; a loop behind its timers delays all of them (first tokens
         # of new requests included).
@@ -184,21 +208,15 @@ class Metrics:
         )
 
     def watch_gc(self) -> None:
-        """Time every garbage collection from now on (``gc.callbacks``)."""
-        if self._on_gc not in gc.callbacks:
-            gc.callbacks.append(self._on_gc)
+        """Time every garbage collection of this process from now on (``gc.callbacks``)."""
+        self._gc_timer.watch()
 
     def unwatch_gc(self) -> None:
-        with contextlib.suppress(ValueError):
-            gc.callbacks.remove(self._on_gc)
+        self._gc_timer.unwatch()
 
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        # Collections do not overlap (they hold the GIL): one start time is enough.
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            seconds = time.perf_counter() - self._gc_started
-            self.gc_pauses.labels(generation=str(info["generation"])).observe(seconds)
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        """One collection (this process's, or the engine process's: ``metalserve.core``)."""
+        self.gc_pauses.labels(generation=str(generation)).observe(seconds)
 
     def set_startup(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():

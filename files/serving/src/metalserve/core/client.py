@@ -99,6 +99,7 @@ class RemoteEngine:
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
+        self._profile: RemoteProfile | None = None
 
     # --- the process -----------------------------------------------------------------------
 
@@ -234,7 +235,13 @@ class RemoteEngine:
     def profile(
         self, passes: int, max_seconds: float, directory: Path, *, python: bool = False
     ) -> RemoteProfile:
-        return RemoteProfile(self.call("profile", passes, max_seconds, directory, python))
+        # Refused here as the engine refuses (the admin API's 409 profile_refused).
+        if not self.is_alive():
+            raise RuntimeError("the engine is not running")
+        if self._profile is not None and not self._profile.future.done():
+            raise RuntimeError("a profile is already being recorded")
+        self._profile = RemoteProfile(self.call("profile", passes, max_seconds, directory, python))
+        return self._profile
 
     # --- loads and swaps (``CoreClient``) --------------------------------------------------
 

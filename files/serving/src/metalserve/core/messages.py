@@ -19,6 +19,7 @@ OBSERVED = frozenset(
         "first_token",
         "sequence_finished",
         "cache_load",
+        "gc_pause",
     }
 )
 # The calls the engine's process answers (``process.Core``'s ``call_<name>`` methods; ``swap``

@@ -48,6 +48,7 @@ from metalserve.engine import (
 from metalserve.host import ModelHost, freeze_heap
 from metalserve.loader import LoadedModel, ModelView
 from metalserve.logs import configure_logging
+from metalserve.metrics import GcTimer
 
 log = logging.getLogger("metalserve.core")
 
@@ -113,6 +114,9 @@ class Outbox:
     def cache_load(self, result: str) -> None:
         self._observe("cache_load", result)
 
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        self._observe("gc_pause", generation, seconds)
+
 
 class Core:
     """The engine's process: its host, the sequences it runs, and its end of the socket."""
@@ -133,6 +137,9 @@ class Core:
         )
         self.engine = self.host.engine
         self.engine.idle_wait = hello.idle_wait
+        # This process's collections stop its engine thread: counted with the API's.
+        self._gc_timer = GcTimer(self.outbox.gc_pause)
+        self._gc_timer.watch()
         # The versions sequences may be prepared for: the served one, and one loaded next.
         self.models: dict[str, LoadedModel] = {}
         self.seqs: dict[int, Sequence] = {}
