@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -66,6 +67,9 @@ class Outbox:
         self._events: list[tuple[int, str | Event]] = []
         self._ended: list[tuple[int, Ended]] = []
         self._observed: list[tuple[str, tuple[Any, ...]]] = []
+        # Collections, recorded from gc's callback: that may run inside any allocation, this
+        # object's locked sections included, so it takes no lock (a deque's append is atomic).
+        self._gc_pauses: deque[tuple[int, float]] = deque()
 
     def text(self, rid: int, text: str) -> None:
         with self._lock:
@@ -79,6 +83,8 @@ class Outbox:
 
     def take(self) -> Step | None:
         with self._lock:
+            while self._gc_pauses:
+                self._observed.append(("gc_pause", self._gc_pauses.popleft()))
             if not (self._events or self._ended or self._observed):
                 return None
             step = Step(self._events, self._ended, self._observed)
@@ -115,7 +121,7 @@ class Outbox:
         self._observe("cache_load", result)
 
     def gc_pause(self, generation: int, seconds: float) -> None:
-        self._observe("gc_pause", generation, seconds)
+        self._gc_pauses.append((generation, seconds))
 
 
 class Core:
