@@ -102,7 +102,7 @@ def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store:
     v1, timings, facts = core.reply(core.call("start", model_store.v1))
     assert v1.version_id == model_store.v1
     assert {"load", "warmup", "decode_path"} <= set(timings)
-    assert facts["decode_path"] == "dynamic"
+    assert facts.decode_path == "dynamic"
     core.submit(1, v1)
     core.until_ended(1)
     assert isinstance(core.events[1][-1], Finished)

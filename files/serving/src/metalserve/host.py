@@ -36,6 +36,7 @@ from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
 from metalserve.threads import in_daemon_thread
 
+# As when this was part of replica.py: its log lines keep their logger name.
 log = logging.getLogger("metalserve.replica")
 
 LOAD_THREAD = "metalserve-load"

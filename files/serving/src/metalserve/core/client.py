@@ -32,6 +32,7 @@ from metalserve.core.messages import (
     Beat,
     Call,
     Cancel,
+    EngineFacts,
     Hello,
     Reply,
     Step,
@@ -92,7 +93,8 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         self._current: ModelView | None = None
         self._pending: ModelView | None = None
-        self._facts: dict[str, Any] = {}
+        # Until a model goes live: none built yet, the batch limit asked for.
+        self.facts = EngineFacts(None, False, [], 0, None, settings.batch_limit)
         self._beat = time.monotonic()
         self._gone = False
         self._stopping = False
@@ -168,32 +170,31 @@ class RemoteEngine:
     def target_model(self) -> ModelView | None:
         return self._pending or self._current
 
+    # The engine's properties that ``/version`` reads, as the engine's process last told them.
+
     @property
     def decode_path(self) -> str | None:
-        path: str | None = self._facts.get("decode_path")
-        return path
+        return self.facts.decode_path
 
     @property
     def decode_compiled(self) -> bool:
-        return bool(self._facts.get("decode_compiled", False))
+        return self.facts.decode_compiled
 
     @property
     def decode_gemm_tuning(self) -> list[dict[str, Any]]:
-        tuning: list[dict[str, Any]] = self._facts.get("decode_gemm_tuning", [])
-        return tuning
+        return self.facts.decode_gemm_tuning
 
     @property
     def prefix_cache_tokens_held(self) -> int:
-        return int(self._facts.get("prefix_cache_tokens_held", 0))
+        return self.facts.prefix_cache_tokens_held
 
     @property
     def weight_bytes(self) -> int | None:
-        weight_bytes: int | None = self._facts.get("weight_bytes")
-        return weight_bytes
+        return self.facts.weight_bytes
 
     @property
     def batch_slots(self) -> int:
-        return int(self._facts.get("batch_slots", self.max_batch_size))
+        return self.facts.batch_slots
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -260,10 +261,10 @@ class RemoteEngine:
                 future.set_exception(exc)
         return future
 
-    def went_live(self, view: ModelView, facts: dict[str, Any]) -> None:
+    def went_live(self, view: ModelView, facts: EngineFacts) -> None:
         """The engine's process serves ``view``'s version now."""
         with self._lock:
-            self._current, self._pending, self._facts = view, None, facts
+            self._current, self._pending, self.facts = view, None, facts
 
     async def swap(self, view: ModelView) -> str | None:
         """Serve ``view``'s version (loaded there already); the replaced version's id."""

@@ -28,6 +28,19 @@ CALLS = frozenset({"start", "load", "swap", "abort_all", "wedge", "profile", "st
 
 
 @dataclass(frozen=True, slots=True)
+class EngineFacts:
+    """What ``/version`` tells of the engine's decode path, once a model went live (the
+    ``Engine`` properties of the same names)."""
+
+    decode_path: str | None
+    decode_compiled: bool
+    decode_gemm_tuning: list[dict[str, Any]]
+    prefix_cache_tokens_held: int
+    weight_bytes: int | None
+    batch_slots: int
+
+
+@dataclass(frozen=True, slots=True)
 class Hello:
     """API -> engine, first: what to serve and how."""
 

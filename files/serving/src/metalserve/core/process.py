@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any, NoReturn
 
 from metalserve.core.messages import (
@@ -33,6 +34,7 @@ from metalserve.core.messages import (
     Call,
     Cancel,
     Ended,
+    EngineFacts,
     Hello,
     Reply,
     Step,
@@ -267,7 +269,7 @@ class Core:
 
     async def _swapped(
         self, bundle: LoadedModel, swapping: Future[LoadedModel | None]
-    ) -> tuple[str | None, Facts]:
+    ) -> tuple[str | None, EngineFacts]:
         previous = await self.host.settle_swap(bundle, swapping)
         return previous, self.facts()
 
@@ -300,7 +302,7 @@ class Core:
 
     # --- calls -----------------------------------------------------------------------------
 
-    async def call_start(self, version_id: str) -> tuple[ModelView, dict[str, float], Facts]:
+    async def call_start(self, version_id: str) -> tuple[ModelView, dict[str, float], EngineFacts]:
         timings: dict[str, float] = {}
         bundle = await self.host.start(version_id, timings)
         self.models = {version_id: bundle}
@@ -319,7 +321,7 @@ class Core:
         await asyncio.wrap_future(self.engine.wedge(seconds))
 
     async def call_profile(
-        self, passes: int, max_seconds: float, directory: Any, python: bool
+        self, passes: int, max_seconds: float, directory: Path, python: bool
     ) -> dict[str, Any]:
         profile = self.engine.profile(passes, max_seconds, directory, python=python)
         summary: dict[str, Any] = await asyncio.wrap_future(profile.future)
@@ -331,17 +333,16 @@ class Core:
         assert self._stopped is not None
         self._stopped.set()
 
-    def facts(self) -> Facts:
-        """What ``/version`` tells of the engine's decode path, once a model went live."""
+    def facts(self) -> EngineFacts:
         engine = self.engine
-        return {
-            "decode_path": engine.decode_path,
-            "decode_compiled": engine.decode_compiled,
-            "decode_gemm_tuning": engine.decode_gemm_tuning,
-            "prefix_cache_tokens_held": engine.prefix_cache_tokens_held,
-            "weight_bytes": engine.weight_bytes,
-            "batch_slots": engine.batch_slots,
-        }
+        return EngineFacts(
+            decode_path=engine.decode_path,
+            decode_compiled=engine.decode_compiled,
+            decode_gemm_tuning=engine.decode_gemm_tuning,
+            prefix_cache_tokens_held=engine.prefix_cache_tokens_held,
+            weight_bytes=engine.weight_bytes,
+            batch_slots=engine.batch_slots,
+        )
 
     # --- the process -----------------------------------------------------------------------
 
@@ -361,9 +362,6 @@ class Core:
             return 0
         log.critical("the generation engine stopped: this process ends")
         return 1
-
-
-Facts = dict[str, Any]
 
 
 def _exit_orphaned() -> NoReturn:
