@@ -152,6 +152,7 @@ class Core:
         self.models: dict[str, LoadedModel] = {}
         self.seqs: dict[int, Sequence] = {}
         self._stopped: asyncio.Event | None = None
+        self._stopping = False
         self._calls: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -328,6 +329,8 @@ class Core:
         return summary
 
     async def call_stop(self) -> None:
+        # From here the engine's end is this call's: ``run`` waits for it to answer.
+        self._stopping = True
         await asyncio.to_thread(self.engine.stop)
         await asyncio.to_thread(self.host.stop_ranks)
         assert self._stopped is not None
@@ -352,7 +355,7 @@ class Core:
         self.engine.start()
         threading.Thread(target=self._read, name="metalserve-core-read", daemon=True).start()
         threading.Thread(target=self._beats, name="metalserve-core-beat", daemon=True).start()
-        while self.engine.is_alive() and not self._stopped.is_set():
+        while (self._stopping or self.engine.is_alive()) and not self._stopped.is_set():
             try:
                 await asyncio.wait_for(self._stopped.wait(), BEAT_SECONDS)
             except TimeoutError:
