@@ -91,12 +91,35 @@ def test_a_replica_over_one_gpu_keeps_its_own_gpu_and_no_drop_in(tmp_path: Path)
     assert second["CUDA_VISIBLE_DEVICES"] == "1"
     assert second["METALSERVE_DEVICE"] == "cuda:0"
     assert "METALSERVE_TENSOR_PARALLEL" not in second
-    assert "DeviceAllow=/dev/nvidia%i rw" in (units / "metalserve@.service").read_text()
+    # The server's default (the engine in a process of its own, on CUDA with one rank) ...
+    assert "METALSERVE_ENGINE_PROCESS" not in second
+    unit = (units / "metalserve@.service").read_text()
+    assert "DeviceAllow=/dev/nvidia%i rw" in unit
+    # ... whose stop the unit waits for: the drain's 30 s, up to 10 s, a 15 s margin.
+    assert "TimeoutStopSec=55" in unit.splitlines()
     assert not list(units.glob("*.service.d"))
     result = verify(units, 1)
     # systemd ignores a bad line with a warning only: none may be printed.
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "stop"),
+    [
+        ({"model_replica_device": "cpu"}, None, 45),  # the server's default there: one process
+        ({"model_replica_device": "cpu", "model_replica_engine_process": True}, "true", 55),
+        ({"model_replica_device": "cuda", "model_replica_engine_process": False}, "false", 45),
+        # Several GPUs a replica: its ranks run the engine beside HTTP.
+        ({"model_replica_device": "cuda", "model_replica_gpus_per_replica": 2}, None, 45),
+    ],
+)
+def test_the_engine_process_setting_and_the_stop_it_needs(
+    tmp_path: Path, settings: dict[str, object], env: str | None, stop: int
+) -> None:
+    units = render(tmp_path, **settings)
+    assert environment(units / "replica-0.env").get("METALSERVE_ENGINE_PROCESS") == env
+    assert f"TimeoutStopSec={stop}" in (units / "metalserve@.service").read_text().splitlines()
 
 
 def test_a_replica_gets_gpus_with_nvlink_to_each_other_on_one_numa_node(tmp_path: Path) -> None:

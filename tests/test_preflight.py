@@ -50,6 +50,22 @@ def test_missing_variable_names_variable_and_hosts(tmp_path: Path) -> None:
         assert host in result.stdout
 
 
+def test_an_engine_process_over_several_gpus_is_named(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path, good_groups(), GOOD_VARS)
+    content = yaml.safe_load(inventory.read_text())
+    hosts = content["all"]["children"]["gpu_nodes"]["hosts"]
+    hosts["gpu-a"] = {"model_replica_engine_process": True, "model_replica_gpus_per_replica": 1}
+    hosts["gpu-b"] = {"model_replica_engine_process": True, "model_replica_gpus_per_replica": 2}
+    inventory.write_text(yaml.safe_dump(content))
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    assert result.returncode != 0
+    assert "model_replica_engine_process is true on gpu-b, whose replicas span" in " ".join(result.stdout.split())
+    hosts["gpu-b"]["model_replica_gpus_per_replica"] = 1
+    inventory.write_text(yaml.safe_dump(content))
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_empty_variable_counts_as_missing(tmp_path: Path) -> None:
     result = run_playbook(
         "playbooks/preflight.yml",

@@ -251,7 +251,8 @@ def test_requests_per_arm() -> None:
     given = BenchServeSettings(clients=3, requests=7)
     # The static arm runs whole batches of --clients.
     assert [given.requests_for(arm) for arm in SERVE_ARMS] == [7, 9, 7, 7, 7]
-    assert options.arms == ("naive", "static", "server")  # server-fp8 when asked for
+    # Both places of the engine; server-fp8 when asked for.
+    assert options.arms == ("naive", "static", "server", "server-process")
 
 
 def test_server_args_are_split_like_a_shell() -> None:

@@ -82,6 +82,37 @@ def test_invalid_values(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
         parse(argv)
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "uses"),
+    [
+        ([], None, False),  # the CPU: one process
+        (["--device", "cuda"], None, True),  # CUDA, one rank: the engine's own process
+        (["--device", "cuda:1"], None, True),
+        (["--device", "cuda", "--tensor-parallel", "2"], None, False),  # ranks: the thread
+        (["--device", "cuda", "--no-engine-process"], None, False),
+        (["--device", "cuda"], "false", False),
+        (["--engine-process"], None, True),
+        ([], "true", True),
+        (["--no-engine-process"], "true", False),  # a flag beats the environment
+    ],
+)
+def test_the_engine_process_is_the_default_on_cuda_with_one_rank(
+    argv: list[str], env: str | None, uses: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("STORE", "MODEL", "VERSION"):
+        monkeypatch.setenv(f"METALSERVE_{name}", "x")
+    if env is not None:
+        monkeypatch.setenv("METALSERVE_ENGINE_PROCESS", env)
+    assert parse(argv).uses_engine_process is uses
+
+
+def test_an_engine_process_asked_for_ranks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STORE", "MODEL", "VERSION"):
+        monkeypatch.setenv(f"METALSERVE_{name}", "x")
+    with pytest.raises(ValidationError, match="engine_process takes one rank"):
+        parse(["--device", "cuda", "--tensor-parallel", "2", "--engine-process"])
+
+
 def test_required_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STORE", "MODEL", "VERSION"):
         monkeypatch.delenv(f"METALSERVE_{name}", raising=False)

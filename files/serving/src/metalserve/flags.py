@@ -100,7 +100,7 @@ def _add_environment_flag(parser: Any, name: str, info: FieldInfo, prefix: str) 
     default = "required" if info.is_required() else f"default: {info.default}"
     help_text = f"{info.description} [{prefix}{name.upper()}; {default}]"
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-    if info.annotation is bool:
+    if info.annotation in (bool, bool | None):  # absent: the default (None: decided later)
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     else:
         parser.add_argument(flag, metavar=name.upper(), **kwargs)

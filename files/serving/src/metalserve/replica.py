@@ -61,7 +61,7 @@ class Replica:
         # The admin API's hot reloads load the next version beside the live one.
         reload_headroom = self.admin_token is not None
         self.host: ModelHost | CoreClient
-        if settings.engine_process:
+        if settings.uses_engine_process:
             self.host = CoreClient(
                 settings, self.metrics, self.relay, reload_headroom=reload_headroom
             )

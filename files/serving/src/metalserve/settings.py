@@ -168,11 +168,12 @@ class ServeSettings(BaseSettings):
         "weights (the static decode path, CUDA graphs and the compiled layer on CUDA; a hot "
         "reload reloads every rank)",
     )
-    engine_process: bool = Field(
-        False,
+    engine_process: bool | None = Field(
+        None,
         description="run the model and the generation engine in a process of their own, the "
         "HTTP side (parsing, tokenizing, streaming) in this one, so that the two do not take "
-        "turns at one interpreter lock (as vLLM's engine core; one rank only for now)",
+        "turns at one interpreter lock (as vLLM's engine core; one rank only for now); unset: "
+        "on with CUDA and one rank, off otherwise",
     )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
@@ -244,6 +245,15 @@ class ServeSettings(BaseSettings):
             return self.max_batch_size
         return CUDA_MAX_BATCH_SIZE if self.device.startswith("cuda") else CPU_MAX_BATCH_SIZE
 
+    @property
+    def uses_engine_process(self) -> bool:
+        """``engine_process``, or its default: on CUDA with one rank (BENCHMARKS.md, round 2
+        step 23: TTFT p99 0.75-0.78x the engine thread's on an H200 at 850M and 8B, tokens/s
+        0.97-1.09x); on the CPU the two processes would share the same few cores."""
+        if self.engine_process is not None:
+            return self.engine_process
+        return self.device.startswith("cuda") and self.tensor_parallel == 1
+
     @field_validator("prefix_cache_tokens")
     @classmethod
     def _whole_blocks(cls, value: int) -> int:
@@ -291,7 +301,7 @@ class ServeSettings(BaseSettings):
                     f"tensor_parallel {self.tensor_parallel} with decode_mode cuda-graphs "
                     "needs device cuda (NCCL collectives in the graphs)"
                 )
-            if self.engine_process:
+            if self.engine_process is True:
                 raise ValueError(
                     f"tensor_parallel {self.tensor_parallel} runs the engine in the API's "
                     "process: engine_process takes one rank for now"

@@ -29,9 +29,10 @@ LOAD_ARMS = (
 )
 SERVE_ARMS = ("naive", "static", "server", "server-fp8", "server-process")
 # server-fp8: the server arm again with --quantization fp8 (asked for by name: it needs FP8 tensor
-# cores on CUDA, and doubles the server's share of the run); server-process: again with
-# --engine-process (the engine in a process of its own).
-DEFAULT_SERVE_ARMS = ("naive", "static", "server")
+# cores on CUDA, and doubles the server's share of the run). server runs the engine as a thread
+# beside HTTP (--no-engine-process), server-process in a process of its own (--engine-process,
+# the default on CUDA): both pinned, so that a report says which it measured on any device.
+DEFAULT_SERVE_ARMS = ("naive", "static", "server", "server-process")
 CACHES = ("cold", "warm")
 DECODE_CHECKS = ("verify", "prof", "fp8")
 GB = 1e9  # throughput in decimal GB/s, as disks and PCIe are quoted

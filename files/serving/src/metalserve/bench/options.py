@@ -246,8 +246,9 @@ class BenchServeSettings(CommandSettings):
     arms: Annotated[tuple[str, ...], Arg(type=arms_type(SERVE_ARMS))] = Field(
         DEFAULT_SERVE_ARMS,
         description=f"comma-separated subset of {','.join(SERVE_ARMS)} (default: "
-        f"{','.join(DEFAULT_SERVE_ARMS)}; server-fp8 is the server with --quantization fp8, "
-        "server-process with --engine-process)",
+        f"{','.join(DEFAULT_SERVE_ARMS)}; server: the engine thread beside HTTP, "
+        "--no-engine-process; server-fp8: that with --quantization fp8; server-process: the "
+        "engine in a process of its own, --engine-process, the server's default on CUDA)",
     )
     seed: int = Field(0, description="weights and prompts")
     reload: bool = Field(

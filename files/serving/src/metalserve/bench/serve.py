@@ -367,8 +367,8 @@ def _sync(device: torch.device) -> None:
 
 # The server arms: the server's flags beyond the bench's own and ``--server-args``.
 SERVER_ARM_FLAGS: dict[str, tuple[str, ...]] = {
-    "server": (),
-    "server-fp8": ("--quantization", "fp8"),
+    "server": ("--no-engine-process",),
+    "server-fp8": ("--no-engine-process", "--quantization", "fp8"),
     "server-process": ("--engine-process",),
 }
 
