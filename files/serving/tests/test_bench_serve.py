@@ -84,6 +84,7 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
     # The same server with its engine in a process of its own: that process's forward passes,
     # counted by the API's metrics, reached the report; its hot reload and profile ran.
     split = report["arms"]["server-process"]
+    assert (plain["engine_process"], split["engine_process"]) == (False, True)
     assert split["decode_path"] == plain["decode_path"]
     assert split["mean_decode_batch"] > 1
     assert split["reload_seconds"] > 0

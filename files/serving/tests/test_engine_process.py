@@ -132,6 +132,7 @@ def test_the_engine_runs_in_a_process_of_its_own(split_server: Server) -> None:
     assert engine != split_server.proc.pid  # type: ignore[union-attr]
     # What the engine's process built, as /version tells it.
     version = httpx.get(f"{split_server.url}/version").json()
+    assert version["engine_process"] is True
     assert version["decode_path"] == "dynamic"
     assert version["max_batch_size"] == 8
     assert version["weight_bytes"] > 0

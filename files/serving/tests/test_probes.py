@@ -34,7 +34,8 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert version["loaded_at"]
     assert version["server_version"]
     assert "model.safetensors" in version["files"]
-    # The CPU default: the dynamic path, nothing compiled.
+    # The CPU defaults: the engine a thread, the dynamic path, nothing compiled.
+    assert version["engine_process"] is False
     assert (version["decode_path"], version["decode_compiled"]) == ("dynamic", False)
     assert version["decode_gemm"] == []  # nothing timed: no CUDA
     assert version["prefix_cache_tokens"] == 0  # the dynamic path has none

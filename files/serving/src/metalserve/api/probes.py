@@ -49,6 +49,8 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "load_seconds": round(current.load_seconds, 3) if current else None,
         "weights_seconds": round(current.weights_seconds, 3) if current else None,
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
+        # Where the engine runs: a process of its own, or a thread beside this event loop.
+        "engine_process": replica.settings.uses_engine_process,
         "decode_path": replica.engine.decode_path,
         "decode_compiled": replica.engine.decode_compiled,
         # Per projection and batch bucket: cuBLAS' and the kernel's microseconds, which runs.

@@ -508,6 +508,7 @@ def _server_arm(
             **reloaded,
             **profiled,
             "server_startup_seconds": served.get("startup_seconds"),
+            "engine_process": served.get("engine_process"),
             "decode_path": served.get("decode_path"),
             "decode_compiled": served.get("decode_compiled"),
             "decode_gemm": served.get("decode_gemm"),
