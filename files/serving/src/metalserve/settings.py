@@ -248,8 +248,8 @@ class ServeSettings(BaseSettings):
     @property
     def uses_engine_process(self) -> bool:
         """``engine_process``, or its default: on CUDA with one rank (BENCHMARKS.md, round 2
-        step 23: TTFT p99 0.75-0.78x the engine thread's on an H200 at 850M and 8B, tokens/s
-        0.97-1.09x); on the CPU the two processes would share the same few cores."""
+        step 23: TTFT p99 0.75-0.87x the engine thread's on an H200 at 850M and 8B, tokens/s
+        0.93-1.09x); on the CPU the two processes would share the same few cores."""
         if self.engine_process is not None:
             return self.engine_process
         return self.device.startswith("cuda") and self.tensor_parallel == 1
