@@ -7,6 +7,7 @@ one that runs there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import threading
@@ -98,7 +99,9 @@ class ModelHost:
         gets the seconds of each part)."""
         if self.settings.tensor_parallel > 1:
             self._start_ranks()
-        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings)
+        # Not for tensor-parallel ranks: each compiles its own part's layer, after the split.
+        ahead = self.settings.decode_compile_ahead and self.settings.tensor_parallel == 1
+        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings, ahead)
         if self.settings.tensor_parallel > 1:
             started = time.monotonic()
             await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
@@ -106,6 +109,9 @@ class ModelHost:
         switching = time.monotonic()
         await asyncio.wrap_future(self.engine.swap(bundle))
         timings["decode_path"] = time.monotonic() - switching
+        if self.engine.compile_ahead_seconds is not None:
+            # Beside the load (and the warm-up): not a part of the sum.
+            timings["compile_ahead"] = self.engine.compile_ahead_seconds
         return bundle
 
     async def load_next(self, version_id: str) -> LoadedModel:
@@ -132,10 +138,11 @@ class ModelHost:
         return previous
 
     def load_and_warm(
-        self, version_id: str, timings: dict[str, float] | None = None
+        self, version_id: str, timings: dict[str, float] | None = None, compile_ahead: bool = False
     ) -> LoadedModel:
         """Load and verify a version (from the node's cache when it holds it), then prove it
-        generates (blocking: run in a thread). ``timings`` gets the seconds of each part."""
+        generates (blocking: run in a thread). ``timings`` gets the seconds of each part;
+        ``compile_ahead``: the engine compiles its decode layer beside the load."""
         timings = {} if timings is None else timings
         started = time.monotonic()
         import_libraries()
@@ -144,7 +151,7 @@ class ModelHost:
             from metalserve import skinny_linear
 
             skinny_linear.remember_in(self.settings.decode_tuning_file)
-        bundle = self._load(version_id)
+        bundle = self._load(version_id, compile_ahead)
         timings["load"] = bundle.load_seconds
         if bundle.part_of is not None:
             if self.engine.tensor_parallel is not None:
@@ -186,7 +193,7 @@ class ModelHost:
         self.metrics.cache_load("corrupt")
         log.error("dropped the node cache's copy of %s", version_id[: store.SHORT_ID_LEN])
 
-    def _load(self, version_id: str) -> LoadedModel:
+    def _load(self, version_id: str, compile_ahead: bool = False) -> LoadedModel:
         settings = self.settings
 
         part = None
@@ -205,7 +212,10 @@ class ModelHost:
                 chunk_size=settings.read_chunk_mib * 1024 * 1024,
                 tensor_parallel=part,
                 max_context=settings.max_context,
+                on_config=ahead if compile_ahead else None,
             )
+
+        ahead = functools.partial(self.engine.compile_ahead, max_context=settings.max_context)
 
         cache = self.cache
         lease = cache.acquire(settings.model, version_id) if cache is not None else None

@@ -14,6 +14,7 @@ meta device; the loaded tensors then become its parameters.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PATCHING = threading.Lock()
+# transformers' lazy module is not safe to import from two threads at once (the second may find
+# its names missing): a load's thread and the engine's ``compile_ahead`` import through this.
+_IMPORTING = threading.Lock()
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -157,6 +161,7 @@ def load_version(
     chunk_size: int = store.CHUNK_SIZE,
     tensor_parallel: TensorParallel | None = None,
     max_context: int | None = None,
+    on_config: Callable[[dict[str, Any], torch.dtype, torch.device, int], None] | None = None,
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
 
@@ -166,7 +171,10 @@ def load_version(
     parameters. With ``tensor_parallel`` (a rank of more than one) only that rank's part of
     each layer's projections is read, verified and placed on the device
     (``metalserve.tensor_parallel``); the rest of the model whole. ``max_context``: sequences
-    hold at most this many tokens where the model's context is longer."""
+    hold at most this many tokens where the model's context is longer. ``on_config``: called
+    on this thread once config.json is verified, before the weights stream, with it, the dtype
+    and device they go to and their bytes on disk (what may start beside the load: the engine's
+    ``compile_ahead``)."""
     import torch
 
     from metalserve import weights
@@ -208,6 +216,8 @@ def load_version(
             on = torch_device
             if on.type == "cuda" and on.index is None:
                 on = torch.device("cuda", torch.cuda.current_device())
+            if on_config is not None:
+                on_config(raw_config, torch_dtype, on, sum(e.size for e in shards))
 
             def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
                 part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
@@ -232,7 +242,9 @@ def load_version(
             with DaemonExecutor("metalserve-weights") as pool:
                 streaming = pool.submit(stream)
                 try:
-                    prepared = _prepare(Path(tmp), version_id, torch_dtype)
+                    prepared = _prepare(
+                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type")
+                    )
                 finally:
                     # The weights' outcome first: a tampered shard is the error to report.
                     try:
@@ -271,9 +283,7 @@ def load_version(
         dtype=torch_dtype,
         eos_token_ids=frozenset(eos),
         pad_token_id=int(pad),
-        max_context=min(
-            int(getattr(config, "max_position_embeddings", 0) or 2048), max_context or 2**62
-        ),
+        max_context=served_context(config, max_context),
         vocab_size=int(model.get_input_embeddings().num_embeddings),
         files=tuple(e.path for e in manifest.files),
         load_seconds=time.monotonic() - started,
@@ -298,11 +308,35 @@ def load_version(
 KEEP_DTYPE_ELEMENTS = 1 << 20
 
 
+def served_context(config: Any, max_context: int | None) -> int:
+    """The most tokens a sequence of a model of ``config`` holds: its context, or
+    ``max_context`` where that is less."""
+    return min(int(getattr(config, "max_position_embeddings", 0) or 2048), max_context or 2**62)
+
+
 def _kept_dtype(spec: Any, served: torch.dtype) -> torch.dtype:
     if not spec.dtype.is_floating_point or math.prod(spec.shape) <= KEEP_DTYPE_ELEMENTS:
         kept: torch.dtype = spec.dtype
         return kept
     return served
+
+
+def import_transformers(model_type: Any = None) -> None:
+    """Import what a load uses of transformers, and the modeling module of ``model_type`` (a
+    config.json's) where transformers has one, one thread at a time (``_IMPORTING``)."""
+    with _IMPORTING:
+        import transformers.initialization  # noqa: F401
+        from transformers import (  # noqa: F401
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            GenerationConfig,
+        )
+
+        if isinstance(model_type, str) and model_type.isidentifier():
+            # Named otherwise: from_config imports it.
+            with suppress(ImportError):
+                importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 def _raw_config(folder: Path, version_id: str) -> dict[str, Any]:
@@ -352,11 +386,13 @@ def _parts_of(
     return lambda name, ndim: tensor_parallel.checkpoint_part(name, ndim, units, per_unit, tp)
 
 
-def _prepare(folder: Path, version_id: str, dtype: torch.dtype) -> _Prepared:
+def _prepare(folder: Path, version_id: str, dtype: torch.dtype, model_type: Any) -> _Prepared:
     """Import transformers, read the config and tokenizer in ``folder`` and build the model
     with its parameters on the meta device (the loaded tensors replace them) and its buffers
     (rotary angles, scales) computed on the CPU (moved to the device with the weights)."""
     import torch
+
+    import_transformers(model_type)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.initialization import no_init_weights
 

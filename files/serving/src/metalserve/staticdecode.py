@@ -437,6 +437,81 @@ def compiled_decode_layer() -> Any:
     return step
 
 
+def compile_ahead(
+    config: Any,
+    *,
+    slots: int,
+    max_length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    cuda_graphs: bool,
+    attention: str = "auto",
+    gemm: str = "auto",
+    keep_free: int = 0,
+) -> bool:
+    """Compile the decode layer for a model of ``config`` before its weights are there (a start
+    runs this beside the load, issue 17 item 4): a decoder over a one-layer copy of the model,
+    its weights uninitialized, runs its ``compiling_steps``, so that the real decoder's
+    ``capture_all`` finds the layer compiled. The compiled code is guarded on its arguments'
+    sizes, dtypes and constants, not their values; where the real decoder differs (it fitted
+    fewer slots) it compiles again, as without this. ``keep_free``: device bytes this must leave
+    free (the weights still to come). False where it did not run: no static path for this model,
+    or no room."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    one_layer = copy.deepcopy(config)
+    one_layer.num_hidden_layers = 1
+    one_layer.vocab_size = 128  # the layer never reads the embeddings' size
+    if getattr(one_layer, "layer_types", None) is not None:
+        one_layer.layer_types = one_layer.layer_types[:1]
+    # On the meta device its initialization computes nothing (transformers' no_init_weights
+    # patches torch process-wide: not from a second thread beside the load's).
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(one_layer, dtype=dtype)
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("the decode layer is not compiled ahead: %s", reason)
+        return False
+    needed = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    needed += cache_bytes(one_layer, slots + 1, max_length + 1, dtype) + slots * max_length * 4
+    free = free_device_bytes(device)
+    if free is not None and free - keep_free < 2 * needed:
+        log.info(
+            "the decode layer is not compiled ahead: %.1f GiB free beside the weights to come, "
+            "%.1f GiB wanted",
+            (free - keep_free) / 2**30,
+            2 * needed / 2**30,
+        )
+        return False
+    model.to_empty(device=device)
+    model.eval().requires_grad_(False)
+    try:
+        decoder = StaticDecoder(
+            model,
+            slots=slots,
+            max_length=max_length,
+            device=device,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            compile_layers=True,
+            attention=attention,
+            gemm=gemm,
+        )
+    except StaticDecodeUnavailable as exc:
+        log.info("the decode layer is not compiled ahead: %s", exc)
+        return False
+    with torch.inference_mode():
+        for size, length in decoder.compiling_steps():
+            decoder._decode(size, length)
+    if device.type == "cuda":
+        # Its kernels ran (a fault shows here, not in the real decoder's first step); the
+        # weights' copies on other streams are not waited for.
+        torch.cuda.current_stream(device).synchronize()
+    return True
+
+
 def _layer_weights(layer: Any) -> LayerWeights:
     """Fuse ``layer``'s q/k/v and gate/up projections; collect what ``decode_layer`` needs."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -856,17 +931,28 @@ class StaticDecoder:
         self._prefill_graphs.clear()
         self._pool = None
 
+    def compiling_steps(self) -> list[tuple[int, int]]:
+        """The (batch, length) steps that compile the layer, in ``capture_all``'s order: with
+        graphs the largest batch (the batch dynamic) and batch 1 (specialized) at the longest
+        length, as the captures meet them first; without, batch 1 and 2."""
+        if self.cuda_graphs:
+            longest = self.lengths[-1]
+            steps = [(self.slots, longest), (1, longest)]
+        else:
+            steps = [(1, self.lengths[0]), (min(2, self.slots), self.lengths[0])]
+        return list(dict.fromkeys(steps))
+
     def capture_all(self) -> None:
         """Capture every (batch bucket, length bucket) graph now, so serving never waits on one
-        (without graphs: compile the layer now, if compiled, by a step at batch 1 and 2).
+        (without graphs: compile the layer now, if compiled, by its ``compiling_steps``).
 
         Largest first: later (smaller) captures reuse the memory pool of the first.
         """
         if not self.cuda_graphs:
             if self.compiled:
                 with torch.inference_mode():
-                    for size in (1, min(2, self.slots)):
-                        self._decode(size, self.lengths[0])
+                    for size, length in self.compiling_steps():
+                        self._decode(size, length)
             return
         started = time.monotonic()
         first: float | None = None
