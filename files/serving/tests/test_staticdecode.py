@@ -745,8 +745,10 @@ def test_compiling_ahead_leaves_the_decoder_nothing_to_compile(v1: LoadedModel) 
     torch._dynamo.reset()
     staticdecode.compiled_decode_layer.cache_clear()
     before = compiled_graphs()
+    config = v1.model.config.__class__.from_dict(v1.model.config.to_dict())
+    config.pad_token_id = config.vocab_size - 1  # beyond the copy's own embeddings
     assert staticdecode.compile_ahead(
-        v1.model.config,
+        config,
         slots=4,
         max_length=v1.max_context,
         device=v1.device,

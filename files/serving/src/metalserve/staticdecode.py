@@ -463,7 +463,8 @@ def compile_ahead(
 
     one_layer = copy.deepcopy(config)
     one_layer.num_hidden_layers = 1
-    one_layer.vocab_size = 128  # the layer never reads the embeddings' size
+    # The layer never reads the embeddings' size (nor the padding row, which must be in them).
+    one_layer.vocab_size, one_layer.pad_token_id = 128, None
     if getattr(one_layer, "layer_types", None) is not None:
         one_layer.layer_types = one_layer.layer_types[:1]
     # On the meta device its initialization computes nothing (transformers' no_init_weights
