@@ -310,7 +310,8 @@ def test_server_notifies_ready_pings_and_stops(
     engine_process: bool,
 ) -> None:
     """With the engine in a process of its own, its heartbeat comes over the socket: the pings
-    stop while it is wedged there too."""
+    stop while it is wedged there too. Once they are withheld, the engine's stack is in the
+    log (its process's, there), before any kill."""
     env = server_env()
     env.update(NOTIFY_SOCKET=receiver.address, WATCHDOG_USEC=str(int(SERVER_INTERVAL * 1e6)))
     server = Server(
@@ -363,6 +364,9 @@ def test_server_notifies_ready_pings_and_stops(
             assert during == [], f"pings {[round(t - wedged_at, 1) for t in during]}s into it"
             assert any("stalled" in s for s in receiver.statuses(wedged_at))
             assert receiver.times("WATCHDOG=1", wedged_at + WEDGE_SECONDS), "pings resume"
+            # faulthandler's dump: the wedged engine thread's frames, the fault's own among them.
+            withheld = server.log().split("watchdog pings withheld", 1)[-1]
+            assert "Thread 0x" in withheld and "in _hold" in withheld, withheld[-3000:]
 
         server.proc.send_signal(signal.SIGTERM)
         receiver.wait_for("STOPPING=1", timeout=10)

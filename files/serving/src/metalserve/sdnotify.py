@@ -144,8 +144,12 @@ class Watchdog:
         *,
         progress_age: Callable[[], float],
         status: Callable[[], str],
+        on_withheld: Callable[[], None] = lambda: None,
     ) -> None:
         self.notifier = notifier
+        # Called once a stall starts withholding the pings: the stuck engine's stack goes to
+        # the journal then, before systemd's kill can cut a dump at the end short.
+        self._on_withheld = on_withheld
         self.interval = notifier.watchdog_interval
         self._progress_age = progress_age
         self._status = status
@@ -209,6 +213,7 @@ class Watchdog:
                     else f"the engine loop made no progress for {age:.1f}s",
                     self.interval,
                 )
+                self._on_withheld()
             self._withheld = not fresh
             if not fresh:
                 status = f"{status}; engine loop stalled, watchdog pings withheld"

@@ -81,6 +81,7 @@ class DrainingServer(uvicorn.Server):
             self.notifier,
             progress_age=replica.engine.heartbeat_age,
             status=lambda: status_line(replica),
+            on_withheld=replica.engine.dump_stacks,
         )
         self.watchdog.ready()
         self.watchdog.start()

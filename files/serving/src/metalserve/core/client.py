@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -130,6 +132,15 @@ class RemoteEngine:
 
     def is_alive(self) -> bool:
         return self._process is not None and not self._gone and self._process.poll() is None
+
+    def dump_stacks(self) -> None:
+        """Every thread's stack of the engine's process to its stderr (the journal): where a
+        stalled loop is stuck (SIGUSR1: faulthandler there writes them, whatever its threads
+        do)."""
+        if self.is_alive():
+            assert self._process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, signal.SIGUSR1)
 
     def heartbeat_age(self) -> float:
         """Seconds since the engine loop's last sign of progress, as its process last said;

@@ -395,6 +395,8 @@ def main() -> int:
     # engine under the API's drain: the API process decides the end (``stop``, or its socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The API process asks for every thread's stack when the engine loop stalls (dump_stacks).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("engine process %d for API process %d", os.getpid(), os.getppid())
     return asyncio.run(Core(conn, hello).run())
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import faulthandler
 import logging
 import threading
 import time
@@ -262,6 +263,11 @@ class Engine:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def dump_stacks(self) -> None:
+        """Every thread's stack to stderr (the journal), the engine's among them: where a
+        stalled loop is stuck."""
+        faulthandler.dump_traceback(all_threads=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
