@@ -202,6 +202,9 @@ class ModelHost:
 
             part = TensorParallel(0, settings.tensor_parallel)
 
+        # Started once the verified config.json is read (load_version's on_config).
+        ahead = functools.partial(self.engine.compile_ahead, max_context=settings.max_context)
+
         def load_from(root: Path) -> LoadedModel:
             return load_version(
                 root,
@@ -214,8 +217,6 @@ class ModelHost:
                 max_context=settings.max_context,
                 on_config=ahead if compile_ahead else None,
             )
-
-        ahead = functools.partial(self.engine.compile_ahead, max_context=settings.max_context)
 
         cache = self.cache
         lease = cache.acquire(settings.model, version_id) if cache is not None else None
