@@ -1,5 +1,5 @@
-"""Issue 17 item 4: a replica's start with the decode layer compiled beside the load (the
-default, ``--decode-compile-ahead``) and after it (``--no-decode-compile-ahead``), alternately,
+"""Issue 17 item 4: a replica's start with the decode layer compiled beside the load
+(``--decode-compile-ahead``) and after it (the default, ``--no-decode-compile-ahead``), alternately,
 RUNS starts each after an untimed one, on ``bench serve``'s model of PRESET under DIR (made there
 if it is not). Each start's phases (``/version``'s ``startup_seconds``) go to REPORT.json with the
 medians of both and their ratio. Further arguments are the server's (``--engine-process``;

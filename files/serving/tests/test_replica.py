@@ -71,6 +71,7 @@ def test_a_start_compiles_the_decode_layer_beside_the_load(model_store: Store) -
         version=model_store.v1,
         decode_mode="static",
         decode_compile="on",
+        decode_compile_ahead=True,
         max_batch_size=4,
     )
     torch._dynamo.reset()

@@ -764,6 +764,37 @@ def test_compiling_ahead_leaves_the_decoder_nothing_to_compile(v1: LoadedModel) 
     assert compiled_graphs() - before == 2
 
 
+def test_compiling_ahead_leaves_the_default_dtype_alone(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy is made in the served dtype without setting torch's default dtype, which is
+    process-wide: the load beside it (its warm-up, its model) would see it (an H100's start got
+    float32 norms in a bfloat16 model when the copy was built with transformers' ``dtype=``)."""
+    changes: list[torch.dtype] = []
+    set_default_dtype = torch.set_default_dtype
+    monkeypatch.setattr(
+        torch,
+        "set_default_dtype",
+        lambda d: (d == torch.get_default_dtype() or changes.append(d), set_default_dtype(d)),
+    )
+    built: list[set[torch.dtype]] = []
+
+    def decoder(model: torch.nn.Module, **_: object) -> None:
+        built.append({p.dtype for p in model.parameters()})
+        raise staticdecode.StaticDecodeUnavailable("enough seen")
+
+    monkeypatch.setattr(staticdecode, "StaticDecoder", decoder)
+    ahead = staticdecode.compile_ahead(
+        v1.model.config,
+        slots=4,
+        max_length=64,
+        device=v1.device,
+        dtype=torch.bfloat16,
+        cuda_graphs=False,
+    )
+    assert (ahead, built, changes) == (False, [{torch.bfloat16}], [])
+
+
 def test_compiling_ahead_needs_a_static_path_and_room_beside_the_weights(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

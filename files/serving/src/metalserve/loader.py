@@ -172,9 +172,12 @@ def load_version(
     each layer's projections is read, verified and placed on the device
     (``metalserve.tensor_parallel``); the rest of the model whole. ``max_context``: sequences
     hold at most this many tokens where the model's context is longer. ``on_config``: called
-    on this thread once config.json is verified, before the weights stream, with it, the dtype
-    and device they go to and their bytes on disk (what may start beside the load: the engine's
-    ``compile_ahead``)."""
+    on this thread while the weights stream, once config.json is verified and the model built
+    from it, with it, the dtype and device the weights go to and their bytes on disk (what may
+    start beside the load: the engine's ``compile_ahead``). Not before the model is built:
+    transformers builds it under a default dtype of its own, process-wide, which reaches
+    another thread's tensors made meanwhile, and torch.compile's tracing sets the default back
+    to what it found when it began (an H100's start got float32 norms in a bfloat16 model)."""
     import torch
 
     from metalserve import weights
@@ -216,8 +219,10 @@ def load_version(
             on = torch_device
             if on.type == "cuda" and on.index is None:
                 on = torch.device("cuda", torch.cuda.current_device())
-            if on_config is not None:
-                on_config(raw_config, torch_dtype, on, sum(e.size for e in shards))
+
+            def built() -> None:
+                if on_config is not None:
+                    on_config(raw_config, torch_dtype, on, sum(e.size for e in shards))
 
             def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
                 part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
@@ -243,7 +248,7 @@ def load_version(
                 streaming = pool.submit(stream)
                 try:
                     prepared = _prepare(
-                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type")
+                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type"), built
                     )
                 finally:
                     # The weights' outcome first: a tampered shard is the error to report.
@@ -386,29 +391,41 @@ def _parts_of(
     return lambda name, ndim: tensor_parallel.checkpoint_part(name, ndim, units, per_unit, tp)
 
 
-def _prepare(folder: Path, version_id: str, dtype: torch.dtype, model_type: Any) -> _Prepared:
-    """Import transformers, read the config and tokenizer in ``folder`` and build the model
-    with its parameters on the meta device (the loaded tensors replace them) and its buffers
-    (rotary angles, scales) computed on the CPU (moved to the device with the weights)."""
+def _prepare(
+    folder: Path,
+    version_id: str,
+    dtype: torch.dtype,
+    model_type: Any,
+    on_built: Callable[[], None] = lambda: None,
+) -> _Prepared:
+    """Import transformers, read the config in ``folder``, build the model with its parameters
+    on the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
+    computed on the CPU (moved to the device with the weights), call ``on_built``, then read
+    the tokenizer."""
     import torch
 
     import_transformers(model_type)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.initialization import no_init_weights
 
+    unreadable = f"cannot read config/tokenizer of {version_id[:12]}"
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"{unreadable}: {exc}") from exc
+    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    on_built()
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
+        raise LoadError(f"{unreadable}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise LoadError("only fast (tokenizer.json) tokenizers are supported")
     generation_config = None
     if (folder / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
     return _Prepared(config, tokenizer, generation_config, model)
 
 

@@ -124,10 +124,11 @@ class ServeSettings(BaseSettings):
         "with cuda-graphs",
     )
     decode_compile_ahead: bool = Field(
-        True,
+        False,
         description="where the decode layer runs compiled, compile it beside the first load "
         "(on an empty one-layer copy of the model: its sizes are known before its weights "
-        "are there), not after it",
+        "are there), not after it; off: on an H100 it saved as much in the capture as it "
+        "cost the warm-up beside it",
     )
     decode_attention: Literal["auto", "bucketed"] = Field(
         "auto",

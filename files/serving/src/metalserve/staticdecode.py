@@ -468,9 +468,16 @@ def compile_ahead(
     if getattr(one_layer, "layer_types", None) is not None:
         one_layer.layer_types = one_layer.layer_types[:1]
     # On the meta device its initialization computes nothing (transformers' no_init_weights
-    # patches torch process-wide: not from a second thread beside the load's).
+    # patches torch process-wide: not from a second thread beside the load's). Without a dtype
+    # (none in the config either): from_config would set torch's default dtype, process-wide,
+    # for the while, under the load's thread too (its warm-up, its model's parameters).
+    one_layer.dtype = None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(one_layer, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(one_layer)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("the decode layer is not compiled ahead: %s", reason)
