@@ -35,7 +35,11 @@ def start_once(store_root: Path, version_id: str, device: str, log: Path, flags:
         served = httpx.get(f"{server.url}/version", timeout=10.0).json()
     finally:
         server.stop()
-    return {"ready_seconds": round(ready, 3), "startup_seconds": served.get("startup_seconds")}
+    return {
+        "ready_seconds": round(ready, 3),
+        "startup_seconds": served.get("startup_seconds"),
+        "load_parts_seconds": served.get("load_parts_seconds"),
+    }
 
 
 def main(folder: str, preset: str, runs: int, out: str, flags: list[str]) -> None:

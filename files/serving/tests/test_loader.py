@@ -11,7 +11,7 @@ import torch
 
 from conftest import MODEL, Store, corrupt_weights
 from metalserve import store
-from metalserve.loader import LoadedModel, LoadError, load_version
+from metalserve.loader import LOAD_PARTS, LoadedModel, LoadError, load_version
 
 
 def test_loads_a_verified_version(v1: LoadedModel, model_store: Store) -> None:
@@ -22,6 +22,16 @@ def test_loads_a_verified_version(v1: LoadedModel, model_store: Store) -> None:
     assert v1.eos_token_ids == {v1.tokenizer.eos_token_id}
     assert v1.max_context == 512
     assert not v1.model.training
+    # Each part timed, in order; those beside the weights' stream sum to less than the load.
+    assert tuple(v1.load_parts) == LOAD_PARTS
+    assert all(seconds > 0 for seconds in v1.load_parts.values())
+    beside = ("transformers", "model", "tokenizer")
+    assert (
+        v1.load_parts["files"]
+        + v1.load_parts["assign"]
+        + max(v1.load_parts["weights"], sum(v1.load_parts[part] for part in beside))
+        <= v1.load_seconds
+    )
 
 
 def test_weights_equal_transformers_from_pretrained(v1: LoadedModel, model_store: Store) -> None:

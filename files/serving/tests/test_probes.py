@@ -17,6 +17,7 @@ from conftest import (
     complete,
     metric_samples,
 )
+from metalserve.loader import LOAD_PARTS
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +48,8 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert list(startup) == [*phases, "ready"]
     assert all(seconds >= 0 for seconds in startup.values()), startup
     assert startup["load"] == version["load_seconds"]
+    assert list(version["load_parts_seconds"]) == list(LOAD_PARTS)
+    assert version["load_parts_seconds"]["weights"] == version["weights_seconds"]
     assert sum(startup[phase] for phase in phases) <= startup["ready"] + 0.01, startup
 
 

@@ -73,6 +73,8 @@ class ModelView:
     # The weights' stream alone (read, verified, on the device), which the rest of the load
     # (transformers' import, config, tokenizer, the model's modules) runs beside.
     weights_seconds: float = 0.0
+    # The load's parts, by name (``LOAD_PARTS``): where a slow load's seconds went.
+    load_parts: dict[str, float] = field(default_factory=dict)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -101,6 +103,7 @@ class ModelView:
             files=self.files,
             load_seconds=self.load_seconds,
             weights_seconds=self.weights_seconds,
+            load_parts=self.load_parts,
             loaded_at=self.loaded_at,
         )
 
@@ -141,6 +144,13 @@ def import_libraries() -> None:
     import torch  # noqa: F401
 
 
+# A load's parts (``ModelView.load_parts``), in order: the manifest and the small files
+# verified; then, while the weights stream (read, verified, on the device: ``weights``),
+# transformers' import, the config read and the model's modules built, the tokenizer read;
+# then the loaded tensors made the model's.
+LOAD_PARTS = ("files", "transformers", "model", "tokenizer", "weights", "assign")
+
+
 @dataclass
 class _Prepared:
     """What ``load_version`` makes while the weights stream: all but the weights."""
@@ -149,6 +159,7 @@ class _Prepared:
     tokenizer: Any
     generation_config: Any
     model: Any
+    seconds: dict[str, float]
 
 
 def load_version(
@@ -211,6 +222,7 @@ def load_version(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             raw_config = _raw_config(Path(tmp), version_id)
+            files_seconds = time.monotonic() - started
             torch_dtype = _resolve_dtype(dtype, raw_config, torch_device)
             parts_of = _parts_of(raw_config, tensor_parallel) if tensor_parallel and split else None
             # The weights stream on another thread: the device this one means by "cuda", named,
@@ -264,7 +276,9 @@ def load_version(
             reason = staticdecode.unsupported_reason(prepared.model)
             if reason is not None:
                 raise LoadError(f"tensor parallelism over {tensor_parallel.world} ranks: {reason}")
+        assigning = time.monotonic()
         _assign(prepared.model, tensors, parts, torch_device)
+        assign_seconds = time.monotonic() - assigning
     except BaseException:
         # Nothing of a failed load outlives it (the exception's traceback holds this frame):
         # a refused hot reload's weights would otherwise stay on the device beside the served
@@ -293,15 +307,22 @@ def load_version(
         files=tuple(e.path for e in manifest.files),
         load_seconds=time.monotonic() - started,
         weights_seconds=weights_seconds,
+        load_parts={
+            "files": files_seconds,
+            **prepared.seconds,
+            "weights": weights_seconds,
+            "assign": assign_seconds,
+        },
         part_of=part_of,
     )
     log.info(
-        "loaded %s version %s on %s (%s) in %.1fs",
+        "loaded %s version %s on %s (%s) in %.1fs (%s)",
         model_name,
         loaded_model.short_id,
         torch_device,
         str(torch_dtype).removeprefix("torch."),
         loaded_model.load_seconds,
+        ", ".join(f"{part} {seconds:.2f}s" for part, seconds in loaded_model.load_parts.items()),
     )
     return loaded_model
 
@@ -404,10 +425,19 @@ def _prepare(
     the tokenizer."""
     import torch
 
+    seconds: dict[str, float] = {}
+    begun = time.monotonic()
+
+    def lap(part: str) -> None:
+        nonlocal begun
+        now = time.monotonic()
+        seconds[part], begun = now - begun, now
+
     import_transformers(model_type)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.initialization import no_init_weights
 
+    lap("transformers")
     unreadable = f"cannot read config/tokenizer of {version_id[:12]}"
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -416,6 +446,7 @@ def _prepare(
     with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
+    lap("model")
     on_built()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -426,7 +457,8 @@ def _prepare(
     generation_config = None
     if (folder / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    return _Prepared(config, tokenizer, generation_config, model)
+    lap("tokenizer")
+    return _Prepared(config, tokenizer, generation_config, model, seconds)
 
 
 @contextmanager

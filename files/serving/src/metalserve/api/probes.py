@@ -48,6 +48,9 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "loaded_at": current.loaded_at.isoformat() if current else None,
         "load_seconds": round(current.load_seconds, 3) if current else None,
         "weights_seconds": round(current.weights_seconds, 3) if current else None,
+        "load_parts_seconds": (
+            {k: round(v, 3) for k, v in current.load_parts.items()} if current else {}
+        ),
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
         # Where the engine runs: a process of its own, or a thread beside this event loop.
         "engine_process": replica.settings.uses_engine_process,

@@ -503,6 +503,7 @@ def _server_arm(
             "weight_bytes": served.get("weight_bytes"),
             "server_load_seconds": served.get("load_seconds"),
             "server_weights_seconds": served.get("weights_seconds"),
+            "server_load_parts_seconds": served.get("load_parts_seconds"),
             "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
             **reloaded,
