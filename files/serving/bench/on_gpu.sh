@@ -25,4 +25,6 @@ python3 -m compileall -q -j 0 \
 export METALSERVE_GIT_COMMIT=$commit
 # Inductor's cache outlives one command on a warm machine (a later run then compiles nothing).
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+# One Triton cache for our kernels and Inductor's, as the replica's unit sets it (round 2 step 26).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}
 exec "$@"
