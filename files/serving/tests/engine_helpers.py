@@ -201,10 +201,3 @@ def corrupt_rank_1_only_block(shard: Path) -> int:
     shard.chmod(0o644)
     shard.write_bytes(data)
     return block
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])

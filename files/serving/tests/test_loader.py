@@ -56,37 +56,6 @@ def test_tampered_weights_are_refused(store_copy: Path, model_store: Store) -> N
         load_version(store_copy, MODEL, model_store.v1)
 
 
-def test_on_config_gets_the_verified_config_before_the_weights(
-    store_copy: Path, model_store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What starts beside a load (the engine's compile_ahead) sees config.json once verified,
-    the weights' dtype, device and bytes, before the weights' verdict, and after transformers
-    built the model (under a process-wide default dtype of its own for the while); a tampered
-    config.json is refused before anything sees it."""
-    seen: list[tuple[object, ...]] = []
-    set_default_dtype = torch.set_default_dtype
-    monkeypatch.setattr(
-        torch, "set_default_dtype", lambda d: (seen.append(("default", d)), set_default_dtype(d))[1]
-    )
-
-    def on_config(config: dict[str, object], dtype: torch.dtype, device: torch.device, size: int):
-        seen.append((config["model_type"], config["hidden_size"], dtype, device, size))
-
-    vdir = store.version_dir(store_copy, MODEL, model_store.v1)
-    weights = vdir / "model.safetensors"
-    corrupt_weights(weights)
-    with pytest.raises(store.VerificationError, match=r"model\.safetensors"):
-        load_version(store_copy, MODEL, model_store.v1, on_config=on_config)
-    assert seen[-1] == ("llama", 64, torch.float32, torch.device("cpu"), weights.stat().st_size)
-    assert ("default", torch.float32) in seen[:-1]  # the model was built
-    seen.clear()
-    (vdir / "config.json").chmod(0o644)
-    (vdir / "config.json").write_text((vdir / "config.json").read_text().replace("64", "65", 1))
-    with pytest.raises(store.VerificationError, match=r"config\.json"):
-        load_version(store_copy, MODEL, model_store.v1, on_config=on_config)
-    assert seen == []
-
-
 def test_tampered_tokenizer_and_extra_files_are_refused(
     store_copy: Path, model_store: Store
 ) -> None:

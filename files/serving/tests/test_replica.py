@@ -12,13 +12,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 import uvicorn
 import uvloop
 
 from conftest import MODEL, Store
-from engine_helpers import compiled_graphs
-from metalserve import server, skinny_linear, staticdecode
+from metalserve import server, skinny_linear
 from metalserve.errors import ApiError
 from metalserve.host import _free_memory
 from metalserve.metrics import Metrics
@@ -59,37 +57,6 @@ def test_a_load_keeps_the_decode_timings_in_the_file_named(
         assert skinny_linear._file == path
     finally:
         skinny_linear.remember_in(None)
-
-
-def test_a_start_compiles_the_decode_layer_beside_the_load(model_store: Store) -> None:
-    """Where the decode layer runs compiled (here the CPU's static path, compiling on), a start
-    compiles it on a thread of its own from the verified config.json on, beside the load and the
-    warm-up; the batch built after waits for it and compiles nothing more."""
-    settings = ServeSettings(
-        store=model_store.root,
-        model=MODEL,
-        version=model_store.v1,
-        decode_mode="static",
-        decode_compile="on",
-        decode_compile_ahead=True,
-        max_batch_size=4,
-    )
-    torch._dynamo.reset()
-    staticdecode.compiled_decode_layer.cache_clear()
-    before = compiled_graphs()
-    host = Replica(settings, model_store.v1).host
-    host.engine.start()
-    try:
-        timings: dict[str, float] = {}
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            asyncio.run(host.start(model_store.v1, timings))
-        assert host.engine.decode_compiled
-    finally:
-        host.engine.stop()
-    assert compiled_graphs() - before == 2  # by the compilation ahead
-    assert set(timings) == {"imports", "load", "warmup", "decode_path", "compile_ahead"}
-    after_imports = timings["load"] + timings["warmup"] + timings["decode_path"]
-    assert 0 < timings["compile_ahead"] < after_imports
 
 
 @pytest.mark.parametrize(("asked", "held"), [(64, 64), (4096, 512)], ids=["lower", "beyond"])

@@ -16,7 +16,6 @@ from engine_helpers import (
     GREEDY,
     PROMPTS,
     alone,
-    compiled_graphs,
     free_bytes_for,
     llama_relative,
     submit,
@@ -734,102 +733,6 @@ def test_a_failed_compilation_runs_the_layer_uncompiled(
     assert not batch.decoder.compiled
     assert batch.decoder._layer_step is staticdecode.decode_layer
     assert "compiling the decode layer failed" in caplog.text
-
-
-def test_compiling_ahead_leaves_the_decoder_nothing_to_compile(v1: LoadedModel) -> None:
-    """The layer compiled over a one-layer copy of the model, its weights uninitialized, before
-    the model's own decoder exists: that decoder's capture (the CPU's static path) and its steps
-    compile nothing more. Had the copy differed in a guarded size, dtype, constant or kind of
-    tensor, they would compile again (``error_on_recompile`` raises): both decoders are built
-    outside inference mode, as the engine builds them (an inference tensor is another kind)."""
-    torch._dynamo.reset()
-    staticdecode.compiled_decode_layer.cache_clear()
-    before = compiled_graphs()
-    config = v1.model.config.__class__.from_dict(v1.model.config.to_dict())
-    config.pad_token_id = config.vocab_size - 1  # beyond the copy's own embeddings
-    assert staticdecode.compile_ahead(
-        config,
-        slots=4,
-        max_length=v1.max_context,
-        device=v1.device,
-        dtype=v1.dtype,
-        cuda_graphs=False,
-    )
-    assert compiled_graphs() - before == 2  # batch 1, and the rest (the batch dynamic)
-    decoder = _decoder(v1, slots=4, compile_layers=True)
-    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
-        decoder.capture_all()
-        for size in (4, 3, 1):
-            decoder._decode(size, decoder.max_length)
-    assert compiled_graphs() - before == 2
-
-
-def test_compiling_ahead_leaves_the_default_dtype_alone(
-    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The copy is made in the served dtype without setting torch's default dtype, which is
-    process-wide: the load beside it (its warm-up, its model) would see it (an H100's start got
-    float32 norms in a bfloat16 model when the copy was built with transformers' ``dtype=``)."""
-    changes: list[torch.dtype] = []
-    set_default_dtype = torch.set_default_dtype
-    monkeypatch.setattr(
-        torch,
-        "set_default_dtype",
-        lambda d: (d == torch.get_default_dtype() or changes.append(d), set_default_dtype(d)),
-    )
-    built: list[set[torch.dtype]] = []
-
-    def decoder(model: torch.nn.Module, **_: object) -> None:
-        built.append({p.dtype for p in model.parameters()})
-        raise staticdecode.StaticDecodeUnavailable("enough seen")
-
-    monkeypatch.setattr(staticdecode, "StaticDecoder", decoder)
-    ahead = staticdecode.compile_ahead(
-        v1.model.config,
-        slots=4,
-        max_length=64,
-        device=v1.device,
-        dtype=torch.bfloat16,
-        cuda_graphs=False,
-    )
-    assert (ahead, built, changes) == (False, [{torch.bfloat16}], [])
-
-
-def test_compiling_ahead_needs_a_static_path_and_room_beside_the_weights(
-    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def ahead(config: object) -> bool:
-        return staticdecode.compile_ahead(
-            config,
-            slots=4,
-            max_length=64,
-            device=v1.device,
-            dtype=v1.dtype,
-            cuda_graphs=False,
-            keep_free=90 * 2**20,
-        )
-
-    gelu = v1.model.config.__class__.from_dict({**v1.model.config.to_dict(), "hidden_act": "gelu"})
-    with caplog.at_level(logging.INFO):
-        assert not ahead(gelu)
-        assert "not compiled ahead: activation 'gelu'" in caplog.text
-        caplog.clear()
-        monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: 90 * 2**20 + 4096)
-        assert not ahead(v1.model.config)
-        assert "not compiled ahead: 0.0 GiB free beside the weights to come" in caplog.text
-
-
-def test_the_engine_compiles_ahead_only_where_its_batch_runs_compiled(v1: LoadedModel) -> None:
-    """Not for the dynamic path, the static path uncompiled or FP8 weights (they are quantized
-    when the model goes live)."""
-    raw = v1.model.config.to_dict()
-    for engine in (
-        Engine(),
-        Engine(decode_mode="static"),
-        Engine(decode_mode="static", decode_compile="on", quantization="fp8"),
-    ):
-        engine.compile_ahead(raw, v1.dtype, v1.device, 0, max_context=None)
-        assert engine._compiling_ahead is None
 
 
 def test_a_model_switch_keeps_the_heartbeat_for_a_bounded_time(

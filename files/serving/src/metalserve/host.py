@@ -7,7 +7,6 @@ one that runs there.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import threading
@@ -99,9 +98,7 @@ class ModelHost:
         gets the seconds of each part)."""
         if self.settings.tensor_parallel > 1:
             self._start_ranks()
-        # Not for tensor-parallel ranks: each compiles its own part's layer, after the split.
-        ahead = self.settings.decode_compile_ahead and self.settings.tensor_parallel == 1
-        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings, ahead)
+        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings)
         if self.settings.tensor_parallel > 1:
             started = time.monotonic()
             await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
@@ -109,9 +106,6 @@ class ModelHost:
         switching = time.monotonic()
         await asyncio.wrap_future(self.engine.swap(bundle))
         timings["decode_path"] = time.monotonic() - switching
-        if self.engine.compile_ahead_seconds is not None:
-            # Beside the load (and the warm-up): not a part of the sum.
-            timings["compile_ahead"] = self.engine.compile_ahead_seconds
         return bundle
 
     async def load_next(self, version_id: str) -> LoadedModel:
@@ -138,11 +132,10 @@ class ModelHost:
         return previous
 
     def load_and_warm(
-        self, version_id: str, timings: dict[str, float] | None = None, compile_ahead: bool = False
+        self, version_id: str, timings: dict[str, float] | None = None
     ) -> LoadedModel:
         """Load and verify a version (from the node's cache when it holds it), then prove it
-        generates (blocking: run in a thread). ``timings`` gets the seconds of each part;
-        ``compile_ahead``: the engine compiles its decode layer beside the load."""
+        generates (blocking: run in a thread). ``timings`` gets the seconds of each part."""
         timings = {} if timings is None else timings
         started = time.monotonic()
         import_libraries()
@@ -151,7 +144,7 @@ class ModelHost:
             from metalserve import skinny_linear
 
             skinny_linear.remember_in(self.settings.decode_tuning_file)
-        bundle = self._load(version_id, compile_ahead)
+        bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
         if bundle.part_of is not None:
             if self.engine.tensor_parallel is not None:
@@ -193,7 +186,7 @@ class ModelHost:
         self.metrics.cache_load("corrupt")
         log.error("dropped the node cache's copy of %s", version_id[: store.SHORT_ID_LEN])
 
-    def _load(self, version_id: str, compile_ahead: bool = False) -> LoadedModel:
+    def _load(self, version_id: str) -> LoadedModel:
         settings = self.settings
 
         part = None
@@ -201,9 +194,6 @@ class ModelHost:
             from metalserve.tensor_parallel import TensorParallel
 
             part = TensorParallel(0, settings.tensor_parallel)
-
-        # Started once the verified config.json is read (load_version's on_config).
-        ahead = functools.partial(self.engine.compile_ahead, max_context=settings.max_context)
 
         def load_from(root: Path) -> LoadedModel:
             return load_version(
@@ -215,7 +205,6 @@ class ModelHost:
                 chunk_size=settings.read_chunk_mib * 1024 * 1024,
                 tensor_parallel=part,
                 max_context=settings.max_context,
-                on_config=ahead if compile_ahead else None,
             )
 
         cache = self.cache

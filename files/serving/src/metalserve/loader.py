@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PATCHING = threading.Lock()
 # transformers' lazy module is not safe to import from two threads at once (the second may find
-# its names missing): a load's thread and the engine's ``compile_ahead`` import through this.
+# its names missing): every import of it here goes through this.
 _IMPORTING = threading.Lock()
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -172,7 +172,6 @@ def load_version(
     chunk_size: int = store.CHUNK_SIZE,
     tensor_parallel: TensorParallel | None = None,
     max_context: int | None = None,
-    on_config: Callable[[dict[str, Any], torch.dtype, torch.device, int], None] | None = None,
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
 
@@ -182,13 +181,7 @@ def load_version(
     parameters. With ``tensor_parallel`` (a rank of more than one) only that rank's part of
     each layer's projections is read, verified and placed on the device
     (``metalserve.tensor_parallel``); the rest of the model whole. ``max_context``: sequences
-    hold at most this many tokens where the model's context is longer. ``on_config``: called
-    on this thread while the weights stream, once config.json is verified and the model built
-    from it, with it, the dtype and device the weights go to and their bytes on disk (what may
-    start beside the load: the engine's ``compile_ahead``). Not before the model is built:
-    transformers builds it under a default dtype of its own, process-wide, which reaches
-    another thread's tensors made meanwhile, and torch.compile's tracing sets the default back
-    to what it found when it began (an H100's start got float32 norms in a bfloat16 model)."""
+    hold at most this many tokens where the model's context is longer."""
     import torch
 
     from metalserve import weights
@@ -232,10 +225,6 @@ def load_version(
             if on.type == "cuda" and on.index is None:
                 on = torch.device("cuda", torch.cuda.current_device())
 
-            def built() -> None:
-                if on_config is not None:
-                    on_config(raw_config, torch_dtype, on, sum(e.size for e in shards))
-
             def destination(spec: weights.TensorSpec) -> torch.Tensor | weights.Part:
                 part = parts_of(spec.name, len(spec.shape)) if parts_of is not None else None
                 shape = list(spec.shape)
@@ -260,7 +249,7 @@ def load_version(
                 streaming = pool.submit(stream)
                 try:
                     prepared = _prepare(
-                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type"), built
+                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type")
                     )
                 finally:
                     # The weights' outcome first: a tampered shard is the error to report.
@@ -417,12 +406,10 @@ def _prepare(
     version_id: str,
     dtype: torch.dtype,
     model_type: Any,
-    on_built: Callable[[], None] = lambda: None,
 ) -> _Prepared:
     """Import transformers, read the config in ``folder``, build the model with its parameters
     on the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
-    computed on the CPU (moved to the device with the weights), call ``on_built``, then read
-    the tokenizer."""
+    computed on the CPU (moved to the device with the weights), then read the tokenizer."""
     import torch
 
     seconds: dict[str, float] = {}
@@ -447,7 +434,6 @@ def _prepare(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     lap("model")
-    on_built()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -164,8 +164,7 @@ class Metrics:
             "Where the time to ready went: process_start (the process's start to the load's: "
             "interpreter, server), imports (torch, transformers), load (verified weights on the "
             "device), warmup, decode_path (the static cache, compiling, graph capture), ready "
-            "(from the process's start, all of them); compile_ahead (the decode layer compiled "
-            "beside the load: within load, warmup and decode_path, not after them)",
+            "(from the process's start, all of them)",
             ["phase"],
             registry=r,
         )

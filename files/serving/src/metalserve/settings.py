@@ -123,13 +123,6 @@ class ServeSettings(BaseSettings):
         "kernels; the first start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); auto: on "
         "with cuda-graphs",
     )
-    decode_compile_ahead: bool = Field(
-        False,
-        description="where the decode layer runs compiled, compile it beside the first load "
-        "(on an empty one-layer copy of the model: its sizes are known before its weights "
-        "are there), not after it; off: on an H100 it saved as much in the capture as it "
-        "cost the warm-up beside it",
-    )
     decode_attention: Literal["auto", "bucketed"] = Field(
         "auto",
         description="the static path's decode attention: auto reads each row's keys and values "

@@ -52,7 +52,7 @@ from metalserve.engine.batches import (
 )
 from metalserve.engine.profiling import PassProfile
 from metalserve.engine.sequence import EngineObserver, Sequence
-from metalserve.loader import LoadError, import_transformers, served_context
+from metalserve.loader import LoadError
 from metalserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -175,10 +175,6 @@ class Engine:
         # A requested profile of the next forward passes (``profile``): engine thread only, once
         # taken from the API side under the lock.
         self._profile: PassProfile | None = None
-        # The decode layer compiling beside the first load (``compile_ahead``): its seconds once
-        # done, None where it did not run.
-        self._compiling_ahead: concurrent.futures.Future[float | None] | None = None
-        self.compile_ahead_seconds: float | None = None
         self._thread = threading.Thread(target=self._run, name="metalserve-engine", daemon=True)
 
     # --- API side (any thread) -------------------------------------------------------------
@@ -586,7 +582,6 @@ class Engine:
             # This thread's CUDA work (graph replays, events, its current stream) on the model's
             # device: with cuda:N it would otherwise go to cuda:0.
             torch.cuda.set_device(bundle.device)
-        self._wait_compiling_ahead()
         if self.tensor_parallel is not None:
             return self._tensor_parallel_batch(bundle, self.tensor_parallel)
         mode, compiled = self._decode_path_on(bundle.device.type)
@@ -656,69 +651,6 @@ class Engine:
             self.decode_compile == "on" or (self.decode_compile == "auto" and mode == "cuda-graphs")
         )
         return mode, compiled
-
-    def compile_ahead(
-        self,
-        raw_config: dict[str, Any],
-        dtype: Any,
-        device: Any,
-        weight_bytes: int,
-        *,
-        max_context: int | None,
-    ) -> None:
-        """Compile the decode layer for a model of ``raw_config`` (its config.json) on another
-        thread while it loads (``staticdecode.compile_ahead``), where its batch will run the
-        layer compiled on one rank with the model's own weights; the batch waits for it. For the
-        first load (``load_version``'s ``on_config``): later ones find the layer compiled.
-        ``weight_bytes``: the weights to come; ``max_context`` as ``load_version``'s."""
-        mode, compiled = self._decode_path_on(device.type)
-        if not compiled or self.tensor_parallel is not None or self.quantization != "none":
-            return
-        if self._compiling_ahead is not None:
-            return  # started already (a load retried from the store after the cache's copy)
-        from metalserve import staticdecode
-
-        future: concurrent.futures.Future[float | None] = concurrent.futures.Future()
-
-        def run() -> None:
-            started = time.monotonic()
-            try:
-                import_transformers(raw_config.get("model_type"))
-                from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-                if device.type == "cuda":
-                    import torch
-
-                    torch.cuda.set_device(device)
-                config = CONFIG_MAPPING[raw_config["model_type"]].from_dict(raw_config)
-                done = staticdecode.compile_ahead(
-                    config,
-                    slots=self.max_batch_size,
-                    max_length=served_context(config, max_context),
-                    device=device,
-                    dtype=dtype,
-                    cuda_graphs=mode == "cuda-graphs",
-                    attention=self.decode_attention,
-                    gemm=self.decode_gemm,
-                    keep_free=weight_bytes,
-                )
-            except Exception:  # any cause: the batch compiles it as before
-                log.exception("compiling the decode layer ahead failed")
-                done = False
-            seconds = time.monotonic() - started
-            if done:
-                log.info("compiled the decode layer beside the load in %.1fs", seconds)
-            future.set_result(seconds if done else None)
-
-        self._compiling_ahead = future
-        threading.Thread(target=run, name="metalserve-compile-ahead", daemon=True).start()
-
-    def _wait_compiling_ahead(self) -> None:
-        """Let a compilation ahead end before the batch compiles (two at once would both
-        compile)."""
-        if self._compiling_ahead is not None:
-            self.compile_ahead_seconds = self._compiling_ahead.result()
-            self._compiling_ahead = None
 
     def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
         """The static path split over the replica's ranks (every rank captures its graphs and
