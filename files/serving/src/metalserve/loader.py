@@ -146,9 +146,9 @@ def import_libraries() -> None:
 
 # A load's parts (``ModelView.load_parts``), in order: the manifest and the small files
 # verified; then, while the weights stream (read, verified, on the device: ``weights``),
-# transformers' import, the config read and the model's modules built, the tokenizer read;
-# then the loaded tensors made the model's.
-LOAD_PARTS = ("files", "transformers", "model", "tokenizer", "weights", "assign")
+# transformers' import, the config and tokenizer read, the model's modules built; then the
+# loaded tensors made the model's.
+LOAD_PARTS = ("files", "transformers", "tokenizer", "model", "weights", "assign")
 
 
 @dataclass
@@ -401,15 +401,10 @@ def _parts_of(
     return lambda name, ndim: tensor_parallel.checkpoint_part(name, ndim, units, per_unit, tp)
 
 
-def _prepare(
-    folder: Path,
-    version_id: str,
-    dtype: torch.dtype,
-    model_type: Any,
-) -> _Prepared:
-    """Import transformers, read the config in ``folder``, build the model with its parameters
-    on the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
-    computed on the CPU (moved to the device with the weights), then read the tokenizer."""
+def _prepare(folder: Path, version_id: str, dtype: torch.dtype, model_type: Any) -> _Prepared:
+    """Import transformers, read the config and tokenizer in ``folder`` and build the model
+    with its parameters on the meta device (the loaded tensors replace them) and its buffers
+    (rotary angles, scales) computed on the CPU (moved to the device with the weights)."""
     import torch
 
     seconds: dict[str, float] = {}
@@ -425,25 +420,21 @@ def _prepare(
     from transformers.initialization import no_init_weights
 
     lap("transformers")
-    unreadable = f"cannot read config/tokenizer of {version_id[:12]}"
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LoadError(f"{unreadable}: {exc}") from exc
-    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    lap("model")
-    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise LoadError(f"{unreadable}: {exc}") from exc
+        raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise LoadError("only fast (tokenizer.json) tokenizers are supported")
     generation_config = None
     if (folder / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     lap("tokenizer")
+    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    lap("model")
     return _Prepared(config, tokenizer, generation_config, model, seconds)
 
 
