@@ -556,8 +556,9 @@ def _profile_run(
     url: str, drive: Callable[[Callable[[], object], int], clients.Samples], passes: int
 ) -> dict[str, Any]:
     """With ``passes``: the timed run's requests again, PROFILE_NEW_TOKENS tokens each (a
-    prefill in every few passes: what TTFT waits for), the engine's first ``passes`` forward
-    passes after the clients' warm-up recorded (``/admin/profile``); the profile's summary."""
+    prefill in every few passes: what TTFT waits for), repeated until the profile ends, the
+    engine's first ``passes`` forward passes after the clients' warm-up recorded
+    (``/admin/profile``); the profile's summary."""
     if not passes:
         return {}
     answer: dict[str, Any] = {}
@@ -577,7 +578,11 @@ def _profile_run(
 
     recorder = threading.Thread(target=record, name="bench-profile", daemon=True)
     samples = drive(recorder.start, PROFILE_NEW_TOKENS)  # the profile begins with them
-    recorder.join(PROFILE_MAX_SECONDS + 200)
+    # On a busy host the requests can all be answered before the profile's request arrives:
+    # the same requests again until it has its passes (it ends itself at PROFILE_MAX_SECONDS).
+    while recorder.is_alive():
+        drive(lambda: None, PROFILE_NEW_TOKENS)
+    recorder.join()
     if answer.get("status") != 200:
         raise BenchError(f"the engine's profile failed: {answer or 'no answer'}")
     profile: dict[str, Any] = json.loads(answer["body"])
