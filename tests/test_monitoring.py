@@ -81,7 +81,7 @@ def test_unit_tests_hold_the_thresholds(tmp_path: Path) -> None:
 def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
     """The replicas are file_sd targets (deploy.yml rewrites the file when a host moves to another
     backend): Prometheus' own discovery finds each, labelled with its host, name and pool's
-    backend."""
+    backend. node_exporter may have an interval of its own (the lab's: fewer collector runs)."""
     targets = tmp_path / "metalserve-replicas.json"
     endpoint = {"name": "localhost-0", "address": "198.18.0.32", "port": 8000, "metrics_port": 9500}
     render_role_templates(
@@ -89,7 +89,9 @@ def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
         {"prometheus.yml.j2": tmp_path / "prometheus.yml", "replica_targets.json.j2": targets},
         {
             "monitoring_replica_group": "all",
-            "monitoring_node_groups": [],
+            "monitoring_node_groups": ["all"],
+            "metalserve_address": "198.18.0.32",
+            "monitoring_node_scrape_interval": "10s",
             "__monitoring_replica_targets": str(targets),
             "__monitoring_rules_dir": str(tmp_path / "rules"),
             "monitoring_targets_from_deploy": True,
@@ -101,8 +103,12 @@ def test_scrape_config_reads_the_replicas_targets_file(tmp_path: Path) -> None:
         tmp_path,
     )
     config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
-    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "metalserve"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    job = jobs["metalserve"]
     assert job["file_sd_configs"] == [{"files": [str(targets)]}]
+    assert "scrape_interval" not in job  # the global one
+    assert jobs["node"]["scrape_interval"] == "10s"
+    assert jobs["node"]["static_configs"] == [{"targets": ["198.18.0.32:9100"], "labels": {"host": "localhost"}}]
     result = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # Prometheus' own file discovery reads the file: the targets as it would scrape them.
