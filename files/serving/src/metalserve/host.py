@@ -195,6 +195,15 @@ class ModelHost:
 
             part = TensorParallel(0, settings.tensor_parallel)
 
+        # Where the engine runs the model on the static path (CUDA by default), the loader
+        # may build it without transformers' modeling code (``metalserve.llama_family``).
+        device_type = settings.device.partition(":")[0]
+        static_only = (
+            settings.modeling == "auto"
+            and part is None
+            and self.engine.decode_path_on(device_type)[0] != "dynamic"
+        )
+
         def load_from(root: Path) -> LoadedModel:
             return load_version(
                 root,
@@ -205,6 +214,7 @@ class ModelHost:
                 chunk_size=settings.read_chunk_mib * 1024 * 1024,
                 tensor_parallel=part,
                 max_context=settings.max_context,
+                static_only=static_only,
             )
 
         cache = self.cache

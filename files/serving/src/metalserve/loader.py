@@ -7,9 +7,11 @@ manifests keep) and then materialized. Weight shards are streamed by ``metalserv
 into a few reused (on CUDA pinned) host buffers, hashed block by block on a pool of threads
 (format 2; format 1: whole files, one thread each) and copied straight into tensors made on the
 device from the shards' headers, several shards at once, so host memory stays at a few buffers per
-shard in flight whatever the model's size. Meanwhile transformers is imported (seconds at a start:
-issue 17, item 4), the config and tokenizer read and the model built with its parameters on the
-meta device; the loaded tensors then become its parameters.
+shard in flight whatever the model's size. Meanwhile the tokenizer is read and the model built with
+its parameters on the meta device; the loaded tensors then become its parameters. A model that will
+run on the static path only (``static_only``) of the Llama family is built by
+``metalserve.llama_family``, and of transformers only its tokenizer is imported; any other by
+transformers (its modeling import takes seconds of a start: issue 17, item 4).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class ModelView:
     weights_seconds: float = 0.0
     # The load's parts, by name (``LOAD_PARTS``): where a slow load's seconds went.
     load_parts: dict[str, float] = field(default_factory=dict)
+    # Whose modules run the model: "metalserve" (``llama_family``, the static path only) or
+    # "transformers".
+    modeling: str = "transformers"
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -104,6 +109,7 @@ class ModelView:
             load_seconds=self.load_seconds,
             weights_seconds=self.weights_seconds,
             load_parts=self.load_parts,
+            modeling=self.modeling,
             loaded_at=self.loaded_at,
         )
 
@@ -130,6 +136,12 @@ class LoadedModel(ModelView):
         sized to the memory left."""
         model: Any = self.model  # transformers types its ``to`` for dtypes and devices apart
         model.to("meta")
+
+
+def static_path_only(model: Any) -> bool:
+    """Whether ``model`` runs on the static decode path only (``llama_family``'s: it has no
+    transformers forward for the dynamic path)."""
+    return bool(getattr(model, "static_path_only", False))
 
 
 def validate_device(device: str) -> str:
@@ -172,6 +184,7 @@ def load_version(
     chunk_size: int = store.CHUNK_SIZE,
     tensor_parallel: TensorParallel | None = None,
     max_context: int | None = None,
+    static_only: bool = False,
 ) -> LoadedModel:
     """Verify and load ``version_id``; raise ``VerificationError`` naming any bad file.
 
@@ -181,7 +194,9 @@ def load_version(
     parameters. With ``tensor_parallel`` (a rank of more than one) only that rank's part of
     each layer's projections is read, verified and placed on the device
     (``metalserve.tensor_parallel``); the rest of the model whole. ``max_context``: sequences
-    hold at most this many tokens where the model's context is longer."""
+    hold at most this many tokens where the model's context is longer. ``static_only``: the
+    model will run on the static decode path only, so a Llama-family one is built without
+    transformers' modeling code (``metalserve.llama_family``)."""
     import torch
 
     from metalserve import weights
@@ -249,7 +264,12 @@ def load_version(
                 streaming = pool.submit(stream)
                 try:
                     prepared = _prepare(
-                        Path(tmp), version_id, torch_dtype, raw_config.get("model_type")
+                        Path(tmp),
+                        version_id,
+                        torch_dtype,
+                        raw_config,
+                        static_only=static_only,
+                        max_context=max_context,
                     )
                 finally:
                     # The weights' outcome first: a tampered shard is the error to report.
@@ -302,14 +322,16 @@ def load_version(
             "weights": weights_seconds,
             "assign": assign_seconds,
         },
+        modeling="metalserve" if static_path_only(model) else "transformers",
         part_of=part_of,
     )
     log.info(
-        "loaded %s version %s on %s (%s) in %.1fs (%s)",
+        "loaded %s version %s on %s (%s, %s modules) in %.1fs (%s)",
         model_name,
         loaded_model.short_id,
         torch_device,
         str(torch_dtype).removeprefix("torch."),
+        loaded_model.modeling,
         loaded_model.load_seconds,
         ", ".join(f"{part} {seconds:.2f}s" for part, seconds in loaded_model.load_parts.items()),
     )
@@ -345,7 +367,7 @@ def import_transformers(model_type: Any = None) -> None:
             AutoConfig,
             AutoModelForCausalLM,
             AutoTokenizer,
-            GenerationConfig,
+            PreTrainedTokenizerFast,
         )
 
         if isinstance(model_type, str) and model_type.isidentifier():
@@ -401,10 +423,19 @@ def _parts_of(
     return lambda name, ndim: tensor_parallel.checkpoint_part(name, ndim, units, per_unit, tp)
 
 
-def _prepare(folder: Path, version_id: str, dtype: torch.dtype, model_type: Any) -> _Prepared:
-    """Import transformers, read the config and tokenizer in ``folder`` and build the model
-    with its parameters on the meta device (the loaded tensors replace them) and its buffers
-    (rotary angles, scales) computed on the CPU (moved to the device with the weights)."""
+def _prepare(
+    folder: Path,
+    version_id: str,
+    dtype: torch.dtype,
+    raw: dict[str, Any],
+    *,
+    static_only: bool,
+    max_context: int | None,
+) -> _Prepared:
+    """Read the config and tokenizer in ``folder`` and build the model with its parameters on
+    the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
+    computed on the CPU (moved to the device with the weights): by ``llama_family`` where the
+    model will run on the static path only and is of that family, else by transformers."""
     import torch
 
     seconds: dict[str, float] = {}
@@ -415,27 +446,91 @@ def _prepare(folder: Path, version_id: str, dtype: torch.dtype, model_type: Any)
         now = time.monotonic()
         seconds[part], begun = now - begun, now
 
-    import_transformers(model_type)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.initialization import no_init_weights
-
+    family = _family_config(raw, max_context) if static_only else None
+    reader: Any
+    if family is not None and _generic_tokenizer(folder):
+        # Of transformers, its tokenizers backend alone (no auto classes: they import the rest).
+        with _IMPORTING:
+            from transformers import PreTrainedTokenizerFast as reader
+    else:
+        import_transformers(raw.get("model_type") if family is None else None)
+        from transformers import AutoTokenizer as reader
     lap("transformers")
+    config: Any = family
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if family is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        tokenizer = reader.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise LoadError("only fast (tokenizer.json) tokenizers are supported")
-    generation_config = None
-    if (folder / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    generation_config = _generation_config(folder, version_id)
     lap("tokenizer")
-    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
+    if family is not None:
+        from metalserve import llama_family
+
+        model = llama_family.build(family, dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval().requires_grad_(False)
     lap("model")
     return _Prepared(config, tokenizer, generation_config, model, seconds)
+
+
+def _family_config(raw: dict[str, Any], max_context: int | None) -> Any:
+    """``raw``'s ``llama_family`` config, or None where that family does not build it or the
+    static path would not run it (a sliding window shorter than the context served: the
+    engine serves that one on the dynamic path)."""
+    from metalserve import llama_family, staticdecode
+
+    try:
+        config = llama_family.parse_config(raw)
+    except llama_family.Unsupported as exc:
+        log.info("the model is built by transformers: %s", exc)
+        return None
+    window = staticdecode.sliding_window(config)
+    if window is not None and served_context(config, max_context) > window:
+        log.info("the model is built by transformers: a sliding window of %d tokens", window)
+        return None
+    return config
+
+
+# Tokenizer classes that are transformers' tokenizers backend itself, with nothing of a model's
+# own: read without importing transformers' auto classes (which import its modeling machinery).
+GENERIC_TOKENIZERS = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+
+
+def _generic_tokenizer(folder: Path) -> bool:
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(settings, dict)
+        and settings.get("tokenizer_class") in GENERIC_TOKENIZERS
+        and (folder / "tokenizer.json").is_file()
+    )
+
+
+def _generation_config(folder: Path, version_id: str) -> SimpleNamespace | None:
+    """``generation_config.json``'s end-of-sequence ids, which are all a load reads of it."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot read generation_config.json of {version_id[:12]}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise LoadError(f"cannot read generation_config.json of {version_id[:12]}: not an object")
+    return SimpleNamespace(eos_token_id=raw.get("eos_token_id"))
 
 
 @contextmanager

@@ -117,6 +117,13 @@ class ServeSettings(BaseSettings):
         "(static KV cache, eager), dynamic (transformers forward, growable cache); auto: "
         "cuda-graphs on CUDA, dynamic on CPU",
     )
+    modeling: Literal["auto", "transformers"] = Field(
+        "auto",
+        description="whose modules run the model: auto builds a Llama-family model (llama, "
+        "mistral, qwen2, qwen3) that runs on the static path with metalserve's own (no "
+        "transformers modeling import: seconds off a start) and any other with transformers'; "
+        "transformers: always transformers'",
+    )
     decode_compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="compile the static path's decoder layer with torch.compile (fused "

@@ -419,7 +419,8 @@ def generate_once(
     no thread or queue."""
     events: list[Event] = []
     seq = Sequence(bundle=bundle, prompt_ids=prompt_ids, params=params, sink=events.append)
-    batch = DynamicBatch(bundle) if batch is None else batch
+    if batch is None:
+        batch = _one_sequence_batch(bundle, len(prompt_ids) + params.max_tokens)
     batch.add([seq])
     while batch.seqs:
         time.sleep(step_delay)
@@ -428,3 +429,25 @@ def generate_once(
     if failures or not any(isinstance(e, Finished) for e in events):
         raise RuntimeError(f"warm-up generation failed: {failures}")
     return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def _one_sequence_batch(bundle: LoadedModel, tokens: int) -> Batch:
+    """A batch for one sequence of up to ``tokens`` tokens: the dynamic path's, or for a model
+    without one (``loader.static_path_only``) a static cache of one slot, eager: its decoder
+    fuses the layers' projections (views: no memory kept) and is gone with the batch."""
+    from metalserve.loader import static_path_only
+
+    if not static_path_only(bundle.model):
+        return DynamicBatch(bundle)
+    from metalserve.staticdecode import StaticDecoder
+
+    decoder = StaticDecoder(
+        bundle.model,
+        slots=1,
+        max_length=min(bundle.max_context, tokens),
+        device=bundle.device,
+        dtype=bundle.dtype,
+        cuda_graphs=False,
+        attention="bucketed",  # torch's attention: no kernel to compile for a warm-up
+    )
+    return StaticBatch(bundle, decoder)

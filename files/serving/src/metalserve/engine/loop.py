@@ -52,7 +52,7 @@ from metalserve.engine.batches import (
 )
 from metalserve.engine.profiling import PassProfile
 from metalserve.engine.sequence import EngineObserver, Sequence
-from metalserve.loader import LoadError
+from metalserve.loader import LoadError, static_path_only
 from metalserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -584,7 +584,11 @@ class Engine:
             torch.cuda.set_device(bundle.device)
         if self.tensor_parallel is not None:
             return self._tensor_parallel_batch(bundle, self.tensor_parallel)
-        mode, compiled = self._decode_path_on(bundle.device.type)
+        mode, compiled = self.decode_path_on(bundle.device.type)
+        # A model built for the static path alone (``llama_family``) has no dynamic path.
+        static_only = static_path_only(bundle.model)
+        if mode == "dynamic" and static_only:
+            mode = "static"
         if mode == "dynamic":
             return DynamicBatch(bundle, self.observer)
         if mode == "static" and self.decode_mode == "cuda-graphs":
@@ -618,6 +622,8 @@ class Engine:
         except Exception as exc:
             if quantized:  # no fallback: the dynamic path would serve other weights
                 raise LoadError(f"quantization {self.quantization}: {exc}") from exc
+            if static_only:
+                return self._eager_static_batch(bundle, mode, exc)
             if not isinstance(exc, staticdecode.StaticDecodeUnavailable):
                 log.exception("preparing decode mode %s failed; using the dynamic path", mode)
                 return DynamicBatch(bundle, self.observer)
@@ -635,7 +641,31 @@ class Engine:
         )
         return StaticBatch(bundle, decoder, self.observer)
 
-    def _decode_path_on(self, device_type: str) -> tuple[str, bool]:
+    def _eager_static_batch(self, bundle: LoadedModel, mode: str, exc: Exception) -> Batch:
+        """The fallback of a model without a dynamic path whose ``mode`` failed (``exc``): the
+        static path uncompiled and without graphs; a LoadError where that fails too."""
+        from metalserve import staticdecode
+
+        if mode == "static" and not self.decode_path_on(bundle.device.type)[1]:
+            raise LoadError(f"the static decode path failed: {exc}") from exc
+        log.warning("decode mode %s failed (%s); using the static path, eager", mode, exc)
+        try:
+            decoder = staticdecode.StaticDecoder(
+                bundle.model,
+                slots=self.max_batch_size,
+                max_length=bundle.max_context,
+                device=bundle.device,
+                dtype=bundle.dtype,
+                cuda_graphs=False,
+                attention=self.decode_attention,
+                prefix_cache_tokens=self.prefix_cache_tokens,
+                reserve_bytes=self._reserve(bundle),
+            )
+        except Exception as again:
+            raise LoadError(f"the static decode path failed: {again}") from again
+        return StaticBatch(bundle, decoder, self.observer)
+
+    def decode_path_on(self, device_type: str) -> tuple[str, bool]:
         """The decode path ``decode_mode`` gives on a device of ``device_type`` (``auto``: CUDA
         graphs on CUDA, the dynamic path elsewhere; quantized weights: the static path), and
         whether its layer runs compiled."""
