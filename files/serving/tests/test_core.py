@@ -123,6 +123,41 @@ def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store:
     assert core.events[3] == [Failed(503, "the model was replaced; retry")]
 
 
+@pytest.mark.parametrize(
+    ("modeling", "decode_mode", "built_by"),
+    [
+        ("auto", "static", "metalserve"),
+        ("transformers", "static", "transformers"),
+        ("auto", "auto", "transformers"),  # the CPU's auto: the dynamic path, which needs it
+    ],
+)
+def test_whose_modules_a_host_builds(
+    model_store: Store, modeling: str, decode_mode: str, built_by: str
+) -> None:
+    """The host builds metalserve's modules where the engine runs the model on the static path
+    only, unless ``--modeling transformers``; a swap to the next version keeps the choice."""
+    settings = ServeSettings(
+        store=model_store.root,
+        model=MODEL,
+        version=model_store.v1,
+        modeling=modeling,
+        decode_mode=decode_mode,
+    )
+    core = Core(settings)
+    try:
+        v1, _, facts = core.reply(core.call("start", model_store.v1))
+        assert v1.modeling == built_by
+        assert facts.decode_path == ("dynamic" if decode_mode == "auto" else "static")
+        core.submit(1, v1)
+        core.until_ended(1)
+        assert isinstance(core.events[1][-1], Finished)
+        v2 = core.reply(core.call("load", model_store.v2))
+        assert v2.modeling == built_by
+    finally:
+        core.conn.close()
+        core.proc.wait(timeout=30)
+
+
 def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> None:
     v1, _, _ = core.reply(core.call("start", model_store.v1))
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
