@@ -4,9 +4,13 @@ and engine that keep them on the static path."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
+import logging
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,13 @@ CONFIGS = {
         "max_window_layers": 1,
     },
     "qwen3": {"model_type": "qwen3", **SMALL, "head_dim": 32, "tie_word_embeddings": True},
+    "llama-llama3-rope-short": {
+        "model_type": "llama",
+        **SMALL,
+        "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if not k.startswith("original")},
+        "eos_token_id": None,
+    },
+    "qwen2-no-kv-heads": {"model_type": "qwen2", "num_attention_heads": 16, "hidden_size": 1024},
     "qwen3-bias-type": {
         "model_type": "qwen3",
         **SMALL,
@@ -89,8 +100,13 @@ COMPARED = (
 )
 
 
+# Configs compared as configs only (their modules would be a 7B's, or have no valid shapes).
+CONFIG_ONLY = ("llama-defaults", "mistral-defaults", "qwen2-no-kv-heads")
+
+
 def _theirs(raw: dict[str, Any]) -> Any:
-    return transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw))
+    # A copy: transformers standardizes the nested RoPE dict in place.
+    return transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(copy.deepcopy(raw))
 
 
 @pytest.mark.parametrize("raw", CONFIGS.values(), ids=CONFIGS.keys())
@@ -105,8 +121,8 @@ def test_the_config_and_modules_are_transformers(raw: dict[str, Any]) -> None:
     rope = {k: v for k, v in theirs.rope_parameters.items() if k != "type"}
     assert ours.rope_parameters == rope
 
-    if raw is CONFIGS["llama-defaults"] or raw is CONFIGS["mistral-defaults"]:
-        return  # 7B-sized: the configs are enough
+    if any(raw is CONFIGS[name] for name in CONFIG_ONLY):
+        return
     model = llama_family.build(ours, torch.bfloat16)
     reference = transformers.AutoModelForCausalLM.from_config(theirs)
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -140,6 +156,7 @@ def test_the_config_and_modules_are_transformers(raw: dict[str, Any]) -> None:
             "RoPE parameters ['x']",
         ),
         ({"model_type": "llama", "hidden_size": "wide"}, "config.json"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "linear"}}, "without ['factor']"),
     ],
 )
 def test_what_is_not_built_here_is_named(raw: dict[str, Any], reason: str) -> None:
@@ -294,3 +311,67 @@ def test_the_generation_config_is_read_for_its_end_ids(
     broken = store.publish(folder, root, MODEL)
     with pytest.raises(LoadError, match=r"generation_config\.json"):
         load_version(root, MODEL, broken, static_only=True)
+
+
+def test_tied_embeddings_stay_apart_where_the_checkpoint_has_two_different_ones(
+    model_dirs: dict[int, Path],
+) -> None:
+    """As transformers: a tied config's head is the embedding where the checkpoint has one of
+    the two, or two equal ones; two different ones (a head trained apart) are both kept."""
+    from metalserve.loader import _assign
+
+    config = llama_family.parse_config({**CONFIGS["qwen3"]})
+    embedding = torch.randn(config.vocab_size, config.hidden_size)
+    for head, tied in ((embedding.clone(), True), (torch.randn_like(embedding), False)):
+        model = llama_family.build(config, torch.float32)
+        tensors = {
+            name: torch.zeros(tuple(t.shape))
+            for name, t in model.state_dict().items()
+            if not name.startswith(("model.embed_tokens", "lm_head"))
+        }
+        tensors |= {"model.embed_tokens.weight": embedding, "lm_head.weight": head}
+        _assign(model, tensors, {}, torch.device("cpu"))
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        assert torch.equal(model.lm_head.weight, head)
+
+
+def test_generic_tokenizers_read_without_auto_classes_only_where_auto_would_agree(
+    model_dirs: dict[int, Path],
+) -> None:
+    """A qwen2 checkpoint's generic tokenizer class is made Qwen2Tokenizer by AutoTokenizer
+    (transformers' list of hub classes it corrects): such types go through AutoTokenizer."""
+    from transformers.models.auto import tokenization_auto
+
+    from metalserve import loader
+
+    corrected = set(tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    assert corrected & set(llama_family.DEFAULTS) == set(loader.OWN_TOKENIZER_TYPES)
+    assert loader._generic_tokenizer(model_dirs[1], "llama")
+    assert not loader._generic_tokenizer(model_dirs[1], "qwen2")
+
+
+def test_a_failed_capture_is_gone_before_the_eager_decoder_sizes_its_cache(
+    lean: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback's cache is sized to the memory free once the failed decoder (its cache,
+    graphs, fused weights) is released, not beside it."""
+    made: list[weakref.ref[staticdecode.StaticDecoder]] = []
+    build = staticdecode.StaticDecoder.__init__
+
+    def recording(self: staticdecode.StaticDecoder, *args: Any, **kwargs: Any) -> None:
+        gc.collect()
+        assert all(ref() is None for ref in made), "the failed decoder is still alive"
+        build(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    def broken(self: staticdecode.StaticDecoder) -> None:
+        raise RuntimeError("no graphs today")
+
+    monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", recording)
+    monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", broken)
+    # pytest's log capture keeps each record, and the failed capture's record keeps its
+    # traceback (the decoder in its frames); a service's handlers write a record and drop it.
+    monkeypatch.setattr(logging.getLogger("metalserve.engine"), "propagate", False)
+    batch = Engine(decode_mode="static", decode_compile="on")._new_batch(lean)
+    assert isinstance(batch, StaticBatch)
+    assert len(made) == 2

@@ -59,8 +59,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {**_COMMON, "vocab_size": 151936, "intermediate_size": 22016, "head_dim": 128},
 }
 for _qwen in ("qwen2", "qwen3"):
+    # Their configs' default is 32 key/value heads, whatever the number of query heads.
     DEFAULTS[_qwen].update(
-        max_position_embeddings=32768, use_sliding_window=False, max_window_layers=28
+        num_key_value_heads=32,
+        max_position_embeddings=32768,
+        use_sliding_window=False,
+        max_window_layers=28,
     )
 DEFAULT_ROPE_THETA = 10000.0
 # The rotary angles' parameters each supported RoPE type reads (``staticdecode`` supports those
@@ -122,10 +126,8 @@ def parse_config(raw: dict[str, Any]) -> FamilyConfig:
     model_type = raw.get("model_type")
     if model_type not in DEFAULTS:
         raise Unsupported(f"model type {model_type!r} is not one of {sorted(DEFAULTS)}")
-    merged = {**DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None}}
-    # A null sliding window is no window (merged above would keep the default's).
-    if "sliding_window" in raw and raw["sliding_window"] is None:
-        merged["sliding_window"] = None
+    # A null is kept (no window, no end id); ``or`` below gives the derived defaults.
+    merged = {**DEFAULTS[model_type], **raw}
     try:
         heads = int(merged["num_attention_heads"])
         hidden = int(merged["hidden_size"])
@@ -144,7 +146,7 @@ def parse_config(raw: dict[str, Any]) -> FamilyConfig:
             max_position_embeddings=int(merged["max_position_embeddings"]),
             rms_norm_eps=float(merged["rms_norm_eps"]),
             tie_word_embeddings=bool(merged["tie_word_embeddings"]),
-            rope_parameters=_rope_parameters(raw),
+            rope_parameters=_rope_parameters(merged),
             sliding_window=window,
             layer_types=layer_types,
             bos_token_id=merged["bos_token_id"],
@@ -192,9 +194,14 @@ def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
     known = _ROPE_KEYS.get(params["rope_type"])
     if known is None:
         raise Unsupported(f"RoPE type {params['rope_type']!r}")
-    extra = set(params) - known
+    # transformers' standardization fills it in the same way.
+    if params["rope_type"] == "llama3" and params.get("original_max_position_embeddings") is None:
+        params["original_max_position_embeddings"] = raw.get("max_position_embeddings")
+    extra, missing = set(params) - known, known - set(params)
     if extra:
         raise Unsupported(f"RoPE parameters {sorted(extra)}")
+    if missing or any(params[key] is None for key in known):
+        raise Unsupported(f"RoPE {params['rope_type']} without {sorted(missing) or 'values'}")
     return params
 
 
@@ -307,13 +314,16 @@ class CausalLM(nn.Module):
 
     def tie_weights(self, missing_keys: set[str] | None = None) -> None:
         """With tied embeddings the LM head is the embedding, stored in a checkpoint as either
-        (``missing_keys``: the one it lacks)."""
+        (``missing_keys``: the one it lacks). Where it has both and they differ (a head trained
+        apart), both are kept, as transformers keeps them."""
         if not self.config.tie_word_embeddings:
             return
-        if missing_keys is not None and "model.embed_tokens.weight" in missing_keys:
-            self.model.embed_tokens.weight = self.lm_head.weight
-        else:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        missing = missing_keys or set()
+        embedding, head = self.model.embed_tokens, self.lm_head
+        if "model.embed_tokens.weight" in missing:
+            embedding.weight = head.weight
+        elif "lm_head.weight" in missing or torch.equal(embedding.weight, head.weight):
+            head.weight = embedding.weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("this model runs on the static decode path only")

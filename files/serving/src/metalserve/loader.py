@@ -448,7 +448,7 @@ def _prepare(
 
     family = _family_config(raw, max_context) if static_only else None
     reader: Any
-    if family is not None and _generic_tokenizer(folder):
+    if family is not None and _generic_tokenizer(folder, family.model_type):
         # Of transformers, its tokenizers backend alone (no auto classes: they import the rest).
         with _IMPORTING:
             from transformers import PreTrainedTokenizerFast as reader
@@ -472,7 +472,8 @@ def _prepare(
     if family is not None:
         from metalserve import llama_family
 
-        model = llama_family.build(family, dtype)
+        with _IMPORTING:  # RoPE other than the default imports transformers' RoPE functions
+            model = llama_family.build(family, dtype)
     else:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
@@ -505,9 +506,16 @@ def _family_config(raw: dict[str, Any], max_context: int | None) -> Any:
 # Tokenizer classes that are transformers' tokenizers backend itself, with nothing of a model's
 # own: read without importing transformers' auto classes (which import its modeling machinery).
 GENERIC_TOKENIZERS = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+# Model types whose checkpoints name a generic class where AutoTokenizer makes the model's own
+# (transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, of the Llama family): read by it.
+OWN_TOKENIZER_TYPES = frozenset({"qwen2"})
 
 
-def _generic_tokenizer(folder: Path) -> bool:
+def _generic_tokenizer(folder: Path, model_type: str) -> bool:
+    """Whether ``folder``'s tokenizer is transformers' tokenizers backend as AutoTokenizer
+    would make it for ``model_type``."""
+    if model_type in OWN_TOKENIZER_TYPES:
+        return False
     try:
         settings = json.loads((folder / "tokenizer_config.json").read_bytes())
     except (OSError, ValueError):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import faulthandler
+import gc
 import logging
 import threading
 import time
@@ -597,38 +598,51 @@ class Engine:
         from metalserve import staticdecode
 
         try:
-            decoder = staticdecode.StaticDecoder(
-                bundle.model,
-                slots=self.max_batch_size,
-                max_length=bundle.max_context,
-                device=bundle.device,
-                dtype=bundle.dtype,
-                cuda_graphs=mode == "cuda-graphs",
-                compile_layers=compiled,
-                quantization=self.quantization,
-                attention=self.decode_attention,
-                gemm=self.decode_gemm,
-                prefix_cache_tokens=self.prefix_cache_tokens,
-                reserve_bytes=self._reserve(bundle),
-            )
-            try:
-                decoder.capture_all()
-            except Exception:
-                if not compiled:
-                    raise
-                log.exception("compiling the decode layer failed; running it uncompiled")
-                decoder.use_eager_layers()
-                decoder.capture_all()
+            return self._static_batch(bundle, mode, compiled)
         except Exception as exc:
             if quantized:  # no fallback: the dynamic path would serve other weights
                 raise LoadError(f"quantization {self.quantization}: {exc}") from exc
-            if static_only:
-                return self._eager_static_batch(bundle, mode, exc)
-            if not isinstance(exc, staticdecode.StaticDecodeUnavailable):
-                log.exception("preparing decode mode %s failed; using the dynamic path", mode)
+            if not static_only:
+                if isinstance(exc, staticdecode.StaticDecodeUnavailable):
+                    log.warning(
+                        "decode mode %s unavailable (%s); using the dynamic path", mode, exc
+                    )
+                else:
+                    log.exception("preparing decode mode %s failed; using the dynamic path", mode)
                 return DynamicBatch(bundle, self.observer)
-            log.warning("decode mode %s unavailable (%s); using the dynamic path", mode, exc)
-            return DynamicBatch(bundle, self.observer)
+            failure = str(exc)
+        # Here, past the handler: the exception's frames held the failed decoder (its cache, its
+        # graphs and fused weights), which must be gone before the next one sizes its cache.
+        gc.collect()
+        return self._eager_static_batch(bundle, mode, failure)
+
+    def _static_batch(self, bundle: LoadedModel, mode: str, compiled: bool) -> Batch:
+        """A batch on the static path, its graphs captured where ``mode`` is cuda-graphs."""
+        from metalserve import staticdecode
+
+        quantized = self.quantization != "none"
+        decoder = staticdecode.StaticDecoder(
+            bundle.model,
+            slots=self.max_batch_size,
+            max_length=bundle.max_context,
+            device=bundle.device,
+            dtype=bundle.dtype,
+            cuda_graphs=mode == "cuda-graphs",
+            compile_layers=compiled,
+            quantization=self.quantization,
+            attention=self.decode_attention,
+            gemm=self.decode_gemm,
+            prefix_cache_tokens=self.prefix_cache_tokens,
+            reserve_bytes=self._reserve(bundle),
+        )
+        try:
+            decoder.capture_all()
+        except Exception:
+            if not compiled:
+                raise
+            log.exception("compiling the decode layer failed; running it uncompiled")
+            decoder.use_eager_layers()
+            decoder.capture_all()
         log.info(
             "decode path: %s%s%s, %d slots of %d tokens, weights %.2f GiB, prefix cache %s",
             mode,
@@ -641,14 +655,14 @@ class Engine:
         )
         return StaticBatch(bundle, decoder, self.observer)
 
-    def _eager_static_batch(self, bundle: LoadedModel, mode: str, exc: Exception) -> Batch:
-        """The fallback of a model without a dynamic path whose ``mode`` failed (``exc``): the
-        static path uncompiled and without graphs; a LoadError where that fails too."""
+    def _eager_static_batch(self, bundle: LoadedModel, mode: str, failure: str) -> Batch:
+        """The fallback of a model without a dynamic path whose ``mode`` failed (``failure``):
+        the static path uncompiled and without graphs; a LoadError where that fails too."""
         from metalserve import staticdecode
 
         if mode == "static" and not self.decode_path_on(bundle.device.type)[1]:
-            raise LoadError(f"the static decode path failed: {exc}") from exc
-        log.warning("decode mode %s failed (%s); using the static path, eager", mode, exc)
+            raise LoadError(f"the static decode path failed: {failure}")
+        log.warning("decode mode %s failed (%s); using the static path, eager", mode, failure)
         try:
             decoder = staticdecode.StaticDecoder(
                 bundle.model,
