@@ -59,7 +59,9 @@ def test_python_calls_are_recorded_when_asked(
     summary = profile.future.result(timeout=60)
     sink.wait()
     inclusive = [row["name"] for row in summary["top_host_inclusive"]]
-    assert any("batches.py" in name and ": add" in name for name in inclusive), inclusive
+    # The batch's forward, in both passes (its prefill's ``add`` ranks about 19th of the 20
+    # rows: on a busy machine other frames can push it out).
+    assert any("batches.py" in name and ": _forward" in name for name in inclusive), inclusive
     assert not any("pluggy" in name for name in inclusive), "this thread's calls are not in it"
 
 
