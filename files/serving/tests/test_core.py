@@ -146,7 +146,7 @@ def test_whose_modules_a_host_builds(
     core = Core(settings)
     try:
         v1, _, facts = core.reply(core.call("start", model_store.v1))
-        assert v1.modeling == built_by
+        assert v1.modeling == facts.modeling == built_by
         assert facts.decode_path == ("dynamic" if decode_mode == "auto" else "static")
         core.submit(1, v1)
         core.until_ended(1)

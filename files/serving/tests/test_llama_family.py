@@ -19,9 +19,9 @@ import torch
 import transformers
 
 from conftest import MODEL, Store
-from engine_helpers import PROMPTS
+from engine_helpers import PROMPTS, alone, submit
 from metalserve import llama_family, staticdecode, store
-from metalserve.engine import Engine, StaticBatch, generate_once
+from metalserve.engine import Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel, LoadError, load_version, static_path_only
 from metalserve.sampling import SamplingParams
 
@@ -260,29 +260,60 @@ def test_the_warm_up_and_the_engine_keep_it_on_the_static_path(
     assert not batch.decoder.cuda_graphs
 
 
-def test_no_dynamic_fallback_for_it(
-    lean: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Where its static path cannot be prepared the load fails, naming why (transformers'
-    model would have fallen back to the dynamic path); a failed graph capture falls back to the
-    static path without graphs."""
+def _first_capture_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first decoder made fails its capture (its graphs or its compiled layer, and the
+    retry uncompiled); the next ones capture."""
+    first: list[weakref.ref[staticdecode.StaticDecoder]] = []
 
     def broken(self: staticdecode.StaticDecoder) -> None:
-        raise RuntimeError("no graphs today")
+        if not first:
+            first.append(weakref.ref(self))
+        if first[0]() is self:
+            raise RuntimeError("no graphs today")
 
     monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", broken)
-    with pytest.raises(LoadError, match="static decode path failed: no graphs today"):
-        Engine(decode_mode="static")._new_batch(lean)
-    compiled = Engine(decode_mode="static", decode_compile="on")._new_batch(lean)
-    assert isinstance(compiled, StaticBatch)
-    assert "using the static path, eager" in caplog.text
 
-    def no_memory(self: staticdecode.StaticDecoder, *args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("no memory today")
 
-    monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", no_memory)
-    with pytest.raises(LoadError, match="static decode path failed: no memory today"):
-        Engine(decode_mode="cuda-graphs")._new_batch(lean)
+def test_a_failed_capture_costs_it_its_graphs_not_its_path(
+    lean: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where its decode mode fails, the static path runs eager (it has no dynamic path)."""
+    _first_capture_fails(monkeypatch)
+    batch = Engine(decode_mode="static", decode_compile="on")._new_batch(lean)
+    assert isinstance(batch, StaticBatch)
+    assert not batch.decoder.compiled
+    assert "no graphs today); trying the static path, eager" in caplog.text
+    assert lean.modeling == "metalserve"
+
+
+def test_where_no_sequence_fits_the_static_cache_a_reload_runs_transformers_modules(
+    model_store: Store, v2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version whose static cache cannot hold one sequence of its context (a long context
+    on a small device: found only at the switch, after the served version is released) runs
+    transformers' modules around the same tensors on the dynamic path, as transformers' build
+    of it would: the engine keeps serving, the same text as transformers' model."""
+    first, second = (
+        load_version(model_store.root, MODEL, version, static_only=True)
+        for version in (model_store.v1, model_store.v2)
+    )
+    embedding = second.model.get_input_embeddings().weight
+    eng = Engine(max_batch_size=4, decode_mode="static")
+    eng.start()
+    try:
+        eng.swap(first).result(timeout=30)
+        assert (eng.decode_path, eng.modeling) == ("static", "metalserve")
+        monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: 1024)
+        assert eng.swap(second).result(timeout=60) is first
+        assert (eng.decode_path, eng.modeling) == ("dynamic", "transformers")
+        assert not static_path_only(second.model)
+        assert second.model.get_input_embeddings().weight.data_ptr() == embedding.data_ptr()
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        _, sink = submit(eng, second, PROMPTS[2], params)
+        assert isinstance(sink.wait(30), Finished)
+        assert sink.text == alone(v2, PROMPTS[2], params)
+    finally:
+        eng.stop()
 
 
 def test_a_sliding_window_shorter_than_the_context_is_transformers_model(
@@ -364,11 +395,8 @@ def test_a_failed_capture_is_gone_before_the_eager_decoder_sizes_its_cache(
         build(self, *args, **kwargs)
         made.append(weakref.ref(self))
 
-    def broken(self: staticdecode.StaticDecoder) -> None:
-        raise RuntimeError("no graphs today")
-
     monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", recording)
-    monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", broken)
+    _first_capture_fails(monkeypatch)
     # pytest's log capture keeps each record, and the failed capture's record keeps its
     # traceback (the decoder in its frames); a service's handlers write a record and drop it.
     monkeypatch.setattr(logging.getLogger("metalserve.engine"), "propagate", False)

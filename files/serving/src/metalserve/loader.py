@@ -130,6 +130,14 @@ class LoadedModel(ModelView):
         tensors = (*self.model.parameters(), *self.model.buffers())
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
+    def use_transformers_modules(self) -> None:
+        """Run this version with transformers' modules around its own tensors (no copy): the
+        dynamic path of a model built for the static path alone (``llama_family``), where its
+        static path cannot run (not one sequence of its context fits the device)."""
+        if static_path_only(self.model):
+            self.model = transformers_modules(self.model, self.dtype, self.device)
+            self.modeling = "transformers"
+
     def release_weights(self) -> None:
         """Free the model's parameters and buffers (meta tensors from now on: the model cannot
         run again), for a model replaced for good, before its successor's static cache is
@@ -436,7 +444,6 @@ def _prepare(
     the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
     computed on the CPU (moved to the device with the weights): by ``llama_family`` where the
     model will run on the static path only and is of that family, else by transformers."""
-    import torch
 
     seconds: dict[str, float] = {}
     begun = time.monotonic()
@@ -475,14 +482,32 @@ def _prepare(
         with _IMPORTING:  # RoPE other than the default imports transformers' RoPE functions
             model = llama_family.build(family, dtype)
     else:
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.eval().requires_grad_(False)
+        model = _transformers_model(config, dtype)
     lap("model")
     return _Prepared(config, tokenizer, generation_config, model, seconds)
+
+
+def _transformers_model(config: Any, dtype: torch.dtype) -> Any:
+    """transformers' model of ``config``, its parameters on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), _parameters_on_meta(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def transformers_modules(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """transformers' model of a ``llama_family`` model's config.json, its parameters that
+    model's tensors (the same names: no copy)."""
+    import_transformers(model.config.model_type)
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model.config.model_type].from_dict(dict(model.config.raw))
+    built = _transformers_model(config, dtype)
+    _assign(built, model.state_dict(), {}, device)
+    return built
 
 
 def _family_config(raw: dict[str, Any], max_context: int | None) -> Any:

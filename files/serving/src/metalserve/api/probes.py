@@ -47,7 +47,7 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "dtype": str(current.dtype).removeprefix("torch.") if current else settings.dtype,
         "loaded_at": current.loaded_at.isoformat() if current else None,
         # Whose modules run it: metalserve's (the static path only) or transformers'.
-        "modeling": current.modeling if current else None,
+        "modeling": replica.engine.modeling,
         "load_seconds": round(current.load_seconds, 3) if current else None,
         "weights_seconds": round(current.weights_seconds, 3) if current else None,
         "load_parts_seconds": (

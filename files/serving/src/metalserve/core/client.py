@@ -207,6 +207,10 @@ class RemoteEngine:
     def batch_slots(self) -> int:
         return self.facts.batch_slots
 
+    @property
+    def modeling(self) -> str | None:
+        return self.facts.modeling
+
     def submit(self, seq: Sequence) -> None:
         with self._lock:
             if not self.is_alive():

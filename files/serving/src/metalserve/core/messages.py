@@ -38,6 +38,7 @@ class EngineFacts:
     prefix_cache_tokens_held: int
     weight_bytes: int | None
     batch_slots: int
+    modeling: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

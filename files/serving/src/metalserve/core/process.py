@@ -345,6 +345,7 @@ class Core:
             prefix_cache_tokens_held=engine.prefix_cache_tokens_held,
             weight_bytes=engine.weight_bytes,
             batch_slots=engine.batch_slots,
+            modeling=engine.modeling,
         )
 
     # --- the process -----------------------------------------------------------------------

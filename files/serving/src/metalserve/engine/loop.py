@@ -212,6 +212,13 @@ class Engine:
         return batch.decoder.slots if isinstance(batch, StaticBatch) else self.max_batch_size
 
     @property
+    def modeling(self) -> str | None:
+        """Whose modules run the current model: metalserve's or transformers' (those of a
+        model whose static path could not run: ``_new_batch``)."""
+        model = self._current
+        return model.modeling if model is not None else None
+
+    @property
     def decode_compiled(self) -> bool:
         """Whether the current model's decode layer runs compiled (torch.compile)."""
         batch = self._batch
@@ -594,27 +601,37 @@ class Engine:
             return DynamicBatch(bundle, self.observer)
         if mode == "static" and self.decode_mode == "cuda-graphs":
             log.warning("decode mode cuda-graphs needs a CUDA device; using the static path")
-        quantized = self.quantization != "none"
         from metalserve import staticdecode
 
-        try:
-            return self._static_batch(bundle, mode, compiled)
-        except Exception as exc:
-            if quantized:  # no fallback: the dynamic path would serve other weights
-                raise LoadError(f"quantization {self.quantization}: {exc}") from exc
-            if not static_only:
+        # Tried in turn: the mode asked for; for a model of the static path alone, that path
+        # eager (a failed capture or compilation costs it its graphs, not its path).
+        tries = [(mode, compiled)]
+        if static_only and (mode, compiled) != ("static", False):
+            tries.append(("static", False))
+        failure = ""
+        for mode, compiled in tries:
+            if failure:
+                log.warning("%s; trying the static path, eager", failure)
+            try:
+                return self._static_batch(bundle, mode, compiled)
+            except Exception as exc:
+                if self.quantization != "none":  # no fallback: the dynamic path serves others
+                    raise LoadError(f"quantization {self.quantization}: {exc}") from exc
                 if isinstance(exc, staticdecode.StaticDecodeUnavailable):
-                    log.warning(
-                        "decode mode %s unavailable (%s); using the dynamic path", mode, exc
-                    )
+                    failure = f"decode mode {mode} unavailable ({exc})"
                 else:
-                    log.exception("preparing decode mode %s failed; using the dynamic path", mode)
-                return DynamicBatch(bundle, self.observer)
-            failure = str(exc)
-        # Here, past the handler: the exception's frames held the failed decoder (its cache, its
-        # graphs and fused weights), which must be gone before the next one sizes its cache.
-        gc.collect()
-        return self._eager_static_batch(bundle, mode, failure)
+                    log.exception("preparing decode mode %s failed", mode)
+                    failure = f"decode mode {mode} failed ({exc})"
+            # Here, past the handler: the exception's frames held the failed decoder (its
+            # cache, its graphs and fused weights), which must be gone before the next one
+            # sizes its cache or the dynamic path allocates.
+            gc.collect()
+        if static_only:
+            # Where not one sequence of the context fits the static cache, say: transformers'
+            # modules run the same tensors on the dynamic path (its cache grows as it goes).
+            bundle.use_transformers_modules()
+        log.warning("%s; using the dynamic path", failure)
+        return DynamicBatch(bundle, self.observer)
 
     def _static_batch(self, bundle: LoadedModel, mode: str, compiled: bool) -> Batch:
         """A batch on the static path, its graphs captured where ``mode`` is cuda-graphs."""
@@ -653,30 +670,6 @@ class Engine:
             decoder.weight_bytes / 2**30,
             f"{decoder.prefix_cache_bytes / 2**30:.2f} GiB" if decoder.prefix else "off",
         )
-        return StaticBatch(bundle, decoder, self.observer)
-
-    def _eager_static_batch(self, bundle: LoadedModel, mode: str, failure: str) -> Batch:
-        """The fallback of a model without a dynamic path whose ``mode`` failed (``failure``):
-        the static path uncompiled and without graphs; a LoadError where that fails too."""
-        from metalserve import staticdecode
-
-        if mode == "static" and not self.decode_path_on(bundle.device.type)[1]:
-            raise LoadError(f"the static decode path failed: {failure}")
-        log.warning("decode mode %s failed (%s); using the static path, eager", mode, failure)
-        try:
-            decoder = staticdecode.StaticDecoder(
-                bundle.model,
-                slots=self.max_batch_size,
-                max_length=bundle.max_context,
-                device=bundle.device,
-                dtype=bundle.dtype,
-                cuda_graphs=False,
-                attention=self.decode_attention,
-                prefix_cache_tokens=self.prefix_cache_tokens,
-                reserve_bytes=self._reserve(bundle),
-            )
-        except Exception as again:
-            raise LoadError(f"the static decode path failed: {again}") from again
         return StaticBatch(bundle, decoder, self.observer)
 
     def decode_path_on(self, device_type: str) -> tuple[str, bool]:
