@@ -155,3 +155,44 @@ def test_the_engine_reports_running_waiting_and_cache_usage(v1: LoadedModel) -> 
         assert value("metalserve_request_queue_time_seconds_count") == 2
     finally:
         eng.stop()
+
+
+class _Calls:
+    """An engine observer that records the calls it gets, by name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def test_a_first_version_is_warmed_up_on_the_batch_it_serves_with(v1: LoadedModel) -> None:
+    """``swap(warm_up=True)`` (a start) proves the new batch generates before it goes live;
+    its tokens and passes are not served ones (no metrics, no forward passes counted)."""
+    observer = _Calls()
+    eng = Engine(max_batch_size=4, observer=observer)  # type: ignore[arg-type]
+    eng.start()
+    try:
+        assert eng.swap(v1, warm_up=True).result(timeout=30) is None
+        assert eng.warmup_seconds > 0
+        assert eng.forward_passes == 0
+        assert not {"forward_pass", "first_token", "sequence_finished"} & set(observer.calls)
+        _, sink = submit(eng, v1, PROMPTS[0])
+        assert isinstance(sink.wait(30), Finished)
+        assert eng.forward_passes > 0
+        assert "forward_pass" in observer.calls
+    finally:
+        eng.stop()
+
+
+def test_a_failed_warm_up_stops_the_swap(v1: LoadedModel) -> None:
+    eng = Engine(max_batch_size=4)
+    eng.start()
+    try:
+        broken = dataclasses.replace(v1, model=_Exploding())
+        with pytest.raises(RuntimeError, match="fell off the bus"):
+            eng.swap(broken, warm_up=True).result(timeout=30)
+        assert eng.model is None
+    finally:
+        eng.stop()

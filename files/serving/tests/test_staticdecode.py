@@ -104,13 +104,15 @@ def _decoder(
 
 
 @pytest.mark.parametrize(
-    ("compile_layers", "bucketed", "attention", "skinny"),
+    ("compile_layers", "bucketed", "attention", "skinny", "fused"),
     [
-        (False, False, "bucketed", False),
-        (True, False, "bucketed", False),
-        (False, True, "bucketed", False),
-        (True, False, "own", False),
-        (True, False, "own", True),
+        (False, False, "bucketed", False, False),
+        (True, False, "bucketed", False, False),
+        (False, True, "bucketed", False, False),
+        (True, False, "own", False, False),
+        (True, False, "own", True, False),
+        (False, False, "own", True, True),
+        (False, False, "bucketed", False, True),
     ],
     ids=[
         "eager",
@@ -118,6 +120,8 @@ def _decoder(
         "bucketed-prefill",
         "own-lengths-compiled",
         "own-lengths-skinny-compiled",
+        "own-lengths-skinny-fused",
+        "fused",
     ],
 )
 @torch.inference_mode()
@@ -127,6 +131,7 @@ def test_logits_match_the_transformers_forward(
     bucketed: bool,
     attention: str,
     skinny: bool,
+    fused: bool,
 ) -> None:
     """Prefill of right-padded prompts of different lengths, then decode steps with every row at
     its own position, give the logits of a full transformers forward over each sequence alone;
@@ -134,11 +139,14 @@ def test_logits_match_the_transformers_forward(
     prefill padded to its bucket (3 rows to 4, the prompts to a length bucket: what a prefill
     graph runs on CUDA), and with the decode attention over each row's own length (the
     ``decode_attention`` operator, compiled: what runs on CUDA), and with the projections
-    through the ``skinny_linear`` operator as on CUDA (here untuned: torch's linear in it)."""
+    through the ``skinny_linear`` operator as on CUDA (here untuned: torch's linear in it), and
+    through ``layer_kernels``' fused steps as uncompiled on CUDA (here their torch references:
+    the layer's calls and the cache writes checked)."""
     decoder = _decoder(v1, compile_layers=compile_layers, bucketed=bucketed, attention=attention)
     assert decoder.own_lengths == (attention == "own")
     assert not decoder.skinny  # the CPU: no kernel to tune
-    decoder.skinny = skinny
+    assert not decoder.fused  # nor the fused kernels
+    decoder.skinny, decoder.fused = skinny, fused
     prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:3]]
     longest = max(len(p) for p in prompts)
     ids = torch.full((3, longest), v1.pad_token_id, dtype=torch.long)
@@ -684,6 +692,26 @@ def test_a_hot_reload_keeps_room_for_the_next_version_and_frees_the_replaced_one
     assert sink.text == alone(loaded[1], PROMPTS[0])
 
 
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "no-triton"])
+def test_the_decode_path_on_each_device(monkeypatch: pytest.MonkeyPatch, triton: bool) -> None:
+    """``auto``: CUDA graphs on CUDA with the layer's steps fused by ``layer_kernels`` (the
+    layer compiled only where Triton is missing), the dynamic path on the CPU; ``on``/``off``
+    as asked on the static paths."""
+    from metalserve import layer_kernels
+
+    monkeypatch.setattr(layer_kernels, "triton", object() if triton else None)
+    assert Engine().decode_path_on("cuda") == ("cuda-graphs", not triton)
+    assert Engine().decode_path_on("cpu") == ("dynamic", False)
+    assert Engine(decode_compile="on").decode_path_on("cuda") == ("cuda-graphs", True)
+    assert Engine(decode_compile="off").decode_path_on("cuda") == ("cuda-graphs", False)
+    assert Engine(decode_mode="static").decode_path_on("cpu") == ("static", False)
+    assert Engine(decode_mode="static", decode_compile="on").decode_path_on("cpu") == (
+        "static",
+        True,
+    )
+    assert Engine(decode_compile="on").decode_path_on("cpu") == ("dynamic", False)
+
+
 def test_decode_mode_fallbacks(v1: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
     assert type(Engine()._new_batch(v1)) is DynamicBatch  # auto on CPU: dynamic
     with caplog.at_level(logging.WARNING):
@@ -758,13 +786,19 @@ def test_generate_once_is_unchanged_by_the_static_path(v1: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "compile_layers"),
-    [("mistral", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)],
-    ids=["mistral", "qwen2-biases", "qwen3-qk-norm", "qwen3-compiled"],
+    ("model_type", "compile_layers", "fused"),
+    [
+        ("mistral", False, False),
+        ("qwen2", False, False),
+        ("qwen3", False, False),
+        ("qwen3", True, False),
+        ("qwen3", False, True),
+    ],
+    ids=["mistral", "qwen2-biases", "qwen3-qk-norm", "qwen3-compiled", "qwen3-fused"],
 )
 @torch.inference_mode()
 def test_llama_relatives_match_their_transformers_forward(
-    model_type: str, compile_layers: bool
+    model_type: str, compile_layers: bool, fused: bool
 ) -> None:
     """Mistral (Llama's layer), Qwen2 (q/k/v biases) and Qwen3 (a norm on each head's queries
     and keys) on the static path: prefill of right-padded prompts and decode steps give the
@@ -782,6 +816,7 @@ def test_llama_relatives_match_their_transformers_forward(
         cuda_graphs=False,
         compile_layers=compile_layers,
     )
+    decoder.fused = fused
     if model_type == "qwen3":
         assert decoder.layer_weights[0].q_norm is not None
     prompts = [[5, 9, 17, 33, 2, 8, 41], [7, 3, 99]]

@@ -98,14 +98,16 @@ class ModelHost:
         gets the seconds of each part)."""
         if self.settings.tensor_parallel > 1:
             self._start_ranks()
-        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings)
+        # Warmed up by the engine on the batch it goes live with (``Engine._warm_up``).
+        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings, False)
         if self.settings.tensor_parallel > 1:
             started = time.monotonic()
             await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
             timings["ranks"] = time.monotonic() - started
         switching = time.monotonic()
-        await asyncio.wrap_future(self.engine.swap(bundle))
-        timings["decode_path"] = time.monotonic() - switching
+        await asyncio.wrap_future(self.engine.swap(bundle, warm_up=True))
+        timings["warmup"] = self.engine.warmup_seconds
+        timings["decode_path"] = time.monotonic() - switching - timings["warmup"]
         return bundle
 
     async def load_next(self, version_id: str) -> LoadedModel:
@@ -132,10 +134,11 @@ class ModelHost:
         return previous
 
     def load_and_warm(
-        self, version_id: str, timings: dict[str, float] | None = None
+        self, version_id: str, timings: dict[str, float] | None = None, warm_up: bool = True
     ) -> LoadedModel:
-        """Load and verify a version (from the node's cache when it holds it), then prove it
-        generates (blocking: run in a thread). ``timings`` gets the seconds of each part."""
+        """Load and verify a version (from the node's cache when it holds it), then, with
+        ``warm_up``, prove it generates (blocking: run in a thread). ``timings`` gets the
+        seconds of each part."""
         timings = {} if timings is None else timings
         started = time.monotonic()
         import_libraries()
@@ -146,9 +149,9 @@ class ModelHost:
             skinny_linear.remember_in(self.settings.decode_tuning_file)
         bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
-        if bundle.part_of is not None:
-            if self.engine.tensor_parallel is not None:
-                self._verify_version(version_id)
+        if bundle.part_of is not None and self.engine.tensor_parallel is not None:
+            self._verify_version(version_id)
+        if bundle.part_of is not None or not warm_up:
             # A rank's part runs only with the other ranks: the engine warms them up together.
             return bundle
         started = time.monotonic()

@@ -163,7 +163,8 @@ class Metrics:
             "metalserve_startup_seconds",
             "Where the time to ready went: process_start (the process's start to the load's: "
             "interpreter, server), imports (torch, transformers), load (verified weights on the "
-            "device), warmup, decode_path (the static cache, compiling, graph capture), ready "
+            "device), warmup (a few greedy tokens, at a start on the batch that then serves), "
+            "decode_path (the static cache, compiling, graph capture), ready "
             "(from the process's start, all of them)",
             ["phase"],
             registry=r,

@@ -108,10 +108,11 @@ def split_decoder(
     its compiled layer compiled). Every rank builds it here, so that they agree on everything
     but the share (slots, context, quantization, graphs, compilation) and run the same
     collectives in the same order while capturing. On CUDA (``decode_mode`` auto or cuda-graphs)
-    the steps are CUDA graphs with NCCL's collectives in them and the layer compiled
-    (``decode_compile`` auto or on), as for one GPU; on the CPU eager unless compile is on. No
-    fallback: every rank must run the same path."""
-    from metalserve import staticdecode
+    the steps are CUDA graphs with NCCL's collectives in them and the layer's elementwise steps
+    fused (``layer_kernels``; compiled with ``decode_compile`` on, or auto without Triton), as for
+    one GPU; on the CPU eager unless compile is on. No fallback: every rank must run the same
+    path."""
+    from metalserve import layer_kernels, staticdecode
 
     graphs = bundle.device.type == "cuda" and decode_mode in ("auto", "cuda-graphs")
     decoder = staticdecode.StaticDecoder(
@@ -121,7 +122,8 @@ def split_decoder(
         device=bundle.device,
         dtype=bundle.dtype,
         cuda_graphs=graphs,
-        compile_layers=decode_compile == "on" or (decode_compile == "auto" and graphs),
+        compile_layers=decode_compile == "on"
+        or (decode_compile == "auto" and graphs and not layer_kernels.triton_available()),
         quantization=quantization,
         attention=decode_attention,
         gemm=decode_gemm,

@@ -126,9 +126,10 @@ class ServeSettings(BaseSettings):
     )
     decode_compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="compile the static path's decoder layer with torch.compile (fused "
-        "kernels; the first start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); auto: on "
-        "with cuda-graphs",
+        description="compile the static path's decoder layer with torch.compile (the first "
+        "start compiles, later ones reuse TORCHINDUCTOR_CACHE_DIR); uncompiled, its elementwise "
+        "steps run metalserve's fused Triton kernels on CUDA (as fast a step, seconds off a "
+        "start); auto: compiled with cuda-graphs only where Triton is missing",
     )
     decode_attention: Literal["auto", "bucketed"] = Field(
         "auto",

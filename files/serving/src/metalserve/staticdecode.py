@@ -41,7 +41,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from metalserve import decode_attention, devices, fp8, prefixcache, skinny_linear, tensor_parallel
+from metalserve import (
+    decode_attention,
+    devices,
+    fp8,
+    layer_kernels,
+    prefixcache,
+    skinny_linear,
+    tensor_parallel,
+)
 
 if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
@@ -219,10 +227,8 @@ def _attention_backends() -> list[SDPBackend]:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``x * cos + rotate_half(x) * sin``, bit for bit, in four kernels: rolling
-    by half a head gives ``cat(x2, x1)``, and ``signed_sin`` is ``cat(-sin1, sin2)``."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+_rope = layer_kernels.rope_reference
+_rms_norm_of = layer_kernels.rms_norm_reference
 
 
 def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -230,18 +236,12 @@ def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
     return _rms_norm_of(x, module.weight, float(module.variance_epsilon))
 
 
-def _rms_norm_of(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm (normalize in float32, cast back, scale) with torch's fused kernel."""
-    normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    weighted: torch.Tensor = weight * normed.to(x.dtype)
-    return weighted
-
-
 class LayerShape(NamedTuple):
     """What every decoder layer of a model shares (``own_lengths``: the decode step's attention
     reads each row up to its own length, ``decode_attention``, not the length bucket;
     ``skinny``: its projections go through ``skinny_linear``'s operator, which runs its kernel
-    where ``tune`` found it faster)."""
+    where ``tune`` found it faster; ``fused``: its elementwise steps run ``layer_kernels``' fused
+    kernels, where the layer is not compiled)."""
 
     heads: int
     kv_heads: int
@@ -249,6 +249,7 @@ class LayerShape(NamedTuple):
     scaling: float
     own_lengths: bool = False
     skinny: bool = False
+    fused: bool = False
 
 
 # The decode step's attention (``StaticDecoder(attention=...)``).
@@ -340,13 +341,30 @@ def decode_layer(
     parallelism ``reduce`` sums o_proj's and down's partial outputs over the ranks."""
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     batch, length = x.shape[0], bias.shape[-1]
-    h = _rms_norm_of(x, w.input_norm, w.input_eps)
-    qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
-    qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
-    q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
-    rows = torch.arange(batch, device=x.device)
-    keys[rows, :, positions] = k
-    values[rows, :, positions] = v
+    if shape.fused:
+        h = layer_kernels.rms_norm(x, w.input_norm, w.input_eps)
+        qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
+        q = layer_kernels.rope_store(
+            qkv,
+            cos,
+            signed_sin,
+            positions,
+            keys,
+            values,
+            heads,
+            kv_heads,
+            w.q_norm,
+            w.k_norm,
+            w.qk_eps,
+        )
+    else:
+        h = _rms_norm_of(x, w.input_norm, w.input_eps)
+        qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
+        qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        rows = torch.arange(batch, device=x.device)
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
     if shape.own_lengths:
         out = decode_attention.attend(q, keys, values, positions + 1, shape.scaling)
         return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, shape, reduce)
@@ -387,10 +405,16 @@ def _decode_layer_rest(
 ) -> torch.Tensor:
     """``decode_layer`` after the attention (``out``: [batch, heads x head_dim])."""
     attended = _project(out, w.o_proj, w.o_bias, shape)
-    x = x + (attended if reduce is None else reduce(attended))
-    normed = _rms_norm_of(x, w.post_norm, w.post_eps)
-    gate, up = _project(normed, w.gate_up, w.gate_up_bias, shape).chunk(2, dim=-1)
-    activated = torch.nn.functional.silu(gate) * up
+    if reduce is not None:
+        attended = reduce(attended)
+    if shape.fused:
+        x, normed = layer_kernels.add_rms_norm(x, attended, w.post_norm, w.post_eps)
+        activated = layer_kernels.silu_mul(_project(normed, w.gate_up, w.gate_up_bias, shape))
+    else:
+        x = x + attended
+        normed = _rms_norm_of(x, w.post_norm, w.post_eps)
+        gate, up = _project(normed, w.gate_up, w.gate_up_bias, shape).chunk(2, dim=-1)
+        activated = torch.nn.functional.silu(gate) * up
     if shape.skinny and reduce is None and w.down_bias is None and isinstance(w.down, torch.Tensor):
         # The residual added by the projection's own kernel (no kernel of its own).
         added: torch.Tensor = skinny_linear.linear_add(activated, w.down, x)
@@ -608,6 +632,8 @@ class StaticDecoder:
         self.gemm_tuning: list[dict[str, Any]] = []
         self.compiled = compile_layers
         self._layer_step: Any = compiled_decode_layer() if compile_layers else decode_layer
+        # Uncompiled, the layer's elementwise steps run fused kernels where they run.
+        self.fused = not compile_layers and layer_kernels.kernels_available(device)
         # decode_layer's last argument: the sum over the ranks, with tensor parallelism.
         self._layer_reduce: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
             (self.tp.reduce,) if self.tp is not None else ()
@@ -852,6 +878,7 @@ class StaticDecoder:
         graphs captured so far are dropped."""
         self.compiled = False
         self._layer_step = decode_layer
+        self.fused = layer_kernels.kernels_available(self.device)
         self._graphs.clear()
         self._prefill_graphs.clear()
         self._pool = None
@@ -1006,7 +1033,13 @@ class StaticDecoder:
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
             bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
         shape = LayerShape(
-            self.heads, self.kv_heads, self.head_dim, self.scaling, self.own_lengths, self.skinny
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.scaling,
+            self.own_lengths,
+            self.skinny,
+            self.fused,
         )
         for index in range(len(self.layers)):
             x = self._layer_step(
@@ -1295,7 +1328,7 @@ class StaticDecoder:
         # for short prompts (about 30 ms of launches for an 8B model eagerly): fewer kernels.
         with sdpa_kernel(_attention_backends()):
             for index, w in enumerate(self.layer_weights):
-                h = _rms_norm_of(x, w.input_norm, w.input_eps)
+                h = self._norm(x, w.input_norm, w.input_eps)
                 qkv = (
                     fp8.linear(h, w.qkv, w.qkv_bias)
                     .view(count, longest, heads + 2 * kv_heads, head_dim)
@@ -1325,16 +1358,34 @@ class StaticDecoder:
                         scale=self.scaling,
                     ).reshape(count, heads, longest, head_dim)
                 out = out.transpose(1, 2).reshape(count, longest, heads * head_dim)
-                x = x + self._reduce(fp8.linear(out, w.o_proj, w.o_bias))
-                gate, up = fp8.linear(
-                    _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
-                ).chunk(2, dim=-1)
-                x = x + self._reduce(
-                    fp8.linear(torch.nn.functional.silu(gate) * up, w.down, w.down_bias)
-                )
+                attended = self._reduce(fp8.linear(out, w.o_proj, w.o_bias))
+                if self.fused:
+                    x, normed = layer_kernels.add_rms_norm(
+                        x.view(-1, x.shape[-1]),
+                        attended.view(-1, x.shape[-1]),
+                        w.post_norm,
+                        w.post_eps,
+                    )
+                    x, normed = x.view(attended.shape), normed.view(attended.shape)
+                    gate_up = fp8.linear(normed, w.gate_up, w.gate_up_bias)
+                    activated = layer_kernels.silu_mul(gate_up.view(-1, gate_up.shape[-1]))
+                    activated = activated.view(count, longest, -1)
+                else:
+                    x = x + attended
+                    gate, up = fp8.linear(
+                        _rms_norm_of(x, w.post_norm, w.post_eps), w.gate_up, w.gate_up_bias
+                    ).chunk(2, dim=-1)
+                    activated = torch.nn.functional.silu(gate) * up
+                x = x + self._reduce(fp8.linear(activated, w.down, w.down_bias))
         final = x[torch.arange(count, device=self.device), last]  # [n, hidden]
         logits: torch.Tensor = self.lm_head(_rms_norm(self.norm, final))
         return logits
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm over ``x``'s last dimension: ``layer_kernels``' where fused."""
+        if not self.fused:
+            return _rms_norm_of(x, weight, eps)
+        return layer_kernels.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
 
     # --- slot bookkeeping -----------------------------------------------------------------
 

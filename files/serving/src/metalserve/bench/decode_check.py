@@ -9,7 +9,7 @@
   256) and eager, with and without the host sync; prefill; allocation and graph capture
   (CUDA events, median of 50 after 5 warm-ups; on CPU one eager run each).
 * ``fp8``: FP8 weights (``--quantization fp8``) against bfloat16 on the same prompts, as the
-  server runs both (graphs, compiled layer): teacher-forced on bfloat16's greedy tokens, top-1
+  server runs both (graphs, fused layer kernels): teacher-forced on bfloat16's greedy tokens, top-1
   agreement, KL divergence and the log-probability of bfloat16's token; free-running greedy
   agreement. Beside it the same figures for float32 against bfloat16: the distance bfloat16's
   own rounding makes, the scale to read FP8's against.
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from metalserve import staticdecode
+from metalserve import layer_kernels, staticdecode
 from metalserve.bench import common, serve
 from metalserve.bench.options import BenchServeSettings, DecodeCheckSettings
 from metalserve.loader import LoadedModel, load_version
@@ -103,7 +103,8 @@ def _decoder(
         device=bundle.device,
         dtype=bundle.dtype,
         cuda_graphs=bundle.device.type == "cuda",
-        compile_layers=bundle.device.type == "cuda",  # the server's default there
+        # The server's default there: fused kernels, compiled without Triton.
+        compile_layers=bundle.device.type == "cuda" and not layer_kernels.triton_available(),
         quantization=quantization,
     )
     if decoder.slots < slots:

@@ -50,6 +50,7 @@ class Batch(Protocol):
 
     seqs: list[Sequence]
     forward_passes: int
+    observer: EngineObserver | None
 
     def __len__(self) -> int: ...
 

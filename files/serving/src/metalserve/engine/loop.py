@@ -23,9 +23,10 @@ Liveness: the loop stamps a heartbeat (``heartbeat_age``) at the top of every it
 prefill and its decode step, and around a model switch; an idle loop waits at most ``idle_wait``
 seconds, so the heartbeat advances while nothing happens too. The systemd watchdog pinger
 (``metalserve.sdnotify``) pings only while the heartbeat is fresh: a dead or wedged loop gets the
-process restarted. Model loads and warm-ups run on the loader's thread, never in this loop, so
-the longest gap between two beats is one forward pass (a prefill of up to ``batch_slots``
-prompts) or one switch (building a static batch: its CUDA graphs, ~1-2 s). ``wedge`` (fault
+process restarted. Model loads and a hot reload's warm-up run on the loader's thread, never in
+this loop, so the longest gap between two beats is one forward pass (a prefill of up to
+``batch_slots`` prompts) or one switch (building a static batch: its CUDA graphs, ~1-2 s; the
+first version's warm-up on it). ``wedge`` (fault
 injection for lab proofs) blocks the loop on purpose.
 """
 
@@ -164,6 +165,10 @@ class Engine:
         self._pending: tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None = (
             None
         )
+        # The pending swap's batch is warmed up here before it goes live (``swap``).
+        self._warm_pending = False
+        # Seconds of the last warm-up this engine ran.
+        self.warmup_seconds = 0.0
         self._abort: str | None = None
         self._stopping = False
         self._forward_passes = 0
@@ -299,13 +304,17 @@ class Engine:
         """The client went away: the engine drops ``seq`` at its next step."""
         seq.cancel()
 
-    def swap(self, bundle: LoadedModel) -> concurrent.futures.Future[LoadedModel | None]:
-        """Switch to ``bundle`` between steps; the future yields the replaced model (or None)."""
+    def swap(
+        self, bundle: LoadedModel, *, warm_up: bool = False
+    ) -> concurrent.futures.Future[LoadedModel | None]:
+        """Switch to ``bundle`` between steps; the future yields the replaced model (or None).
+        ``warm_up``: prove the batch it goes live with generates first (``_warm_up``)."""
         future: concurrent.futures.Future[LoadedModel | None] = concurrent.futures.Future()
         with self._cond:
             if self._pending is not None:
                 raise RuntimeError("a model swap is already pending")
             self._pending = (bundle, future)
+            self._warm_pending = warm_up
             self._cond.notify_all()
         return future
 
@@ -539,6 +548,8 @@ class Engine:
                     # Its batch is gone (``_swap_due``): nothing can run it any more.
                     old.release_weights()
                 batch = self._new_batch(bundle)
+                if self._warm_pending or self.tensor_parallel is not None:
+                    self._warm_up(bundle, batch)
             except Exception as exc:  # noqa: BLE001 - any cause: the caller gets it
                 # The old batch is gone: the engine stops, and the swap's caller learns why.
                 log.critical("the new model cannot go live, the engine stops: %s", exc)
@@ -556,6 +567,24 @@ class Engine:
                 future.set_result(old)
             self._cond.notify_all()
         return True
+
+    def _warm_up(self, bundle: LoadedModel, batch: Batch) -> None:
+        """Prove ``batch`` generates (greedy, ``WARMUP_TOKENS``) before it goes live: a first
+        version's warm-up (nothing served beside it: the batch it serves with, its graphs
+        replayed, instead of a one-sequence batch of its own before) and every version's over
+        tensor-parallel ranks (each rank holds its part of the model only, so nothing can run
+        it whole before; the tests compare with one rank). Its tokens are not served ones."""
+        started = time.monotonic()
+        observer, passes = batch.observer, batch.forward_passes
+        batch.observer = None
+        try:
+            prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
+            params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+            text = generate_once(bundle, prompt, params, self.step_delay, batch)
+        finally:
+            batch.observer, batch.forward_passes = observer, passes
+        self.warmup_seconds = time.monotonic() - started
+        log.info("warm-up of %s passed on its batch: %r", bundle.short_id, text)
 
     @contextlib.contextmanager
     def _beating(self, deadline: float) -> Iterator[None]:
@@ -663,7 +692,7 @@ class Engine:
         log.info(
             "decode path: %s%s%s, %d slots of %d tokens, weights %.2f GiB, prefix cache %s",
             mode,
-            ", compiled" if decoder.compiled else "",
+            ", compiled" if decoder.compiled else ", fused kernels" if decoder.fused else "",
             f", {self.quantization} weights" if quantized else "",
             decoder.slots,
             decoder.max_length,
@@ -684,16 +713,17 @@ class Engine:
             mode = "cuda-graphs" if on_cuda else "static" if quantized else "dynamic"
         if mode == "cuda-graphs" and not on_cuda:
             mode = "static"
-        compiled = mode != "dynamic" and (
-            self.decode_compile == "on" or (self.decode_compile == "auto" and mode == "cuda-graphs")
-        )
-        return mode, compiled
+        if mode == "dynamic" or self.decode_compile != "auto":
+            return mode, self.decode_compile == "on" and mode != "dynamic"
+        # auto: with graphs, the layer's elementwise steps fused by ``layer_kernels`` (a step as
+        # fast, without the compiler's seconds at start), or compiled where those cannot run.
+        from metalserve import layer_kernels
+
+        return mode, mode == "cuda-graphs" and not layer_kernels.triton_available()
 
     def _tensor_parallel_batch(self, bundle: LoadedModel, tp: TensorParallel) -> Batch:
         """The static path split over the replica's ranks (every rank captures its graphs and
-        compiles its layer alike), proven by a warm-up the ranks run together: it must generate
-        without an error (each rank holds its part of the model only, so nothing can run it
-        whole for a comparison; the tests compare with one rank)."""
+        compiles its layer alike); ``_switch`` warms it up, the ranks together."""
         from metalserve import ranks, staticdecode
 
         if self._current is not None and self.tensor_parallel_switch is not None:
@@ -715,17 +745,12 @@ class Engine:
             )
         except staticdecode.StaticDecodeUnavailable as exc:
             raise LoadError(f"tensor parallelism over {tp.world} ranks: {exc}") from exc
-        batch = StaticBatch(bundle, decoder, self.observer)
-        prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
-        params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
-        text = generate_once(bundle, prompt, params, batch=batch)
         log.info(
-            "decode path: static over %d ranks, weights %.2f GiB on this one; warm-up %r",
+            "decode path: static over %d ranks, weights %.2f GiB on this one",
             tp.world,
             decoder.weight_bytes / 2**30,
-            text,
         )
-        return batch
+        return StaticBatch(bundle, decoder, self.observer)
 
     def _reserve(self, bundle: LoadedModel) -> int:
         """Device bytes the static cache leaves free: a next version of ``bundle``'s size where
