@@ -286,6 +286,21 @@ def test_a_failed_capture_costs_it_its_graphs_not_its_path(
     assert lean.modeling == "metalserve"
 
 
+def test_a_fault_of_its_static_path_is_no_reason_for_transformers_modules(
+    lean: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only where its static cache cannot hold a sequence (the device's size) does it fall
+    back to transformers' modules; a static path that fails otherwise fails the load."""
+
+    def broken(self: staticdecode.StaticDecoder) -> None:
+        raise RuntimeError("no graphs today")
+
+    monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", broken)
+    with pytest.raises(LoadError, match=r"static decode path failed: .*no graphs today"):
+        Engine(decode_mode="static", decode_compile="on")._new_batch(lean)
+    assert lean.modeling == "metalserve"
+
+
 def test_where_no_sequence_fits_the_static_cache_a_reload_runs_transformers_modules(
     model_store: Store, v2: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -304,8 +319,10 @@ def test_where_no_sequence_fits_the_static_cache_a_reload_runs_transformers_modu
         eng.swap(first).result(timeout=30)
         assert (eng.decode_path, eng.modeling) == ("static", "metalserve")
         monkeypatch.setattr(staticdecode, "free_device_bytes", lambda device: 1024)
+        assert eng.warmup_seconds == 0  # a swap without a warm-up
         assert eng.swap(second).result(timeout=60) is first
         assert (eng.decode_path, eng.modeling) == ("dynamic", "transformers")
+        assert eng.warmup_seconds > 0  # transformers' modules proven before they went live
         assert not static_path_only(second.model)
         assert second.model.get_input_embeddings().weight.data_ptr() == embedding.data_ptr()
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

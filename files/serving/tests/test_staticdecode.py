@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -761,6 +762,31 @@ def test_a_failed_compilation_runs_the_layer_uncompiled(
     assert not batch.decoder.compiled
     assert batch.decoder._layer_step is staticdecode.decode_layer
     assert "compiling the decode layer failed" in caplog.text
+
+
+def test_failed_fused_kernels_run_the_layer_in_plain_torch(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture that fails with the fused kernels (a Triton that cannot compile them) is
+    tried again with the layer in plain torch, not given up for the dynamic path."""
+    build, capture = staticdecode.StaticDecoder.__init__, staticdecode.StaticDecoder.capture_all
+
+    def fused(self: staticdecode.StaticDecoder, *args: Any, **kwargs: Any) -> None:
+        build(self, *args, **kwargs)
+        self.fused = True  # as on CUDA with Triton
+
+    def failing_fused(self: staticdecode.StaticDecoder) -> None:
+        if self.fused:
+            raise RuntimeError("ptxas failed")
+        capture(self)
+
+    monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", fused)
+    monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", failing_fused)
+    with caplog.at_level(logging.ERROR):
+        batch = Engine(decode_mode="static")._new_batch(v1)
+    assert isinstance(batch, StaticBatch)
+    assert not batch.decoder.fused
+    assert "its fused kernels failed; plain torch runs the layer" in caplog.text
 
 
 def test_a_model_switch_keeps_the_heartbeat_for_a_bounded_time(

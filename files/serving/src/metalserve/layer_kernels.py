@@ -18,7 +18,8 @@ without the compiler:
 - ``silu_mul``: ``silu(gate) * up`` of the fused gate/up projection.
 
 Each rounds to the model's dtype where eager torch does (the norm's cast, each product and
-sum of RoPE), so that its results are eager's up to float32 summation order. On the CPU or
+sum of RoPE): measured on an H100 in bfloat16, the norms and SiLU equal eager's bit for bit, RoPE
+within 1-2 units in the last place (its products in float32). On the CPU or
 without Triton the same functions run eager torch: the reference the GPU check compares with.
 """
 
@@ -113,7 +114,7 @@ if triton is not None:
         HAS_ADD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row x stride: past 2**31 in a long prefill
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -156,7 +157,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         HAS_NORM: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         d = tl.arange(0, HEAD_DIM)
         # The other half of the head, in order: rotate_half's operand.
@@ -192,7 +193,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, s_gu, s_out, n, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         gate = tl.load(gu_ptr + row * s_gu + cols, mask=mask, other=0.0)
@@ -202,13 +203,24 @@ if triton is not None:
         tl.store(out_ptr + row * s_out + cols, (activated * up).to(gate.dtype), mask=mask)
 
 
+def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the norm kernel takes ``x`` [rows, n] and ``weight`` [n]: CUDA, rows of
+    contiguous elements, one dtype."""
+    return (
+        kernels_available(x.device)
+        and x.stride(-1) == 1
+        and weight.is_contiguous()
+        and weight.dtype == x.dtype
+    )
+
+
 def _norm_warps(n: int) -> int:
     return 8 if n >= 4096 else 4
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm of each row of ``x`` [rows, n] (``rms_norm_reference``)."""
-    if not kernels_available(x.device) or weight.dtype != x.dtype:
+    if not _fits(x, weight):
         return rms_norm_reference(x, weight, eps)
     rows, n = x.shape
     out = torch.empty_like(x)
@@ -235,7 +247,7 @@ def add_rms_norm(
     x: torch.Tensor, added: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x + added`` [rows, n] (the residual stream) and its LlamaRMSNorm."""
-    if not kernels_available(x.device) or weight.dtype != x.dtype:
+    if not _fits(x, weight) or added.stride(-1) != 1 or added.dtype != x.dtype:
         total = x + added
         return total, rms_norm_reference(total, weight, eps)
     rows, n = x.shape
@@ -281,11 +293,13 @@ def rope_store(
     has_norm = q_norm is not None and k_norm is not None
     if (
         not kernels_available(qkv.device)
-        or qkv.stride(-1) != 1
-        or keys.stride(-1) != 1
-        or values.stride(-1) != 1
+        or any(t.stride(-1) != 1 for t in (qkv, keys, values, cos, signed_sin))
+        or not positions.is_contiguous()
         or head_dim & (head_dim - 1)  # tl.arange: a power of two
-        or (has_norm and q_norm.dtype != qkv.dtype)  # type: ignore[union-attr]
+        or (
+            has_norm
+            and any(n.dtype != qkv.dtype or not n.is_contiguous() for n in (q_norm, k_norm))  # type: ignore[union-attr]
+        )
     ):
         return rope_store_reference(
             qkv, cos, signed_sin, positions, keys, values, heads, kv_heads, q_norm, k_norm, eps

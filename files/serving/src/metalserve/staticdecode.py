@@ -874,11 +874,11 @@ class StaticDecoder:
     # --- graphs ---------------------------------------------------------------------------
 
     def use_eager_layers(self) -> None:
-        """Run the decoder layer uncompiled from now on (after a failed compilation): the
-        graphs captured so far are dropped."""
+        """Run the decoder layer in plain torch from now on, neither compiled nor fused (after
+        a failed compilation or fused kernel): the graphs captured so far are dropped."""
         self.compiled = False
         self._layer_step = decode_layer
-        self.fused = layer_kernels.kernels_available(self.device)
+        self.fused = False
         self._graphs.clear()
         self._prefill_graphs.clear()
         self._pool = None

@@ -451,4 +451,6 @@ def _one_sequence_batch(bundle: LoadedModel, tokens: int) -> Batch:
         cuda_graphs=False,
         attention="bucketed",  # torch's attention: no kernel to compile for a warm-up
     )
+    # Nor the fused layer kernels: on the load's thread, whose current device is not set.
+    decoder.fused = False
     return StaticBatch(bundle, decoder)

@@ -613,9 +613,9 @@ class Engine:
     def _new_batch(self, bundle: LoadedModel) -> Batch:
         """The batch of a model on the decode path ``decode_mode`` asks for and the model and
         device allow (``auto``: CUDA graphs on CUDA, the dynamic path elsewhere)."""
-        if bundle.device.type == "cuda" and bundle.device.index is not None:
-            import torch
+        import torch
 
+        if bundle.device.type == "cuda" and bundle.device.index is not None:
             # This thread's CUDA work (graph replays, events, its current stream) on the model's
             # device: with cuda:N it would otherwise go to cuda:0.
             torch.cuda.set_device(bundle.device)
@@ -637,7 +637,7 @@ class Engine:
         tries = [(mode, compiled)]
         if static_only and (mode, compiled) != ("static", False):
             tries.append(("static", False))
-        failure = ""
+        failure, no_room = "", False
         for mode, compiled in tries:
             if failure:
                 log.warning("%s; trying the static path, eager", failure)
@@ -646,6 +646,9 @@ class Engine:
             except Exception as exc:
                 if self.quantization != "none":  # no fallback: the dynamic path serves others
                     raise LoadError(f"quantization {self.quantization}: {exc}") from exc
+                no_room = isinstance(
+                    exc, (staticdecode.StaticDecodeUnavailable, torch.OutOfMemoryError)
+                )
                 if isinstance(exc, staticdecode.StaticDecodeUnavailable):
                     failure = f"decode mode {mode} unavailable ({exc})"
                 else:
@@ -655,12 +658,19 @@ class Engine:
             # cache, its graphs and fused weights), which must be gone before the next one
             # sizes its cache or the dynamic path allocates.
             gc.collect()
-        if static_only:
-            # Where not one sequence of the context fits the static cache, say: transformers'
-            # modules run the same tensors on the dynamic path (its cache grows as it goes).
-            bundle.use_transformers_modules()
-        log.warning("%s; using the dynamic path", failure)
-        return DynamicBatch(bundle, self.observer)
+        if not static_only:
+            log.warning("%s; using the dynamic path", failure)
+            return DynamicBatch(bundle, self.observer)
+        if not no_room:  # a fault, not the device's size: nothing else to try
+            raise LoadError(f"the static decode path failed: {failure}")
+        # Where not one sequence of the context fits the static cache, say: transformers'
+        # modules run the same tensors on the dynamic path (its cache grows as it goes),
+        # proven here (a hot reload warmed up the static path, not these).
+        log.warning("%s; transformers' modules on the dynamic path", failure)
+        bundle.use_transformers_modules()
+        batch = DynamicBatch(bundle, self.observer)
+        self._warm_up(bundle, batch)
+        return batch
 
     def _static_batch(self, bundle: LoadedModel, mode: str, compiled: bool) -> Batch:
         """A batch on the static path, its graphs captured where ``mode`` is cuda-graphs."""
@@ -684,9 +694,10 @@ class Engine:
         try:
             decoder.capture_all()
         except Exception:
-            if not compiled:
+            if not (decoder.compiled or decoder.fused):
                 raise
-            log.exception("compiling the decode layer failed; running it uncompiled")
+            what = "compiling the decode layer" if decoder.compiled else "its fused kernels"
+            log.exception("%s failed; plain torch runs the layer", what)
             decoder.use_eager_layers()
             decoder.capture_all()
         log.info(
