@@ -167,15 +167,28 @@ class _Calls:
         return lambda *args, **kwargs: self.calls.append(name)
 
 
-def test_a_first_version_is_warmed_up_on_the_batch_it_serves_with(v1: LoadedModel) -> None:
+def test_a_first_version_is_warmed_up_on_the_batch_it_serves_with(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``swap(warm_up=True)`` (a start) proves the new batch generates before it goes live;
     its tokens and passes are not served ones (no metrics, no forward passes counted)."""
+    from metalserve.engine import loop
+
+    warmed: list[object] = []
+    generate = loop.generate_once
+
+    def recording(*args: Any) -> str:
+        warmed.append(args[-1])  # the batch it ran on
+        return generate(*args)
+
+    monkeypatch.setattr(loop, "generate_once", recording)
     observer = _Calls()
     eng = Engine(max_batch_size=4, observer=observer)  # type: ignore[arg-type]
     eng.start()
     try:
         assert eng.swap(v1, warm_up=True).result(timeout=30) is None
         assert eng.warmup_seconds > 0
+        assert warmed == [eng._batch]
         assert eng.forward_passes == 0
         assert not {"forward_pass", "first_token", "sequence_finished"} & set(observer.calls)
         _, sink = submit(eng, v1, PROMPTS[0])
