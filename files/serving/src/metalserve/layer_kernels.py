@@ -64,6 +64,30 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def rope_qk_reference(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The queries and keys of ``qkv`` (heads on dimension 1, head_dim last) normed per head
+    where the model has q/k norms, then rotated: ``[..., heads + kv_heads, ..., head_dim]``."""
+    qk = qkv[:, : heads + kv_heads]
+    if q_norm is not None and k_norm is not None:
+        qk = torch.cat(
+            (
+                rms_norm_reference(qk[:, :heads], q_norm, eps),
+                rms_norm_reference(qk[:, heads:], k_norm, eps),
+            ),
+            dim=1,
+        )
+    return rope_reference(qk, cos, signed_sin)
+
+
 def rope_store_reference(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -78,16 +102,7 @@ def rope_store_reference(
     eps: float,
 ) -> torch.Tensor:
     """``rope_store`` in eager torch."""
-    qk = qkv[:, : heads + kv_heads]
-    if q_norm is not None and k_norm is not None:
-        qk = torch.cat(
-            (
-                rms_norm_reference(qk[:, :heads], q_norm, eps),
-                rms_norm_reference(qk[:, heads:], k_norm, eps),
-            ),
-            dim=1,
-        )
-    qk = rope_reference(qk, cos, signed_sin)
+    qk = rope_qk_reference(qkv, heads, kv_heads, cos, signed_sin, q_norm, k_norm, eps)
     rows = torch.arange(qkv.shape[0], device=qkv.device)
     keys[rows, :, positions] = qk[:, heads:]
     values[rows, :, positions] = qkv[:, heads + kv_heads :]

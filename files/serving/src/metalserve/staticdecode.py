@@ -227,7 +227,6 @@ def _attention_backends() -> list[SDPBackend]:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-_rope = layer_kernels.rope_reference
 _rms_norm_of = layer_kernels.rms_norm_reference
 
 
@@ -297,28 +296,6 @@ class LayerWeights(NamedTuple):
         )
 
 
-def _rope_qk(
-    qkv: torch.Tensor,
-    w: LayerWeights,
-    heads: int,
-    kv_heads: int,
-    cos: torch.Tensor,
-    signed_sin: torch.Tensor,
-) -> torch.Tensor:
-    """Queries and keys of ``qkv`` (heads on dimension 1, head_dim last) normed per head where
-    the model has q/k norms, then rotated: ``[..., heads + kv_heads, ..., head_dim]``."""
-    qk = qkv[:, : heads + kv_heads]
-    if w.q_norm is not None and w.k_norm is not None:
-        qk = torch.cat(
-            (
-                _rms_norm_of(qk[:, :heads], w.q_norm, w.qk_eps),
-                _rms_norm_of(qk[:, heads:], w.k_norm, w.qk_eps),
-            ),
-            dim=1,
-        )
-    return _rope(qk, cos, signed_sin)
-
-
 def decode_layer(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -341,30 +318,14 @@ def decode_layer(
     parallelism ``reduce`` sums o_proj's and down's partial outputs over the ranks."""
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     batch, length = x.shape[0], bias.shape[-1]
-    if shape.fused:
-        h = layer_kernels.rms_norm(x, w.input_norm, w.input_eps)
-        qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
-        q = layer_kernels.rope_store(
-            qkv,
-            cos,
-            signed_sin,
-            positions,
-            keys,
-            values,
-            heads,
-            kv_heads,
-            w.q_norm,
-            w.k_norm,
-            w.qk_eps,
-        )
-    else:
-        h = _rms_norm_of(x, w.input_norm, w.input_eps)
-        qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
-        qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
-        rows = torch.arange(batch, device=x.device)
-        keys[rows, :, positions] = k
-        values[rows, :, positions] = v
+    # Fused: one kernel each; else eager torch (what the compiled layer traces).
+    norm = layer_kernels.rms_norm if shape.fused else _rms_norm_of
+    rope_store = layer_kernels.rope_store if shape.fused else layer_kernels.rope_store_reference
+    h = norm(x, w.input_norm, w.input_eps)
+    qkv = _project(h, w.qkv, w.qkv_bias, shape).view(batch, heads + 2 * kv_heads, head_dim)
+    q = rope_store(
+        qkv, cos, signed_sin, positions, keys, values, heads, kv_heads, w.q_norm, w.k_norm, w.qk_eps
+    )
     if shape.own_lengths:
         out = decode_attention.attend(q, keys, values, positions + 1, shape.scaling)
         return _decode_layer_rest(x, out.reshape(batch, heads * head_dim), w, shape, reduce)
@@ -1334,7 +1295,9 @@ class StaticDecoder:
                     .view(count, longest, heads + 2 * kv_heads, head_dim)
                     .transpose(1, 2)
                 )  # [n, heads + 2 kv_heads, longest, head_dim]
-                qk = _rope_qk(qkv, w, heads, kv_heads, cos, signed_sin)
+                qk = layer_kernels.rope_qk_reference(
+                    qkv, heads, kv_heads, cos, signed_sin, w.q_norm, w.k_norm, w.qk_eps
+                )
                 q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
                 if stores is not None:
                     self._store_blocks(index, k, v, stores)
