@@ -1,13 +1,18 @@
 """Role model_replica's systemd units for replicas over one GPU and over several: rendered by the
-role's own templates (tests/fixtures/model_replica/render.yml) and checked by systemd-analyze."""
+role's own templates (tests/fixtures/model_replica/render.yml) and checked by systemd-analyze;
+its readiness wait against replica stand-ins (tests/fixtures/model_replica/wait_ready.yml)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -167,3 +172,66 @@ def test_gpu_groups(
     count: int, size: int, peers: list[list[int]] | None, numa: list[int] | None, groups: list[list[int]]
 ) -> None:
     assert metalserve_gpu_groups(count, size, nvlink_peers=peers, numa_nodes=numa) == groups
+
+
+class Readiness(http.server.BaseHTTPRequestHandler):
+    """/readyz: 503 until the server's ``ready_at`` (monotonic seconds; None: never), then 200."""
+
+    def do_GET(self) -> None:
+        ready_at = self.server.ready_at  # type: ignore[attr-defined]
+        ready = ready_at is not None and time.monotonic() >= ready_at
+        self.send_response(200 if ready else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def replica_urls() -> Iterator[Callable[..., list[str]]]:
+    """Replica stand-ins, each ready after the given seconds (None: never)."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(*ready_after: float | None) -> list[str]:
+        for seconds in ready_after:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readiness)
+            server.daemon_threads = True
+            server.ready_at = None if seconds is None else time.monotonic() + seconds  # type: ignore[attr-defined]
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        return [f"http://127.0.0.1:{s.server_address[1]}" for s in servers[-len(ready_after) :]]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def wait_ready(urls: list[str], timeout: int) -> tuple[subprocess.CompletedProcess[str], float]:
+    extra = {
+        "ansible_python_interpreter": sys.executable,
+        "model_replica_wait_urls": urls,
+        "model_replica_ready_timeout": timeout,
+        "metalserve_replica_mtls": False,  # plain HTTP stand-ins
+    }
+    started = time.monotonic()
+    result = run_playbook(
+        "tests/fixtures/model_replica/wait_ready.yml", "localhost,", "-c", "local", "--extra-vars", json.dumps(extra)
+    )
+    return result, time.monotonic() - started
+
+
+def test_the_readiness_wait_passes_once_every_replica_is_ready(replica_urls: Callable[..., list[str]]) -> None:
+    result, _ = wait_ready(replica_urls(0, 3), timeout=30)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def test_replicas_that_never_get_ready_fail_the_wait_by_one_deadline(replica_urls: Callable[..., list[str]]) -> None:
+    """Three replicas that never answer 200 fail the wait once its one timeout is spent, not
+    after one timeout each (and each try's own time) as when every URL had its own retries."""
+    timeout = 10
+    result, seconds = wait_ready(replica_urls(None, None, None), timeout=timeout)
+    assert result.returncode != 0
+    assert "Wait until every replica is ready" in result.stdout
+    assert result.stdout.count('"status": 503') >= 3, result.stdout[-3000:]
+    assert seconds < 2 * timeout, f"the wait took {seconds:.0f} s for a {timeout} s timeout"

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metalserve.metrics import Metrics
@@ -53,3 +58,38 @@ def test_engine_observer_methods() -> None:
     assert got[("metalserve_prompt_tokens_total", ())] == 7
     assert got[("metalserve_generated_tokens_total", ())] == 5
     assert got[("metalserve_sequences_finished_total", (("reason", "length"),))] == 1
+
+
+@pytest.fixture
+def gc_every_allocation() -> Iterator[None]:
+    """A collection at (nearly) every allocation, inside the metrics' own locks too."""
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+
+
+def test_a_collection_inside_a_metrics_lock_does_not_wait_for_itself(
+    gc_every_allocation: None,
+) -> None:
+    """The reader thread of the engine's messages recorded the engine's collections while a
+    collection of its own process could start, whose callback took the same (non-reentrant)
+    lock: that thread, every scrape after it and the watchdog's heartbeats stopped for good."""
+    metrics = Metrics()
+    metrics.watch_gc()
+    try:
+        relay = threading.Thread(
+            target=lambda: [metrics.gc_pause(g % 40, 0.001) for g in range(200)], daemon=True
+        )
+        relay.start()
+        relay.join(timeout=20)
+        assert not relay.is_alive(), "recording a collection waited for itself"
+    finally:
+        metrics.unwatch_gc()
+    got = samples(metrics)
+    relayed = sum(
+        got[("metalserve_gc_pause_seconds_count", (("generation", str(g)),))] for g in range(3, 40)
+    )
+    assert relayed == 200 - 3 * 5  # generations 3..39 come only from the relayed calls

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -39,6 +41,44 @@ class GcTimer:
             self._started = time.perf_counter()
         else:
             self._record(info["generation"], time.perf_counter() - self._started)
+
+
+class GcPauses:
+    """``metalserve_gc_pause_seconds``, recorded without a lock. A collection starts at any
+    allocation of any thread, one inside prometheus_client's (non-reentrant) metric locks too:
+    a callback that took such a lock there would wait for itself forever (the reader thread of
+    the engine's messages did, and with it every scrape and the watchdog's heartbeats). So
+    ``record`` only appends to a deque, and each scrape moves what it holds into the histogram
+    (the deque keeps the last ``PENDING`` collections: a replica nobody scrapes stays bounded)."""
+
+    PENDING = 65536
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._pending: deque[tuple[int, float]] = deque(maxlen=self.PENDING)
+        self._histogram = Histogram(
+            "metalserve_gc_pause_seconds",
+            "Python garbage collections by generation (each stops every thread of the replica, "
+            "the engine's included)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=None,
+        )
+        registry.register(self)
+
+    def record(self, generation: int, seconds: float) -> None:
+        self._pending.append((generation, seconds))  # atomic: no lock, safe inside a collection
+
+    def describe(self) -> Iterable[Metric]:
+        return self._histogram.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        while True:
+            try:  # two scrapes may drain at once
+                generation, seconds = self._pending.popleft()
+            except IndexError:
+                break
+            self._histogram.labels(generation=str(generation)).observe(seconds)
+        return iter(self._histogram.collect())
 
 
 class Metrics:
@@ -180,14 +220,7 @@ class Metrics:
             registry=r,
         )
 
-        self.gc_pauses = Histogram(
-            "metalserve_gc_pause_seconds",
-            "Python garbage collections by generation (each stops every thread of the replica, "
-            "the engine's included)",
-            ["generation"],
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=r,
-        )
+        self.gc_pauses = GcPauses(r)
         self._gc_timer = GcTimer(self.gc_pause)
         # The HTTP side's backlog: every stream's events, every request's parsing and answer run
         # on one event loop thread; a loop behind its timers delays all of them (first tokens
@@ -217,7 +250,7 @@ class Metrics:
 
     def gc_pause(self, generation: int, seconds: float) -> None:
         """One collection (this process's, or the engine process's: ``metalserve.core``)."""
-        self.gc_pauses.labels(generation=str(generation)).observe(seconds)
+        self.gc_pauses.record(generation, seconds)
 
     def set_startup(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
