@@ -889,3 +889,34 @@ def test_sliding_window_attention_runs_static_only_within_its_window() -> None:
         cuda_graphs=False,
     )
     assert decoder.max_length == 64
+
+
+def test_a_prefill_graph_that_fails_without_a_warm_up_is_captured_after_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """capture_all warms up only its first prefill graph; a later one whose capture fails
+    without (a kernel only its shape loads) runs its step once and is captured again. The
+    graphs themselves need CUDA: BENCHMARKS round 2 step 29 checked them on an H100."""
+    decoder = object.__new__(staticdecode.StaticDecoder)
+    decoder.device = torch.device("cpu")
+    decoder._prefill_graphs = {}
+    captures: list[bool] = []
+
+    def capture(run: Any, warm_up: bool = True) -> tuple[Any, torch.Tensor]:
+        captures.append(warm_up)
+        if not warm_up:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return "graph", torch.zeros(1)
+
+    monkeypatch.setattr(decoder, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with caplog.at_level(logging.WARNING, logger="metalserve.staticdecode"):
+        graph, _ = decoder._prefill_graph(8, 64, warm_up=False)
+    assert graph == "graph"
+    assert captures == [False, True]
+    assert decoder._prefill_graphs[(8, 64)][0] == "graph"
+    assert "failed without a warm-up" in caplog.text
+    # A capture that fails after its warm-up is a failure (the caller's fallback handles it).
+    monkeypatch.setattr(decoder, "_capture", lambda run, warm_up=True: capture(run, False))
+    with pytest.raises(RuntimeError):
+        decoder._prefill_graph(4, 64)
