@@ -885,7 +885,7 @@ class StaticDecoder:
             # Largest first, as above; nothing is live yet, so padding rows (the spare slot)
             # are the only rows the captures' warm-up runs write. Only the first runs its
             # step before capturing it: the others' kernels and workspaces are the same
-            # (20,752 prefill tokens at 8B's 32 slots otherwise, ~40% of the captures' time).
+            # (8B on an H100: the decode path 1.0-1.5 s shorter; BENCHMARKS round 2 step 29).
             for index, (rows, length) in enumerate(
                 sorted(self.prefill_shapes, key=lambda s: -s[0] * s[1])
             ):
