@@ -99,7 +99,7 @@ def core(model_store: Store) -> Iterator[Core]:
 
 
 def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store: Store) -> None:
-    v1, timings, facts = core.reply(core.call("start", model_store.v1))
+    v1, timings, facts = core.reply(core.call("start", model_store.v1, time.monotonic()))
     assert v1.version_id == model_store.v1
     assert {"load", "warmup", "decode_path"} <= set(timings)
     assert facts.decode_path == "dynamic"
@@ -145,7 +145,7 @@ def test_whose_modules_a_host_builds(
     )
     core = Core(settings)
     try:
-        v1, _, facts = core.reply(core.call("start", model_store.v1))
+        v1, _, facts = core.reply(core.call("start", model_store.v1, time.monotonic()))
         assert v1.modeling == facts.modeling == built_by
         assert facts.decode_path == ("dynamic" if decode_mode == "auto" else "static")
         core.submit(1, v1)
@@ -159,7 +159,7 @@ def test_whose_modules_a_host_builds(
 
 
 def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> None:
-    v1, _, _ = core.reply(core.call("start", model_store.v1))
+    v1, _, _ = core.reply(core.call("start", model_store.v1, time.monotonic()))
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     core.submit(1, v1, long)
     while not core.events.get(1):

@@ -775,10 +775,10 @@ def test_failed_fused_kernels_run_the_layer_in_plain_torch(
         build(self, *args, **kwargs)
         self.fused = True  # as on CUDA with Triton
 
-    def failing_fused(self: staticdecode.StaticDecoder) -> None:
+    def failing_fused(self: staticdecode.StaticDecoder, defer_prefill: bool = False) -> None:
         if self.fused:
             raise RuntimeError("ptxas failed")
-        capture(self)
+        capture(self, defer_prefill)
 
     monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", fused)
     monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", failing_fused)
@@ -920,3 +920,137 @@ def test_a_prefill_graph_that_fails_without_a_warm_up_is_captured_after_one(
     monkeypatch.setattr(decoder, "_capture", lambda run, warm_up=True: capture(run, False))
     with pytest.raises(RuntimeError):
         decoder._prefill_graph(4, 64)
+
+
+class _ReplayedEagerly:
+    """A CUDA graph's stand-in on the CPU: its replay runs the captured step again into the
+    same output (a real capture records the step without running it; this one runs it, so a
+    test sees what a capture's step would write)."""
+
+    def __init__(self, run: Any, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+def _graphs_on_the_cpu(
+    decoder: staticdecode.StaticDecoder,
+    monkeypatch: pytest.MonkeyPatch,
+    fail: tuple[int, int] | None = None,
+) -> list[tuple[tuple[int, int] | None, bool]]:
+    """``decoder`` capturing ``_ReplayedEagerly`` graphs; the captures as (prefill shape or
+    None for a decode graph, warm-up). A prefill capture of shape ``fail`` raises."""
+    decoder.cuda_graphs = True
+    captures: list[tuple[tuple[int, int] | None, bool]] = []
+    asked: list[tuple[int, int]] = []  # the prefill buckets whose inputs a step took
+    inputs = decoder._prefill_inputs
+
+    def prefill_inputs(rows: int, length: int) -> Any:
+        asked.append((rows, length))
+        return inputs(rows, length)
+
+    def capture(run: Any, warm_up: bool = True) -> tuple[Any, torch.Tensor]:
+        asked.clear()
+        out = run()
+        shape = asked[0] if asked else None
+        captures.append((shape, warm_up))
+        if shape is not None and shape == fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return _ReplayedEagerly(run, out), out
+
+    monkeypatch.setattr(decoder, "_prefill_inputs", prefill_inputs)
+    monkeypatch.setattr(decoder, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return captures
+
+
+def _two_prompts(v1: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:2]]
+    ids = torch.full((2, max(len(p) for p in prompts)), v1.pad_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    return ids, torch.tensor([len(p) for p in prompts])
+
+
+@torch.inference_mode()
+def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``capture_all(defer_prefill=True)``: the decode graphs and the largest prefill graph
+    (with its warm-up) now, the other prefill buckets eager until ``capture_deferred``
+    captures them one a call, largest first, without warm-ups; a capture's step writes the
+    spare slot alone, never the last prefill's rows (live sequences). The same numbers
+    throughout. CUDA graphs stood in for (``_ReplayedEagerly``): BENCHMARKS round 2 step 30
+    ran the real ones on an H100."""
+    plain = _decoder(v1, bucketed=True)
+    decoder = _decoder(v1, bucketed=True)
+    shapes = sorted(decoder.prefill_shapes, key=lambda s: -s[0] * s[1])
+    ids, lengths = _two_prompts(v1)
+    shape = decoder._prefill_bucket(*ids.shape)
+    assert shape in shapes[1:]
+    captures = _graphs_on_the_cpu(decoder, monkeypatch, fail=shapes[-1])
+    decoder.capture_all(defer_prefill=True)
+    assert list(decoder._prefill_graphs) == shapes[:1]
+    assert decoder._deferred == shapes[1:]
+    assert captures[-1] == (shapes[0], True)  # the decode graphs' before it, with warm-ups
+    assert all(warm for _, warm in captures)
+
+    # A deferred bucket: eager, no capture on the way, the unbucketed prefill's numbers.
+    captured = len(captures)
+    reference = plain.prefill(ids, lengths, 0)
+    torch.testing.assert_close(decoder.prefill(ids, lengths, 0), reference)
+    assert len(captures) == captured
+    written = [cache[:2].clone() for cache in (*decoder.keys, *decoder.values)]
+
+    # Idle moments: one capture each, largest first, no warm-up; the last one's capture
+    # fails (without and then with a warm-up): logged, and its bucket stays eager.
+    with caplog.at_level(logging.ERROR, logger="metalserve.staticdecode"):
+        left = [decoder.capture_deferred() for _ in shapes[1:]]
+    assert left == [True] * (len(shapes) - 2) + [False]
+    assert decoder.capture_deferred() is False
+    assert captures[captured:] == [(s, False) for s in shapes[1:]] + [(shapes[-1], True)]
+    assert list(decoder._prefill_graphs) == shapes[:-1]
+    assert decoder._eager_prefill == {shapes[-1]}
+    assert "stays eager" in caplog.text
+    for before, cache in zip(written, (*decoder.keys, *decoder.values), strict=True):
+        torch.testing.assert_close(cache[:2], before)  # the live rows untouched
+
+    # Now the bucket's graph replays: the same numbers; the failed bucket stays eager.
+    torch.testing.assert_close(decoder.prefill(ids, lengths, 0), reference)
+    rows = shapes[-1][0]
+    decoder.prefill(ids[:1, :1].expand(rows, 1).clone(), torch.ones(rows, dtype=torch.long), 0)
+    assert len(captures) == captured + len(shapes)
+
+
+def test_the_engine_captures_deferred_graphs_only_while_idle(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine asks its batch for deferred captures between steps while no sequence is
+    active, one at a time, until the batch says none is left; requests meanwhile are served
+    (a submission waits for one capture at most)."""
+    calls: list[int] = []
+
+    def capture_deferred(self: StaticBatch) -> bool:
+        calls.append(len(self))
+        time.sleep(0.005)
+        return len(calls) < 40
+
+    monkeypatch.setattr(StaticBatch, "capture_deferred", capture_deferred)
+    eng = Engine(max_batch_size=4, decode_mode="static")
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        params = dataclasses.replace(GREEDY, max_tokens=8)
+        _, sink = submit(eng, v1, PROMPTS[0], params)
+        assert isinstance(sink.wait(), Finished)
+        assert sink.text == alone(v1, PROMPTS[0], params)
+        deadline = time.monotonic() + 10
+        while len(calls) < 40:
+            assert time.monotonic() < deadline, f"{len(calls)} captures asked for"
+            time.sleep(0.01)
+        time.sleep(3 * eng.idle_wait)
+        assert len(calls) == 40, "asked again after the batch said none was left"
+        assert set(calls) == {0}, "asked while sequences were active"
+    finally:
+        eng.stop()

@@ -234,6 +234,10 @@ def cmd_serve(settings: ServeSettings) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     version_id = store.resolve_version(settings.store, settings.model, settings.version)
+    from metalserve.core.spawn import spawn_engine_process
+
+    # First, so that its imports run beside this process's (round 2 step 30).
+    engine_process = spawn_engine_process() if settings.uses_engine_process else None
     from metalserve import server
     from metalserve.api import read_token
 
@@ -241,9 +245,11 @@ def cmd_serve(settings: ServeSettings) -> int:
         read_token(settings.admin_token_file)
     except (OSError, ValueError) as exc:
         error(f"cannot use the admin token file: {exc}")
+        if engine_process is not None:
+            engine_process.abandon()
         return ExitCode.USAGE
 
-    return server.run(settings, version_id)
+    return server.run(settings, version_id, engine_process)
 
 
 def cmd_consistency(settings: ConsistencySettings) -> int:

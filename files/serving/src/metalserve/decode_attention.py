@@ -182,7 +182,6 @@ def kernel(
     return out
 
 
-@torch.library.custom_op("metalserve::decode_attention", mutates_args=())
 def attend(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -190,12 +189,26 @@ def attend(
     ``lengths[b]`` positions of slot ``b`` of ``keys``/``values`` [slots, kv_heads, positions,
     head_dim] (``heads`` a multiple of ``kv_heads``; ``lengths`` int64 on the device, each at
     least 1); [batch, heads, head_dim] in ``q``'s dtype."""
+    # A custom op only where torch.compile traces it (as ``skinny_linear.linear``): through
+    # the op elsewhere, torch would import its compiler at the first call.
+    if torch.compiler.is_compiling():
+        out: torch.Tensor = _attend_op(q, keys, values, lengths, scale)
+        return out
+    return _attend(q, keys, values, lengths, scale)
+
+
+def _attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
     if kernel_available(q.device) and q.stride(-1) == 1 and keys.stride(-1) == 1:
         return kernel(q, keys, values, lengths, scale)
     return reference(q, keys, values, lengths, scale)
 
 
-@attend.register_fake
+_attend_op = torch.library.custom_op("metalserve::decode_attention", mutates_args=())(_attend)
+
+
+@_attend_op.register_fake
 def _(q, keys, values, lengths, scale):
     return torch.empty_like(q)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from metalserve import store
 from metalserve.core.client import CoreClient, RemoteEngine
+from metalserve.core.spawn import EngineProcess
 from metalserve.engine import Engine
 from metalserve.errors import ApiError
 from metalserve.exitcodes import ExitCode
@@ -49,7 +50,9 @@ def read_token(path: Path | None) -> str | None:
 class Replica:
     """State shared by the routes, the background loader and the drain logic."""
 
-    def __init__(self, settings: ServeSettings, version_id: str) -> None:
+    def __init__(
+        self, settings: ServeSettings, version_id: str, engine_process: EngineProcess | None = None
+    ) -> None:
         self.settings = settings
         self.version_id = version_id
         self.metrics = Metrics()
@@ -63,7 +66,11 @@ class Replica:
         self.host: ModelHost | CoreClient
         if settings.uses_engine_process:
             self.host = CoreClient(
-                settings, self.metrics, self.relay, reload_headroom=reload_headroom
+                settings,
+                self.metrics,
+                self.relay,
+                reload_headroom=reload_headroom,
+                spawned=engine_process,
             )
         else:
             self.host = ModelHost(

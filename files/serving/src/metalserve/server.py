@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from metalserve import sdnotify, tls
 from metalserve.api import create_app
+from metalserve.core.spawn import EngineProcess
 from metalserve.exitcodes import ExitCode
 from metalserve.host import freeze_heap
 from metalserve.http_protocol import timed_http_protocol
@@ -150,10 +151,13 @@ def status_line(replica: Replica) -> str:
     return state  # draining
 
 
-def run(settings: ServeSettings, version_id: str) -> int:
-    """Serve until drained or failed; return the process exit code."""
+def run(
+    settings: ServeSettings, version_id: str, engine_process: EngineProcess | None = None
+) -> int:
+    """Serve until drained or failed; return the process exit code. ``engine_process``: the
+    engine's, started already (``cli``), else started here where the settings want one."""
     notifier = sdnotify.Notifier.from_environ()
-    replica = Replica(settings, version_id)
+    replica = Replica(settings, version_id, engine_process)
     if notifier.watchdog_interval is not None:
         # The heartbeat must advance well within the pinger's freshness limit when idle.
         replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)

@@ -241,10 +241,31 @@ def _key(x: torch.Tensor, w: torch.Tensor) -> Key | None:
     return Key(x.device.index or 0, x.dtype, w.shape[0], w.shape[1], x.shape[0])
 
 
-@torch.library.custom_op("metalserve::skinny_linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` (``x`` [rows, in], ``w`` [out, in]) by the kernel where ``tune`` found it
     faster than cuBLAS for this shape, else by ``torch.nn.functional.linear``."""
+    if torch.compiler.is_compiling():
+        product: torch.Tensor = _linear_op(x, w)
+        return product
+    return _linear(x, w)
+
+
+def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ w.T`` (a residual connection after a projection) in one kernel where
+    ``tune`` found the kernel faster for ``x @ w.T``, else torch's linear and an add."""
+    if torch.compiler.is_compiling():
+        added: torch.Tensor = _linear_add_op(x, w, residual)
+        return added
+    return _linear_add(x, w, residual)
+
+
+# ``linear`` and ``linear_add`` are custom ops only where torch.compile traces them: opaque to
+# it, since the kernel's choice reads ``_TUNED`` at run time. Called through the op outside a
+# compilation, torch would import its compiler (dynamo, sympy) at the first call: 1.2 s of an
+# 8B start's decode path on an H100 (BENCHMARKS round 2 step 30).
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     key = _key(x, w)
     tuning = _TUNED.get(key) if key is not None else None
     if tuning is not None:
@@ -252,15 +273,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
-@linear.register_fake
-def _(x, w):
-    return x.new_empty((x.shape[0], w.shape[0]))
-
-
-@torch.library.custom_op("metalserve::skinny_linear_add", mutates_args=())
-def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + x @ w.T`` (a residual connection after a projection) in one kernel where
-    ``tune`` found the kernel faster for ``x @ w.T``, else torch's linear and an add."""
+def _linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     key = _key(x, w)
     tuning = _TUNED.get(key) if key is not None else None
     if tuning is not None and residual.stride(-1) == 1:
@@ -269,7 +282,18 @@ def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torc
     return residual + torch.nn.functional.linear(x, w)
 
 
-@linear_add.register_fake
+_linear_op = torch.library.custom_op("metalserve::skinny_linear", mutates_args=())(_linear)
+_linear_add_op = torch.library.custom_op("metalserve::skinny_linear_add", mutates_args=())(
+    _linear_add
+)
+
+
+@_linear_op.register_fake
+def _(x, w):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@_linear_add_op.register_fake
 def _(x, w, residual):
     return residual.new_empty((x.shape[0], w.shape[0]))
 

@@ -679,6 +679,10 @@ class StaticDecoder:
         )
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Prefill buckets whose graphs ``capture_deferred`` captures later (largest first), and
+        # those whose capture failed there: both run eagerly.
+        self._deferred: list[tuple[int, int]] = []
+        self._eager_prefill: set[tuple[int, int]] = set()
         self._pool: Any = None
         self._copied: torch.cuda.Event | None = None
         if device.type == "cuda":
@@ -842,6 +846,8 @@ class StaticDecoder:
         self.fused = False
         self._graphs.clear()
         self._prefill_graphs.clear()
+        self._deferred.clear()
+        self._eager_prefill.clear()
         self._pool = None
 
     def compiling_steps(self) -> list[tuple[int, int]]:
@@ -855,9 +861,12 @@ class StaticDecoder:
             steps = [(1, self.lengths[0]), (min(2, self.slots), self.lengths[0])]
         return list(dict.fromkeys(steps))
 
-    def capture_all(self) -> None:
+    def capture_all(self, defer_prefill: bool = False) -> None:
         """Capture every (batch bucket, length bucket) graph now, so serving never waits on one
         (without graphs: compile the layer now, if compiled, by its ``compiling_steps``).
+        ``defer_prefill``: of the prefill graphs only the first (largest) now, the others by
+        ``capture_deferred`` in the engine's idle moments (their prefills run eagerly until
+        then, on the same buffers: the same numbers): not on the way to ready.
 
         Largest first: later (smaller) captures reuse the memory pool of the first.
         """
@@ -886,15 +895,15 @@ class StaticDecoder:
             # are the only rows the captures' warm-up runs write. Only the first runs its
             # step before capturing it: the others' kernels and workspaces are the same
             # (8B on an H100: the decode path 1.0-1.5 s shorter; BENCHMARKS round 2 step 29).
-            for index, (rows, length) in enumerate(
-                sorted(self.prefill_shapes, key=lambda s: -s[0] * s[1])
-            ):
+            shapes = sorted(self.prefill_shapes, key=lambda s: -s[0] * s[1])
+            for index, (rows, length) in enumerate(shapes[:1] if defer_prefill else shapes):
                 self._prefill_graph(rows, length, warm_up=index == 0)
+            self._deferred = shapes[1:] if defer_prefill else []
         self.capture_seconds = time.monotonic() - started
         log.info(
             "captured %d decode graphs (%d batch x %d length buckets) in %.1fs, the first "
-            "(compiling the layer, if compiled) %.1fs, and %d prefill graphs in %.1fs; static "
-            "KV cache %.2f GiB",
+            "(compiling the layer, if compiled) %.1fs, and %d prefill graphs in %.1fs (%d more "
+            "when idle); static KV cache %.2f GiB",
             len(self._graphs),
             len(self.batch_sizes),
             len(self.lengths),
@@ -902,8 +911,39 @@ class StaticDecoder:
             first or 0.0,
             len(self._prefill_graphs),
             self.capture_seconds - decode_seconds,
+            len(self._deferred),
             self.cache_bytes / 2**30,
         )
+
+    def capture_deferred(self) -> bool:
+        """Capture the next prefill graph that ``capture_all(defer_prefill=True)`` left (the
+        engine calls it while no sequence is active); whether any is left. One that fails is
+        logged and its bucket stays eager."""
+        if not self._deferred:
+            return False
+        rows, length = self._deferred[0]
+        started = time.monotonic()
+        try:
+            with torch.inference_mode():
+                # A capture that fails without a warm-up runs its step once (``_prefill_graph``):
+                # on the spare slot and the scratch block alone, not on the last prefill's rows.
+                self._prefill_table[0] = self.spare_slot
+                self._prefill_table[1] = 0
+                self._prefill_table[2:] = self.scratch_block
+                self._prefill_graph(rows, length, warm_up=False)
+        except Exception:
+            log.exception(
+                "prefill graph %s failed to capture; that bucket stays eager", (rows, length)
+            )
+            self._eager_prefill.add((rows, length))
+        del self._deferred[0]
+        if not self._deferred:
+            log.info(
+                "the deferred prefill graphs are captured (%d; the last in %.3fs)",
+                len(self._prefill_graphs),
+                time.monotonic() - started,
+            )
+        return bool(self._deferred)
 
     def _tune_projections(self) -> None:
         """Time ``skinny_linear``'s kernel against cuBLAS for each projection and the LM head
@@ -1243,7 +1283,7 @@ class StaticDecoder:
         self._upload(
             torch.tensor(table, dtype=torch.long), into=self._prefill_table[: len(table), :rows]
         )
-        if self.cuda_graphs:
+        if self.cuda_graphs and shape not in self._eager_prefill and shape not in self._deferred:
             graph, logits = self._prefill_graph(rows, length)
             graph.replay()
         else:

@@ -18,9 +18,7 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -40,6 +38,7 @@ from metalserve.core.messages import (
     Step,
     Submit,
 )
+from metalserve.core.spawn import EngineProcess, spawn_engine_process
 from metalserve.engine import (
     IDLE_WAIT_SECONDS,
     Failed,
@@ -76,8 +75,10 @@ class RemoteEngine:
         relay: EventRelay,
         *,
         reload_headroom: bool,
+        spawned: EngineProcess | None = None,
     ) -> None:
         self.settings = settings
+        self._spawned = spawned
         self.max_batch_size = settings.batch_limit
         self.max_queue = settings.max_queue
         self.quantization = settings.quantization
@@ -108,16 +109,11 @@ class RemoteEngine:
     # --- the process -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine's process (it imports and builds the engine while this one goes
-        on: calls sent meanwhile wait in the socket)."""
-        ours, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            # -P: not the working directory's modules first on the path.
-            [sys.executable, "-P", "-m", "metalserve.core.process", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        """Start the engine's process, or take over the one ``serve`` started already (it
+        imports and builds the engine while this one goes on: calls sent meanwhile wait in the
+        socket)."""
+        spawned, self._spawned = self._spawned or spawn_engine_process(), None
+        self._process, self._conn = spawned.process, spawned.conn
         self._beat = time.monotonic()  # its first beat comes once it has imported
         self._send(Hello(self.settings, self.idle_wait, self._reload_headroom))
         self._reader = threading.Thread(target=self._read, name="metalserve-core-client")
@@ -404,12 +400,16 @@ class CoreClient:
         relay: EventRelay,
         *,
         reload_headroom: bool,
+        spawned: EngineProcess | None = None,
     ) -> None:
-        self.engine = RemoteEngine(settings, metrics, relay, reload_headroom=reload_headroom)
+        self.engine = RemoteEngine(
+            settings, metrics, relay, reload_headroom=reload_headroom, spawned=spawned
+        )
         self.rank_infos: list[dict[str, Any]] = []  # one rank: none to tell of
 
     async def start(self, version_id: str, timings: dict[str, float]) -> ModelView:
-        view, parts, facts = await asyncio.wrap_future(self.engine.call("start", version_id))
+        asked = self.engine.call("start", version_id, time.monotonic())
+        view, parts, facts = await asyncio.wrap_future(asked)
         timings.update(parts)
         self.engine.went_live(view, facts)
         return view  # type: ignore[no-any-return]

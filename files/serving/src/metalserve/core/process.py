@@ -12,6 +12,7 @@ API process is gone: nobody is left to answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -49,7 +50,7 @@ from metalserve.engine import (
     TextDelta,
 )
 from metalserve.host import ModelHost, freeze_heap
-from metalserve.loader import LoadedModel, ModelView
+from metalserve.loader import LoadedModel, ModelView, import_libraries
 from metalserve.logs import configure_logging
 from metalserve.metrics import GcTimer
 
@@ -129,8 +130,9 @@ class Outbox:
 class Core:
     """The engine's process: its host, the sequences it runs, and its end of the socket."""
 
-    def __init__(self, conn: Connection, hello: Hello) -> None:
+    def __init__(self, conn: Connection, hello: Hello, imported_at: float = 0.0) -> None:
         self.conn = conn
+        self.imported_at = imported_at  # time.monotonic() once torch was imported
         self._send_lock = threading.Lock()
         self.outbox = Outbox()
         # The API process refuses what its queue cannot take (429 before a stream starts);
@@ -303,8 +305,12 @@ class Core:
 
     # --- calls -----------------------------------------------------------------------------
 
-    async def call_start(self, version_id: str) -> tuple[ModelView, dict[str, float], EngineFacts]:
-        timings: dict[str, float] = {}
+    async def call_start(
+        self, version_id: str, asked_at: float
+    ) -> tuple[ModelView, dict[str, float], EngineFacts]:
+        # The API asked at ``asked_at`` (CLOCK_MONOTONIC: one clock for both processes); what
+        # it waited for this process's imports (begun at its start) counts as imports.
+        timings = {"imports": max(0.0, self.imported_at - asked_at)}
         bundle = await self.host.start(version_id, timings)
         self.models = {version_id: bundle}
         freeze_heap()  # as the API process does once ready
@@ -389,7 +395,15 @@ def main() -> int:
     fd = int(sys.argv[1])
     os.set_inheritable(fd, False)  # a process started from here must not keep the API's EOF away
     conn = Connection(fd)
-    hello: Hello = conn.recv()
+    # torch now, while the API process still imports its own (``spawn``): the load needs it
+    # first. Should it fail, the load's own import says why, through the start call.
+    with contextlib.suppress(ImportError):
+        import_libraries()
+    imported_at = time.monotonic()
+    try:
+        hello: Hello = conn.recv()
+    except EOFError:  # the API process ended before it started serving (a usage error)
+        return 0
     settings = hello.settings
     configure_logging(settings.log_level, settings.log_format)
     # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole group, must not end the
@@ -399,7 +413,7 @@ def main() -> int:
     # The API process asks for every thread's stack when the engine loop stalls (dump_stacks).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("engine process %d for API process %d", os.getpid(), os.getppid())
-    return asyncio.run(Core(conn, hello).run())
+    return asyncio.run(Core(conn, hello, imported_at).run())
 
 
 if __name__ == "__main__":

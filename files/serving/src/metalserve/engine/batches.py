@@ -66,6 +66,10 @@ class Batch(Protocol):
     def clear(self) -> None:
         """Forget every sequence (after they were failed)."""
 
+    def capture_deferred(self) -> bool:
+        """While no sequence is active: one piece of the start's work left for such moments
+        (a prefill graph); whether any is left."""
+
 
 @dataclass(eq=False)
 class _BatchTensors:
@@ -209,6 +213,9 @@ class DynamicBatch:
         self.seqs = []
         self._tensors = None
 
+    def capture_deferred(self) -> bool:
+        return False  # no graphs
+
     def _forward(
         self,
         ids: torch.Tensor,
@@ -332,6 +339,9 @@ class StaticBatch:
 
     def clear(self) -> None:
         self.seqs = []
+
+    def capture_deferred(self) -> bool:
+        return self.decoder.capture_deferred()
 
 
 class _PassClock:

@@ -161,6 +161,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._current: LoadedModel | None = None
         self._batch: Batch | None = None
+        # Whether the batch may have deferred work (``Batch.capture_deferred``) left.
+        self._captures_left = False
         self._switching = False  # a swap is being prepared outside the lock
         self._pending: tuple[LoadedModel, concurrent.futures.Future[LoadedModel | None]] | None = (
             None
@@ -403,13 +405,20 @@ class Engine:
                         self._abort = None
                     incoming = self._swap_due()
                     admitted = [] if incoming is not None else self._admit()
-                    if incoming is None and not admitted and not self._batch:
+                    idle = incoming is None and not admitted and not self._batch
+                    if idle:
                         self._end_profile_if(
                             self._profile is not None and self._profile.expired(),
                         )
+                    if idle and not self._captures_left:
                         # Bounded: the heartbeat must advance while idle.
                         self._cond.wait(timeout=self.idle_wait)
                         continue
+                if idle:
+                    # Outside the lock: a submission waits for one capture at most.
+                    assert self._batch is not None
+                    self._captures_left = self._batch.capture_deferred()
+                    continue
                 if incoming is not None:
                     # A profile in progress ends before the switch's compiling and capturing.
                     self._end_profile_if(self._profile is not None and self._profile.began)
@@ -561,6 +570,7 @@ class Engine:
         with self._cond:
             old = self._current
             self._current, self._batch, self._pending = bundle, batch, None
+            self._captures_left = True  # whatever its start left for idle moments
             self._switching = False
             log.info("now serving version %s", bundle.short_id)
             if not future.cancelled():
@@ -691,15 +701,18 @@ class Engine:
             prefix_cache_tokens=self.prefix_cache_tokens,
             reserve_bytes=self._reserve(bundle),
         )
+        # Most prefill graphs are captured after the switch, while idle (``_loop``): the 32
+        # prefill captures were 1.0 s of an 8B start's switch on an H100 (BENCHMARKS round 2
+        # step 30).
         try:
-            decoder.capture_all()
+            decoder.capture_all(defer_prefill=True)
         except Exception:
             if not (decoder.compiled or decoder.fused):
                 raise
             what = "compiling the decode layer" if decoder.compiled else "its fused kernels"
             log.exception("%s failed; plain torch runs the layer", what)
             decoder.use_eager_layers()
-            decoder.capture_all()
+            decoder.capture_all(defer_prefill=True)
         log.info(
             "decode path: %s%s%s, %d slots of %d tokens, weights %.2f GiB, prefix cache %s",
             mode,
