@@ -1054,3 +1054,35 @@ def test_the_engine_captures_deferred_graphs_only_while_idle(
         assert set(calls) == {0}, "asked while sequences were active"
     finally:
         eng.stop()
+
+
+def test_deferred_work_that_fails_costs_the_engine_nothing(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in the batch's deferred work (outside a step) is logged and not tried again;
+    the engine thread lives on and serves."""
+    calls: list[int] = []
+
+    def capture_deferred(self: StaticBatch) -> bool:
+        calls.append(len(self))
+        raise RuntimeError("no more graphs")
+
+    monkeypatch.setattr(StaticBatch, "capture_deferred", capture_deferred)
+    eng = Engine(max_batch_size=4, decode_mode="static")
+    eng.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="metalserve.engine"):
+            eng.swap(v1).result(timeout=10)
+            deadline = time.monotonic() + 10
+            while not calls:
+                assert time.monotonic() < deadline, "no deferred work asked for"
+                time.sleep(0.01)
+            time.sleep(3 * eng.idle_wait)
+        assert calls == [0]
+        assert "deferred work failed" in caplog.text
+        assert eng.is_alive()
+        params = dataclasses.replace(GREEDY, max_tokens=4)
+        _, sink = submit(eng, v1, PROMPTS[0], params)
+        assert isinstance(sink.wait(), Finished)
+    finally:
+        eng.stop()

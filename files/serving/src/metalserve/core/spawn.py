@@ -20,10 +20,11 @@ class EngineProcess:
     conn: Connection
 
     def abandon(self) -> None:
-        """Not used after all (the API failed to start): closing our end ends it (it reads EOF)."""
+        """Not used after all (the API failed to start): closing our end ends it (it reads EOF
+        once its imports are done: seconds on a loaded host)."""
         self.conn.close()
         try:
-            self.process.wait(5)
+            self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -417,7 +417,11 @@ class Engine:
                 if idle:
                     # Outside the lock: a submission waits for one capture at most.
                     assert self._batch is not None
-                    self._captures_left = self._batch.capture_deferred()
+                    try:
+                        self._captures_left = self._batch.capture_deferred()
+                    except Exception:  # the batch serves without it: not the engine's end
+                        log.exception("the batch's deferred work failed; none is tried again")
+                        self._captures_left = False
                     continue
                 if incoming is not None:
                     # A profile in progress ends before the switch's compiling and capturing.
