@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -156,6 +157,18 @@ def test_the_engine_process_starts_before_the_api_imports_its_own(split_server: 
     assert startup["process_start"] - engine_after_api >= 0.1, (engine_after_api, startup)
     phases = ["process_start", "imports", "load", "warmup", "decode_path"]
     assert sum(startup[phase] for phase in phases) <= startup["ready"] + 0.01, startup
+
+
+def test_the_api_freezes_its_imports_heap_before_ready(split_server: Server) -> None:
+    """Three heap freezes: the API process's once its imports are done (while the engine's
+    process loads: nothing else for its event loop to do), the engine process's at its start,
+    and the API's at ready, which then collects only what came after its first (the views):
+    it held the event loop for the whole heap as the first requests came."""
+    deadline = time.monotonic() + 10
+    while len(freezes := re.findall(r"froze (\d+) objects", split_server.log())) < 3:
+        assert time.monotonic() < deadline, freezes
+        time.sleep(0.05)
+    assert len(freezes) == 3, freezes
 
 
 def test_serve_refused_ends_the_engine_process_it_started(
