@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +182,40 @@ def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> Non
     assert core.beats[-1] > core.beats[beats]
     assert core.reply(core.call("stop")) is None
     assert core.proc.wait(timeout=30) == 0
+
+
+def test_an_engine_process_asked_nothing_ends_quietly_when_the_api_goes() -> None:
+    """The API process gone before its first message (``serve`` failed after the spawn): the
+    engine's process ends at its EOF, status 0, no traceback."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        env=server_env(),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    ours.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+
+
+def test_the_engine_process_gets_none_of_systemds_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started before the API reads systemd's variables (and removes them from its own
+    environment), the engine's process must not see them: it is not the service."""
+    from metalserve.core.spawn import spawn_engine_process
+    from metalserve.sdnotify import ENV_VARIABLES
+
+    for name in ENV_VARIABLES:
+        monkeypatch.setenv(name, "/run/systemd/notify" if name == "NOTIFY_SOCKET" else "1")
+    spawned = spawn_engine_process()
+    try:
+        environ = Path(f"/proc/{spawned.process.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+        assert "PATH" in names
+        assert not names & set(ENV_VARIABLES)
+    finally:
+        spawned.abandon()

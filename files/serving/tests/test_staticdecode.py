@@ -1004,22 +1004,28 @@ def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     written = [cache[:2].clone() for cache in (*decoder.keys, *decoder.values)]
 
     # Idle moments: one capture each, largest first, no warm-up; the last one's capture
-    # fails (without and then with a warm-up): logged, and its bucket stays eager.
+    # fails (without and then with a warm-up): logged, and a larger bucket takes its groups.
     with caplog.at_level(logging.ERROR, logger="metalserve.staticdecode"):
         left = [decoder.capture_deferred() for _ in shapes[1:]]
     assert left == [True] * (len(shapes) - 2) + [False]
     assert decoder.capture_deferred() is False
     assert captures[captured:] == [(s, False) for s in shapes[1:]] + [(shapes[-1], True)]
     assert list(decoder._prefill_graphs) == shapes[:-1]
-    assert decoder._eager_prefill == {shapes[-1]}
-    assert "stays eager" in caplog.text
+    assert decoder._failed_prefill == {shapes[-1]}
+    assert "a larger bucket takes its groups" in caplog.text
     for before, cache in zip(written, (*decoder.keys, *decoder.values), strict=True):
         torch.testing.assert_close(cache[:2], before)  # the live rows untouched
 
-    # Now the bucket's graph replays: the same numbers; the failed bucket stays eager.
+    # Now the bucket's graph replays: the same numbers. A group the failed bucket would hold
+    # goes to the next larger one, its graph replayed: the same numbers again.
     torch.testing.assert_close(decoder.prefill(ids, lengths, 0), reference)
-    rows = shapes[-1][0]
-    decoder.prefill(ids[:1, :1].expand(rows, 1).clone(), torch.ones(rows, dtype=torch.long), 0)
+    one = ids[:1, :1].clone()
+    assert plain._prefill_bucket(1, 1) == shapes[-1]
+    assert decoder._prefill_bucket(1, 1) not in (shapes[-1], None)
+    torch.testing.assert_close(
+        decoder.prefill(one, torch.ones(1, dtype=torch.long), 0),
+        plain.prefill(one, torch.ones(1, dtype=torch.long), 0),
+    )
     assert len(captures) == captured + len(shapes)
 
 
@@ -1084,5 +1090,41 @@ def test_deferred_work_that_fails_costs_the_engine_nothing(
         params = dataclasses.replace(GREEDY, max_tokens=4)
         _, sink = submit(eng, v1, PROMPTS[0], params)
         assert isinstance(sink.wait(), Finished)
+    finally:
+        eng.stop()
+
+
+def test_no_deferred_capture_runs_under_a_profile(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """While a profile is asked for (its passes must be the served ones, as a switch ends one
+    before capturing), the idle engine leaves its batch's deferred work alone; after it, on."""
+    calls: list[float] = []
+
+    def capture_deferred(self: StaticBatch) -> bool:
+        calls.append(time.monotonic())
+        time.sleep(0.002)
+        return True  # always more: only the profile stops them
+
+    monkeypatch.setattr(StaticBatch, "capture_deferred", capture_deferred)
+    eng = Engine(max_batch_size=4, decode_mode="static")
+    eng.start()
+    try:
+        eng.swap(v1).result(timeout=10)
+        deadline = time.monotonic() + 10
+        while not calls:
+            assert time.monotonic() < deadline, "no deferred work asked for"
+            time.sleep(0.01)
+        profile = eng.profile(passes=10, max_seconds=0.5, directory=tmp_path)
+        asked = time.monotonic()
+        with pytest.raises(RuntimeError, match="no forward pass ran"):
+            profile.future.result(timeout=10)  # no request: it expires unrecorded
+        ended = time.monotonic()
+        # One capture may have been under way when it was asked.
+        assert [t for t in calls if asked + 0.05 < t < ended - 0.05] == []
+        resumed = len(calls)
+        while len(calls) == resumed:
+            assert time.monotonic() < deadline, "deferred work not resumed"
+            time.sleep(0.01)
     finally:
         eng.stop()

@@ -679,10 +679,11 @@ class StaticDecoder:
         )
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Prefill buckets whose graphs ``capture_deferred`` captures later (largest first), and
-        # those whose capture failed there: both run eagerly.
+        # Prefill buckets whose graphs ``capture_deferred`` captures later (largest first: they
+        # run eagerly until then), and those whose capture failed there (a larger bucket, whose
+        # graph exists, takes their groups: their own step may be what failed).
         self._deferred: list[tuple[int, int]] = []
-        self._eager_prefill: set[tuple[int, int]] = set()
+        self._failed_prefill: set[tuple[int, int]] = set()
         self._pool: Any = None
         self._copied: torch.cuda.Event | None = None
         if device.type == "cuda":
@@ -847,7 +848,7 @@ class StaticDecoder:
         self._graphs.clear()
         self._prefill_graphs.clear()
         self._deferred.clear()
-        self._eager_prefill.clear()
+        self._failed_prefill.clear()
         self._pool = None
 
     def compiling_steps(self) -> list[tuple[int, int]]:
@@ -918,7 +919,7 @@ class StaticDecoder:
     def capture_deferred(self) -> bool:
         """Capture the next prefill graph that ``capture_all(defer_prefill=True)`` left (the
         engine calls it while no sequence is active); whether any is left. One that fails is
-        logged and its bucket stays eager."""
+        logged and its bucket is no longer used (a larger one takes its groups)."""
         if not self._deferred:
             return False
         rows, length = self._deferred[0]
@@ -933,9 +934,10 @@ class StaticDecoder:
                 self._prefill_graph(rows, length, warm_up=False)
         except Exception:
             log.exception(
-                "prefill graph %s failed to capture; that bucket stays eager", (rows, length)
+                "prefill graph %s failed to capture; a larger bucket takes its groups",
+                (rows, length),
             )
-            self._eager_prefill.add((rows, length))
+            self._failed_prefill.add((rows, length))
         del self._deferred[0]
         if not self._deferred:
             log.info(
@@ -1148,7 +1150,7 @@ class StaticDecoder:
         bucket's graph, than eagerly after their cached prefixes (``after_tokens`` padded
         tokens left), by the estimates above."""
         shape = self._prefill_bucket(rows, longest) if self.graph_before_prefix else None
-        if shape is None:
+        if shape is None or shape in self._deferred:  # no graph (yet): eager either way
             return False
         extra = (shape[0] * shape[1] - after_tokens) * self.prefill_flop_per_token
         return extra / PREFILL_GRAPH_FLOPS < EAGER_PREFILL_LAYER_SECONDS * len(self.layer_weights)
@@ -1283,7 +1285,7 @@ class StaticDecoder:
         self._upload(
             torch.tensor(table, dtype=torch.long), into=self._prefill_table[: len(table), :rows]
         )
-        if self.cuda_graphs and shape not in self._eager_prefill and shape not in self._deferred:
+        if self.cuda_graphs and shape not in self._deferred:
             graph, logits = self._prefill_graph(rows, length)
             graph.replay()
         else:
@@ -1305,7 +1307,11 @@ class StaticDecoder:
 
     def _prefill_bucket(self, count: int, longest: int) -> tuple[int, int] | None:
         """The smallest prefill bucket that holds ``count`` prompts of ``longest`` tokens."""
-        fitting = [(r, n) for r, n in self.prefill_shapes if r >= count and n >= longest]
+        fitting = [
+            (r, n)
+            for r, n in self.prefill_shapes
+            if r >= count and n >= longest and (r, n) not in self._failed_prefill
+        ]
         return min(fitting, key=lambda s: s[0] * s[1], default=None)
 
     def _prefill(

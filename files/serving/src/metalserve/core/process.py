@@ -395,6 +395,10 @@ def main() -> int:
     fd = int(sys.argv[1])
     os.set_inheritable(fd, False)  # a process started from here must not keep the API's EOF away
     conn = Connection(fd)
+    # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole group, must not end the
+    # engine under the API's drain: the API process decides the end (``stop``, or its socket).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # torch now, while the API process still imports its own (``spawn``): the load needs it
     # first. Should it fail, the load's own import says why, through the start call.
     with contextlib.suppress(ImportError):
@@ -402,14 +406,10 @@ def main() -> int:
     imported_at = time.monotonic()
     try:
         hello: Hello = conn.recv()
-    except EOFError:  # the API process ended before it started serving (a usage error)
+    except EOFError:  # the API process ended before it asked anything: nothing to do
         return 0
     settings = hello.settings
     configure_logging(settings.log_level, settings.log_format)
-    # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole group, must not end the
-    # engine under the API's drain: the API process decides the end (``stop``, or its socket).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The API process asks for every thread's stack when the engine loop stalls (dump_stacks).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("engine process %d for API process %d", os.getpid(), os.getppid())

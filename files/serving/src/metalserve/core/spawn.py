@@ -5,11 +5,14 @@ itself, as tests do). Kept free of heavy imports: ``cli`` imports it first thing
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+
+from metalserve import sdnotify
 
 
 @dataclass
@@ -20,23 +23,23 @@ class EngineProcess:
     conn: Connection
 
     def abandon(self) -> None:
-        """Not used after all (the API failed to start): closing our end ends it (it reads EOF
-        once its imports are done: seconds on a loaded host)."""
+        """Not used after all (the API failed to start): nothing was asked of it, so it is
+        killed, not left to read EOF after its imports."""
         self.conn.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.kill()
+        self.process.wait()
 
 
 def spawn_engine_process() -> EngineProcess:
     """``python -m metalserve.core.process FD``, ``FD`` its end of a new socket pair."""
     ours, theirs = socket.socketpair()
+    # Started before the API reads (and removes) systemd's variables: they are its alone.
+    env = {k: v for k, v in os.environ.items() if k not in sdnotify.ENV_VARIABLES}
     with theirs:
         process = subprocess.Popen(
             # -P: not the working directory's modules first on the path.
             [sys.executable, "-P", "-m", "metalserve.core.process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
+            env=env,
         )
     return EngineProcess(process, Connection(ours.detach()))

@@ -410,12 +410,14 @@ class Engine:
                         self._end_profile_if(
                             self._profile is not None and self._profile.expired(),
                         )
-                    if idle and not self._captures_left:
-                        # Bounded: the heartbeat must advance while idle.
-                        self._cond.wait(timeout=self.idle_wait)
-                        continue
+                        # The batch's deferred work, if any, now; not under a profile (its
+                        # passes are the served ones, as a switch ends it before capturing).
+                        if not self._captures_left or self._profile is not None:
+                            # Bounded: the heartbeat must advance while idle.
+                            self._cond.wait(timeout=self.idle_wait)
+                            continue
                 if idle:
-                    # Outside the lock: a submission waits for one capture at most.
+                    # Outside the lock: a submission waits for this one capture.
                     assert self._batch is not None
                     try:
                         self._captures_left = self._batch.capture_deferred()
