@@ -128,6 +128,32 @@ def test_freeing_a_replaced_model_collects_once_and_keeps_the_heap_frozen() -> N
     assert gc.get_freeze_count() == 0  # nothing frozen before: nothing frozen after
 
 
+def test_freeing_a_replaced_model_waits_for_a_graph_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hot reload's caller empties the CUDA cache of the replaced version while the engine
+    thread may capture a deferred graph: torch's allocator asserts no capture is under way,
+    so the release waits for the capture's lock (``staticdecode.CAPTURING``)."""
+    import threading
+
+    import torch
+
+    from metalserve import staticdecode
+
+    emptied: list[float] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(time.monotonic()))
+    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    with staticdecode.CAPTURING:
+        freeing = threading.Thread(target=_free_memory, args=(cuda,))
+        freeing.start()
+        time.sleep(0.2)
+        assert emptied == [], "emptied the cache during a capture"
+        released = time.monotonic()
+    freeing.join(10)
+    assert len(emptied) == 1
+    assert emptied[0] >= released
+
+
 def test_the_server_freezes_the_heap_once_ready_even_if_something_froze_objects_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -362,7 +362,10 @@ def _free_memory(bundle: LoadedModel) -> None:
     if bundle.device.type == "cuda":
         import torch
 
-        torch.cuda.empty_cache()
+        from metalserve.staticdecode import CAPTURING
+
+        with CAPTURING:  # not while the engine thread captures a deferred graph
+            torch.cuda.empty_cache()
 
 
 def freeze_heap() -> None:

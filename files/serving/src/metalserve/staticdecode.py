@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
 
 log = logging.getLogger(__name__)
+
+# Held while a graph is captured. Deferred captures run on the engine thread after a version
+# went live, when a hot reload's caller may release the replaced one's memory on another
+# thread: ``torch.cuda.empty_cache()`` during a capture fails torch's allocator (it asserts no
+# capture is under way), so it takes this lock first (``host._free_memory``).
+CAPTURING = threading.Lock()
 
 # Llama's decoder layer, and its relatives of the same shape: Mistral (Llama's layer), Qwen2 (with
 # q/k/v biases), Qwen3 (RMSNorm on each head's queries and keys before RoPE). Sliding-window
@@ -1017,7 +1024,10 @@ class StaticDecoder:
                 run()
             current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with (
+            CAPTURING,
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+        ):
             logits: torch.Tensor = run()
         if self._pool is None:
             self._pool = graph.pool()
