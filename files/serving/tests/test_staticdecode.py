@@ -381,18 +381,23 @@ def test_the_prefill_estimate_at_the_bench_presets() -> None:
     """The estimate's choices at 8B and 850M on an H200 (step 13's and step 16's passes): at 8B a
     16 x 64 group that reuses 48 tokens a prompt runs as its graph (the eager pass was no
     faster), 4 prompts of up to 512 tokens after 448 cached ones eagerly; at 850M every graph
-    wins (its eager passes took 20 ms, its graphs a few)."""
+    wins (its eager passes took 20 ms, its graphs a few). A bucket whose graph is not captured
+    yet (deferred) never wins: it would run eagerly too."""
 
-    def graph_wins(layers: int, params: float, bucket: tuple[int, int], after: int) -> bool:
+    def graph_wins(
+        layers: int, params: float, bucket: tuple[int, int], after: int, deferred: bool = False
+    ) -> bool:
         shaped = SimpleNamespace(
             graph_before_prefix=True,
             _prefill_bucket=lambda rows, longest: bucket,
+            _deferred=[bucket] if deferred else [],
             prefill_flop_per_token=2 * params,
             layer_weights=[None] * layers,
         )
         return bool(staticdecode.StaticDecoder._graph_beats_prefix(shaped, 0, 0, after))  # type: ignore[arg-type]
 
     assert graph_wins(32, 6.98e9, (16, 64), 16 * 16)
+    assert not graph_wins(32, 6.98e9, (16, 64), 16 * 16, deferred=True)
     assert not graph_wins(32, 6.98e9, (4, 512), 4 * 64)
     assert graph_wins(16, 0.72e9, (32, 64), 32 * 16)
     assert graph_wins(16, 0.72e9, (4, 512), 4 * 64)
