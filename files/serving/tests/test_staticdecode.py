@@ -1120,13 +1120,15 @@ def test_no_deferred_capture_runs_under_a_profile(
         while not calls:
             assert time.monotonic() < deadline, "no deferred work asked for"
             time.sleep(0.01)
-        profile = eng.profile(passes=10, max_seconds=0.5, directory=tmp_path)
+        profile = eng.profile(passes=10, max_seconds=1.0, directory=tmp_path)
         asked = time.monotonic()
         with pytest.raises(RuntimeError, match="no forward pass ran"):
             profile.future.result(timeout=10)  # no request: it expires unrecorded
         ended = time.monotonic()
-        # One capture may have been under way when it was asked.
-        assert [t for t in calls if asked + 0.05 < t < ended - 0.05] == []
+        # A capture may have begun as it was asked, and the next as it ended (a loaded host
+        # schedules the threads late): the middle of the profile's second.
+        assert ended - asked >= 0.9
+        assert [t for t in calls if asked + 0.2 < t < ended - 0.2] == []
         resumed = len(calls)
         while len(calls) == resumed:
             assert time.monotonic() < deadline, "deferred work not resumed"
