@@ -1,7 +1,7 @@
 """The engine's process, started as soon as ``serve`` knows it wants one: its interpreter and
 its imports (torch: 1-2 s) then run beside the API process's own (FastAPI, uvicorn, the app:
 0.3-0.6 s) instead of after them. ``client.RemoteEngine.start`` takes it over (or starts one
-itself, as tests do). Kept free of heavy imports: ``cli`` imports it first thing."""
+itself, as tests do). Kept free of heavy imports: ``cli`` imports it before FastAPI's."""
 
 from __future__ import annotations
 
