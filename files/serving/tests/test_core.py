@@ -4,6 +4,8 @@ hold, cancellations, heartbeats, its end. The whole replica with it: ``test_engi
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -184,21 +186,54 @@ def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> Non
     assert core.proc.wait(timeout=30) == 0
 
 
+def unasked_engine_process() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """An engine's process as ``spawn`` starts it, before the API's first message; its stderr
+    piped."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=server_env(),
+            stderr=subprocess.PIPE,
+        )
+    return ours, proc
+
+
 def test_an_engine_process_asked_nothing_ends_quietly_when_the_api_goes() -> None:
     """The API process gone before its first message (``serve`` failed after the spawn): the
     engine's process ends at its EOF, status 0, no traceback."""
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
-        env=server_env(),
-        stderr=subprocess.PIPE,
-    )
-    theirs.close()
+    ours, proc = unasked_engine_process()
     ours.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (/proc's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    raise AssertionError(f"no SigCgt for {pid}")
+
+
+def test_a_stack_dump_asked_during_the_imports_ends_nothing() -> None:
+    """The API's watchdog asks for the engine's stacks (SIGUSR1) once its loop has not beaten
+    for half the watchdog's interval, counted from the spawn: on a loaded host that came while
+    the engine's process still imported torch, before its first message, and SIGUSR1's default
+    action ended it (exit -10: the replica never loaded). Its handler comes first now."""
+    ours, proc = unasked_engine_process()
+    with ours:
+        deadline = time.monotonic() + 60
+        while not catches(proc.pid, signal.SIGUSR1):
+            assert proc.poll() is None, "ended before it caught SIGUSR1"
+            assert time.monotonic() < deadline, "no SIGUSR1 handler before its first message"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"most recent call first" in err, err.decode()  # faulthandler's dump
 
 
 def test_the_engine_process_gets_none_of_systemds_variables(

@@ -399,6 +399,10 @@ def main() -> int:
     # engine under the API's drain: the API process decides the end (``stop``, or its socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The API process asks for every thread's stack when the engine loop stalls (dump_stacks),
+    # which it may do during the imports below (seconds on a loaded host): SIGUSR1's default
+    # action would end this process then.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # torch now, while the API process still imports its own (``spawn``): the load needs it
     # first. Should it fail, the load's own import says why, through the start call.
     with contextlib.suppress(ImportError):
@@ -410,8 +414,6 @@ def main() -> int:
         return 0
     settings = hello.settings
     configure_logging(settings.log_level, settings.log_format)
-    # The API process asks for every thread's stack when the engine loop stalls (dump_stacks).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("engine process %d for API process %d", os.getpid(), os.getppid())
     return asyncio.run(Core(conn, hello, imported_at).run())
 
