@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from hypothesis import configuration as hypothesis_configuration
+from hypothesis import settings as hypothesis_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 hypothesis_configuration.set_hypothesis_home_dir(
     Path(tempfile.gettempdir()) / "metalserve-hypothesis"
 )
+# No per-example deadline: `make test` runs these beside molecule's nodes on two cores, where a
+# stall of 200 ms (hypothesis' default) says nothing about the code under test.
+hypothesis_settings.register_profile(
+    "metalserve", parent=hypothesis_settings.default, deadline=None
+)
+hypothesis_settings.load_profile("metalserve")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
