@@ -80,11 +80,14 @@ GPU_PYTHON := 3.12
 GPU_WHEELS := fastapi starlette annotated-doc uvicorn httptools pydantic pydantic_core \
   pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions blake3 \
   opentelemetry-api
+# A sampling profiler for a replica's start there (files/serving/bench/spy_report.py reads its
+# output); a tool, not a dependency, so pinned here.
+GPU_TOOLS := py-spy==0.4.3
 GPU_PLATFORMS := $(foreach n,2_17 2_27 2_28,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
 gpu-wheels: deps
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --implementation cp \
-	  --python-version $(GPU_PYTHON) $(GPU_PLATFORMS) -c requirements/constraints.txt -d .whl $(GPU_WHEELS)
+	  --python-version $(GPU_PYTHON) $(GPU_PLATFORMS) -c requirements/constraints.txt -d .whl $(GPU_WHEELS) $(GPU_TOOLS)
 	@ls .whl
 
 ## The lab #####################################################################

@@ -161,9 +161,10 @@ def test_the_engine_process_starts_before_the_api_imports_its_own(split_server: 
 
 def test_the_api_freezes_its_imports_heap_before_ready(split_server: Server) -> None:
     """Three heap freezes: the API process's once its imports are done (while the engine's
-    process loads: nothing else for its event loop to do), the engine process's at its start,
-    and the API's at ready, which then collects only what came after its first (the views):
-    it held the event loop for the whole heap as the first requests came."""
+    process loads: nothing else for its event loop to do), the engine process's once it has
+    answered the start call, and the API's at ready, which then collects only what came after
+    its first (the views): it held the event loop for the whole heap as the first requests
+    came."""
     deadline = time.monotonic() + 10
     while len(freezes := re.findall(r"froze (\d+) objects", split_server.log())) < 3:
         assert time.monotonic() < deadline, freezes
