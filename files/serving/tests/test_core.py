@@ -221,9 +221,10 @@ def catches(pid: int, signum: int) -> bool:
 
 def test_a_stack_dump_asked_during_the_imports_ends_nothing() -> None:
     """The API's watchdog asks for the engine's stacks (SIGUSR1) once its loop has not beaten
-    for half the watchdog's interval, counted from the spawn: on a loaded host that came while
-    the engine's process still imported torch, before its first message, and SIGUSR1's default
-    action ended it (exit -10: the replica never loaded). Its handler comes first now."""
+    for half the watchdog's interval, counted from the API's take-over of the spawned process
+    (``RemoteEngine.start``): on a loaded host that came while the engine's process still
+    imported torch, before its first message, and SIGUSR1's default action ended it (exit -10:
+    the replica never loaded). Its handler comes first now."""
     ours, proc = unasked_engine_process()
     with ours:
         deadline = time.monotonic() + 60
