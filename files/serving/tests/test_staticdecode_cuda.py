@@ -74,8 +74,9 @@ def test_a_capture_that_fails_without_its_warm_up_is_taken_again(
 ) -> None:
     """A deferred capture whose step does what a capture forbids (here a host sync, as a
     kernel's first load may) fails in torch's capture; ``_prefill_graph`` runs the step once
-    and captures again, and the graph then gives the eager numbers. Torch's allocator is left
-    out of capture mode: ``empty_cache`` (a hot reload's) still runs."""
+    and captures again, every later capture succeeds, and the graphs give the eager numbers.
+    Torch is left as before the failure (``graph_capture``): the thread on its own stream,
+    ``empty_cache`` (a hot reload's) and the device's random numbers (sampling's) work."""
     plain = _decoder(on_cuda, cuda_graphs=False)
     decoder = _decoder(on_cuda, cuda_graphs=True)
     decoder.capture_all(defer_prefill=True)
@@ -92,11 +93,14 @@ def test_a_capture_that_fails_without_its_warm_up_is_taken_again(
         return logits
 
     monkeypatch.setattr(decoder, "_prefill", syncing_once)
+    stream = torch.cuda.current_stream()
     while decoder.capture_deferred():
         pass
     assert failed, "no capture was made to fail"
     assert not decoder._failed_prefill
     assert set(decoder._prefill_graphs) == set(decoder.prefill_shapes)
+    assert torch.cuda.current_stream() == stream
     torch.cuda.empty_cache()
+    torch.rand(8, device="cuda")
     torch.testing.assert_close(decoder.prefill(ids, lengths, 0), plain.prefill(ids, lengths, 0))
     assert shape in decoder._prefill_graphs

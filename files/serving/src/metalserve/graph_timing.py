@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from metalserve import graph_capture
+
 
 def graph_micros(run: Callable[[], object], replays: int) -> float:
     """Microseconds of one ``run`` on the current CUDA device: run once outside any capture
@@ -20,9 +22,7 @@ def graph_micros(run: Callable[[], object], replays: int) -> float:
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # Errors only for this thread's unsafe calls, as the decoder's own captures: another
-    # thread of a serving process (a metrics scrape, say) may touch the device meanwhile.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with graph_capture.capture(graph, graph_capture.pool_handle()):
         run()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

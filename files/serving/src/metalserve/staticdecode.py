@@ -46,6 +46,7 @@ from metalserve import (
     decode_attention,
     devices,
     fp8,
+    graph_capture,
     layer_kernels,
     prefixcache,
     skinny_linear,
@@ -1023,14 +1024,11 @@ class StaticDecoder:
             with torch.cuda.stream(side):
                 run()
             current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with (
-            CAPTURING,
-            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
-        ):
-            logits: torch.Tensor = run()
         if self._pool is None:
-            self._pool = graph.pool()
+            self._pool = graph_capture.pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with CAPTURING, graph_capture.capture(graph, self._pool):
+            logits: torch.Tensor = run()
         return graph, logits
 
     # --- steps ----------------------------------------------------------------------------
