@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from metalserve import store
+from metalserve import store, triton_warmup
 from metalserve.threads import DaemonExecutor
 
 if TYPE_CHECKING:
@@ -160,8 +160,11 @@ def validate_device(device: str) -> str:
 
 def import_libraries() -> None:
     """Import torch now: a cold start's first seconds, worth timing apart from the load
-    (transformers' import runs beside the weights' read, in ``load_version``)."""
+    (transformers' import runs beside the weights' read, in ``load_version``); then begin
+    Triton's set-up beside the rest of the start (``triton_warmup``)."""
     import torch  # noqa: F401
+
+    triton_warmup.begin()
 
 
 # A load's parts (``ModelView.load_parts``), in order: the manifest and the small files
