@@ -22,7 +22,7 @@ def graph_micros(run: Callable[[], object], replays: int) -> float:
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with graph_capture.capture(graph, graph_capture.pool_handle()):
+    with graph_capture.GraphPool().capture(graph):
         run()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

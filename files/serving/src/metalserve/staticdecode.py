@@ -692,7 +692,7 @@ class StaticDecoder:
         # graph exists, takes their groups: their own step may be what failed).
         self._deferred: list[tuple[int, int]] = []
         self._failed_prefill: set[tuple[int, int]] = set()
-        self._pool: Any = None
+        self._pool: graph_capture.GraphPool | None = None
         self._copied: torch.cuda.Event | None = None
         if device.type == "cuda":
             self._copied = torch.cuda.Event()
@@ -1025,9 +1025,9 @@ class StaticDecoder:
                 run()
             current.wait_stream(side)
         if self._pool is None:
-            self._pool = graph_capture.pool_handle()
+            self._pool = graph_capture.GraphPool()
         graph = torch.cuda.CUDAGraph()
-        with CAPTURING, graph_capture.capture(graph, self._pool):
+        with CAPTURING, self._pool.capture(graph):
             logits: torch.Tensor = run()
         return graph, logits
 
