@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from metalserve import triton_warmup
 
@@ -47,7 +46,6 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
         "find_spec",
         lambda name, *a: object() if name == "triton" else found(name, *a),
     )
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(triton_warmup, "_thread", None)
     yield state
     state.release.set()

@@ -1,12 +1,13 @@
-"""Triton's once-per-process set-up, begun in a thread of its own as soon as torch is imported.
+"""Triton's once-per-process set-up, begun in a thread of its own at a process's start.
 
 A process's first Triton launch (the loader's BLAKE3 kernels, in the weights' stream) computed
 Triton's cache key, a SHA-256 of its compiler library and sources, and imported the modules
 its launcher imports lazily: 1.5 s of a 1.9 s weights phase at 850M on an H100 host, the stream
-itself 0.4 s (BENCHMARKS round 2 step 32). Begun at the import of torch, it runs beside the
-rest of the start (the hash releases the interpreter lock); the first launch waits for what is
-left of it (``wait``) rather than computing the key a second time. Only a speed-up: where
-Triton, CUDA or these internals are missing, nothing is done and the launch does it all.
+itself 0.4 s (BENCHMARKS round 2 step 32). Begun before torch's import (an engine process) or
+after it (``loader.import_libraries``), it runs beside the rest of the start (the hash releases
+the interpreter lock); the first launch waits for what is left of it (``wait``) rather than
+computing the key a second time. Only a speed-up: where Triton or these internals are missing,
+nothing is done and the first launch does it all.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ def begin() -> None:
 
 def wait() -> None:
     """Until ``begin``'s set-up is done (at most ``WAIT_SECONDS``); at once if none began."""
-    if _thread is not None:
-        _thread.join(WAIT_SECONDS)
+    if _thread is None or not _thread.is_alive():
+        return
+    started = time.monotonic()
+    _thread.join(WAIT_SECONDS)
+    log.info("waited %.2fs for Triton's set-up", time.monotonic() - started)
 
 
 def _warm() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return
+    # No check for a GPU first: that would import torch, which this may run beside (an engine
+    # process begins it first thing). Triton comes with torch's CUDA wheels, not its CPU ones.
     started = time.monotonic()
     with contextlib.suppress(Exception):
         # Triton 3.x: functools-cached, so the launch's own call returns it at once.
@@ -55,4 +57,4 @@ def _warm() -> None:
     with contextlib.suppress(Exception):
         # Imported by Triton 3.6's launcher at a kernel's first call.
         importlib.import_module("triton.experimental.gluon")
-    log.debug("Triton's cache key and launcher modules ready in %.2fs", time.monotonic() - started)
+    log.info("Triton's cache key and launcher modules ready in %.2fs", time.monotonic() - started)

@@ -29,6 +29,7 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, NoReturn
 
+from metalserve import triton_warmup
 from metalserve.core.messages import (
     CALLS,
     Beat,
@@ -407,6 +408,8 @@ def main() -> int:
     # which it may do during the imports below (seconds on a loaded host): SIGUSR1's default
     # action would end this process then.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Triton's set-up beside torch's import: mostly a hash that releases the interpreter lock.
+    triton_warmup.begin()
     # torch now, while the API process still imports its own (``spawn``): the load needs it
     # first. Should it fail, the load's own import says why, through the start call.
     with contextlib.suppress(ImportError):
