@@ -238,6 +238,38 @@ def test_a_stack_dump_asked_during_the_imports_ends_nothing() -> None:
     assert b"most recent call first" in err, err.decode()  # faulthandler's dump
 
 
+def test_stopping_an_engine_process_that_still_imports_kills_it_at_once(
+    model_store: Store,
+) -> None:
+    """A replica stopped before its engine's process read its first message (that process
+    imports torch first: 1-4 s on a loaded host) has nothing there to drain or release: the
+    API ends it at once instead of sending a stop it would read only after its imports (CI
+    saw a SIGTERM'd replica take 5.6 s so)."""
+    from metalserve.core.client import RemoteEngine
+    from metalserve.core.spawn import EngineProcess
+    from metalserve.metrics import Metrics
+    from metalserve.relay import EventRelay
+
+    ours, theirs = socket.socketpair()
+    with theirs:  # a stand-in that never reads: the imports, forever
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=(theirs.fileno(),)
+        )
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    engine = RemoteEngine(
+        settings,
+        Metrics(),
+        EventRelay(),
+        reload_headroom=False,
+        spawned=EngineProcess(proc, Connection(ours.detach())),
+    )
+    engine.start()
+    started = time.monotonic()
+    engine.stop(timeout=5)
+    assert time.monotonic() - started < 2
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_the_engine_process_gets_none_of_systemds_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -102,6 +102,9 @@ class RemoteEngine:
         self._beat = time.monotonic()
         self._gone = False
         self._stopping = False
+        # Whether the engine's process said anything yet (it beats once it read its first
+        # message, which it reads after torch's import).
+        self._heard = False
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
@@ -151,7 +154,11 @@ class RemoteEngine:
         if process is None:
             return
         self._stopping = True
-        if self.is_alive():
+        if self.is_alive() and not self._heard:
+            # Still importing (1-4 s on a loaded host): it holds nothing to drain or release,
+            # and would read the stop only after its imports.
+            process.kill()
+        elif self.is_alive():
             stopping = self.call("stop")
             try:
                 stopping.result(timeout)
@@ -320,6 +327,7 @@ class RemoteEngine:
                 log.exception("a message from the engine's process could not be read")
                 self._process.kill()
                 break
+            self._heard = True
             try:
                 if isinstance(message, Step):
                     self._deliver(message)
