@@ -201,3 +201,13 @@ def corrupt_rank_1_only_block(shard: Path) -> int:
     shard.chmod(0o644)
     shard.write_bytes(data)
     return block
+
+
+def padded_prompts(bundle: LoadedModel, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` of ``PROMPTS``, encoded and right-padded to one tensor, and their
+    lengths (a prefill's arguments)."""
+    prompts = [bundle.encode(p, add_special_tokens=True) for p in PROMPTS[:count]]
+    ids = torch.full((count, max(len(p) for p in prompts)), bundle.pad_token_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt)
+    return ids, torch.tensor([len(p) for p in prompts])

@@ -19,6 +19,7 @@ from engine_helpers import (
     alone,
     free_bytes_for,
     llama_relative,
+    padded_prompts,
     submit,
 )
 from metalserve import staticdecode
@@ -970,14 +971,6 @@ def _graphs_on_the_cpu(
     return captures
 
 
-def _two_prompts(v1: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
-    prompts = [v1.encode(p, add_special_tokens=True) for p in PROMPTS[:2]]
-    ids = torch.full((2, max(len(p) for p in prompts)), v1.pad_token_id, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-    return ids, torch.tensor([len(p) for p in prompts])
-
-
 @torch.inference_mode()
 def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -991,7 +984,7 @@ def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     plain = _decoder(v1, bucketed=True)
     decoder = _decoder(v1, bucketed=True)
     shapes = sorted(decoder.prefill_shapes, key=lambda s: -s[0] * s[1])
-    ids, lengths = _two_prompts(v1)
+    ids, lengths = padded_prompts(v1, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     assert shape in shapes[1:]
     captures = _graphs_on_the_cpu(decoder, monkeypatch, fail=shapes[-1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import MODEL, Store
-from engine_helpers import PROMPTS
+from engine_helpers import padded_prompts
 from metalserve import staticdecode
 from metalserve.loader import LoadedModel, load_version
 
@@ -37,14 +37,6 @@ def _decoder(bundle: LoadedModel, cuda_graphs: bool) -> staticdecode.StaticDecod
     )
 
 
-def _prompts(bundle: LoadedModel, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    prompts = [bundle.encode(p, add_special_tokens=True) for p in PROMPTS[:count]]
-    ids = torch.full((count, max(len(p) for p in prompts)), bundle.pad_token_id, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-    return ids, torch.tensor([len(p) for p in prompts])
-
-
 @torch.inference_mode()
 def test_deferred_prefill_graphs_give_the_eager_numbers(on_cuda: LoadedModel) -> None:
     """A bucket whose graph is deferred prefills eagerly; once ``capture_deferred`` captured
@@ -53,7 +45,7 @@ def test_deferred_prefill_graphs_give_the_eager_numbers(on_cuda: LoadedModel) ->
     plain = _decoder(on_cuda, cuda_graphs=False)
     decoder = _decoder(on_cuda, cuda_graphs=True)
     decoder.capture_all(defer_prefill=True)
-    ids, lengths = _prompts(on_cuda, 2)
+    ids, lengths = padded_prompts(on_cuda, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     assert shape in decoder._deferred
     reference = plain.prefill(ids, lengths, 0)
@@ -80,7 +72,7 @@ def test_a_capture_that_fails_without_its_warm_up_is_taken_again(
     plain = _decoder(on_cuda, cuda_graphs=False)
     decoder = _decoder(on_cuda, cuda_graphs=True)
     decoder.capture_all(defer_prefill=True)
-    ids, lengths = _prompts(on_cuda, 2)
+    ids, lengths = padded_prompts(on_cuda, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     prefill = decoder._prefill
     failed: list[tuple[int, int]] = []
