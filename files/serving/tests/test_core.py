@@ -19,7 +19,17 @@ from typing import Any
 import pytest
 
 from conftest import MODEL, Store, server_env
-from metalserve.core.messages import Beat, Call, Cancel, Ended, Hello, Reply, Step, Submit
+from metalserve.core.messages import (
+    Beat,
+    Call,
+    Cancel,
+    Ended,
+    Hello,
+    Loaded,
+    Reply,
+    Step,
+    Submit,
+)
 from metalserve.engine import Failed, Finished, TextDelta
 from metalserve.loader import ModelView
 from metalserve.sampling import SamplingParams
@@ -46,6 +56,7 @@ class Core:
         self.ended: dict[int, Ended] = {}
         self.beats: list[float] = []
         self.observed: list[str] = []
+        self.loaded: list[ModelView] = []
         self._next = 0
 
     def call(self, name: str, *args: Any) -> int:
@@ -75,6 +86,8 @@ class Core:
             self.observed += [name for name, _ in message.observed]
         elif isinstance(message, Beat):
             self.beats.append(message.at)
+        elif isinstance(message, Loaded):
+            self.loaded.append(message.view)
         return message
 
     def until_ended(self, *rids: int) -> None:
@@ -105,6 +118,9 @@ def core(model_store: Store) -> Iterator[Core]:
 def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store: Store) -> None:
     v1, timings, facts = core.reply(core.call("start", model_store.v1, time.monotonic()))
     assert v1.version_id == model_store.v1
+    # Told of before the answer (once loaded, before the warm-up), for the API's tokenizer.
+    assert [view.version_id for view in core.loaded] == [model_store.v1]
+    assert core.loaded[0].tokenizer.files == v1.tokenizer.files
     assert {"load", "warmup", "decode_path"} <= set(timings)
     assert facts.decode_path == "dynamic"
     core.submit(1, v1)
@@ -112,6 +128,7 @@ def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store:
     assert isinstance(core.events[1][-1], Finished)
 
     v2 = core.reply(core.call("load", model_store.v2))
+    assert [view.version_id for view in core.loaded] == [model_store.v1, model_store.v2]
     # The API sends the swap, then at once a sequence for the next version (and nothing for
     # the old one): the engine must take it, however soon it comes after the swap.
     swap = core.call("swap", model_store.v2)
@@ -308,11 +325,12 @@ def test_the_engine_process_freezes_its_heap_after_answering_start(
     frozen_after: list[list[object]] = []
     monkeypatch.setattr(process, "freeze_heap", lambda: frozen_after.append(list(sent)))
 
-    async def start(version_id: str, timings: dict[str, float]) -> Any:
+    async def start(version_id: str, timings: dict[str, float], loaded: Any) -> Any:
         return SimpleNamespace(view=lambda: f"view of {version_id}")
 
     core: Any = SimpleNamespace(
         imported_at=0.0,
+        _loaded=None,
         host=SimpleNamespace(start=start),
         models={},
         facts=lambda: "facts",
@@ -331,3 +349,33 @@ def test_the_engine_process_freezes_its_heap_after_answering_start(
     assert reply.cid == 7
     assert reply.value[0] == "view of v1"
     assert frozen_after == [sent], "froze before the answer left"
+
+
+def test_the_api_side_gets_each_version_once_loaded_and_serves_that_view(
+    model_store: Store,
+) -> None:
+    """The engine's process tells of a version once it is loaded, before its warm-up, and the
+    API's side builds its tokenizer from that view meanwhile: the start and load calls then
+    return that same view (what was begun with it kept), not the answer's copy."""
+    from metalserve.core.client import CoreClient
+    from metalserve.metrics import Metrics
+    from metalserve.relay import EventRelay
+
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    client = CoreClient(settings, Metrics(), EventRelay(), reload_headroom=False)
+    told: list[ModelView] = []
+
+    async def start_and_load() -> tuple[ModelView, ModelView]:
+        first = await client.start(model_store.v1, {}, loaded=told.append)
+        assert [view.version_id for view in told] == [model_store.v1]
+        second = await client.load_next(model_store.v2, loaded=told.append)
+        return first, second
+
+    client.engine.start()
+    try:
+        first, second = asyncio.run(start_and_load())
+    finally:
+        client.engine.stop(timeout=30)
+    assert [view.version_id for view in told] == [model_store.v1, model_store.v2]
+    assert first is told[0]
+    assert second is told[1]

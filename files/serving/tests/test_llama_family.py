@@ -20,7 +20,7 @@ import transformers
 
 from conftest import MODEL, Store
 from engine_helpers import PROMPTS, alone, submit
-from metalserve import llama_family, staticdecode, store
+from metalserve import llama_family, staticdecode, store, tokenization
 from metalserve.engine import Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel, LoadError, load_version, static_path_only
 from metalserve.sampling import SamplingParams
@@ -220,20 +220,21 @@ def test_a_static_only_load_decodes_as_transformers_does(
         logits = decoder.decode(1, len(sequence) - 1)[0]
 
 
-def test_a_static_only_load_imports_no_modeling_code(model_store: Store) -> None:
-    """The point of it: neither transformers' modeling nor torch.compile's machinery is
-    imported by a load and warm-up (a fresh interpreter, as a replica's start)."""
+def test_a_static_only_load_imports_no_transformers(model_store: Store) -> None:
+    """The point of it: neither transformers (its modeling, its tokenizers: the tokenizer is
+    read by the tokenizers library) nor torch.compile's machinery is imported by a load,
+    warm-up and generation (a fresh interpreter, as an engine process's start)."""
     script = f"""
 import sys
 from pathlib import Path
-from metalserve.engine import WARMUP_PROMPT, generate_once
+from metalserve.engine import generate_once, warmup_prompt
 from metalserve.loader import load_version
 from metalserve.sampling import SamplingParams
 root = Path({str(model_store.root)!r})
 bundle = load_version(root, {MODEL!r}, {model_store.v1!r}, static_only=True)
-prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
-generate_once(bundle, prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-heavy = ("transformers.modeling_utils", "transformers.models.auto.modeling_auto", "torch._dynamo")
+params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+generate_once(bundle, warmup_prompt(bundle), params)
+heavy = ("transformers", "torch._dynamo")
 print(bundle.modeling, sorted(name for name in heavy if name in sys.modules))
 """
     done = subprocess.run(
@@ -383,19 +384,14 @@ def test_tied_embeddings_stay_apart_where_the_checkpoint_has_two_different_ones(
         assert torch.equal(model.lm_head.weight, head)
 
 
-def test_generic_tokenizers_read_without_auto_classes_only_where_auto_would_agree(
-    model_dirs: dict[int, Path],
-) -> None:
+def test_generic_tokenizers_read_without_auto_classes_only_where_auto_would_agree() -> None:
     """A qwen2 checkpoint's generic tokenizer class is made Qwen2Tokenizer by AutoTokenizer
-    (transformers' list of hub classes it corrects): such types go through AutoTokenizer."""
+    (transformers' list of hub classes it corrects): such types go through AutoTokenizer
+    (``tokenization.is_generic``; test_tokenization)."""
     from transformers.models.auto import tokenization_auto
 
-    from metalserve import loader
-
     corrected = set(tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
-    assert corrected & set(llama_family.DEFAULTS) == set(loader.OWN_TOKENIZER_TYPES)
-    assert loader._generic_tokenizer(model_dirs[1], "llama")
-    assert not loader._generic_tokenizer(model_dirs[1], "qwen2")
+    assert corrected & set(llama_family.DEFAULTS) == set(tokenization.OWN_TOKENIZER_TYPES)
 
 
 def test_a_failed_capture_is_gone_before_the_eager_decoder_sizes_its_cache(

@@ -44,7 +44,7 @@ def test_health_ready_version(client: httpx.Client, model_store: Store) -> None:
     assert (version["max_batch_size"], version["max_context"]) == (8, 512)
     # Where the time to ready went: the phases after the process's start add up to at most it.
     startup = version["startup_seconds"]
-    phases = ["process_start", "imports", "load", "warmup", "decode_path"]
+    phases = ["process_start", "imports", "load", "warmup", "decode_path", "tokenizer"]
     assert list(startup) == [*phases, "ready"]
     assert all(seconds >= 0 for seconds in startup.values()), startup
     assert startup["load"] == version["load_seconds"]

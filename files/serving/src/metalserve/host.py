@@ -19,11 +19,11 @@ from typing import Any, Protocol
 from metalserve import ranks, store
 from metalserve.cache import Lease, VersionCache
 from metalserve.engine import (
-    WARMUP_PROMPT,
     WARMUP_TOKENS,
     Engine,
     EngineObserver,
     generate_once,
+    warmup_prompt,
 )
 from metalserve.loader import (
     LoadedModel,
@@ -40,6 +40,8 @@ from metalserve.threads import in_daemon_thread
 log = logging.getLogger("metalserve.replica")
 
 LOAD_THREAD = "metalserve-load"
+# Told of a version once it is loaded and verified, before its warm-up (on the load's thread).
+OnLoaded = Callable[[ModelView], None]
 
 
 class HostObserver(EngineObserver, Protocol):
@@ -93,13 +95,18 @@ class ModelHost:
         self.rank_infos: list[dict[str, Any]] = []
         self._loaded_from: dict[str, Path] = {}
 
-    async def start(self, version_id: str, timings: dict[str, float]) -> LoadedModel:
+    async def start(
+        self, version_id: str, timings: dict[str, float], loaded: OnLoaded | None = None
+    ) -> LoadedModel:
         """Load, verify and warm up the first version and make it the engine's (``timings``
-        gets the seconds of each part)."""
+        gets the seconds of each part; ``loaded`` is told of it once loaded, before the
+        warm-up)."""
         if self.settings.tensor_parallel > 1:
             self._start_ranks()
         # Warmed up by the engine on the batch it goes live with (``Engine._warm_up``).
-        bundle = await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id, timings, False)
+        bundle = await in_daemon_thread(
+            LOAD_THREAD, self.load_and_warm, version_id, timings, False, loaded
+        )
         if self.settings.tensor_parallel > 1:
             started = time.monotonic()
             await in_daemon_thread(LOAD_THREAD, self._join_ranks, bundle)
@@ -110,10 +117,12 @@ class ModelHost:
         timings["decode_path"] = time.monotonic() - switching - timings["warmup"]
         return bundle
 
-    async def load_next(self, version_id: str) -> LoadedModel:
+    async def load_next(self, version_id: str, loaded: OnLoaded | None = None) -> LoadedModel:
         """A hot reload's first half: the next version loaded, verified and warmed up beside
-        the one served."""
-        return await in_daemon_thread(LOAD_THREAD, self.load_and_warm, version_id)
+        the one served (``loaded``: as ``start``'s)."""
+        return await in_daemon_thread(
+            LOAD_THREAD, self.load_and_warm, version_id, None, True, loaded
+        )
 
     async def swap_in(self, bundle: ModelView) -> str | None:
         """A hot reload's second half: ``bundle`` (what ``load_next`` returned) served once the
@@ -134,11 +143,15 @@ class ModelHost:
         return previous
 
     def load_and_warm(
-        self, version_id: str, timings: dict[str, float] | None = None, warm_up: bool = True
+        self,
+        version_id: str,
+        timings: dict[str, float] | None = None,
+        warm_up: bool = True,
+        loaded: OnLoaded | None = None,
     ) -> LoadedModel:
         """Load and verify a version (from the node's cache when it holds it), then, with
         ``warm_up``, prove it generates (blocking: run in a thread). ``timings`` gets the
-        seconds of each part."""
+        seconds of each part; ``loaded`` is told of the version once loaded."""
         timings = {} if timings is None else timings
         started = time.monotonic()
         import_libraries()
@@ -150,6 +163,8 @@ class ModelHost:
             skinny_linear.remember_in(self.settings.decode_tuning_file)
         bundle = self._load(version_id)
         timings["load"] = bundle.load_seconds
+        if loaded is not None:
+            loaded(bundle)
         if bundle.part_of is not None and self.engine.tensor_parallel is not None:
             self._verify_version(version_id)
         if bundle.part_of is not None or not warm_up:
@@ -158,7 +173,7 @@ class ModelHost:
         started = time.monotonic()
         text = generate_once(
             bundle,
-            bundle.encode(WARMUP_PROMPT, add_special_tokens=True),
+            warmup_prompt(bundle),
             SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True),
             step_delay=self.settings.debug_step_delay,
         )

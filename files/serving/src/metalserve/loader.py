@@ -10,8 +10,9 @@ device from the shards' headers, several shards at once, so host memory stays at
 shard in flight whatever the model's size. Meanwhile the tokenizer is read and the model built with
 its parameters on the meta device; the loaded tensors then become its parameters. A model that will
 run on the static path only (``static_only``) of the Llama family is built by
-``metalserve.llama_family``, and of transformers only its tokenizer is imported; any other by
-transformers (its modeling import takes seconds of a start: issue 17, item 4).
+``metalserve.llama_family`` and its tokenizer read by ``metalserve.tokenization``, without
+transformers where its files allow; any other by transformers (its import takes seconds of a
+start: issue 17, item 4).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from metalserve import store, triton_warmup
+from metalserve import store, tokenization, triton_warmup
 from metalserve.threads import DaemonExecutor
+from metalserve.tokenization import IMPORTING_TRANSFORMERS, VersionTokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
     from metalserve.tensor_parallel import TensorParallel
 
@@ -45,9 +47,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PATCHING = threading.Lock()
-# transformers' lazy module is not safe to import from two threads at once (the second may find
-# its names missing): every import of it here goes through this.
-_IMPORTING = threading.Lock()
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -63,7 +62,7 @@ class ModelView:
 
     name: str
     version_id: str
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: VersionTokenizer
     device: torch.device
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
@@ -87,11 +86,8 @@ class ModelView:
         return self.version_id[: store.SHORT_ID_LEN]
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Tokenize with the Rust backend directly: it is thread-safe and needs no lock."""
-        ids: list[int] = self.tokenizer.backend_tokenizer.encode(
-            text, add_special_tokens=add_special_tokens
-        ).ids
-        return ids
+        """A prompt's ids, by transformers' tokenizer (the API side's)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def view(self) -> ModelView:
         """This version's view alone (the same tokenizer), to send to another process."""
@@ -235,8 +231,9 @@ def load_version(
         with tempfile.TemporaryDirectory(prefix="metalserve-") as tmp:
             # Small files (config, tokenizer) are verified, then materialized from the verified
             # bytes, so transformers never reads an unverified copy.
+            small: dict[str, bytes] = {}
             for entry in others:
-                data = _read_verified(root, entry, version_id, chunk_size)
+                data = small[entry.path] = _read_verified(root, entry, version_id, chunk_size)
                 target = Path(tmp) / entry.path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -276,6 +273,7 @@ def load_version(
                 try:
                     prepared = _prepare(
                         Path(tmp),
+                        small,
                         version_id,
                         torch_dtype,
                         raw_config,
@@ -371,8 +369,8 @@ def _kept_dtype(spec: Any, served: torch.dtype) -> torch.dtype:
 
 def import_transformers(model_type: Any = None) -> None:
     """Import what a load uses of transformers, and the modeling module of ``model_type`` (a
-    config.json's) where transformers has one, one thread at a time (``_IMPORTING``)."""
-    with _IMPORTING:
+    config.json's) where transformers has one, one thread at a time (``IMPORTING_TRANSFORMERS``)."""
+    with IMPORTING_TRANSFORMERS:
         import transformers.initialization  # noqa: F401
         from transformers import (  # noqa: F401
             AutoConfig,
@@ -436,6 +434,7 @@ def _parts_of(
 
 def _prepare(
     folder: Path,
+    small: dict[str, bytes],
     version_id: str,
     dtype: torch.dtype,
     raw: dict[str, Any],
@@ -443,10 +442,11 @@ def _prepare(
     static_only: bool,
     max_context: int | None,
 ) -> _Prepared:
-    """Read the config and tokenizer in ``folder`` and build the model with its parameters on
-    the meta device (the loaded tensors replace them) and its buffers (rotary angles, scales)
-    computed on the CPU (moved to the device with the weights): by ``llama_family`` where the
-    model will run on the static path only and is of that family, else by transformers."""
+    """Read the config and tokenizer in ``folder`` (``small``: its files' verified bytes) and
+    build the model with its parameters on the meta device (the loaded tensors replace them)
+    and its buffers (rotary angles, scales) computed on the CPU (moved to the device with the
+    weights): by ``llama_family`` where the model will run on the static path only and is of
+    that family, else by transformers."""
 
     seconds: dict[str, float] = {}
     begun = time.monotonic()
@@ -457,14 +457,8 @@ def _prepare(
         seconds[part], begun = now - begun, now
 
     family = _family_config(raw, max_context) if static_only else None
-    reader: Any
-    if family is not None and _generic_tokenizer(folder, family.model_type):
-        # Of transformers, its tokenizers backend alone (no auto classes: they import the rest).
-        with _IMPORTING:
-            from transformers import PreTrainedTokenizerFast as reader
-    else:
-        import_transformers(raw.get("model_type") if family is None else None)
-        from transformers import AutoTokenizer as reader
+    if family is None:
+        import_transformers(raw.get("model_type"))
     lap("transformers")
     config: Any = family
     try:
@@ -472,17 +466,16 @@ def _prepare(
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        tokenizer = reader.from_pretrained(folder, local_files_only=True)
+        tokenizer = tokenization.read(small, raw.get("model_type"), family=family is not None)
     except (OSError, ValueError, KeyError) as exc:
         raise LoadError(f"cannot read config/tokenizer of {version_id[:12]}: {exc}") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise LoadError("only fast (tokenizer.json) tokenizers are supported")
     generation_config = _generation_config(folder, version_id)
     lap("tokenizer")
     if family is not None:
         from metalserve import llama_family
 
-        with _IMPORTING:  # RoPE other than the default imports transformers' RoPE functions
+        # RoPE other than the default imports transformers' RoPE functions.
+        with IMPORTING_TRANSFORMERS:
             model = llama_family.build(family, dtype)
     else:
         model = _transformers_model(config, dtype)
@@ -529,30 +522,6 @@ def _family_config(raw: dict[str, Any], max_context: int | None) -> Any:
         log.info("the model is built by transformers: a sliding window of %d tokens", window)
         return None
     return config
-
-
-# Tokenizer classes that are transformers' tokenizers backend itself, with nothing of a model's
-# own: read without importing transformers' auto classes (which import its modeling machinery).
-GENERIC_TOKENIZERS = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
-# Model types whose checkpoints name a generic class where AutoTokenizer makes the model's own
-# (transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, of the Llama family): read by it.
-OWN_TOKENIZER_TYPES = frozenset({"qwen2"})
-
-
-def _generic_tokenizer(folder: Path, model_type: str) -> bool:
-    """Whether ``folder``'s tokenizer is transformers' tokenizers backend as AutoTokenizer
-    would make it for ``model_type``."""
-    if model_type in OWN_TOKENIZER_TYPES:
-        return False
-    try:
-        settings = json.loads((folder / "tokenizer_config.json").read_bytes())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(settings, dict)
-        and settings.get("tokenizer_class") in GENERIC_TOKENIZERS
-        and (folder / "tokenizer.json").is_file()
-    )
 
 
 def _generation_config(folder: Path, version_id: str) -> SimpleNamespace | None:

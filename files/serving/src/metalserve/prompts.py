@@ -96,14 +96,13 @@ def chat_prompt(
         messages.append(entry)
     if not any(m["content"] for m in messages):
         raise ApiError(400, "the messages hold no text", param="messages")
-    if bundle.tokenizer.chat_template is None:
+    tokenizer = bundle.tokenizer.transformers
+    if tokenizer.chat_template is None:
         raise ApiError(
             400, "this model has no chat template; use /v1/completions", param="messages"
         )
     try:
-        text = bundle.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise ApiError(
             400, f"the chat template rejected the messages: {exc}", param="messages"

@@ -7,9 +7,11 @@ engine alive or not. Loads and warm-ups run on daemon threads so that SIGTERM ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from metalserve.loader import LoadError, ModelView
 from metalserve.metrics import Metrics
 from metalserve.relay import EventRelay
 from metalserve.settings import ServeSettings
+from metalserve.threads import in_daemon_thread
 from metalserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -146,7 +149,10 @@ class Replica:
     async def load_initial(self) -> None:
         timings = {"process_start": process_seconds()}
         try:
-            bundle = await self.host.start(self.version_id, timings)
+            bundle = await self.host.start(self.version_id, timings, loaded=_begin_tokenizer)
+            started = time.monotonic()
+            await _tokenizer_for_requests(bundle)
+            timings["tokenizer"] = time.monotonic() - started
         except store.VerificationError as exc:
             self._fatal(ExitCode.VERIFICATION_FAILED, str(exc))
         except store.VersionNotFoundError as exc:
@@ -228,7 +234,8 @@ class Replica:
             return {"model": current.name, "version_id": version_id, "changed": False}
         started = time.monotonic()
         try:
-            bundle = await self.host.load_next(version_id)
+            bundle = await self.host.load_next(version_id, loaded=_begin_tokenizer)
+            await _tokenizer_for_requests(bundle)
         except store.VerificationError as exc:
             self.metrics.reloads.labels(result="verification_failed").inc()
             raise ApiError(409, str(exc), param="version", code="verification_failed") from exc
@@ -251,6 +258,25 @@ class Replica:
             "changed": True,
             "seconds": round(time.monotonic() - started, 3),
         }
+
+
+def _begin_tokenizer(bundle: ModelView) -> None:
+    """Once a version is loaded: transformers' tokenizer of it built beside its warm-up (the
+    engine reads the version without it where it can, ``metalserve.tokenization``, and an
+    engine's process sends the files alone). A failure here is met again, and reported, by
+    ``_tokenizer_for_requests``."""
+
+    def build() -> None:
+        with contextlib.suppress(Exception):
+            bundle.tokenizer.transformers  # noqa: B018 (built on first use)
+
+    threading.Thread(target=build, name="metalserve-tokenizer", daemon=True).start()
+
+
+async def _tokenizer_for_requests(bundle: ModelView) -> None:
+    """Before a version serves: its transformers tokenizer built (the first request would
+    otherwise wait for it), or the build's error raised."""
+    await in_daemon_thread("metalserve-tokenizer", lambda: bundle.tokenizer.transformers)
 
 
 def process_seconds() -> float:

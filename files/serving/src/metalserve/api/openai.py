@@ -45,7 +45,7 @@ def completion_logprobs(
     start (no echo)."""
     if logprobs is None:
         return None
-    tokenizer = bundle.tokenizer
+    tokenizer = bundle.tokenizer.transformers
     texts = [tokenizer.decode([token]) for token, _ in logprobs]
     offsets = [0, *itertools.accumulate(len(t) for t in texts)][: len(texts)]
     return CompletionLogprobs(

@@ -34,6 +34,7 @@ from metalserve.core.messages import (
     Cancel,
     EngineFacts,
     Hello,
+    Loaded,
     Reply,
     Step,
     Submit,
@@ -47,11 +48,12 @@ from metalserve.engine import (
     StaleModelError,
     TextDelta,
 )
-from metalserve.host import freeze_heap
+from metalserve.host import OnLoaded, freeze_heap
 from metalserve.loader import ModelView
 from metalserve.metrics import Metrics
 from metalserve.relay import EventRelay
 from metalserve.settings import ServeSettings
+from metalserve.tokenization import IMPORTING_TRANSFORMERS
 
 log = logging.getLogger("metalserve.core")
 
@@ -109,6 +111,10 @@ class RemoteEngine:
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
         self._profile: RemoteProfile | None = None
+        # The versions the engine's process told of once loaded (``Loaded``), until their
+        # start or load call answers; and who is told of them.
+        self._loaded: dict[str, ModelView] = {}
+        self._on_loaded: OnLoaded | None = None
 
     # --- the process -----------------------------------------------------------------------
 
@@ -123,8 +129,9 @@ class RemoteEngine:
         self._reader = threading.Thread(target=self._read, name="metalserve-core-client")
         self._reader.daemon = True
         self._reader.start()
-        # The versions' views hold a tokenizer (transformers) and torch's device and dtype:
-        # imported meanwhile, not when the first view arrives (1-2 s before ready).
+        # The versions' views hold torch's device and dtype, and this process builds their
+        # tokenizers (transformers'): imported meanwhile, not when the first view arrives
+        # (1-2 s before ready).
         threading.Thread(
             target=_import_view_libraries, name="metalserve-imports", daemon=True
         ).start()
@@ -280,6 +287,22 @@ class RemoteEngine:
                 future.set_exception(exc)
         return future
 
+    def expect_load(self, on_loaded: OnLoaded | None) -> None:
+        """Before a start or load call: who is told of its version once loaded (on the reader
+        thread); what an earlier, failed one told of is dropped."""
+        self._loaded.clear()
+        self._on_loaded = on_loaded
+
+    def _told_loaded(self, view: ModelView) -> None:
+        self._loaded[view.version_id] = view
+        if self._on_loaded is not None:
+            self._on_loaded(view)
+
+    def loaded_view(self, view: ModelView) -> ModelView:
+        """The view the engine's process sent of ``view``'s version once loaded (the same
+        version, and what was begun with it, such as its tokenizer), else ``view``."""
+        return self._loaded.pop(view.version_id, view)
+
     def went_live(self, view: ModelView, facts: EngineFacts) -> None:
         """The engine's process serves ``view``'s version now."""
         with self._lock:
@@ -333,6 +356,8 @@ class RemoteEngine:
                     self._deliver(message)
                 elif isinstance(message, Beat):
                     self._beat = message.at
+                elif isinstance(message, Loaded):
+                    self._told_loaded(message.view)
                 elif isinstance(message, Reply):
                     self._answer(message)
             except Exception:  # one message's trouble (a sink, an observer), not the socket's
@@ -395,7 +420,9 @@ class RemoteEngine:
 
 def _import_view_libraries() -> None:
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+
+    with IMPORTING_TRANSFORMERS:
+        from transformers import PreTrainedTokenizerFast  # noqa: F401
 
     # Most of what this process holds while serving is here now: frozen out of collections
     # while the engine's process still loads, the freeze at ready (``server``) collects only
@@ -422,17 +449,22 @@ class CoreClient:
         )
         self.rank_infos: list[dict[str, Any]] = []  # one rank: none to tell of
 
-    async def start(self, version_id: str, timings: dict[str, float]) -> ModelView:
+    async def start(
+        self, version_id: str, timings: dict[str, float], loaded: OnLoaded | None = None
+    ) -> ModelView:
+        self.engine.expect_load(loaded)
         asked = self.engine.call("start", version_id, time.monotonic())
         view, parts, facts = await asyncio.wrap_future(asked)
+        view = self.engine.loaded_view(view)
         timings.update(parts)
         self.engine.went_live(view, facts)
-        return view  # type: ignore[no-any-return]
-
-    async def load_next(self, version_id: str) -> ModelView:
-        """A hot reload's first half, there; the next version's view."""
-        view: ModelView = await asyncio.wrap_future(self.engine.call("load", version_id))
         return view
+
+    async def load_next(self, version_id: str, loaded: OnLoaded | None = None) -> ModelView:
+        """A hot reload's first half, there; the next version's view."""
+        self.engine.expect_load(loaded)
+        view: ModelView = await asyncio.wrap_future(self.engine.call("load", version_id))
+        return self.engine.loaded_view(view)
 
     async def swap_in(self, view: ModelView) -> str | None:
         """A hot reload's second half, there; the replaced version's id."""

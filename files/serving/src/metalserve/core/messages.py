@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metalserve.engine import Event
+from metalserve.loader import ModelView
 from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
 
@@ -104,6 +105,14 @@ class Step:
     events: list[tuple[int, str | Event]]
     ended: list[tuple[int, Ended]]
     observed: list[tuple[str, tuple[Any, ...]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Engine -> API: a version loaded and verified, before its warm-up (the start or load call
+    answers once it is warm and live): the API builds its tokenizer meanwhile."""
+
+    view: ModelView
 
 
 @dataclass(frozen=True, slots=True)

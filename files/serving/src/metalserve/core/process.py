@@ -38,6 +38,7 @@ from metalserve.core.messages import (
     Ended,
     EngineFacts,
     Hello,
+    Loaded,
     Reply,
     Step,
     Submit,
@@ -312,7 +313,7 @@ class Core:
         # The API asked at ``asked_at`` (CLOCK_MONOTONIC: one clock for both processes); what
         # it waited for this process's imports (begun at its start) counts as imports.
         timings = {"imports": max(0.0, self.imported_at - asked_at)}
-        bundle = await self.host.start(version_id, timings)
+        bundle = await self.host.start(version_id, timings, loaded=self._loaded)
         self.models = {version_id: bundle}
         # The heap frozen as the API process's is once ready, but after this answer (``_answer``
         # sends it in this task's step; the callback runs in the loop's next): its full
@@ -322,9 +323,14 @@ class Core:
         return bundle.view(), timings, self.facts()
 
     async def call_load(self, version_id: str) -> ModelView:
-        bundle = await self.host.load_next(version_id)
+        bundle = await self.host.load_next(version_id, loaded=self._loaded)
         self.models[version_id] = bundle
         return bundle.view()
+
+    def _loaded(self, bundle: ModelView) -> None:
+        """On the load's thread, before the warm-up: the API's tokenizer is built beside it."""
+        assert isinstance(bundle, LoadedModel), "a version this process loaded"
+        self.send(Loaded(bundle.view()))
 
     async def call_abort_all(self, message: str) -> None:
         self.engine.abort_all(message)

@@ -22,6 +22,7 @@ from metalserve.engine.batches import (
     DynamicBatch,
     StaticBatch,
     generate_once,
+    warmup_prompt,
 )
 from metalserve.engine.loop import (
     DECODE_MODES,
@@ -59,4 +60,5 @@ __all__ = [
     "StaticBatch",
     "TextDelta",
     "generate_once",
+    "warmup_prompt",
 ]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from torch.nn.attention import SDPBackend
     from transformers.cache_utils import Cache
 
-    from metalserve.loader import LoadedModel
+    from metalserve.loader import LoadedModel, ModelView
     from metalserve.staticdecode import StaticDecoder
 
 
@@ -39,6 +39,15 @@ if TYPE_CHECKING:
 # that its ranks together give the whole model's greedy text).
 WARMUP_PROMPT = "Hello"
 WARMUP_TOKENS = 4
+
+
+def warmup_prompt(bundle: ModelView) -> list[int]:
+    """The warm-up's prompt, by the tokenizer the engine decodes with: transformers' is the API
+    side's, and an engine's process need not import it."""
+    ids: list[int] = bundle.tokenizer.backend.encode(WARMUP_PROMPT).ids
+    return ids
+
+
 # The static path times one decode step in this many on the device (metalserve_forward_pass_
 # part_seconds{part="device"}); every prefill.
 DEVICE_TIMED_STEPS = 8

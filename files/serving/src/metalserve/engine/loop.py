@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from metalserve import prefixcache
 from metalserve.engine.batches import (
-    WARMUP_PROMPT,
     WARMUP_TOKENS,
     Batch,
     DynamicBatch,
     StaticBatch,
     generate_once,
+    warmup_prompt,
 )
 from metalserve.engine.profiling import PassProfile
 from metalserve.engine.sequence import EngineObserver, Sequence
@@ -594,7 +594,7 @@ class Engine:
         observer, passes = batch.observer, batch.forward_passes
         batch.observer = None
         try:
-            prompt = bundle.encode(WARMUP_PROMPT, add_special_tokens=True)
+            prompt = warmup_prompt(bundle)
             params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
             text = generate_once(bundle, prompt, params, self.step_delay, batch)
         finally:

@@ -87,7 +87,7 @@ class Sequence:
         # that let go of the GIL, in the prefill of a wave of requests).
         if not self.params.greedy:
             self.generator = make_generator(self.bundle.device, self.params.seed)
-        self._detok = IncrementalDetokenizer(self.bundle.tokenizer.backend_tokenizer)
+        self._detok = IncrementalDetokenizer(self.bundle.tokenizer.backend)
         self._stops = StopMatcher(self.params.stop)
 
     def append(
