@@ -84,14 +84,17 @@ class VersionTokenizer:
     def transformers(self) -> PreTrainedTokenizerBase:
         """transformers' tokenizer of these files, built on first use (by the class
         AutoTokenizer would choose)."""
-        with self._building:
-            if self._full is None:
-                self._full = _transformers_tokenizer(self.files, generic=self.generic)
-            return self._full
+        full = self._full
+        if full is None:  # once: built under the lock, read without it from then on
+            with self._building:
+                if self._full is None:
+                    self._full = _transformers_tokenizer(self.files, generic=self.generic)
+                full = self._full
+        return full
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """A prompt's ids as transformers' tokenizer makes them, by its Rust backend directly:
-        thread-safe, no lock."""
+        """A prompt's ids as transformers' tokenizer makes them, by its Rust backend directly
+        (thread-safe)."""
         ids: list[int] = self.transformers.backend_tokenizer.encode(
             text, add_special_tokens=add_special_tokens
         ).ids
