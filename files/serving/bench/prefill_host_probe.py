@@ -52,7 +52,7 @@ class _Bundle:
     max_context = 512
 
     class tokenizer:  # LoadedModel's attribute name
-        backend_tokenizer = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))  # noqa: S106
+        backend = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))  # noqa: S106
 
 
 def _batch() -> StaticBatch:
