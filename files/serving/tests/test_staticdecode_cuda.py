@@ -1,7 +1,7 @@
-"""The static path's real CUDA graphs (on a CUDA device): the prefill and decode graphs
-captured in idle moments, and a capture that fails without its warm-up. The CPU tests
-(test_staticdecode.py) stand in for the graphs; these check what the stand-ins cannot:
-torch's capture and its allocator after a failed one."""
+"""The static path's real CUDA graphs (on a CUDA device): the prefill graphs captured in idle
+moments, and a capture that fails without its warm-up. The CPU tests (test_staticdecode.py)
+stand in for the graphs; these check what the stand-ins cannot: torch's capture and its
+allocator after a failed one."""
 
 from __future__ import annotations
 
@@ -44,11 +44,7 @@ def test_deferred_prefill_graphs_give_the_eager_numbers(on_cuda: LoadedModel) ->
     cache untouched by the captures."""
     plain = _decoder(on_cuda, cuda_graphs=False)
     decoder = _decoder(on_cuda, cuda_graphs=True)
-    decoder.capture_all(defer=True)
-    # The deferred decode graphs come first: their warm-up steps write the rows' keys at
-    # their positions (the engine captures only while no row is live).
-    while decoder._deferred_decode:
-        decoder.capture_deferred()
+    decoder.capture_all(defer_prefill=True)
     ids, lengths = padded_prompts(on_cuda, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     assert shape in decoder._deferred
@@ -65,34 +61,6 @@ def test_deferred_prefill_graphs_give_the_eager_numbers(on_cuda: LoadedModel) ->
 
 
 @torch.inference_mode()
-def test_a_deferred_decode_bucket_replays_the_larger_graph_then_its_own(
-    on_cuda: LoadedModel,
-) -> None:
-    """Until its own is captured, a batch of one replays the largest batch's decode graph
-    (its other rows on free slots); both give the eager step's logits."""
-    plain = _decoder(on_cuda, cuda_graphs=False)
-    decoder = _decoder(on_cuda, cuda_graphs=True)
-    decoder.capture_all(defer=True)
-    largest = decoder.batch_sizes[-1]
-    assert set(decoder._graphs) == {(largest, length) for length in decoder.lengths}
-    ids, lengths = padded_prompts(on_cuda, 1)
-
-    def first_step(d: staticdecode.StaticDecoder) -> torch.Tensor:
-        logits = d.prefill(ids, lengths, 0)
-        d.admit(0, logits.argmax(-1), lengths)
-        return d.decode(1, int(lengths[0]))
-
-    reference = first_step(plain)
-    torch.testing.assert_close(first_step(decoder), reference)
-    assert len(decoder._graphs) == len(decoder.lengths)  # no capture on the way
-    while decoder._deferred_decode:  # the engine's idle moments
-        decoder.capture_deferred()
-    assert not decoder._failed_decode
-    assert len(decoder._graphs) == len(decoder.batch_sizes) * len(decoder.lengths)
-    torch.testing.assert_close(first_step(decoder), reference)
-
-
-@torch.inference_mode()
 def test_a_capture_that_fails_without_its_warm_up_is_taken_again(
     on_cuda: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,7 +71,7 @@ def test_a_capture_that_fails_without_its_warm_up_is_taken_again(
     ``empty_cache`` (a hot reload's) and the device's random numbers (sampling's) work."""
     plain = _decoder(on_cuda, cuda_graphs=False)
     decoder = _decoder(on_cuda, cuda_graphs=True)
-    decoder.capture_all(defer=True)
+    decoder.capture_all(defer_prefill=True)
     ids, lengths = padded_prompts(on_cuda, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     prefill = decoder._prefill

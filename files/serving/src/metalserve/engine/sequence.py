@@ -53,7 +53,6 @@ class EngineObserver(Protocol):
     def sequence_finished(
         self, reason: str, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
-    def deferred_graphs(self, count: int) -> None: ...
 
 
 @dataclass(eq=False)
