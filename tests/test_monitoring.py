@@ -3,7 +3,8 @@
 The rules are roles/monitoring/templates/metalserve.rules.yml.j2 rendered by Ansible with the
 role's defaults, as the role installs them. Every metric the rules and the dashboard query must be
 one the project exports: the replica's registry, a real HAProxy's Prometheus exporter started here
-on loopback, the DCGM fields of role nvidia_dcgm's counter set, and Prometheus' own `up`.
+on loopback, the DCGM fields of role nvidia_dcgm's counter set, node_exporter's systemd restart
+counter and Prometheus' own `up`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rules_pass_promtool_check(rules: Path) -> None:
     result = promtool("check", "rules", rules.name, cwd=rules.parent)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 19 rules found" in result.stdout
+    assert "SUCCESS: 20 rules found" in result.stdout
 
 
 def test_every_alert_passes_its_unit_tests(rules: Path) -> None:
@@ -71,9 +72,15 @@ def test_every_alert_passes_its_unit_tests(rules: Path) -> None:
 
 def test_unit_tests_hold_the_thresholds(tmp_path: Path) -> None:
     """A changed threshold fails the unit tests: they pin the defaults, not just the syntax."""
-    render_rules(tmp_path, monitoring_alert_error_rate=0.2, monitoring_alert_version_skew_for="1h")
+    render_rules(
+        tmp_path,
+        monitoring_alert_error_rate=0.2,
+        monitoring_alert_version_skew_for="1h",
+        monitoring_alert_replica_restart_window="2m",
+    )
     result = promtool("test", "rules", RULES_TEST.name, cwd=tmp_path)
     assert result.returncode != 0
+    assert "alertname: MetalserveReplicaRestarted" in result.stdout + result.stderr
     assert "alertname: MetalserveHighErrorRate" in result.stdout + result.stderr
     assert "alertname: MetalserveVersionSkew" in result.stdout + result.stderr
 
@@ -240,6 +247,9 @@ def exported(haproxy_metric_names: set[str], tmp_path_factory: pytest.TempPathFa
         | consistency_metric_names(tmp_path_factory)
         | keepalived_metric_names(tmp_path_factory)
         | {"up"}
+        # node_exporter's systemd collector, with the flags role monitoring sets: the cluster
+        # scenario checks Prometheus holds it for every replica's unit.
+        | {"node_systemd_service_restart_total"}
     )
 
 
