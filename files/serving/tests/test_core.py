@@ -20,6 +20,7 @@ import pytest
 
 from conftest import MODEL, Store, server_env
 from metalserve.core.messages import (
+    OBSERVED,
     Beat,
     Call,
     Cancel,
@@ -30,7 +31,9 @@ from metalserve.core.messages import (
     Step,
     Submit,
 )
+from metalserve.core.process import Outbox
 from metalserve.engine import Failed, Finished, TextDelta
+from metalserve.engine.sequence import EngineObserver
 from metalserve.loader import ModelView
 from metalserve.sampling import SamplingParams
 from metalserve.settings import ServeSettings
@@ -113,6 +116,14 @@ def core(model_store: Store) -> Iterator[Core]:
     finally:
         started.conn.close()  # the API's end gone: the process ends at once
         started.proc.wait(timeout=30)
+
+
+def test_every_engine_observer_call_crosses_to_the_api_process() -> None:
+    """The engine's process forwards each observer call (``Outbox``) and the API side replays
+    only the names in ``OBSERVED``: a call missing from it would be dropped there silently."""
+    calls = {name for name in vars(EngineObserver) if not name.startswith("_")}
+    assert calls <= OBSERVED, sorted(calls - OBSERVED)
+    assert all(callable(getattr(Outbox, name, None)) for name in calls)
 
 
 def test_a_swap_takes_the_sequences_sent_right_after_it(core: Core, model_store: Store) -> None:
@@ -379,3 +390,45 @@ def test_the_api_side_gets_each_version_once_loaded_and_serves_that_view(
     assert [view.version_id for view in told] == [model_store.v1, model_store.v2]
     assert first is told[0]
     assert second is told[1]
+
+
+def test_the_api_process_imports_neither_torch_nor_transformers(model_store: Store) -> None:
+    """The API's process of an engine-process replica (a fresh interpreter) starts the engine,
+    takes the version's view and tokenizes, renders a chat and writes a token's text with
+    neither torch nor transformers imported: the view names its device, and the tiny model's
+    tokenizer, read for the static path (the Llama family's, as on CUDA), is the API side's own
+    (``tokenization.own_form``)."""
+    script = f"""
+import asyncio, sys
+from metalserve.core.client import CoreClient
+from metalserve.metrics import Metrics
+from metalserve.relay import EventRelay
+from metalserve.settings import ServeSettings
+settings = ServeSettings(
+    store={str(model_store.root)!r}, model={MODEL!r}, version={model_store.v1!r},
+    decode_mode="static",
+)
+client = CoreClient(settings, Metrics(), EventRelay(), reload_headroom=False)
+client.engine.start()
+try:
+    view = asyncio.run(client.start({model_store.v1!r}, {{}}))
+    tokenizer = view.tokenizer
+    ids = tokenizer.encode("Hello", add_special_tokens=True)
+    chat = tokenizer.render_chat([{{"role": "user", "content": "Hi"}}])
+    text = tokenizer.token_text(ids[-1])
+finally:
+    client.engine.stop(timeout=30)
+print(view.device, view.dtype, tokenizer.own_api_form, bool(chat and text))
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+        env=server_env(),
+    )
+    assert done.stdout.splitlines()[-2:] == ["cpu float32 True True", "[]"], (
+        done.stdout + done.stderr
+    )

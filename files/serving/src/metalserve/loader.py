@@ -63,8 +63,10 @@ class ModelView:
     name: str
     version_id: str
     tokenizer: VersionTokenizer
-    device: torch.device
-    dtype: torch.dtype
+    # A view sent to another process (``view``) holds their names, so that process (the API's)
+    # needs no torch to read it.
+    device: torch.device | str
+    dtype: torch.dtype | str
     eos_token_ids: frozenset[int]
     pad_token_id: int
     max_context: int
@@ -90,13 +92,14 @@ class ModelView:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def view(self) -> ModelView:
-        """This version's view alone (the same tokenizer), to send to another process."""
+        """This version's view alone (the same tokenizer; the device and dtype by name), to
+        send to another process."""
         return ModelView(
             name=self.name,
             version_id=self.version_id,
             tokenizer=self.tokenizer,
-            device=self.device,
-            dtype=self.dtype,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             max_context=self.max_context,
@@ -114,6 +117,8 @@ class ModelView:
 class LoadedModel(ModelView):
     """A model version ready for inference; the engine runs one (two during a reload)."""
 
+    device: torch.device
+    dtype: torch.dtype
     model: PreTrainedModel
     # (rank, world): the model holds that rank's part of each layer's projections only, and
     # runs only as the static path's share of a tensor-parallel replica.

@@ -96,19 +96,19 @@ def chat_prompt(
         messages.append(entry)
     if not any(m["content"] for m in messages):
         raise ApiError(400, "the messages hold no text", param="messages")
-    tokenizer = bundle.tokenizer.transformers
-    if tokenizer.chat_template is None:
+    tokenizer = bundle.tokenizer
+    if not tokenizer.has_chat_template:
         raise ApiError(
             400, "this model has no chat template; use /v1/completions", param="messages"
         )
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.render_chat(messages)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise ApiError(
             400, f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
     # The template already placed BOS and other special tokens.
-    ids = _encode(settings, bundle, str(text), add_special_tokens=False, param="messages")
+    ids = _encode(settings, bundle, text, add_special_tokens=False, param="messages")
     return _check_prompt(settings, bundle, ids)
 
 

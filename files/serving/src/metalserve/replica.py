@@ -261,22 +261,22 @@ class Replica:
 
 
 def _begin_tokenizer(bundle: ModelView) -> None:
-    """Once a version is loaded: transformers' tokenizer of it built beside its warm-up (the
-    engine reads the version without it where it can, ``metalserve.tokenization``, and an
-    engine's process sends the files alone). A failure here is met again, and reported, by
+    """Once a version is loaded: the API side's tokenizer of it built beside its warm-up
+    (without transformers where its files allow, ``metalserve.tokenization``; an engine's
+    process sends the files alone). A failure here is met again, and reported, by
     ``_tokenizer_for_requests``."""
 
     def build() -> None:
         with contextlib.suppress(Exception):
-            bundle.tokenizer.transformers  # noqa: B018 (built on first use)
+            bundle.tokenizer.prepare()
 
     threading.Thread(target=build, name="metalserve-tokenizer", daemon=True).start()
 
 
 async def _tokenizer_for_requests(bundle: ModelView) -> None:
-    """Before a version serves: its transformers tokenizer built (the first request would
+    """Before a version serves: the API side's tokenizer built (the first request would
     otherwise wait for it), or the build's error raised."""
-    await in_daemon_thread("metalserve-tokenizer", lambda: bundle.tokenizer.transformers)
+    await in_daemon_thread("metalserve-tokenizer", bundle.tokenizer.prepare)
 
 
 def process_seconds() -> float:

@@ -33,7 +33,7 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
     """A private RNG per sequence: its samples depend on its seed only, never on batch mates."""
     import torch
 

@@ -2,13 +2,17 @@
 
 The engine detokenizes with the tokenizers library's ``Tokenizer`` (``backend``) and needs the
 special tokens' ids; the API side tokenizes prompts, renders chat templates and writes the texts
-of log-probabilities with transformers' tokenizer (``transformers``), built from the same files
-when first asked. Where transformers' tokenizer would be its generic class over ``tokenizer.json``
-with every token its config names already in that file, the engine's form is read without
-importing transformers (1.5-2 s of a start's interpreter time beside the weights: issue 17,
-item 4); the two then decode alike (what changes at transformers' reading, such as truncation,
-padding or the post-processor, acts on encoding only). Pickled, a tokenizer is its files alone:
-an engine's process sends it so, and the API's process builds its own.
+of log-probabilities (``prepare``, ``encode``, ``render_chat``, ``token_text``). Where
+transformers' tokenizer would be its generic class over ``tokenizer.json`` with every token its
+config names already in that file, the engine's form is read without importing transformers
+(1.5-2 s of a start's interpreter time beside the weights: issue 17, item 4); the two then decode
+alike (what changes at transformers' reading, such as truncation, padding or the post-processor,
+acts on encoding only). Where moreover the config holds nothing that transformers' reading
+turns into a change of the backend (``API_KEYS``), the API side needs no transformers either: it
+encodes with the same backend and renders chat templates in transformers' Jinja environment
+(``chat_template``), so an engine process's API process imports neither transformers nor torch.
+Else the API side builds transformers' tokenizer, as before. Pickled, a tokenizer is its files
+alone: an engine's process sends it so, and the API's process builds its own.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from jinja2 import Template
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
@@ -46,13 +51,54 @@ NAMED_TOKENS = (
 )
 
 
+# tokenizer_config.json's keys that the API side's own form reproduces or that change nothing it
+# does: it encodes with the backend directly (as it did with transformers' form), transformers
+# drops add_bos_token and add_eos_token where tokenizer.json exists, and add_prefix_space and
+# legacy are mere attributes of the generic class. Any other key (a model's own "*_token", an
+# auto_map, fix_mistral_regex, ...) sends the API side through transformers.
+API_KEYS = frozenset(
+    {
+        "tokenizer_class",
+        "backend",
+        "added_tokens_decoder",
+        *NAMED_TOKENS,
+        "extra_special_tokens",
+        "additional_special_tokens",
+        "chat_template",
+        "model_max_length",
+        "model_input_names",
+        "padding_side",
+        "truncation_side",
+        "clean_up_tokenization_spaces",
+        "split_special_tokens",
+        "add_bos_token",
+        "add_eos_token",
+        "add_prefix_space",
+        "legacy",
+    }
+)
+# transformers' single chat template file, beside which a folder may hold named ones.
+TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATES_DIR = "additional_chat_templates/"
+
+
 class TokenizerError(ValueError):
     """A version's tokenizer files cannot be read."""
 
 
+class OwnForm(NamedTuple):
+    """The API side's tokenizer without transformers (``own_form``): the backend it encodes
+    and decodes with, the named special tokens a chat template reads, the template compiled."""
+
+    backend: Tokenizer
+    special_tokens: dict[str, str]
+    template: Template | None
+
+
 class VersionTokenizer:
-    """One version's tokenizer: ``backend`` for the engine, ``transformers`` for the API side
-    (built once, on first use, from the same files), the special tokens' ids for both."""
+    """One version's tokenizer: ``backend`` for the engine, the API side's form (its own where
+    ``own_form`` can make it, else transformers', built once from the same files), the special
+    tokens' ids for both."""
 
     def __init__(
         self,
@@ -71,7 +117,9 @@ class VersionTokenizer:
         self.pad_token_id = pad_token_id
         self._backend = backend
         self._full = full
-        self._building = threading.Lock()
+        self._api_form: OwnForm | PreTrainedTokenizerBase | None = None
+        # Reentrant: the API form's build may build transformers' tokenizer under it.
+        self._building = threading.RLock()
 
     @property
     def backend(self) -> Tokenizer:
@@ -92,13 +140,57 @@ class VersionTokenizer:
                 full = self._full
         return full
 
+    def prepare(self) -> OwnForm | PreTrainedTokenizerBase:
+        """The API side's form, built now if not yet (the first request would wait for it):
+        its own where the files allow (``own_form``), else transformers' tokenizer."""
+        form = self._api_form
+        if form is None:
+            with self._building:
+                if self._api_form is None:
+                    own = own_form(self.files) if self.generic else None
+                    self._api_form = own if own is not None else self.transformers
+                form = self._api_form
+        return form
+
+    @property
+    def own_api_form(self) -> bool:
+        """Whether the API side runs without transformers (``prepare``'s form is its own)."""
+        return isinstance(self.prepare(), OwnForm)
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """A prompt's ids as transformers' tokenizer makes them, by its Rust backend directly
+        """A prompt's ids as transformers' tokenizer makes them, by the Rust backend directly
         (thread-safe)."""
-        ids: list[int] = self.transformers.backend_tokenizer.encode(
-            text, add_special_tokens=add_special_tokens
-        ).ids
+        form = self.prepare()
+        backend = form.backend if isinstance(form, OwnForm) else form.backend_tokenizer
+        ids: list[int] = backend.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        form = self.prepare()
+        if isinstance(form, OwnForm):
+            return form.template is not None
+        return form.chat_template is not None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The messages in the model's chat template, a generation prompt after them, as
+        transformers' ``apply_chat_template(tokenize=False, add_generation_prompt=True)``.
+        Raises jinja2's ``TemplateError`` (the template's own ``raise_exception`` among them)."""
+        form = self.prepare()
+        if isinstance(form, OwnForm):
+            from metalserve import chat_template  # the API side's only (Jinja)
+
+            assert form.template is not None, "no chat template (has_chat_template)"
+            return chat_template.render(form.template, messages, form.special_tokens)
+        return str(form.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    def token_text(self, token: int) -> str:
+        """One token's text, as transformers' ``decode([token])`` writes it."""
+        form = self.prepare()
+        if isinstance(form, OwnForm):
+            text: str = form.backend.decode([token], skip_special_tokens=False)
+            return text
+        return str(form.decode([token]))
 
     def __getstate__(self) -> dict[str, Any]:
         # The files, not what was built from them: megabytes of vocabulary either way, and
@@ -160,9 +252,67 @@ def _settings(files: Mapping[str, bytes]) -> dict[str, Any] | None:
 
 def _lean(files: Mapping[str, bytes]) -> VersionTokenizer | None:
     """The engine's form without transformers, or None where transformers' reading would add
-    or change a token of ``tokenizer.json`` (a new id, or one a decode skips or keeps
-    otherwise): every token the config names must be a special token of that file, and
-    every added token it lists one with the same id and flag."""
+    or change a token of ``tokenizer.json`` (``_lean_parts``)."""
+    parts = _lean_parts(files)
+    if parts is None:
+        return None
+    backend, named, _ = parts
+    added = {token.content: index for index, token in backend.get_added_tokens_decoder().items()}
+    return VersionTokenizer(
+        files,
+        generic=True,
+        eos_token_id=added.get(named.get("eos_token", "")),
+        pad_token_id=added.get(named.get("pad_token", "")),
+        backend=backend,
+    )
+
+
+def own_form(files: Mapping[str, bytes]) -> OwnForm | None:
+    """The API side's form without transformers, or None where transformers' reading would
+    make the backend otherwise: its tokens (``_lean_parts``), the config's other keys
+    (``API_KEYS``), a cleanup of decoded text that transformers applies (not to BPE models), or
+    a chat template it finds otherwise than in ``chat_template.jinja`` or the config's
+    string. What its reading does change, this does too: the split of special tokens."""
+    parts = _lean_parts(files)
+    if parts is None:
+        return None
+    backend, named, settings = parts
+    # A file without a post-processor gets one from transformers that adds nothing (add_bos_token
+    # and add_eos_token are dropped where tokenizer.json exists): the same ids without it.
+    if not set(settings) <= API_KEYS:
+        return None
+    if settings.get("clean_up_tokenization_spaces") not in (None, False) and (
+        type(backend.model).__name__ != "BPE"
+    ):
+        return None
+    split = settings.get("split_special_tokens", False)
+    if not isinstance(split, bool):
+        return None
+    backend.encode_special_tokens = split  # as transformers sets it
+    if any(name.startswith(TEMPLATES_DIR) for name in files):
+        return None  # named templates: transformers chooses among them
+    from metalserve import chat_template  # the API side's only (Jinja)
+
+    text = settings.get("chat_template")
+    try:
+        if TEMPLATE_FILE in files:
+            text = files[TEMPLATE_FILE].decode("utf-8")
+        if not isinstance(text, str | None):
+            return None  # a list of named templates
+        template = None if text is None else chat_template.compile_template(text)
+    except Exception:  # noqa: BLE001 - transformers' form reports it, as before
+        return None
+    return OwnForm(backend, named, template)
+
+
+def _lean_parts(
+    files: Mapping[str, bytes],
+) -> tuple[Tokenizer, dict[str, str], dict[str, Any]] | None:
+    """``tokenizer.json``'s backend, the named special tokens (attribute -> text) and the
+    config, or None where transformers' reading would add or change a token of that file (a
+    new id, or one a decode skips or keeps otherwise): every token the config names must be a
+    special token of that file, and every added token it lists one with the same id and
+    flag."""
     from tokenizers import Tokenizer
 
     settings = _settings(files)
@@ -205,14 +355,7 @@ def _lean(files: Mapping[str, bytes]) -> VersionTokenizer | None:
     contents = [*named.values(), *(_content(token) for token in extras)]
     if any(added.get(content or "", (0, False))[1] is not True for content in contents):
         return None
-    ids = {attribute: added[content][0] for attribute, content in named.items()}
-    return VersionTokenizer(
-        files,
-        generic=True,
-        eos_token_id=ids.get("eos_token"),
-        pad_token_id=ids.get("pad_token"),
-        backend=backend,
-    )
+    return backend, named, settings
 
 
 def _content(token: Any) -> str | None:

@@ -45,14 +45,14 @@ def completion_logprobs(
     start (no echo)."""
     if logprobs is None:
         return None
-    tokenizer = bundle.tokenizer.transformers
-    texts = [tokenizer.decode([token]) for token, _ in logprobs]
+    tokenizer = bundle.tokenizer
+    texts = [tokenizer.token_text(token) for token, _ in logprobs]
     offsets = [0, *itertools.accumulate(len(t) for t in texts)][: len(texts)]
     return CompletionLogprobs(
         tokens=texts,
         token_logprobs=[chosen for _, (chosen, _) in logprobs],
         top_logprobs=[
-            {tokenizer.decode([alt]): value for alt, value in top} for _, (_, top) in logprobs
+            {tokenizer.token_text(alt): value for alt, value in top} for _, (_, top) in logprobs
         ],
         text_offset=offsets,
     )

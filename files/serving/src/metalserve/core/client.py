@@ -53,7 +53,6 @@ from metalserve.loader import ModelView
 from metalserve.metrics import Metrics
 from metalserve.relay import EventRelay
 from metalserve.settings import ServeSettings
-from metalserve.tokenization import IMPORTING_TRANSFORMERS
 
 log = logging.getLogger("metalserve.core")
 
@@ -129,9 +128,8 @@ class RemoteEngine:
         self._reader = threading.Thread(target=self._read, name="metalserve-core-client")
         self._reader.daemon = True
         self._reader.start()
-        # The versions' views hold torch's device and dtype, and this process builds their
-        # tokenizers (transformers'): imported meanwhile, not when the first view arrives
-        # (1-2 s before ready).
+        # This process builds the versions' tokenizers from the files their views bring: what
+        # that takes is imported meanwhile, not when the first view arrives.
         threading.Thread(
             target=_import_view_libraries, name="metalserve-imports", daemon=True
         ).start()
@@ -419,10 +417,14 @@ class RemoteEngine:
 
 
 def _import_view_libraries() -> None:
-    import torch  # noqa: F401
+    # A view names its device and dtype (no torch), and a generic tokenizer (the Llama family's)
+    # needs the tokenizers library and the chat templates' Jinja alone (``tokenization.
+    # own_form``): this process imports neither torch nor transformers (2-3 s of interpreter
+    # time on an H100 host beside the engine's load, with torch's memory). One that needs
+    # transformers imports it when its files arrive, beside the engine's warm-up.
+    import tokenizers  # noqa: F401
 
-    with IMPORTING_TRANSFORMERS:
-        from transformers import PreTrainedTokenizerFast  # noqa: F401
+    from metalserve import chat_template  # noqa: F401
 
     # Most of what this process holds while serving is here now: frozen out of collections
     # while the engine's process still loads, the freeze at ready (``server``) collects only
