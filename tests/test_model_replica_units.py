@@ -127,6 +127,12 @@ def test_the_engine_process_setting_and_the_stop_it_needs(
     assert f"TimeoutStopSec={stop}" in (units / "metalserve@.service").read_text().splitlines()
 
 
+@pytest.mark.parametrize(("processes", "env"), [(1, None), (3, "3")])
+def test_several_api_processes_reach_the_server(tmp_path: Path, processes: int, env: str | None) -> None:
+    units = render(tmp_path, model_replica_device="cuda", model_replica_api_processes=processes)
+    assert environment(units / "replica-0.env").get("METALSERVE_API_PROCESSES") == env
+
+
 def test_a_replica_gets_gpus_with_nvlink_to_each_other_on_one_numa_node(tmp_path: Path) -> None:
     """The hardware fact's topology (NVLink bridges across cards 0-2 and 1-3, two NUMA nodes)
     picks each instance's GPUs, in its environment and its drop-in alike."""

@@ -66,6 +66,34 @@ def test_an_engine_process_over_several_gpus_is_named(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"model_replica_api_processes": 2, "model_replica_engine_process": False}, True),
+        ({"model_replica_api_processes": 2, "model_replica_device": "cpu"}, True),
+        ({"model_replica_api_processes": 2, "model_replica_gpus_per_replica": 2}, True),
+        ({"model_replica_api_processes": 2}, False),  # CUDA, one GPU: the server's default
+        (
+            {"model_replica_api_processes": 2, "model_replica_device": "cpu", "model_replica_engine_process": True},
+            False,
+        ),
+    ],
+)
+def test_several_api_processes_without_an_engine_process_are_named(
+    tmp_path: Path, settings: dict[str, object], refused: bool
+) -> None:
+    inventory = write_inventory(tmp_path, good_groups(), GOOD_VARS)
+    content = yaml.safe_load(inventory.read_text())
+    content["all"]["children"]["gpu_nodes"]["hosts"]["gpu-b"] = settings
+    inventory.write_text(yaml.safe_dump(content))
+    result = run_playbook("playbooks/preflight.yml", inventory)
+    if refused:
+        assert result.returncode != 0
+        assert "model_replica_api_processes is more than 1 on gpu-b," in " ".join(result.stdout.split())
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_empty_variable_counts_as_missing(tmp_path: Path) -> None:
     result = run_playbook(
         "playbooks/preflight.yml",

@@ -26,10 +26,12 @@ from metalserve.core.messages import (
     Cancel,
     Ended,
     Hello,
+    Live,
     Loaded,
     Reply,
     Step,
     Submit,
+    Switched,
 )
 from metalserve.core.process import Outbox
 from metalserve.engine import Failed, Finished, TextDelta
@@ -43,17 +45,21 @@ READ_SECONDS = 60.0
 
 
 class Core:
-    """An engine process and the API's end of its socket."""
+    """An engine process and the API's end of its socket (and, with ``others``, the ends of
+    that many other API processes' sockets, ``serve --api-processes``)."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        ours, theirs = socket.socketpair()
+    def __init__(self, settings: ServeSettings, others: int = 0) -> None:
+        pairs = [socket.socketpair() for _ in range(1 + others)]
+        theirs = [pair[1] for pair in pairs]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metalserve.core.process", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
+            [sys.executable, "-m", "metalserve.core.process", *(str(t.fileno()) for t in theirs)],
+            pass_fds=tuple(t.fileno() for t in theirs),
             env=server_env(),
         )
-        theirs.close()
-        self.conn = Connection(ours.detach())
+        for end in theirs:
+            end.close()
+        self.conn = Connection(pairs[0][0].detach())
+        self.others = [Connection(pair[0].detach()) for pair in pairs[1:]]
         self.conn.send(Hello(settings, idle_wait=0.2, reload_headroom=False))
         self.events: dict[int, list[Any]] = {}
         self.ended: dict[int, Ended] = {}
@@ -215,6 +221,83 @@ def test_heartbeats_cancellation_and_stop(core: Core, model_store: Store) -> Non
     assert core.proc.wait(timeout=30) == 0
 
 
+def read_other(other: Connection, until: type) -> tuple[Any, list[Any]]:
+    """Another API process's messages until one of type ``until``: it, and all read."""
+    read: list[Any] = []
+    deadline = time.monotonic() + READ_SECONDS
+    while time.monotonic() < deadline:
+        assert other.poll(READ_SECONDS), "the engine's process told it nothing"
+        message = other.recv()
+        read.append(message)
+        if isinstance(message, until):
+            return message, read
+    raise AssertionError(f"no {until.__name__}")
+
+
+def ended_events(other: Connection, *rids: int) -> dict[int, list[Any]]:
+    """Another API process's events of sequences ``rids`` until they ended (a text delta as
+    its text)."""
+    events: dict[int, list[Any]] = {rid: [] for rid in rids}
+    ended: set[int] = set()
+    while ended != set(rids):
+        step, _ = read_other(other, Step)
+        for rid, event in step.events:
+            events[rid].append(event)
+        ended |= {rid for rid, _ in step.ended}
+    return events
+
+
+def test_another_api_process_is_told_each_version_and_a_swap_waits_for_it(
+    model_store: Store,
+) -> None:
+    settings = ServeSettings(store=model_store.root, model=MODEL, version=model_store.v1)
+    core = Core(settings, others=1)
+    (other,) = core.others
+    try:
+        start = core.call("start", model_store.v1, time.monotonic())
+        loaded, _ = read_other(other, Loaded)
+        live, _ = read_other(other, Live)
+        assert loaded.view.version_id == live.view.version_id == model_store.v1
+        # Ready means every API process can serve: the start answers once the other switched.
+        deadline = time.monotonic() + 1.0
+        while core.conn.poll(max(0.0, deadline - time.monotonic())):
+            assert not isinstance(core.read(), Reply), "answered before the other switched"
+        other.send(Switched(model_store.v1))
+        v1, _, _ = core.reply(start)
+        prompt = v1.encode("The quick brown fox", add_special_tokens=True)
+        other.send(Submit(1, v1.version_id, prompt, GREEDY, "test", time.monotonic()))
+        theirs = ended_events(other, 1)[1]
+        core.submit(1, v1)  # the same ids: each API process's own
+        core.until_ended(1)
+        assert "".join(e for e in theirs if isinstance(e, str)) == core.text(1)
+
+        v2 = core.reply(core.call("load", model_store.v2))
+        swap = core.call("swap", model_store.v2)
+        read_other(other, Live)
+        # Before it switched: one it prepared for the old version (sent before it was told),
+        # and one for the next (sent once switched, before the engine swapped): both run.
+        other.send(Submit(2, v1.version_id, prompt, GREEDY, "test", time.monotonic()))
+        other.send(Submit(3, v2.version_id, prompt, GREEDY, "test", time.monotonic()))
+        other.send(Switched(model_store.v2))
+        previous, _ = core.reply(swap)
+        assert previous == model_store.v1
+        both = ended_events(other, 2, 3)
+        old, new = both[2], both[3]
+        assert isinstance(old[-1], Finished), old
+        assert isinstance(new[-1], Finished), new
+        text = "".join(e for e in old if isinstance(e, str))
+        assert text == core.text(1), "the old version answered the old one's sequence"
+        assert "".join(e for e in new if isinstance(e, str)) != text
+        # That API process gone: the engine goes on for the first one.
+        other.close()
+        core.submit(4, v2)
+        core.until_ended(4)
+        assert isinstance(core.events[4][-1], Finished)
+    finally:
+        core.conn.close()
+        core.proc.wait(timeout=30)
+
+
 def unasked_engine_process() -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """An engine's process as ``spawn`` starts it, before the API's first message; its stderr
     piped."""
@@ -344,6 +427,7 @@ def test_the_engine_process_freezes_its_heap_after_answering_start(
         _loaded=None,
         host=SimpleNamespace(start=start),
         models={},
+        clients=[None],  # the first API process alone
         facts=lambda: "facts",
         send=sent.append,
     )

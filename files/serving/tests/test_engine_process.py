@@ -184,8 +184,8 @@ def test_serve_refused_ends_the_engine_process_it_started(
     started: list[spawn.EngineProcess] = []
     real = spawn.spawn_engine_process
 
-    def spawned() -> spawn.EngineProcess:
-        started.append(real())
+    def spawned(api_processes: int = 1) -> spawn.EngineProcess:
+        started.append(real(api_processes))
         return started[-1]
 
     monkeypatch.setattr(spawn, "spawn_engine_process", spawned)

@@ -33,6 +33,44 @@ def test_model_info_names_only_the_current_version() -> None:
     assert info == {("metalserve_model_info", (("model", "tiny"), ("version", "b" * 64))): 1.0}
 
 
+def test_the_other_api_processes_requests_add_to_the_first_ones() -> None:
+    first, other = Metrics(), Metrics()
+    first.requests.labels(endpoint="/v1/completions", status="200").inc(3)
+    first.request_latency.labels(endpoint="/v1/completions").observe(0.02)
+    first.in_flight.set(1)
+    first.first_token("completions", 0.01)  # the engine's: told to the first process only
+    other.requests.labels(endpoint="/v1/completions", status="200").inc(2)
+    other.requests.labels(endpoint="/v1/chat/completions", status="400").inc()
+    other.request_latency.labels(endpoint="/v1/completions").observe(0.3)
+    other.in_flight.set(4)
+    other.ready.set(1)  # its own readiness and version are not the replica's
+    other.set_model("tiny", "b" * 64)
+    first.set_model("tiny", "a" * 64)
+    created = {k: v for k, v in samples(first).items() if k[0].endswith("_created")}
+    texts = [other.render()]
+    first.add_other_processes(lambda: texts)
+    merged = samples(first)
+    completions = (("endpoint", "/v1/completions"), ("status", "200"))
+    assert merged[("metalserve_requests_total", completions)] == 5
+    chat_400 = (("endpoint", "/v1/chat/completions"), ("status", "400"))
+    assert merged[("metalserve_requests_total", chat_400)] == 1, "a label set the first lacks"
+    latency = (("endpoint", "/v1/completions"),)
+    assert merged[("metalserve_request_duration_seconds_count", latency)] == 2
+    assert merged[("metalserve_request_duration_seconds_sum", latency)] == pytest.approx(0.32)
+    buckets = (("endpoint", "/v1/completions"), ("le", "0.025"))
+    assert merged[("metalserve_request_duration_seconds_bucket", buckets)] == 1
+    assert merged[("metalserve_in_flight_requests", ())] == 5
+    assert merged[("metalserve_ready", ())] == 0
+    info = {k for k in merged if k[0] == "metalserve_model_info"}
+    assert info == {("metalserve_model_info", (("model", "tiny"), ("version", "a" * 64)))}
+    ttft = (("endpoint", "completions"),)
+    assert merged[("metalserve_time_to_first_token_seconds_count", ttft)] == 1
+    assert {k: merged[k] for k in created} == created, "a creation time is not a sum"
+    # One that does not answer is left out: the first process's own still come.
+    texts.clear()
+    assert samples(first)[("metalserve_requests_total", completions)] == 3
+
+
 def test_engine_observer_methods() -> None:
     metrics = Metrics()
     metrics.engine_state(running=5, waiting=3, kv_cache_usage=0.25)

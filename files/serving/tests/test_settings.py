@@ -113,6 +113,28 @@ def test_an_engine_process_asked_for_ranks_is_refused(monkeypatch: pytest.Monkey
         parse(["--device", "cuda", "--tensor-parallel", "2", "--engine-process"])
 
 
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--device", "cpu"], "engine_process must be on"),
+        (["--device", "cuda", "--no-engine-process"], "engine_process must be on"),
+        (["--device", "cuda", "--tensor-parallel", "2"], "engine_process must be on"),
+        (["--device", "cuda", "--api-processes", "33"], "less than or equal to 32"),
+    ],
+)
+def test_api_processes_need_the_engine_process(
+    argv: list[str], error: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("STORE", "MODEL", "VERSION"):
+        monkeypatch.setenv(f"METALSERVE_{name}", "x")
+    if "--api-processes" not in argv:
+        argv = [*argv, "--api-processes", "2"]
+    with pytest.raises(ValidationError, match=error):
+        parse(argv)
+    assert parse(["--device", "cuda", "--api-processes", "4"]).api_processes == 4
+    assert parse(["--device", "cpu", "--engine-process", "--api-processes", "2"]).api_processes == 2
+
+
 def test_required_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STORE", "MODEL", "VERSION"):
         monkeypatch.delenv(f"METALSERVE_{name}", raising=False)

@@ -23,6 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from conftest import Server, Store, free_port, run_cli, serve_args
 from metalserve import tls
 from metalserve.settings import ServeSettings
+from test_api_processes import answered_by
+
+TLS_API_PROCESSES = 2
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -154,7 +157,9 @@ def _wait_ready(server: Server, context: ssl.SSLContext, timeout: float = 90) ->
 def mtls_server(
     model_store: Store, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, int]]:
-    """A replica requiring client certificates from the cluster CA, metrics on a plain port."""
+    """A replica requiring client certificates from the cluster CA, metrics on a plain port;
+    two API processes (``--api-processes``: each ends its clients' TLS, the second hands what
+    it does not serve to the first over a plain Unix socket)."""
     metrics_port = free_port()
     # Files of its own: the reload test renews them in place.
     d = tmp_path_factory.mktemp("server-tls")
@@ -169,6 +174,8 @@ def mtls_server(
             tls_certfile=cert,
             tls_keyfile=key,
             tls_client_ca=pki.ca.path,
+            engine_process=True,
+            api_processes=TLS_API_PROCESSES,
         ),
         d / "server.log",
     ).start()
@@ -191,6 +198,23 @@ def test_a_client_with_a_cluster_certificate_is_served(
         )
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_every_api_process_serves_tls_and_hands_the_rest_to_the_first(
+    mtls_server: tuple[Server, int], pki: Pki
+) -> None:
+    server, _ = mtls_server
+    context = tls.client_context(pki.ca.path, pki.client.cert, pki.client.key)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    for _ in range(60):  # a new connection each: the kernel hands each to one process
+        with httpx.Client(verify=context, timeout=30) as client:
+            response = client.post(f"https://127.0.0.1:{server.port}/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            version = client.get(f"https://127.0.0.1:{server.port}/version")
+            assert version.json()["api_processes"] == TLS_API_PROCESSES
+        if len(answered_by(server)) == TLS_API_PROCESSES:
+            break
+    assert len(answered_by(server)) == TLS_API_PROCESSES, answered_by(server)
 
 
 @pytest.mark.parametrize("client_cert", ["none", "other CA"])
@@ -248,11 +272,12 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     cert = Path(server.args[server.args.index("--tls-certfile") + 1])
     key = Path(server.args[server.args.index("--tls-keyfile") + 1])
     renewed = pki.ca.issue(cert, key)
-    deadline = time.monotonic() + 15  # checked every 5 s
-    while _served_serial(server.port, pki) != renewed.serial:
+    deadline = time.monotonic() + 15  # checked every 5 s, by each API process
+    while server.log().count("reloaded the TLS certificate") < TLS_API_PROCESSES:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.5)
-    assert "reloaded the TLS certificate" in server.log()
+    # New connections, whichever process takes them: the renewed one.
+    assert {_served_serial(server.port, pki) for _ in range(10)} == {renewed.serial}
     assert server.proc is not None
     assert server.proc.poll() is None
 

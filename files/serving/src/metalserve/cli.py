@@ -237,7 +237,9 @@ def cmd_serve(settings: ServeSettings) -> int:
     from metalserve.core.spawn import spawn_engine_process
 
     # First, so that its imports run beside this process's (round 2 step 30).
-    engine_process = spawn_engine_process() if settings.uses_engine_process else None
+    engine_process = (
+        spawn_engine_process(settings.api_processes) if settings.uses_engine_process else None
+    )
     from metalserve import server
     from metalserve.api import read_token
 

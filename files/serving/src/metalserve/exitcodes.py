@@ -14,3 +14,4 @@ class ExitCode(enum.IntEnum):
     LOAD_FAILED = 5  # the version verified but could not be loaded or warmed up
     NOT_CACHED = 6  # cache-fill: the version does not fit the node's cache beside what it keeps
     RANK_FAILED = 7  # serve --tensor-parallel: another rank of the replica exited
+    API_PROCESS_FAILED = 8  # serve --api-processes: another API process of the replica exited

@@ -20,7 +20,8 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("metalserve_request_id", default
 # is replaced, so a log line never carries a client's arbitrary bytes.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # Fields an access line passes in ``extra``; a JSON line carries them as keys.
-ACCESS_FIELDS = ("method", "path", "status", "duration_s", "client")
+# api_process: which of the replica's API processes answered (``serve --api-processes``).
+ACCESS_FIELDS = ("method", "path", "status", "duration_s", "client", "api_process")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_tag)s"
 
 

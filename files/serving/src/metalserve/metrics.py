@@ -12,6 +12,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -81,11 +84,55 @@ class GcPauses:
         return iter(self._histogram.collect())
 
 
+# Of another API process's gauges, those that add to the first one's (the others' readiness,
+# version and engine state are the first one's own).
+SUMMED_GAUGES = frozenset({"metalserve_in_flight_requests"})
+
+
+class WithOtherProcesses(Collector):
+    """A replica's metrics with its other API processes' (``serve --api-processes``): their
+    counters and histograms (requests, latencies, the event loop's lag, collections) and their
+    in-flight requests added to this process's, sample by sample, at each scrape."""
+
+    def __init__(self, registry: CollectorRegistry, others: Callable[[], list[bytes]]) -> None:
+        self.registry = registry
+        self.others = others
+
+    def collect(self) -> Iterator[Metric]:
+        families = {family.name: family for family in self.registry.collect()}
+        added: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self.others():
+            for family in text_string_to_metric_families(text.decode()):
+                if family.name not in families or not (
+                    family.type in ("counter", "histogram") or family.name in SUMMED_GAUGES
+                ):
+                    continue
+                sums = added.setdefault(family.name, {})
+                for sample in family.samples:
+                    if not sample.name.endswith("_created"):
+                        key = (sample.name, tuple(sorted(sample.labels.items())))
+                        sums[key] = sums.get(key, 0.0) + sample.value
+        for name, family in families.items():
+            extra = added.get(name)
+            if extra:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    value = sample.value + extra.pop(key, 0.0)
+                    merged.samples.append(sample._replace(value=value))
+                # Label sets only the others have (an endpoint, a status this one never saw).
+                merged.samples += [Sample(n, dict(labels), v) for (n, labels), v in extra.items()]
+                family = merged
+            yield family
+
+
 class Metrics:
     """All metrics of a replica; also the engine's observer."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # What scrapes read: the registry, or it with the other API processes' metrics.
+        self.exposition = self.registry
         r = self.registry
         self._pass_children: dict[str, tuple[Any, Any, Any]] = {}
         self._part_children: dict[tuple[str, str], Any] = {}
@@ -263,8 +310,13 @@ class Metrics:
     def cache_load(self, result: str) -> None:
         self.cache_loads.labels(result=result).inc()
 
+    def add_other_processes(self, others: Callable[[], list[bytes]]) -> None:
+        """Scrapes read the other API processes' metrics too (``others``: their texts)."""
+        self.exposition = CollectorRegistry(auto_describe=False)
+        self.exposition.register(WithOtherProcesses(self.registry, others))
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposition)
 
     # EngineObserver -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,20 @@ class Replica:
     """State shared by the routes, the background loader and the drain logic."""
 
     def __init__(
-        self, settings: ServeSettings, version_id: str, engine_process: EngineProcess | None = None
+        self,
+        settings: ServeSettings,
+        version_id: str,
+        engine_process: EngineProcess | None = None,
+        *,
+        follow: Connection | None = None,
     ) -> None:
+        """``follow``: another API process's (``metalserve.api.worker``), its socket to the
+        engine's process that the first API process started: it serves what that one loads."""
         self.settings = settings
         self.version_id = version_id
+        self._created = process_seconds()
+        # Which of the replica's API processes this is (``serve --api-processes``; None with one).
+        self.api_process: int | None = 0 if settings.api_processes > 1 else None
         self.metrics = Metrics()
         # Read at each scrape, on whichever listener serves it.
         self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
@@ -74,14 +85,20 @@ class Replica:
                 self.relay,
                 reload_headroom=reload_headroom,
                 spawned=engine_process,
+                follow=follow,
             )
+            # Each version's tokenizer begun once it is loaded, as ``load_initial`` has the
+            # first API process do: a follower makes no calls, it is told.
+            if follow is not None:
+                self.host.engine.expect_load(_begin_tokenizer)
+                self.host.engine.on_live = self._followed
         else:
             self.host = ModelHost(
                 settings,
                 self.metrics,
                 flush_events=self.relay.flush,
                 reload_headroom=reload_headroom,
-                on_rank_failure=lambda why: self._fatal(ExitCode.RANK_FAILED, why),
+                on_rank_failure=lambda why: self.fatal(ExitCode.RANK_FAILED, why),
             )
         self.engine: Engine | RemoteEngine = self.host.engine
         self.phase = Phase.LOADING
@@ -147,6 +164,8 @@ class Replica:
     # --- loading --------------------------------------------------------------------------
 
     async def load_initial(self) -> None:
+        if isinstance(self.engine, RemoteEngine) and self.engine.follower:
+            return  # ready when told (``_followed``)
         timings = {"process_start": process_seconds()}
         try:
             bundle = await self.host.start(self.version_id, timings, loaded=_begin_tokenizer)
@@ -154,14 +173,14 @@ class Replica:
             await _tokenizer_for_requests(bundle)
             timings["tokenizer"] = time.monotonic() - started
         except store.VerificationError as exc:
-            self._fatal(ExitCode.VERIFICATION_FAILED, str(exc))
+            self.fatal(ExitCode.VERIFICATION_FAILED, str(exc))
         except store.VersionNotFoundError as exc:
-            self._fatal(ExitCode.VERSION_NOT_FOUND, str(exc))
+            self.fatal(ExitCode.VERSION_NOT_FOUND, str(exc))
         except (LoadError, store.StoreError) as exc:
-            self._fatal(ExitCode.LOAD_FAILED, str(exc))
+            self.fatal(ExitCode.LOAD_FAILED, str(exc))
         except Exception as exc:
             log.exception("loading failed")
-            self._fatal(ExitCode.LOAD_FAILED, f"loading failed: {exc!r}")
+            self.fatal(ExitCode.LOAD_FAILED, f"loading failed: {exc!r}")
         else:
             timings["ready"] = process_seconds()
             self.startup = timings
@@ -175,11 +194,23 @@ class Replica:
                 ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.startup.items()),
             )
 
+    def _followed(self, view: ModelView) -> None:
+        """Another API process's: the engine's process prepares sequences for ``view``'s
+        version from now on (its tokenizer built by then): ready, at the start. On the engine
+        socket's reader thread, before this process tells the engine it switched (the first
+        API process is ready, or swapped, only after that)."""
+        self.version_id = view.version_id
+        self.metrics.set_model(view.name, view.version_id)
+        if self.phase is not Phase.READY:
+            self.startup = {"process_start": self._created, "ready": process_seconds()}
+            self.phase = Phase.READY
+            log.info("ready: %s version %s", view.name, view.version_id)
+
     def stop_ranks(self) -> None:
         """After the engine stopped (which ends the other ranks' steps): wait for them."""
         self.host.stop_ranks()
 
-    def _fatal(self, code: ExitCode, message: str) -> None:
+    def fatal(self, code: ExitCode, message: str) -> None:
         log.error("cannot serve: %s", message)
         self.phase = Phase.FAILED
         self.failure = message

@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from types import FrameType
 
 import uvicorn
 from prometheus_client import start_http_server
+from starlette.types import ASGIApp
 
 from metalserve import sdnotify, tls
 from metalserve.api import create_app
-from metalserve.core.spawn import EngineProcess
+from metalserve.api.app import create_worker_app
+from metalserve.api.workers import STOP_GRACE_SECONDS, ApiWorkers
+from metalserve.core.spawn import EngineProcess, spawn_engine_process
 from metalserve.exitcodes import ExitCode
 from metalserve.host import freeze_heap
 from metalserve.http_protocol import timed_http_protocol
@@ -68,10 +74,14 @@ class DrainingServer(uvicorn.Server):
         self._drain_requested = False
         self._drain_task: asyncio.Task[None] | None = None
         self.tls_reloader: tls.CertificateReloader | None = None
+        # The replica's other API processes (``serve --api-processes``): they drain with it.
+        self.workers: ApiWorkers | None = None
         self._last_tick: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.workers is not None and self.started:
+            await self._serve_the_others()
         if not self.started or self.should_exit or not self.notifier.enabled:
             return
         replica = self.replica
@@ -93,6 +103,26 @@ class DrainingServer(uvicorn.Server):
                 self.watchdog.stale_after,
             )
 
+    async def _serve_the_others(self) -> None:
+        """The other API processes' Unix socket, beside the port: the same app, in plain HTTP
+        whether the port is HTTPS or not (they ended the client's TLS already)."""
+        assert self.workers is not None
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            create_protocol, sock=self.workers.first, backlog=config.backlog
+        )
+        self.servers.append(server)  # closed with the port's at the shutdown
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes: only flip flags here; on_tick (uvicorn's
         # 0.1 s housekeeping in the event loop) starts the drain task.
@@ -103,6 +133,8 @@ class DrainingServer(uvicorn.Server):
             return
         self._drain_requested = True
         self.replica.draining = True  # /readyz answers 503 from this instant
+        if self.workers is not None:
+            self.workers.drain()  # and the other API processes refuse new requests too
         log.info("received %s: draining", signal.Signals(sig).name)
 
     async def on_tick(self, counter: int) -> bool:
@@ -131,6 +163,11 @@ class DrainingServer(uvicorn.Server):
             log.warning("drain timeout: aborting %d in-flight requests", replica.in_flight)
             replica.engine.abort_all("the server shut down before the request finished")
             await replica.wait_idle(ABORT_GRACE_SECONDS)
+        # The others' requests are in the engine too: it stops once they are done.
+        if self.workers is not None and not await self.workers.wait(
+            timeout + ABORT_GRACE_SECONDS + STOP_GRACE_SECONDS
+        ):
+            log.error("the other API processes did not drain in time")
         log.info("drained; shutting down")
         self.should_exit = True
 
@@ -151,17 +188,10 @@ def status_line(replica: Replica) -> str:
     return state  # draining
 
 
-def run(
-    settings: ServeSettings, version_id: str, engine_process: EngineProcess | None = None
-) -> int:
-    """Serve until drained or failed; return the process exit code. ``engine_process``: the
-    engine's, started already (``cli``), else started here where the settings want one."""
-    notifier = sdnotify.Notifier.from_environ()
-    replica = Replica(settings, version_id, engine_process)
-    if notifier.watchdog_interval is not None:
-        # The heartbeat must advance well within the pinger's freshness limit when idle.
-        replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)
-    app = create_app(settings, replica)
+def uvicorn_config(
+    settings: ServeSettings, app: ASGIApp
+) -> tuple[uvicorn.Config, tls.CertificateReloader | None]:
+    """uvicorn's settings for the replica's API port, and the TLS certificate's reloader."""
     ssl_context, reloader = None, None
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         # Our context, not uvicorn's: TLS 1.2 or later, client certificates when required.
@@ -192,12 +222,41 @@ def run(
         if ssl_context is None
         else (lambda _config, _default: ssl_context),
     )
+    return config, reloader
+
+
+def run(
+    settings: ServeSettings, version_id: str, engine_process: EngineProcess | None = None
+) -> int:
+    """Serve until drained or failed; return the process exit code. ``engine_process``: the
+    engine's, started already (``cli``), else started here where the settings want one."""
+    notifier = sdnotify.Notifier.from_environ()
+    if settings.api_processes > 1 and engine_process is None:
+        engine_process = spawn_engine_process(settings.api_processes)
+    replica = Replica(settings, version_id, engine_process)
+    if notifier.watchdog_interval is not None:
+        # The heartbeat must advance well within the pinger's freshness limit when idle.
+        replica.engine.idle_wait = min(replica.engine.idle_wait, notifier.watchdog_interval / 8)
+    app = create_app(settings, replica)
+    config, reloader = uvicorn_config(settings, app)
     server = DrainingServer(config, replica, notifier, freeze_heap=True)
     server.tls_reloader = reloader
     replica.metrics.watch_gc()
+    sockets = None
+    if settings.api_processes > 1:
+        assert engine_process is not None
+        server.workers = ApiWorkers(
+            settings,
+            version_id,
+            engine_process,
+            config.bind_socket(),
+            on_lost=lambda why: replica.fatal(ExitCode.API_PROCESS_FAILED, why),
+        )
+        replica.metrics.add_other_processes(server.workers.metrics)
+        sockets = [server.workers.listener]
     if settings.metrics_port is not None:
         # A thread of prometheus_client's: every path there is the metrics, nothing else.
-        start_http_server(settings.metrics_port, settings.host, replica.metrics.registry)
+        start_http_server(settings.metrics_port, settings.host, replica.metrics.exposition)
         log.info("metrics alone on %s:%d", settings.host, settings.metrics_port)
 
     def stop_now() -> None:
@@ -205,11 +264,42 @@ def run(
 
     replica.on_fatal = stop_now
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
+        if server.workers is not None:
+            server.workers.close()
         if server.watchdog is not None:
             server.watchdog.stop()
         notifier.close()
     if replica.failure is not None:
         return int(replica.exit_code)
+    return int(ExitCode.OK)
+
+
+def run_worker(
+    settings: ServeSettings,
+    version_id: str,
+    index: int,
+    *,
+    engine: Connection,
+    listener: socket.socket,
+    first_socket: str,
+    serve_control: Callable[[Callable[[], bytes]], None],
+) -> int:
+    """Another API process of the replica (``metalserve.api.workers``): the inference routes
+    on the port the first one shares, until drained (SIGTERM, from the first one)."""
+    replica = Replica(settings, version_id, follow=engine)
+    replica.api_process = index
+    config, reloader = uvicorn_config(settings, create_worker_app(settings, replica, first_socket))
+    server = DrainingServer(config, replica, freeze_heap=True)
+    server.tls_reloader = reloader
+    replica.metrics.watch_gc()
+    serve_control(replica.metrics.render)
+
+    def stop_now() -> None:
+        server.should_exit = True
+
+    replica.on_fatal = stop_now
+    log.info("API process %d (pid %d) on the replica's port", index, os.getpid())
+    server.run(sockets=[listener])
     return int(ExitCode.OK)

@@ -183,6 +183,16 @@ class ServeSettings(BaseSettings):
         "turns at one interpreter lock (as vLLM's engine core; one rank only for now); unset: "
         "on with CUDA and one rank, off otherwise",
     )
+    api_processes: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="API processes in front of the engine's process, sharing the port (as "
+        "vLLM's --api-server-count): each parses, tokenizes and streams the inference requests "
+        "the kernel hands it, the first also answers probes, /version, /metrics (the others' "
+        "requests counted in) and the admin API; needs the engine in its own process, plain "
+        "HTTP (no TLS) for now",
+    )
     max_queue: int = Field(1024, ge=1, description="most waiting sequences; beyond that, 429")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt accepted (default: model context - 1)"
@@ -320,6 +330,15 @@ class ServeSettings(BaseSettings):
     def _metrics_port(self) -> ServeSettings:
         if self.metrics_port == self.port:
             raise ValueError(f"metrics_port {self.metrics_port} is the port of the API too")
+        return self
+
+    @model_validator(mode="after")
+    def _api_processes(self) -> ServeSettings:
+        if self.api_processes > 1 and not self.uses_engine_process:
+            raise ValueError(
+                f"api_processes {self.api_processes} share one engine in a process of its "
+                "own: engine_process must be on (the default with CUDA and one rank)"
+            )
         return self
 
     @model_validator(mode="after")

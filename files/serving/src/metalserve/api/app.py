@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from metalserve import __version__
 from metalserve.api import admin, openai, probes
+from metalserve.api.forward import ForwardToFirst
 from metalserve.api.middleware import ObservabilityMiddleware
+from metalserve.api.workers import SERVED_BY_EACH
 from metalserve.errors import install_error_handlers
 from metalserve.replica import Replica
 from metalserve.settings import ServeSettings
@@ -61,3 +64,46 @@ def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
         log.warning("fault injection is on: POST /admin/fault/wedge-engine blocks the engine loop")
         app.include_router(admin.fault_router)
     return app
+
+
+def create_worker_app(settings: ServeSettings, replica: Replica, first_socket: str) -> ASGIApp:
+    """The app of another API process (``metalserve.api.workers``): the inference routes its
+    own, every other request handed to the first API process at ``first_socket`` (counted and
+    logged there, not twice)."""
+    forward = ForwardToFirst(first_socket)
+
+    @asynccontextmanager
+    async def follow(app: FastAPI) -> AsyncIterator[None]:
+        replica.engine.start()
+        follower = asyncio.create_task(replica.load_initial(), name="metalserve-follow")
+        try:
+            yield
+        finally:
+            if not follower.done():
+                follower.cancel()
+            await asyncio.to_thread(replica.engine.stop)
+            await forward.aclose()
+            if replica.tracing is not None:
+                await asyncio.to_thread(replica.tracing.shutdown)
+
+    app = FastAPI(
+        title="metalserve",
+        version=__version__,
+        lifespan=follow,
+        max_body_size=settings.max_body_bytes,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.replica = replica
+    install_error_handlers(app)
+    app.add_middleware(ObservabilityMiddleware, replica=replica)
+    app.include_router(openai.router)
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in SERVED_BY_EACH:
+            await forward(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return dispatch

@@ -91,11 +91,11 @@ class ObservabilityMiddleware:
             seconds = time.perf_counter() - started
             metrics.request_latency.labels(endpoint=endpoint).observe(seconds)
             if self.replica.settings.access_log:
-                self._log_access(scope, status, seconds)
+                self._log_access(scope, status, seconds, self.replica.api_process)
             REQUEST_ID.reset(context)
 
     @staticmethod
-    def _log_access(scope: Scope, status: int, seconds: float) -> None:
+    def _log_access(scope: Scope, status: int, seconds: float, api_process: int | None) -> None:
         client = scope.get("client")
         fields = {
             "method": scope["method"],
@@ -104,5 +104,9 @@ class ObservabilityMiddleware:
             "duration_s": round(seconds, 4),
             "client": f"{client[0]}:{client[1]}" if client else None,
         }
-        line = "%s %s %d %.3fs"
-        access_log.info(line, scope["method"], scope["path"], status, seconds, extra=fields)
+        line, args = "%s %s %d %.3fs", [scope["method"], scope["path"], status, seconds]
+        if api_process is not None:
+            fields["api_process"] = api_process
+            line += " api_process=%d"
+            args.append(api_process)
+        access_log.info(line, *args, extra=fields)

@@ -56,6 +56,8 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
         "startup_seconds": {k: round(v, 3) for k, v in replica.startup.items()},
         # Where the engine runs: a process of its own, or a thread beside this event loop.
         "engine_process": replica.settings.uses_engine_process,
+        # API processes sharing the port (serve --api-processes): this answer is the first's.
+        "api_processes": replica.settings.api_processes,
         "decode_path": replica.engine.decode_path,
         "decode_compiled": replica.engine.decode_compiled,
         # Per projection and batch bucket: cuBLAS' and the kernel's microseconds, which runs.

@@ -475,7 +475,8 @@ def _server_arm(
             "text_events_per_token": round(samples.text_events / max(samples.tokens, 1), 4),
             # The server's processes' CPU time per streamed token over the timed run: "api" the
             # replica's process (with the engine thread, unless the engine has its own process:
-            # then "engine" too). The API's share is what its one interpreter lock serves.
+            # then "engine" too; with its other API processes, theirs added). The API's share
+            # is what its interpreter locks serve.
             "server_cpu_us_per_token": {
                 name: round(seconds / max(samples.tokens, 1) * 1e6, 2)
                 for name, seconds in cpu.items()
@@ -733,14 +734,19 @@ class ServerProcess:
 
 
 def server_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user and system) so far of the server process ``pid`` ("api") and of its
-    engine process where it has one ("engine": its child running ``metalserve.core.process``)."""
+    """CPU seconds (user and system) so far of the server process ``pid`` with its other API
+    processes (``--api-processes``, its children running ``metalserve.api.workers``: "api")
+    and of its engine process where it has one ("engine": its child running
+    ``metalserve.core.process``)."""
     seconds = {"api": _cpu_seconds(pid)}
     children = Path(f"/proc/{pid}/task/{pid}/children")
     for child in children.read_text().split() if children.exists() else []:
         with contextlib.suppress(OSError):
-            if b"metalserve.core.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"metalserve.core.process" in command:
                 seconds["engine"] = _cpu_seconds(int(child))
+            elif b"metalserve.api.workers" in command:
+                seconds["api"] += _cpu_seconds(int(child))
     return seconds
 
 

@@ -8,6 +8,11 @@ served one; its view comes back), then ``swap``. From the moment the swap is sen
 prepared for the next version only (one socket keeps the order: the engine's process sees every
 sequence prepared for the old version before the swap); one prepared for the old version after
 that is refused here as stale, and ``start_generation`` prepares it again.
+
+Another API process of the replica (``serve --api-processes``, ``metalserve.api.worker``) has
+a ``RemoteEngine`` that follows: it submits and cancels its own sequences over a socket of its
+own and makes no calls; the engine's process tells it of each version loaded (its tokenizer is
+built then) and of the version sequences are prepared for from then on (``Live``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -34,10 +40,12 @@ from metalserve.core.messages import (
     Cancel,
     EngineFacts,
     Hello,
+    Live,
     Loaded,
     Reply,
     Step,
     Submit,
+    Switched,
 )
 from metalserve.core.spawn import EngineProcess, spawn_engine_process
 from metalserve.engine import (
@@ -78,9 +86,12 @@ class RemoteEngine:
         *,
         reload_headroom: bool,
         spawned: EngineProcess | None = None,
+        follow: Connection | None = None,
     ) -> None:
         self.settings = settings
         self._spawned = spawned
+        # Another API process's: its socket to the engine's process, which the first started.
+        self.follower = follow is not None
         self.max_batch_size = settings.batch_limit
         self.max_queue = settings.max_queue
         self.quantization = settings.quantization
@@ -107,24 +118,33 @@ class RemoteEngine:
         # message, which it reads after torch's import).
         self._heard = False
         self._process: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
+        self._conn: Connection | None = follow
         self._reader: threading.Thread | None = None
         self._profile: RemoteProfile | None = None
         # The versions the engine's process told of once loaded (``Loaded``), until their
         # start or load call answers; and who is told of them.
         self._loaded: dict[str, ModelView] = {}
         self._on_loaded: OnLoaded | None = None
+        # A follower's: told once sequences are prepared for a version (on the reader thread).
+        self.on_live: Callable[[ModelView], None] = lambda view: None
 
     # --- the process -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the engine's process, or take over the one ``serve`` started already (it
         imports and builds the engine while this one goes on: calls sent meanwhile wait in the
-        socket)."""
+        socket); a follower only listens to it."""
+        if self.follower:
+            self._start_reader()
+            return
         spawned, self._spawned = self._spawned or spawn_engine_process(), None
         self._process, self._conn = spawned.process, spawned.conn
         self._beat = time.monotonic()  # its first beat comes once it has imported
         self._send(Hello(self.settings, self.idle_wait, self._reload_headroom))
+        self._start_reader()
+        log.info("engine process %d started", self._process.pid)
+
+    def _start_reader(self) -> None:
         self._reader = threading.Thread(target=self._read, name="metalserve-core-client")
         self._reader.daemon = True
         self._reader.start()
@@ -133,9 +153,10 @@ class RemoteEngine:
         threading.Thread(
             target=_import_view_libraries, name="metalserve-imports", daemon=True
         ).start()
-        log.info("engine process %d started", self._process.pid)
 
     def is_alive(self) -> bool:
+        if self.follower:
+            return self._reader is not None and not self._gone
         return self._process is not None and not self._gone and self._process.poll() is None
 
     def dump_stacks(self) -> None:
@@ -155,6 +176,13 @@ class RemoteEngine:
         return time.monotonic() - self._beat
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
+        if self.follower:
+            # The engine's process cancels what is left of this one's sequences at the EOF;
+            # the first API process stops it.
+            self._stopping = True
+            if self._conn is not None:
+                self._conn.close()
+            return
         process = self._process
         if process is None:
             return
@@ -250,6 +278,10 @@ class RemoteEngine:
                 self._send(Cancel(rid))
 
     def abort_all(self, message: str) -> None:
+        if self.follower:  # its own sequences only: the first API process aborts the rest
+            for seq in list(self._seqs.values()):
+                self.cancel(seq)
+            return
         self.call("abort_all", message)
 
     def wedge(self, seconds: float) -> Future[None]:
@@ -273,6 +305,9 @@ class RemoteEngine:
     def call(self, name: str, *args: Any) -> Future[Any]:
         """Ask the engine's process for ``name`` (``messages.CALLS``); its answer in the future."""
         future: Future[Any] = Future()
+        if self.follower:
+            future.set_exception(RuntimeError("calls are the first API process's"))
+            return future
         if not self.is_alive():
             future.set_exception(RuntimeError("the engine's process is not running"))
             return future
@@ -338,7 +373,6 @@ class RemoteEngine:
 
     def _read(self) -> None:
         assert self._conn is not None
-        assert self._process is not None
         while True:
             try:
                 message = self._conn.recv()
@@ -346,7 +380,8 @@ class RemoteEngine:
                 break
             except Exception:  # unreadable: nothing after it can be trusted either
                 log.exception("a message from the engine's process could not be read")
-                self._process.kill()
+                if self._process is not None:
+                    self._process.kill()
                 break
             self._heard = True
             try:
@@ -358,13 +393,14 @@ class RemoteEngine:
                     self._told_loaded(message.view)
                 elif isinstance(message, Reply):
                     self._answer(message)
+                elif isinstance(message, Live):
+                    self._live(message.view)
             except Exception:  # one message's trouble (a sink, an observer), not the socket's
                 log.exception("a message from the engine's process could not be handled")
         self._gone = True
-        try:
-            code = self._process.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            code = None
+        code: int | None = None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = None if self._process is None else self._process.wait(STOP_SECONDS)
         if self._stopping:
             log.info("the engine's process ended (exit code %s)", code)
         else:
@@ -390,6 +426,18 @@ class RemoteEngine:
             if name in OBSERVED:
                 getattr(self._observer, name)(*args)
         self._relay.flush()
+
+    def _live(self, view: ModelView) -> None:
+        """A follower's: sequences are prepared for ``view``'s version from now on, with the
+        tokenizer begun when it was loaded (built here if not yet: then it is before any
+        sequence of it is)."""
+        view = self.loaded_view(view)
+        view.tokenizer.prepare()
+        self.went_live(view, self.facts)
+        self.on_live(view)
+        # After every sequence prepared for the old version (submitted under the same lock),
+        # and once this process takes requests for the new one.
+        self._send(Switched(view.version_id))
 
     def _answer(self, reply: Reply) -> None:
         future = self._calls.pop(reply.cid, None)
@@ -445,9 +493,15 @@ class CoreClient:
         *,
         reload_headroom: bool,
         spawned: EngineProcess | None = None,
+        follow: Connection | None = None,
     ) -> None:
         self.engine = RemoteEngine(
-            settings, metrics, relay, reload_headroom=reload_headroom, spawned=spawned
+            settings,
+            metrics,
+            relay,
+            reload_headroom=reload_headroom,
+            spawned=spawned,
+            follow=follow,
         )
         self.rank_infos: list[dict[str, Any]] = []  # one rank: none to tell of
 

@@ -116,6 +116,23 @@ class Loaded:
 
 
 @dataclass(frozen=True, slots=True)
+class Live:
+    """Engine -> the other API processes (``serve --api-processes``): from now on sequences are
+    prepared for ``view``'s version (it was told ``Loaded`` before); each answers ``Switched``.
+    The first API process learns it from its own start or swap call."""
+
+    view: ModelView
+
+
+@dataclass(frozen=True, slots=True)
+class Switched:
+    """Another API process -> engine, after ``Live``: every sequence it prepared for an earlier
+    version came before this on its socket (a swap waits for it)."""
+
+    version_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Beat:
     """Engine -> API: the engine loop's last sign of progress (monotonic)."""
 

@@ -7,6 +7,13 @@ iteration (``Outbox``, flushed as the in-process engine's relay is); a beat thre
 engine loop's heartbeat. The process ends when the API asks (``stop``), when the engine stops
 (the API then sees it gone: ``/healthz`` answers 503) and at once when the API's end closes (the
 API process is gone: nobody is left to answer).
+
+With ``serve --api-processes N`` it has N API processes (``Client``): the first, whose socket
+came first, makes the calls and is told what the observer saw; each other one only submits and
+cancels its own sequences and hears of their events, of each version loaded (``Loaded``: it
+builds its tokenizer) and of each version that sequences are prepared for from then on
+(``Live``). Those are sent from a thread of their own, so that an API process still starting
+or busy never holds the engine up.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -38,10 +46,12 @@ from metalserve.core.messages import (
     Ended,
     EngineFacts,
     Hello,
+    Live,
     Loaded,
     Reply,
     Step,
     Submit,
+    Switched,
 )
 from metalserve.engine import (
     Event,
@@ -60,6 +70,11 @@ log = logging.getLogger("metalserve.core")
 
 # How often the engine loop's heartbeat (and what loads observed meanwhile) goes to the API.
 BEAT_SECONDS = 0.2
+# How long a swap waits for the other API processes to prepare for the next version (one that
+# has not by then gets a 503 "retry" for each sequence it prepared for the old one), and the
+# start for them to be ready (their imports and tokenizer may take longer than the load).
+SWITCH_SECONDS = 5.0
+START_SWITCH_SECONDS = 60.0
 UNBOUNDED_QUEUE = 2**62
 
 
@@ -129,14 +144,62 @@ class Outbox:
         self._gc_pauses.append((generation, seconds))
 
 
-class Core:
-    """The engine's process: its host, the sequences it runs, and its end of the socket."""
+class Client:
+    """One API process: its socket, what it is to be told (events of its own sequences), and
+    those sequences by its ids. The first one's messages are sent by the sending thread, under
+    a lock; another one's by a thread of its own (``serve``), in order."""
 
-    def __init__(self, conn: Connection, hello: Hello, imported_at: float = 0.0) -> None:
+    def __init__(self, index: int, conn: Connection) -> None:
+        self.index = index
         self.conn = conn
-        self.imported_at = imported_at  # time.monotonic() once torch was imported
-        self._send_lock = threading.Lock()
+        self.lock = threading.Lock()
         self.outbox = Outbox()
+        self.seqs: dict[int, Sequence] = {}
+        self.gone = False
+        self.switched_to: str | None = None  # the version its last ``Switched`` named
+        self._queue: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    def post(self, data: bytes | memoryview) -> None:
+        """Another API process's: ``data`` sent by its thread (``serve``), never blocking."""
+        if not self.gone:
+            self._queue.put(data)
+
+    def serve(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                self.lost()
+                return
+
+    def lost(self) -> None:
+        """Its end closed (that API process is gone): its sequences are cancelled (nobody
+        reads their tokens; the first API process ends the replica)."""
+        if self.gone:
+            return
+        self.gone = True
+        self._queue.put(None)
+        # At the replica's stop it has none left; else its clients lose their answers.
+        level = logging.ERROR if self.seqs else logging.INFO
+        log.log(level, "API process %d is gone: %d sequences cancelled", self.index, len(self.seqs))
+        for seq in list(self.seqs.values()):
+            seq.cancel()
+
+
+class Core:
+    """The engine's process: its host, the sequences it runs, and its ends of the sockets."""
+
+    def __init__(self, conns: list[Connection], hello: Hello, imported_at: float = 0.0) -> None:
+        self.clients = [Client(index, conn) for index, conn in enumerate(conns)]
+        self.api = self.clients[0]  # the first API process: calls and observations
+        self.conn = self.api.conn
+        self.imported_at = imported_at  # time.monotonic() once torch was imported
+        self._send_lock = self.api.lock
+        self.outbox = self.api.outbox
         # The API process refuses what its queue cannot take (429 before a stream starts);
         # here a sequence waits until the loop's next admission, however many came at once.
         settings = hello.settings.model_copy(update={"max_queue": UNBOUNDED_QUEUE})
@@ -154,7 +217,13 @@ class Core:
         self._gc_timer.watch()
         # The versions sequences may be prepared for: the served one, and one loaded next.
         self.models: dict[str, LoadedModel] = {}
-        self.seqs: dict[int, Sequence] = {}
+        self.seqs = self.api.seqs
+        # Notified as the other API processes say ``Switched`` (or are gone). While they are
+        # asked to (``_switch_others``), the version they switch to, and the sequences they
+        # prepared for it already: the engine takes them once it swapped.
+        self._switched = threading.Condition()
+        self._switching: str | None = None
+        self._held: list[tuple[Submit, Client]] = []
         self._stopped: asyncio.Event | None = None
         self._stopping = False
         self._calls: set[asyncio.Future[None]] = set()
@@ -172,10 +241,18 @@ class Core:
         except OSError:
             _exit_orphaned()
 
+    def tell_others(self, message: object) -> None:
+        """``message`` to every API process but the first (none without ``--api-processes``)."""
+        if len(self.clients) > 1:
+            data = ForkingPickler.dumps(message)
+            for client in self.clients[1:]:
+                client.post(data)
+
     def flush(self) -> None:
         """After every engine iteration (the engine's ``flush_events``), every beat and every
-        refused sequence: what the outbox holds is taken and sent under one lock, so Steps
-        leave in the order their events happened, whichever thread flushes."""
+        refused sequence: what the outboxes hold is taken and sent (the first API process's)
+        or queued (another's) under each one's lock, so Steps leave in the order their events
+        happened, whichever thread flushes."""
         try:
             with self._send_lock:
                 step = self.outbox.take()
@@ -183,29 +260,48 @@ class Core:
                     self.conn.send(step)
         except OSError:
             _exit_orphaned()
+        for client in self.clients[1:]:
+            with client.lock:
+                step = client.outbox.take()
+                if step is not None:
+                    client.post(ForkingPickler.dumps(step))
 
     def _beats(self) -> None:
         while self.engine.is_alive():
-            self.send(Beat(time.monotonic() - self.engine.heartbeat_age()))
+            beat = Beat(time.monotonic() - self.engine.heartbeat_age())
+            self.send(beat)
+            self.tell_others(beat)
             self.flush()
             time.sleep(BEAT_SECONDS)
 
     # --- from the API ----------------------------------------------------------------------
 
-    def _read(self) -> None:
-        """The reader thread: sequences and cancellations at once, calls on the event loop."""
+    def _read(self, client: Client) -> None:
+        """A reader thread per API process: sequences and cancellations at once, the first
+        one's calls on the event loop."""
         assert self._loop is not None
         while True:
             try:
-                message = self.conn.recv()
+                message = client.conn.recv()
             except (EOFError, OSError):
-                _exit_orphaned()
+                if client.first:
+                    _exit_orphaned()
+                client.lost()
+                with self._switched:
+                    self._switched.notify_all()
+                return
             if isinstance(message, Submit):
-                self.submit(message)
+                self.submit(message, client)
             elif isinstance(message, Cancel):
-                seq = self.seqs.get(message.rid)
+                seq = client.seqs.get(message.rid)
                 if seq is not None:
                     seq.cancel()
+            elif isinstance(message, Switched) and not client.first:
+                with self._switched:
+                    client.switched_to = message.version_id
+                    self._switched.notify_all()
+            elif not client.first:
+                log.error("unexpected message from API process %d: %r", client.index, message)
             elif isinstance(message, Call) and message.name == "swap":
                 self._begin_swap(message)
             elif isinstance(message, Call) and message.name in CALLS:
@@ -213,11 +309,20 @@ class Core:
             else:
                 log.error("unexpected message from the API process: %r", message)
 
-    def submit(self, message: Submit) -> None:
+    def submit(self, message: Submit, client: Client | None = None) -> None:
+        client = client or self.api
+        if self._switching is not None:
+            with self._switched:
+                if message.version_id == self._switching:
+                    self._held.append((message, client))
+                    return
         bundle = self.models.get(message.version_id)
-        if bundle is None:  # the API prepares sequences only for a version held here
+        if bundle is None:
+            # The first API process prepares sequences only for a version held here; another
+            # one's for the version a swap replaced only where it did not switch in time
+            # (``SWITCH_SECONDS``): the client retries on another replica, or here.
             failed = Failed(503, "the model was replaced; retry")
-            self.outbox.last(message.rid, failed, Ended(None, None, time.monotonic(), []))
+            client.outbox.last(message.rid, failed, Ended(None, None, time.monotonic(), []))
             self.flush()
             return
         seq = Sequence(
@@ -228,8 +333,8 @@ class Core:
             endpoint=message.endpoint,
             created_at=message.created_at,
         )
-        seq.sink = self._sink(message.rid, seq)
-        self.seqs[message.rid] = seq
+        seq.sink = self._sink(client, message.rid, seq)
+        client.seqs[message.rid] = seq
         try:
             self.engine.submit(seq)
         except QueueFullError as exc:
@@ -242,15 +347,17 @@ class Core:
             return
         self.flush()
 
-    def _sink(self, rid: int, seq: Sequence) -> Callable[[Event], None]:
+    def _sink(self, client: Client, rid: int, seq: Sequence) -> Callable[[Event], None]:
+        outbox = client.outbox
+
         def push(event: Event) -> None:
             if isinstance(event, TextDelta):
-                self.outbox.text(rid, event.text)
+                outbox.text(rid, event.text)
                 return
             # Finished or Failed: its last.
-            self.seqs.pop(rid, None)
+            client.seqs.pop(rid, None)
             ended = Ended(seq.admitted_at, seq.first_token_at, seq.finished_at, seq.generated)
-            self.outbox.last(rid, event, ended)
+            outbox.last(rid, event, ended)
 
         return push
 
@@ -261,16 +368,50 @@ class Core:
         try:
             (version_id,) = call.args
             bundle = self.models[version_id]
+            self._switch_others(bundle, SWITCH_SECONDS)
             swapping = self.engine.swap(bundle)
         except Exception as exc:  # noqa: BLE001 - the caller's to handle
+            self._submit_held()
             self.send(Reply(call.cid, error=_picklable(exc)))
             return
-        # Every sequence for the old version came before: none looks it up again.
+        self._submit_held()
+        # Every sequence for the old version came before (the first API process's on this
+        # socket, the others' before their ``Switched``): none looks it up again.
         self.models = {version_id: bundle}
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
             self._answer_soon, call.cid, self._swapped(bundle, swapping)
         )
+
+    def _switch_others(self, bundle: LoadedModel, timeout: float) -> None:
+        """Before a swap: the other API processes prepare sequences for ``bundle``'s version
+        from now on, and each one's sequences for the old one reach the engine first."""
+        if len(self.clients) == 1:
+            return
+        version_id = bundle.version_id
+        with self._switched:
+            self._switching = version_id
+        self.tell_others(Live(bundle.view()))
+        with self._switched:
+            switched = self._switched.wait_for(
+                lambda: all(c.gone or c.switched_to == version_id for c in self.clients[1:]),
+                timeout,
+            )
+        if not switched:
+            log.warning(
+                "API processes %s did not switch to %s within %.0fs",
+                [c.index for c in self.clients[1:] if c.switched_to != version_id],
+                version_id[:12],
+                timeout,
+            )
+
+    def _submit_held(self) -> None:
+        """After the swap (or its failure): the sequences the others prepared for the next
+        version meanwhile, to the engine."""
+        with self._switched:
+            held, self._held, self._switching = self._held, [], None
+        for message, client in held:
+            self.submit(message, client)
 
     async def _swapped(
         self, bundle: LoadedModel, swapping: Future[LoadedModel | None]
@@ -315,6 +456,10 @@ class Core:
         timings = {"imports": max(0.0, self.imported_at - asked_at)}
         bundle = await self.host.start(version_id, timings, loaded=self._loaded)
         self.models = {version_id: bundle}
+        if len(self.clients) > 1:
+            # Ready means every API process can serve it: the first one's answer waits for them.
+            await asyncio.to_thread(self._switch_others, bundle, START_SWITCH_SECONDS)
+            self._submit_held()
         # The heap frozen as the API process's is once ready, but after this answer (``_answer``
         # sends it in this task's step; the callback runs in the loop's next): its full
         # collection (0.10-0.12 s at 8B) is then no part of the time to ready, and is over long
@@ -328,9 +473,11 @@ class Core:
         return bundle.view()
 
     def _loaded(self, bundle: ModelView) -> None:
-        """On the load's thread, before the warm-up: the API's tokenizer is built beside it."""
+        """On the load's thread, before the warm-up: the API's tokenizers are built beside it."""
         assert isinstance(bundle, LoadedModel), "a version this process loaded"
-        self.send(Loaded(bundle.view()))
+        loaded = Loaded(bundle.view())
+        self.send(loaded)
+        self.tell_others(loaded)
 
     async def call_abort_all(self, message: str) -> None:
         self.engine.abort_all(message)
@@ -371,7 +518,12 @@ class Core:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self.engine.start()
-        threading.Thread(target=self._read, name="metalserve-core-read", daemon=True).start()
+        for client in self.clients:
+            name = f"metalserve-core-read-{client.index}"
+            threading.Thread(target=self._read, args=(client,), name=name, daemon=True).start()
+            if not client.first:
+                name = f"metalserve-core-send-{client.index}"
+                threading.Thread(target=client.serve, name=name, daemon=True).start()
         threading.Thread(target=self._beats, name="metalserve-core-beat", daemon=True).start()
         while (self._stopping or self.engine.is_alive()) and not self._stopped.is_set():
             try:
@@ -403,9 +555,11 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def main() -> int:
-    fd = int(sys.argv[1])
-    os.set_inheritable(fd, False)  # a process started from here must not keep the API's EOF away
-    conn = Connection(fd)
+    fds = [int(arg) for arg in sys.argv[1:]]
+    for fd in fds:  # a process started from here must not keep an API's EOF away
+        os.set_inheritable(fd, False)
+    conns = [Connection(fd) for fd in fds]
+    conn = conns[0]
     # A terminal's Ctrl-C, or a supervisor's SIGTERM to the whole group, must not end the
     # engine under the API's drain: the API process decides the end (``stop``, or its socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -427,8 +581,13 @@ def main() -> int:
         return 0
     settings = hello.settings
     configure_logging(settings.log_level, settings.log_format)
-    log.info("engine process %d for API process %d", os.getpid(), os.getppid())
-    return asyncio.run(Core(conn, hello, imported_at).run())
+    log.info(
+        "engine process %d for API process %d%s",
+        os.getpid(),
+        os.getppid(),
+        f" and {len(conns) - 1} more" if len(conns) > 1 else "",
+    )
+    return asyncio.run(Core(conns, hello, imported_at).run())
 
 
 if __name__ == "__main__":
