@@ -194,6 +194,32 @@ def test_probes_and_the_admin_api_answer_alike_through_every_process(
     assert denied.headers["x-request-id"], "the first process's answer, its id"
 
 
+def test_an_oversized_body_is_refused_by_whichever_process_takes_it(
+    shared_server: Server,
+) -> None:
+    """The other processes read what they hand over whole: the first one's body limit holds
+    there too, before anything is handed over (the first one logs only what reaches it)."""
+
+    def reached_the_first() -> int:
+        return len(re.findall(r"POST /admin/reload 413 ", shared_server.log()))
+
+    earlier, sent, statuses = reached_the_first(), 0, []
+    while sent < 40 and reached_the_first() - earlier == sent:  # until another took one
+        response = httpx.post(  # a fresh connection each
+            f"{shared_server.url}/admin/reload",
+            content=b"x" * (9 * 1024 * 1024),
+            headers={"content-type": "application/json", "authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+        statuses.append(response.status_code)
+        sent += 1
+        deadline = time.monotonic() + 1.0  # the first one logs it just after it answered
+        while reached_the_first() - earlier < sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert statuses == [413] * sent
+    assert reached_the_first() - earlier < sent, "no other API process took one in 40"
+
+
 def _long_request(url: str, result: dict[str, Any]) -> None:
     response = httpx.post(f"{url}/v1/completions", json=LONG, timeout=60)
     result["status"], result["body"] = response.status_code, response.json()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from metalserve import __version__
@@ -71,6 +72,8 @@ def create_worker_app(settings: ServeSettings, replica: Replica, first_socket: s
     own, every other request handed to the first API process at ``first_socket`` (counted and
     logged there, not twice)."""
     forward = ForwardToFirst(first_socket)
+    # Read whole before it is handed over: no larger than the first one takes (FastAPI's limit).
+    limited = RequestBodyLimitMiddleware(forward, max_body_size=settings.max_body_bytes)
 
     @asynccontextmanager
     async def follow(app: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +105,7 @@ def create_worker_app(settings: ServeSettings, replica: Replica, first_socket: s
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in SERVED_BY_EACH:
-            await forward(scope, receive, send)
+            await limited(scope, receive, send)
         else:
             await app(scope, receive, send)
 

@@ -33,7 +33,8 @@ TIMEOUT = httpx.Timeout(None, connect=5.0)
 
 
 class ForwardToFirst:
-    """An ASGI app that forwards every HTTP request to the first API process."""
+    """An ASGI app that forwards every HTTP request to the first API process (behind the body
+    limit the first one has: ``create_worker_app``)."""
 
     def __init__(self, first_socket: str) -> None:
         self.client = httpx.AsyncClient(

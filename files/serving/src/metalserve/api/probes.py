@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -78,4 +79,5 @@ async def version(replica: ReplicaDep, settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/metrics")
 async def metrics(replica: ReplicaDep) -> Response:
-    return Response(replica.metrics.render(), media_type=CONTENT_TYPE)
+    # In a thread: with other API processes it waits for their metrics (``--api-processes``).
+    return Response(await asyncio.to_thread(replica.metrics.render), media_type=CONTENT_TYPE)
