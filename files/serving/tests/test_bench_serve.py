@@ -81,6 +81,9 @@ def test_bench_serve_runs_every_arm(tmp_path: Path) -> None:
         fp8["weight_bytes"] / plain["weight_bytes"], abs=0.001
     )
     assert report["arms"]["server"]["mean_decode_batch"] > 1
+    # On the CPU nothing is deferred (no graphs): the run began at ready.
+    for arm in ("server", "server-fp8", "server-process"):
+        assert report["arms"][arm]["server_deferred_graphs_wait_seconds"] < 1, arm
     # The same server with its engine in a process of its own: that process's forward passes,
     # counted by the API's metrics, reached the report; its hot reload and profile ran.
     split = report["arms"]["server-process"]

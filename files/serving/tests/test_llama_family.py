@@ -266,7 +266,7 @@ def _first_capture_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     retry uncompiled); the next ones capture."""
     first: list[weakref.ref[staticdecode.StaticDecoder]] = []
 
-    def broken(self: staticdecode.StaticDecoder, defer_prefill: bool = False) -> None:
+    def broken(self: staticdecode.StaticDecoder, defer: bool = False) -> None:
         if not first:
             first.append(weakref.ref(self))
         if first[0]() is self:
@@ -293,7 +293,7 @@ def test_a_fault_of_its_static_path_is_no_reason_for_transformers_modules(
     """Only where its static cache cannot hold a sequence (the device's size) does it fall
     back to transformers' modules; a static path that fails otherwise fails the load."""
 
-    def broken(self: staticdecode.StaticDecoder, defer_prefill: bool = False) -> None:
+    def broken(self: staticdecode.StaticDecoder, defer: bool = False) -> None:
         raise RuntimeError("no graphs today")
 
     monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", broken)

@@ -25,6 +25,7 @@ from engine_helpers import (
 from metalserve import staticdecode
 from metalserve.engine import DynamicBatch, Engine, Finished, StaticBatch, generate_once
 from metalserve.loader import LoadedModel
+from metalserve.metrics import Metrics
 from metalserve.sampling import SamplingParams
 
 
@@ -781,10 +782,10 @@ def test_failed_fused_kernels_run_the_layer_in_plain_torch(
         build(self, *args, **kwargs)
         self.fused = True  # as on CUDA with Triton
 
-    def failing_fused(self: staticdecode.StaticDecoder, defer_prefill: bool = False) -> None:
+    def failing_fused(self: staticdecode.StaticDecoder, defer: bool = False) -> None:
         if self.fused:
             raise RuntimeError("ptxas failed")
-        capture(self, defer_prefill)
+        capture(self, defer)
 
     monkeypatch.setattr(staticdecode.StaticDecoder, "__init__", fused)
     monkeypatch.setattr(staticdecode.StaticDecoder, "capture_all", failing_fused)
@@ -940,32 +941,40 @@ class _ReplayedEagerly:
         self.out.copy_(self.run())
 
 
+Capture = tuple[str, tuple[int, int], bool]
+
+
 def _graphs_on_the_cpu(
     decoder: staticdecode.StaticDecoder,
     monkeypatch: pytest.MonkeyPatch,
-    fail: tuple[int, int] | None = None,
-) -> list[tuple[tuple[int, int] | None, bool]]:
-    """``decoder`` capturing ``_ReplayedEagerly`` graphs; the captures as (prefill shape or
-    None for a decode graph, warm-up). A prefill capture of shape ``fail`` raises."""
+    fail: tuple[str, tuple[int, int]] | None = None,
+) -> list[Capture]:
+    """``decoder`` capturing ``_ReplayedEagerly`` graphs; the captures as ("decode" or
+    "prefill", its (batch or rows, length) bucket, warm-up). The capture ``fail`` names
+    raises."""
     decoder.cuda_graphs = True
-    captures: list[tuple[tuple[int, int] | None, bool]] = []
-    asked: list[tuple[int, int]] = []  # the prefill buckets whose inputs a step took
-    inputs = decoder._prefill_inputs
+    captures: list[Capture] = []
+    asked: list[tuple[str, tuple[int, int]]] = []  # the buckets whose step a capture ran
+    prefill_inputs, decode = decoder._prefill_inputs, decoder._decode
 
-    def prefill_inputs(rows: int, length: int) -> Any:
-        asked.append((rows, length))
-        return inputs(rows, length)
+    def asked_prefill(rows: int, length: int) -> Any:
+        asked.append(("prefill", (rows, length)))
+        return prefill_inputs(rows, length)
+
+    def asked_decode(batch: int, length: int) -> torch.Tensor:
+        asked.append(("decode", (batch, length)))
+        return decode(batch, length)
 
     def capture(run: Any, warm_up: bool = True) -> tuple[Any, torch.Tensor]:
         asked.clear()
         out = run()
-        shape = asked[0] if asked else None
-        captures.append((shape, warm_up))
-        if shape is not None and shape == fail:
+        captures.append((*asked[0], warm_up))
+        if asked[0] == fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         return _ReplayedEagerly(run, out), out
 
-    monkeypatch.setattr(decoder, "_prefill_inputs", prefill_inputs)
+    monkeypatch.setattr(decoder, "_prefill_inputs", asked_prefill)
+    monkeypatch.setattr(decoder, "_decode", asked_decode)
     monkeypatch.setattr(decoder, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     return captures
@@ -975,9 +984,9 @@ def _graphs_on_the_cpu(
 def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``capture_all(defer_prefill=True)``: the decode graphs and the largest prefill graph
-    (with its warm-up) now, the other prefill buckets eager until ``capture_deferred``
-    captures them one a call, largest first, without warm-ups; a capture's step writes the
+    """``capture_all(defer=True)``: the largest prefill graph (with its warm-up) now, the
+    other prefill buckets eager until ``capture_deferred`` captures them one a call (after
+    the deferred decode graphs), largest first, without warm-ups; a capture's step writes the
     spare slot alone, never the last prefill's rows (live sequences). The same numbers
     throughout. CUDA graphs stood in for (``_ReplayedEagerly``): BENCHMARKS round 2 step 30
     ran the real ones on an H100."""
@@ -987,12 +996,16 @@ def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     ids, lengths = padded_prompts(v1, 2)
     shape = decoder._prefill_bucket(*ids.shape)
     assert shape in shapes[1:]
-    captures = _graphs_on_the_cpu(decoder, monkeypatch, fail=shapes[-1])
-    decoder.capture_all(defer_prefill=True)
+    captures = _graphs_on_the_cpu(decoder, monkeypatch, fail=("prefill", shapes[-1]))
+    decoder.capture_all(defer=True)
     assert list(decoder._prefill_graphs) == shapes[:1]
     assert decoder._deferred == shapes[1:]
-    assert captures[-1] == (shapes[0], True)  # the decode graphs' before it, with warm-ups
-    assert all(warm for _, warm in captures)
+    assert captures[-1] == ("prefill", shapes[0], True)  # the decode graphs' before it
+    assert all(warm for *_, warm in captures)
+    # The deferred decode graphs come first: their warm-up steps write the rows' keys at
+    # their positions (the engine captures only while no row is live).
+    while decoder._deferred_decode:
+        assert decoder.capture_deferred()
 
     # A deferred bucket: eager, no capture on the way, the unbucketed prefill's numbers.
     captured = len(captures)
@@ -1007,10 +1020,12 @@ def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
         left = [decoder.capture_deferred() for _ in shapes[1:]]
     assert left == [True] * (len(shapes) - 2) + [False]
     assert decoder.capture_deferred() is False
-    assert captures[captured:] == [(s, False) for s in shapes[1:]] + [(shapes[-1], True)]
+    assert captures[captured:] == [("prefill", s, False) for s in shapes[1:]] + [
+        ("prefill", shapes[-1], True)
+    ]
     assert list(decoder._prefill_graphs) == shapes[:-1]
     assert decoder._failed_prefill == {shapes[-1]}
-    assert "a larger bucket takes its groups" in caplog.text
+    assert f"prefill graph {shapes[-1]} failed to capture; a larger bucket" in caplog.text
     for before, cache in zip(written, (*decoder.keys, *decoder.values), strict=True):
         torch.testing.assert_close(cache[:2], before)  # the live rows untouched
 
@@ -1027,21 +1042,99 @@ def test_prefill_graphs_but_the_first_are_captured_in_idle_moments(
     assert len(captures) == captured + len(shapes)
 
 
+@torch.inference_mode()
+def test_decode_graphs_but_the_largest_batch_are_captured_in_idle_moments(
+    v1: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``capture_all(defer=True)``: each length bucket's largest batch graph now; until a
+    smaller batch bucket's graph is captured (``capture_deferred``, decode graphs first, each
+    with its warm-up) its steps replay the larger one, with transformers' logits; a deferred
+    capture that fails leaves its steps to the larger graph. Under tensor parallelism every
+    decode graph is captured at once (the ranks must run the same bucket)."""
+    decoder = _decoder(v1)
+    captures = _graphs_on_the_cpu(decoder, monkeypatch, fail=("decode", (1, decoder.lengths[0])))
+    largest = decoder.batch_sizes[-1]
+    decoder.capture_all(defer=True)
+    assert sorted(decoder._graphs) == [(largest, length) for length in decoder.lengths]
+    assert sorted(decoder._deferred_decode) == sorted(
+        (size, length) for size in decoder.batch_sizes[:-1] for length in decoder.lengths
+    )
+    captured = len(captures)
+
+    # One sequence in slot 0: its steps run in the largest batch's graph, no capture on the way.
+    prompt = v1.encode(PROMPTS[0], add_special_tokens=True)
+    sequence = list(prompt)
+    logits = decoder.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), 0)
+    decoder.admit(0, logits.argmax(-1), torch.tensor([len(prompt)]))
+    sequence.append(int(logits.argmax(-1)))
+
+    def step() -> None:
+        out = decoder.decode(1, len(sequence) - 1)
+        assert out.shape[0] == 1
+        reference = v1.model(input_ids=torch.tensor([sequence])).logits[0, -1]
+        torch.testing.assert_close(out[0], reference, rtol=1e-4, atol=1e-4)
+        chosen = out.argmax(-1)
+        decoder.advance(1, chosen)
+        sequence.append(int(chosen))
+
+    step()
+    assert len(captures) == captured
+
+    # Idle moments (the engine's: nothing active) capture the decode graphs first, each after
+    # its warm-up step; batch 1's at the first length fails, is logged, and its steps stay
+    # with the larger graph.
+    with caplog.at_level(logging.ERROR, logger="metalserve.staticdecode"):
+        while decoder._deferred_decode:
+            decoder.capture_deferred()
+    assert decoder.capture_deferred() is False  # no prefill graphs without bucketed prefill
+    assert [c for c in captures[captured:] if c[0] == "prefill"] == []
+    assert all(warm for *_, warm in captures[captured:])
+    assert decoder._failed_decode == {(1, decoder.lengths[0])}
+    assert f"decode graph {(1, decoder.lengths[0])} failed to capture" in caplog.text
+    assert (2, decoder.lengths[0]) in decoder._graphs
+    captured = len(captures)
+    sequence[:] = prompt  # a new sequence in slot 0
+    logits = decoder.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), 0)
+    decoder.admit(0, logits.argmax(-1), torch.tensor([len(prompt)]))
+    sequence.append(int(logits.argmax(-1)))
+    step()
+    assert len(captures) == captured
+
+    parallel = _decoder(v1)
+    _graphs_on_the_cpu(parallel, monkeypatch)
+    parallel.tp = SimpleNamespace(rank=0, world=2)
+    parallel.capture_all(defer=True)
+    assert parallel._deferred_decode == []
+    assert len(parallel._graphs) == len(parallel.batch_sizes) * len(parallel.lengths)
+
+
 def test_the_engine_captures_deferred_graphs_only_while_idle(
     v1: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The engine asks its batch for deferred captures between steps while no sequence is
     active, one at a time, until the batch says none is left; requests meanwhile are served
-    (a submission waits for one capture at most)."""
+    (a submission waits for one capture at most). ``metalserve_deferred_graphs`` says how many
+    are left, from the switch on."""
     calls: list[int] = []
+    reported: list[float] = []
 
     def capture_deferred(self: StaticBatch) -> bool:
         calls.append(len(self))
         time.sleep(0.005)
         return len(calls) < 40
 
+    def deferred_count(self: StaticBatch) -> int:
+        return 40 - len(calls)
+
     monkeypatch.setattr(StaticBatch, "capture_deferred", capture_deferred)
-    eng = Engine(max_batch_size=4, decode_mode="static")
+    monkeypatch.setattr(StaticBatch, "deferred_count", deferred_count)
+    metrics = Metrics()
+    monkeypatch.setattr(
+        metrics,
+        "deferred_graphs",
+        lambda count: (reported.append(count), metrics.graphs_deferred.set(count)),
+    )
+    eng = Engine(max_batch_size=4, decode_mode="static", observer=metrics)
     eng.start()
     try:
         eng.swap(v1).result(timeout=10)
@@ -1056,6 +1149,8 @@ def test_the_engine_captures_deferred_graphs_only_while_idle(
         time.sleep(3 * eng.idle_wait)
         assert len(calls) == 40, "asked again after the batch said none was left"
         assert set(calls) == {0}, "asked while sequences were active"
+        assert reported == list(range(40, -1, -1))
+        assert metrics.registry.get_sample_value("metalserve_deferred_graphs") == 0
     finally:
         eng.stop()
 

@@ -383,14 +383,17 @@ def _free_memory(bundle: LoadedModel) -> None:
             torch.cuda.empty_cache()
 
 
-def freeze_heap() -> None:
+def freeze_heap(collect: bool = True) -> None:
     """Once ready (a reload unfreezes to free the old model, then freezes again): every
     object alive now (torch, transformers, the compiler's: millions) moves to the permanent
     generation, which collections skip. A full collection over them stopped every thread,
     the engine's included, for hundreds of milliseconds at random moments: the time-to-first-
-    token tail. vLLM freezes its heap after start-up for the same reason."""
+    token tail. vLLM freezes its heap after start-up for the same reason. ``collect``: a full
+    collection first, so that no garbage is frozen with them (without: the freeze alone,
+    constant time; what garbage it keeps goes at the next reload's collection)."""
     started = time.perf_counter()
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
     log.info(
         "froze %d objects out of garbage collection in %.2fs",

@@ -211,6 +211,13 @@ class Metrics:
         self.requests_waiting = Gauge(
             "metalserve_num_requests_waiting", "Sequences waiting for a batch slot", registry=r
         )
+        self.graphs_deferred = Gauge(
+            "metalserve_deferred_graphs",
+            "CUDA graphs of the serving version still to be captured, in the engine's idle "
+            "moments (until then a larger batch bucket's graph or an eager prefill runs their "
+            "steps)",
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "metalserve_kv_cache_usage_perc",
             "Share (0 to 1) of the batch's token capacity, slots x context, that the running "
@@ -350,6 +357,9 @@ class Metrics:
 
     def request_queued(self, seconds: float) -> None:
         self.request_queue_time.observe(seconds)
+
+    def deferred_graphs(self, count: int) -> None:
+        self.graphs_deferred.set(count)
 
     def prefix_cache(self, prompt_tokens: int, reused_tokens: int) -> None:
         self.prefix_cache_queries.inc(prompt_tokens)

@@ -51,6 +51,7 @@ from metalserve import (
     prefixcache,
     skinny_linear,
     tensor_parallel,
+    triton_warmup,
 )
 
 if TYPE_CHECKING:
@@ -692,6 +693,10 @@ class StaticDecoder:
         # graph exists, takes their groups: their own step may be what failed).
         self._deferred: list[tuple[int, int]] = []
         self._failed_prefill: set[tuple[int, int]] = set()
+        # The same for decode steps' (batch, length) buckets: until theirs is captured (or
+        # where its capture failed) a step runs in the next larger captured batch bucket.
+        self._deferred_decode: list[tuple[int, int]] = []
+        self._failed_decode: set[tuple[int, int]] = set()
         self._pool: graph_capture.GraphPool | None = None
         self._copied: torch.cuda.Event | None = None
         if device.type == "cuda":
@@ -857,6 +862,8 @@ class StaticDecoder:
         self._prefill_graphs.clear()
         self._deferred.clear()
         self._failed_prefill.clear()
+        self._deferred_decode.clear()
+        self._failed_decode.clear()
         self._pool = None
 
     def compiling_steps(self) -> list[tuple[int, int]]:
@@ -870,12 +877,15 @@ class StaticDecoder:
             steps = [(1, self.lengths[0]), (min(2, self.slots), self.lengths[0])]
         return list(dict.fromkeys(steps))
 
-    def capture_all(self, defer_prefill: bool = False) -> None:
+    def capture_all(self, defer: bool = False) -> None:
         """Capture every (batch bucket, length bucket) graph now, so serving never waits on one
         (without graphs: compile the layer now, if compiled, by its ``compiling_steps``).
-        ``defer_prefill``: of the prefill graphs only the first (largest) now, the others by
-        ``capture_deferred`` in the engine's idle moments (their prefills run eagerly until
-        then, on the same buffers: the same numbers): not on the way to ready.
+        ``defer``: only the graphs every step can fall back on now, the largest batch bucket's
+        decode graph at each length bucket and the largest prefill graph; the others by
+        ``capture_deferred`` in the engine's idle moments, not on the way to ready. Until then
+        a decode step runs in the next larger captured batch bucket (more padding rows on free
+        slots) and a prefill eagerly on the same buffers (the same numbers). Under tensor
+        parallelism every decode graph now: the ranks' steps must run the same bucket.
 
         Largest first: later (smaller) captures reuse the memory pool of the first.
         """
@@ -887,6 +897,15 @@ class StaticDecoder:
             return
         started = time.monotonic()
         first: float | None = None
+        decode_shapes = [
+            (size, length)
+            for length in reversed(self.lengths)
+            for size in reversed(self.batch_sizes)
+        ]
+        now = decode_shapes
+        if defer and self.tp is None:
+            now = [shape for shape in decode_shapes if shape[0] == self.batch_sizes[-1]]
+        kernels = triton_warmup.cache_entries()
         with torch.inference_mode():
             if self.skinny:
                 try:
@@ -895,24 +914,33 @@ class StaticDecoder:
                     # Not a reason to lose the static path: cuBLAS for every projection.
                     log.exception("timing the decode projections failed; cuBLAS runs them all")
                     self.skinny = False
-            for length in reversed(self.lengths):
-                for size in reversed(self.batch_sizes):
+            for size, length in now:
+                self._graph(size, length)
+                first = first or time.monotonic() - started
+            if now != decode_shapes and triton_warmup.cache_entries() != kernels:
+                # Kernels compiled, not read from Triton's cache (a first start): the other
+                # buckets' would compile in the idle moments, among the first requests (850M
+                # on an H100: 5,728 tokens/s against 16,796, TTFT p99 505 ms; BENCHMARKS round
+                # 2 step 34). Every decode graph now, as without deferring.
+                log.info("Triton compiled kernels (its cache was cold): every decode graph now")
+                for size, length in decode_shapes:
                     self._graph(size, length)
-                    first = first or time.monotonic() - started
+                now = decode_shapes
             decode_seconds = time.monotonic() - started
             # Largest first, as above; nothing is live yet, so padding rows (the spare slot)
             # are the only rows the captures' warm-up runs write. Only the first runs its
             # step before capturing it: the others' kernels and workspaces are the same
             # (8B on an H100: the decode path 1.0-1.5 s shorter; BENCHMARKS round 2 step 29).
             shapes = sorted(self.prefill_shapes, key=lambda s: -s[0] * s[1])
-            for index, (rows, length) in enumerate(shapes[:1] if defer_prefill else shapes):
+            for index, (rows, length) in enumerate(shapes[:1] if defer else shapes):
                 self._prefill_graph(rows, length, warm_up=index == 0)
-            self._deferred = shapes[1:] if defer_prefill else []
+            self._deferred_decode = [shape for shape in decode_shapes if shape not in now]
+            self._deferred = shapes[1:] if defer else []
         self.capture_seconds = time.monotonic() - started
         log.info(
-            "captured %d decode graphs (%d batch x %d length buckets) in %.1fs, the first "
-            "(compiling the layer, if compiled) %.1fs, and %d prefill graphs in %.1fs (%d more "
-            "when idle); static KV cache %.2f GiB",
+            "captured %d decode graphs (of %d batch x %d length buckets) in %.1fs, the first "
+            "(compiling the layer, if compiled) %.1fs, and %d prefill graphs in %.1fs (%d "
+            "decode and %d prefill graphs more when idle); static KV cache %.2f GiB",
             len(self._graphs),
             len(self.batch_sizes),
             len(self.lengths),
@@ -920,40 +948,57 @@ class StaticDecoder:
             first or 0.0,
             len(self._prefill_graphs),
             self.capture_seconds - decode_seconds,
+            len(self._deferred_decode),
             len(self._deferred),
             self.cache_bytes / 2**30,
         )
 
+    def deferred_count(self) -> int:
+        """The graphs ``capture_deferred`` has yet to capture."""
+        return len(self._deferred_decode) + len(self._deferred)
+
     def capture_deferred(self) -> bool:
-        """Capture the next prefill graph that ``capture_all(defer_prefill=True)`` left (the
-        engine calls it while no sequence is active); whether any is left. One that fails is
-        logged and its bucket is no longer used (a larger one takes its groups)."""
-        if not self._deferred:
+        """Capture the next graph that ``capture_all(defer=True)`` left, decode graphs first
+        (the engine calls it while no sequence is active); whether any is left. One that fails
+        is logged and its bucket is no longer used (a larger one takes its steps or groups)."""
+        if not (self._deferred_decode or self._deferred):
             return False
-        rows, length = self._deferred[0]
         started = time.monotonic()
-        try:
-            with torch.inference_mode():
+        if self._deferred_decode:
+            queue, failed, what = self._deferred_decode, self._failed_decode, "decode graph"
+            size, length = queue[0]
+
+            def capture() -> None:
+                # Its warm-up step writes rows 0..size-1: free slots, as nothing is active.
+                self._graph(size, length)
+        else:
+            queue, failed, what = self._deferred, self._failed_prefill, "prefill graph"
+            rows, length = queue[0]
+
+            def capture() -> None:
                 # A capture that fails without a warm-up runs its step once (``_prefill_graph``):
                 # on the spare slot and the scratch block alone, not on the last prefill's rows.
                 self._prefill_table[0] = self.spare_slot
                 self._prefill_table[1] = 0
                 self._prefill_table[2:] = self.scratch_block
                 self._prefill_graph(rows, length, warm_up=False)
+
+        try:
+            with torch.inference_mode():
+                capture()
         except Exception:
-            log.exception(
-                "prefill graph %s failed to capture; a larger bucket takes its groups",
-                (rows, length),
-            )
-            self._failed_prefill.add((rows, length))
-        del self._deferred[0]
-        if not self._deferred:
+            log.exception("%s %s failed to capture; a larger bucket takes its work", what, queue[0])
+            failed.add(queue[0])
+        del queue[0]
+        if not (self._deferred_decode or self._deferred):
             log.info(
-                "the deferred prefill graphs are captured (%d; the last in %.3fs)",
+                "the deferred graphs are captured (%d decode, %d prefill; the last in %.3fs)",
+                len(self._graphs),
                 len(self._prefill_graphs),
                 time.monotonic() - started,
             )
-        return bool(self._deferred)
+            return False
+        return True
 
     def _tune_projections(self) -> None:
         """Time ``skinny_linear``'s kernel against cuBLAS for each projection and the LM head
@@ -1041,9 +1086,22 @@ class StaticDecoder:
             return self._decode(batch, last_position + 1)
         size = bucket(batch, self.batch_sizes)
         length = bucket(last_position + 1, self.lengths)
-        graph, logits = self._graph(size, length)
+        graph, logits = self._decode_graph(size, length)
         graph.replay()
         return logits[:batch]
+
+    def _decode_graph(self, size: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph that runs a step of batch bucket ``size``: its own, or while that one is
+        deferred (or failed) the next larger captured one, whose extra rows compute on free
+        slots (active sequences hold slots ``0..batch-1``) and are not read."""
+        found = self._graphs.get((size, length))
+        if found is not None:
+            return found
+        if (size, length) in self._deferred_decode or (size, length) in self._failed_decode:
+            for larger in self.batch_sizes:
+                if larger > size and (larger, length) in self._graphs:
+                    return self._graphs[(larger, length)]
+        return self._graph(size, length)
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         """One decode step as plain tensor operations (what a graph captures): the embedding,

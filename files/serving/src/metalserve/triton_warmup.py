@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import threading
 import time
 
@@ -58,3 +59,15 @@ def _warm() -> None:
         # Imported by Triton 3.6's launcher at a kernel's first call.
         importlib.import_module("triton.experimental.gluon")
     log.info("Triton's cache key and launcher modules ready in %.2fs", time.monotonic() - started)
+
+
+def cache_entries() -> int | None:
+    """How many kernels Triton's on-disk cache holds (one directory each): a count that grows
+    while kernels compile and not while they are read from it. None: no Triton, or no cache
+    directory yet (Triton makes it at its first compile)."""
+    try:
+        path = importlib.import_module("triton").knobs.cache.dir  # Triton 3.3 and later
+        with os.scandir(path) as entries:
+            return sum(1 for _ in entries)
+    except (ImportError, AttributeError, OSError):
+        return None

@@ -60,6 +60,8 @@ MODEL = "bench-serve"
 MODEL_FORMAT = 1  # bump when the generated model or tokenizer changes
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 SERVER_READY_TIMEOUT = 600.0
+# Longest wait after ready for the graphs deferred to the engine's idle moments.
+DEFERRED_GRAPHS_TIMEOUT = 60.0
 RELOAD_SEED_OFFSET = 1000  # --reload's second version: the same shape, other weights
 # --profile-passes: the profile ends after this long even when fewer passes ran.
 PROFILE_MAX_SECONDS = 60.0
@@ -411,6 +413,7 @@ def _server_arm(
         ready_seconds = server.wait_ready(SERVER_READY_TIMEOUT)
         served = httpx.get(f"{url}/version", timeout=10.0).json()
         _log(f"server ready in {ready_seconds:.1f}s")
+        graphs_wait = _wait_for_deferred_graphs(url, DEFERRED_GRAPHS_TIMEOUT)
         token_ids = [[int(t) for t in row] for row in prompts.tolist()]
         processes = min(options.client_processes, options.clients)  # at least one client each
 
@@ -507,6 +510,9 @@ def _server_arm(
             "server_load_parts_seconds": served.get("load_parts_seconds"),
             "server_command": server.command[1:],
             "server_ready_seconds": round(ready_seconds, 2),
+            # From ready until the graphs deferred to idle moments were captured (as HAProxy's
+            # first passing checks give a replica in the lab): the first requests come after.
+            "server_deferred_graphs_wait_seconds": round(graphs_wait, 2),
             **reloaded,
             **profiled,
             "server_startup_seconds": served.get("startup_seconds"),
@@ -756,6 +762,21 @@ def _cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def _wait_for_deferred_graphs(url: str, timeout: float) -> float:
+    """Seconds until the server's ``metalserve_deferred_graphs`` read 0 (at most ``timeout``:
+    then the run goes on, and says so)."""
+    started = time.monotonic()
+    while True:
+        left = _scrape(url).get("deferred_graphs", 0.0)
+        waited = time.monotonic() - started
+        if left == 0:
+            return waited
+        if waited > timeout:
+            _log(f"{left:.0f} deferred graphs still not captured after {timeout:.0f}s; going on")
+            return waited
+        time.sleep(0.1)
+
+
 def _scrape(url: str) -> dict[str, float]:
     """Forward passes, their seconds, decode batch rows, and the sums and counts of the TTFT,
     queue-time and GC-pause histograms so far, from the server's /metrics."""
@@ -794,6 +815,7 @@ def _scrape(url: str) -> dict[str, float]:
 _COUNTERS = {
     "metalserve_prefix_cache_queries_total": "prefix_queried_tokens",
     "metalserve_prefix_cache_hits_total": "prefix_reused_tokens",
+    "metalserve_deferred_graphs": "deferred_graphs",
 }
 # Histograms whose mean over the timed run the report shows (summed over their labels).
 _MEANS = {

@@ -477,8 +477,11 @@ def _import_view_libraries() -> None:
     # Most of what this process holds while serving is here now: frozen out of collections
     # while the engine's process still loads, the freeze at ready (``server``) collects only
     # what came since, and no longer holds the event loop as the first requests arrive (8B on
-    # an H100: 0.12-0.14 s, right after ready; BENCHMARKS round 2 step 30).
-    freeze_heap()
+    # an H100: 0.12-0.14 s, right after ready; BENCHMARKS round 2 step 30). Without a
+    # collection of its own: at 850M these imports end about when the engine answers, and the
+    # collection (0.11-0.14 s, the interpreter held) delayed the tokenizer that ready awaits
+    # (step 34); the imports' garbage is a few thousand objects.
+    freeze_heap(collect=False)
 
 
 class CoreClient:

@@ -21,6 +21,7 @@ OBSERVED = frozenset(
         "sequence_finished",
         "cache_load",
         "gc_pause",
+        "deferred_graphs",
     }
 )
 # The calls the engine's process answers (``process.Core``'s ``call_<name>`` methods; ``swap``

@@ -128,6 +128,9 @@ class Outbox:
     def request_queued(self, seconds: float) -> None:
         self._observe("request_queued", seconds)
 
+    def deferred_graphs(self, count: int) -> None:
+        self._observe("deferred_graphs", count)
+
     def prefix_cache(self, prompt_tokens: int, reused_tokens: int) -> None:
         self._observe("prefix_cache", prompt_tokens, reused_tokens)
 

@@ -77,7 +77,10 @@ class Batch(Protocol):
 
     def capture_deferred(self) -> bool:
         """While no sequence is active: one piece of the start's work left for such moments
-        (a prefill graph); whether any is left."""
+        (a CUDA graph); whether any is left."""
+
+    def deferred_count(self) -> int:
+        """How many pieces of that work are left."""
 
 
 @dataclass(eq=False)
@@ -225,6 +228,9 @@ class DynamicBatch:
     def capture_deferred(self) -> bool:
         return False  # no graphs
 
+    def deferred_count(self) -> int:
+        return 0
+
     def _forward(
         self,
         ids: torch.Tensor,
@@ -351,6 +357,9 @@ class StaticBatch:
 
     def capture_deferred(self) -> bool:
         return self.decoder.capture_deferred()
+
+    def deferred_count(self) -> int:
+        return self.decoder.deferred_count()
 
 
 class _PassClock:

@@ -424,6 +424,9 @@ class Engine:
                     except Exception:  # the batch serves without it: not the engine's end
                         log.exception("the batch's deferred work failed; none is tried again")
                         self._captures_left = False
+                    if self.observer is not None:
+                        left = self._batch.deferred_count() if self._captures_left else 0
+                        self.observer.deferred_graphs(left)
                     continue
                 if incoming is not None:
                     # A profile in progress ends before the switch's compiling and capturing.
@@ -582,6 +585,8 @@ class Engine:
             if not future.cancelled():
                 future.set_result(old)
             self._cond.notify_all()
+        if self.observer is not None:
+            self.observer.deferred_graphs(batch.deferred_count())
         return True
 
     def _warm_up(self, bundle: LoadedModel, batch: Batch) -> None:
@@ -707,18 +712,18 @@ class Engine:
             prefix_cache_tokens=self.prefix_cache_tokens,
             reserve_bytes=self._reserve(bundle),
         )
-        # Most prefill graphs are captured after the switch, while idle (``_loop``): the 32
-        # prefill captures were 1.0 s of an 8B start's switch on an H100 (BENCHMARKS round 2
-        # step 30).
+        # Most graphs are captured after the switch, while idle (``_loop``): the 32 prefill
+        # captures were 1.0 s of an 8B start's switch on an H100 (BENCHMARKS round 2 step 30),
+        # the decode graphs but the largest 0.4-0.6 s (step 34).
         try:
-            decoder.capture_all(defer_prefill=True)
+            decoder.capture_all(defer=True)
         except Exception:
             if not (decoder.compiled or decoder.fused):
                 raise
             what = "compiling the decode layer" if decoder.compiled else "its fused kernels"
             log.exception("%s failed; plain torch runs the layer", what)
             decoder.use_eager_layers()
-            decoder.capture_all(defer_prefill=True)
+            decoder.capture_all(defer=True)
         log.info(
             "decode path: %s%s%s, %d slots of %d tokens, weights %.2f GiB, prefix cache %s",
             mode,

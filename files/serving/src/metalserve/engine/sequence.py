@@ -53,6 +53,7 @@ class EngineObserver(Protocol):
     def sequence_finished(
         self, reason: str, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
+    def deferred_graphs(self, count: int) -> None: ...
 
 
 @dataclass(eq=False)
