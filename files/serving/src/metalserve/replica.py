@@ -164,8 +164,6 @@ class Replica:
     # --- loading --------------------------------------------------------------------------
 
     async def load_initial(self) -> None:
-        if isinstance(self.engine, RemoteEngine) and self.engine.follower:
-            return  # ready when told (``_followed``)
         timings = {"process_start": process_seconds()}
         try:
             bundle = await self.host.start(self.version_id, timings, loaded=_begin_tokenizer)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
@@ -42,12 +42,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.to_thread(replica.tracing.shutdown)  # flushes the last spans
 
 
-def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
-    """The FastAPI app of one replica. The caller starts it with uvicorn (see server.py)."""
+def _replica_app(
+    settings: ServeSettings,
+    replica: Replica,
+    span: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+) -> FastAPI:
+    """A FastAPI app over ``replica``: its state, error handlers and middleware, the OpenAI
+    routes."""
     app = FastAPI(
         title="metalserve",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=span,
         max_body_size=settings.max_body_bytes,
         docs_url=None,
         redoc_url=None,
@@ -56,8 +61,14 @@ def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
     app.state.replica = replica
     install_error_handlers(app)
     app.add_middleware(ObservabilityMiddleware, replica=replica)
-    app.include_router(probes.router)
     app.include_router(openai.router)
+    return app
+
+
+def create_app(settings: ServeSettings, replica: Replica) -> FastAPI:
+    """The FastAPI app of one replica. The caller starts it with uvicorn (see server.py)."""
+    app = _replica_app(settings, replica, lifespan)
+    app.include_router(probes.router)
     app.include_router(admin.router)
     if settings.profile_dir is not None:
         app.include_router(admin.profile_router)
@@ -77,31 +88,17 @@ def create_worker_app(settings: ServeSettings, replica: Replica, first_socket: s
 
     @asynccontextmanager
     async def follow(app: FastAPI) -> AsyncIterator[None]:
+        # Ready once the engine's process tells it a version is live (``Replica._followed``).
         replica.engine.start()
-        follower = asyncio.create_task(replica.load_initial(), name="metalserve-follow")
         try:
             yield
         finally:
-            if not follower.done():
-                follower.cancel()
             await asyncio.to_thread(replica.engine.stop)
             await forward.aclose()
             if replica.tracing is not None:
                 await asyncio.to_thread(replica.tracing.shutdown)
 
-    app = FastAPI(
-        title="metalserve",
-        version=__version__,
-        lifespan=follow,
-        max_body_size=settings.max_body_bytes,
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.settings = settings
-    app.state.replica = replica
-    install_error_handlers(app)
-    app.add_middleware(ObservabilityMiddleware, replica=replica)
-    app.include_router(openai.router)
+    app = _replica_app(settings, replica, follow)
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in SERVED_BY_EACH:
